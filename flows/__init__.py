@@ -1,0 +1,1 @@
+"""Prefect flows: wiring, retries, caching and artifacts around the core stages."""

@@ -1,0 +1,205 @@
+"""train → validate → register, as a Prefect flow.
+
+This module only wires `modelyard.stages`: each stage is a task with a clear name, retries where a
+failure is transient (talking to MLflow), a cache where reuse is sound, and a Prefect artifact that
+says what it decided. Caches: the data gate is keyed on the data fingerprint and the expectations;
+training on data, the training sections of the spec, the commit and library versions; the
+behaviour gate on the trained model's key and the tests. The model gate is never cached: the
+champion it compares against can change between runs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from modelyard import stages
+from modelyard.checks.report import GateReport
+from modelyard.config import Settings, get_settings
+from modelyard.errors import GateFailed
+from modelyard.lineage import GitInfo, git_info
+from modelyard.spec import Spec, load_spec
+
+T = TypeVar("T")
+MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}
+
+
+def _by_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return parameters["cache_key"]
+
+
+@task(name="load-spec", cache_policy=NONE, persist_result=False)
+def load_spec_task(spec_path: str) -> Spec:
+    return load_spec(spec_path)
+
+
+@task(name="load-data", cache_policy=NONE, persist_result=False)
+def load_data_task(spec: Spec) -> stages.Prepared:
+    return stages.prepare(spec)
+
+
+@task(name="open-mlflow-run", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+def open_run_task(
+    spec: Spec, spec_path: str, settings: Settings, git: GitInfo, data_fingerprint: str, tags: dict[str, str]
+) -> stages.RunContext:
+    return stages.open_run(spec, Path(spec_path), settings, git, data_fingerprint, tags)
+
+
+@task(name="validate-data", cache_key_fn=_by_cache_key, persist_result=True)
+def data_gate_task(spec: Spec, splits: stages.Splits, cache_key: str) -> stages.DataGateResult:
+    return stages.data_gate(spec, splits)
+
+
+@task(name="train", cache_key_fn=_by_cache_key, persist_result=True)
+def train_task(spec: Spec, splits: stages.Splits, cache_key: str) -> stages.TrainResult:
+    return stages.train(spec, splits)
+
+
+@task(name="log-training", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+def log_training_task(ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult) -> str:
+    return stages.log_training(ctx, splits, trained)
+
+
+@task(name="validate-model", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+def model_gate_task(ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult) -> GateReport:
+    return stages.model_gate(ctx, splits, trained)
+
+
+@task(name="validate-behaviour", cache_key_fn=_by_cache_key, persist_result=True)
+def behaviour_gate_task(
+    spec: Spec, splits: stages.Splits, trained: stages.TrainResult, cache_key: str
+) -> GateReport:
+    return stages.behaviour_gate(spec, splits, trained)
+
+
+@task(name="register", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+def register_task(
+    ctx: stages.RunContext, model_uri: str, reports: list[GateReport], tags: dict[str, str]
+) -> tuple[str, bool]:
+    return stages.register(ctx, model_uri, reports, tags)
+
+
+class _Stages:
+    """Runs tasks, timing each and noting whether Prefect served it from cache."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.logger = get_run_logger()
+
+    def run(self, label: str, task_fn: Any, *args: Any, refresh: bool = False, **kwargs: Any) -> Any:
+        if refresh:
+            task_fn = task_fn.with_options(refresh_cache=True)
+        started = time.perf_counter()
+        state: State = task_fn(*args, return_state=True, **kwargs)
+        seconds = time.perf_counter() - started
+        cached = state.name == "Cached"
+        if state.is_failed():
+            self.rows.append(stages.summary_row(label, "error", seconds, cached, state.message or ""))
+        result = state.result()  # raises the task's exception when it failed
+        outcome = getattr(result, "verdict", None) or getattr(getattr(result, "report", None), "verdict", "done")
+        self.rows.append(stages.summary_row(label, outcome, seconds, cached))
+        if cached:
+            self.logger.info("%s: reused the cached result (same inputs as an earlier run)", label)
+        return result
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def _publish_gate(spec: Spec, report: GateReport) -> None:
+    create_markdown_artifact(
+        report.to_markdown(),
+        key=f"{_slug(spec.name)}-{report.gate}-gate",
+        description=f"{spec.name}: {report.gate} gate {report.verdict}",
+    )
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    spec_path = Path(params["spec_path"])
+    commit = params.get("commit") or git_info(spec_path.resolve().parent, get_settings()).commit
+    return f"{spec_path.resolve().parent.name}@{commit[:8]}"
+
+
+@flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True)
+def pipeline(
+    spec_path: str = "modelyard.yaml",
+    commit: str | None = None,
+    branch: str | None = None,
+    trigger: str = "manual",
+    refresh_cache: bool = False,
+) -> dict[str, Any]:
+    """Train, validate and register the model a spec describes; fails with the reason if a gate does."""
+    settings = get_settings()
+    runner = _Stages()
+    spec = runner.run("load-spec", load_spec_task, spec_path)
+    overrides = settings.model_copy(update={"git_commit": commit or settings.git_commit,
+                                            "git_branch": branch or settings.git_branch})  # fmt: skip
+    git = git_info(spec.source_dir, overrides)
+    prepared: stages.Prepared = runner.run("load-data", load_data_task, spec)
+    tags = {"trigger": trigger, "prefect_flow_run_id": str(flow_run.id)}
+    ctx: stages.RunContext = runner.run(
+        "open-mlflow-run", open_run_task, spec, spec_path, settings, git, prepared.fingerprint, tags
+    )
+    runner.logger.info("MLflow run: %s", ctx.run_url)
+    try:
+        outcome = _gates_and_register(runner, ctx, prepared, refresh_cache, tags)
+    except Exception as exc:
+        stages.registry.end_run(ctx.run_id, failure=str(exc))
+        raise
+    finally:
+        create_table_artifact(runner.rows, key=f"{_slug(spec.name)}-stages",
+                              description=f"{spec.name}@{git.short}: stages, outcomes and cache use")  # fmt: skip
+    stages.registry.end_run(ctx.run_id)
+    return outcome | {"stages": runner.rows}
+
+
+def _gates_and_register(
+    runner: _Stages, ctx: stages.RunContext, prepared: stages.Prepared, refresh: bool, tags: dict[str, str]
+) -> dict[str, Any]:
+    spec, splits = ctx.spec, prepared.splits
+    data_result = runner.run("validate-data", data_gate_task, spec, splits, refresh=refresh,
+                             cache_key=stages.data_gate_key(spec, prepared.fingerprint))  # fmt: skip
+    stages.log_data_gate(ctx, data_result)
+    _publish_gate(spec, data_result.report)
+    if not data_result.report.passed:
+        raise GateFailed("data", data_result.report.failures)
+
+    trained_key = stages.train_key(spec, prepared.fingerprint, ctx.git)
+    trained = runner.run("train", train_task, spec, splits, cache_key=trained_key, refresh=refresh)
+    model_uri = runner.run("log-training", log_training_task, ctx, splits, trained)
+    model_report = runner.run("validate-model", model_gate_task, ctx, splits, trained)
+    behaviour_report = runner.run("validate-behaviour", behaviour_gate_task, spec, splits, trained,
+                                  cache_key=stages.behaviour_key(spec, trained_key), refresh=refresh)  # fmt: skip
+    reports = [data_result.report, model_report, behaviour_report]
+    for report in reports[1:]:
+        stages.registry.log_gate(ctx.run_id, report)
+        _publish_gate(spec, report)
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        raise GateFailed(" and ".join(r.gate for r in failed), stages.failures(failed))
+
+    version, reused = runner.run("register", register_task, ctx, model_uri, reports, tags)
+    cached = [row["stage"] for row in runner.rows if row["cached"]]
+    stages.registry.set_run_tags(ctx.run_id, {"registered_version": version, "cached_stages": ",".join(cached)})
+    return {
+        "model": spec.name,
+        "version": version,
+        "reused_version": reused,
+        "mlflow_run_id": ctx.run_id,
+        "mlflow_run_url": ctx.run_url,
+        "mlflow_version_url": stages.registry.version_url(ctx.settings, spec.name, version),
+        "flow_run_id": str(flow_run.id),
+        "cached_stages": cached,
+        "metrics": trained.metrics,
+    }

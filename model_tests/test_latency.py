@@ -1,0 +1,22 @@
+"""One-row prediction must fit the spec's latency budget (in-process, the model alone)."""
+
+import time
+
+import numpy as np
+
+
+def test_single_row_latency(candidate):
+    budget = candidate.spec.behaviour.latency
+    rows = candidate.features
+    for i in range(5):  # warm caches and lazy imports before measuring
+        candidate.model.predict(rows.iloc[[i]])
+    timings = []
+    for i in range(budget.calls):
+        row = rows.iloc[[i % len(rows)]]
+        started = time.perf_counter()
+        candidate.model.predict(row)
+        timings.append((time.perf_counter() - started) * 1000)
+    observed = float(np.percentile(timings, budget.percentile))
+    assert observed <= budget.budget_ms, (
+        f"p{budget.percentile:g} one-row latency {observed:.2f} ms exceeds the {budget.budget_ms} ms budget"
+    )

@@ -1,0 +1,1 @@
+"""Validation gates: data expectations, model metrics and champion/challenger, behaviour tests."""

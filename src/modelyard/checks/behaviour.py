@@ -1,0 +1,104 @@
+"""The behaviour gate: run the project's `model_tests/` (pytest) against the candidate.
+
+The candidate is handed to a separate pytest process through a work folder (model, evaluation
+rows, spec), so user tests run with a clean interpreter and cannot disturb the pipeline process.
+Results come back as JUnit XML, one check per test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import joblib
+import pandas as pd
+
+from modelyard.checks.report import Check, GateReport
+from modelyard.spec import Spec
+
+PLUGIN = "modelyard.checks.model_tests_plugin"
+_TIMEOUT_SECONDS = 900
+
+
+def write_candidate(work_dir: Path, spec: Spec, model: Any, eval_frame: pd.DataFrame) -> None:
+    """What the pytest plugin loads: the fitted pipeline, the evaluation rows and the spec."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # joblib stays inside this machine's temp folder: it never crosses into a serving image.
+    joblib.dump(model, work_dir / "model.joblib")
+    eval_frame.to_parquet(work_dir / "eval.parquet")
+    payload = spec.model_dump(mode="json", by_alias=True) | {"source_dir": str(spec.source_dir)}
+    (work_dir / "spec.json").write_text(json.dumps(payload))
+
+
+def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: Path) -> GateReport:
+    report = GateReport(gate="behaviour")
+    tests_dir = spec.resolve(spec.behaviour.tests)
+    if not tests_dir.is_dir():
+        report.checks.append(
+            Check(
+                name="model_tests folder",
+                passed=False,
+                detail=f"behaviour.tests: {tests_dir} does not exist; create it or fix the path",
+            )
+        )
+        return report
+    write_candidate(work_dir, spec, model, eval_frame)
+    junit = work_dir / "junit.xml"
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", str(tests_dir),
+            "-p", PLUGIN, f"--modelyard-candidate={work_dir}",
+            f"--junitxml={junit}", f"--rootdir={tests_dir}",
+            "-o", "addopts=", "-p", "no:cacheprovider", "-q", "--no-header",
+        ],
+        capture_output=True, text=True, timeout=_TIMEOUT_SECONDS, cwd=tests_dir,
+        env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"},
+    )  # fmt: skip
+    (work_dir / "pytest.log").write_text(completed.stdout + completed.stderr)
+    if not junit.is_file():
+        report.checks.append(
+            Check(
+                name="pytest run",
+                passed=False,
+                detail=f"pytest exited {completed.returncode} before writing results: "
+                + _tail(completed.stdout + completed.stderr),
+            )
+        )
+        return report
+    report.checks.extend(parse_junit(junit))
+    skipped = report.data["skipped"] = _skipped(junit)
+    if not report.checks:
+        report.notes.append("no behaviour test ran" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    if completed.returncode not in (0, 1, 5):  # 5: nothing collected; 2-4: usage/internal errors
+        report.checks.append(
+            Check(name="pytest run", passed=False, detail=_tail(completed.stdout + completed.stderr))
+        )
+    return report
+
+
+def parse_junit(path: Path) -> list[Check]:
+    checks = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        if case.find("skipped") is not None:
+            continue
+        problem = case.find("failure")
+        if problem is None:
+            problem = case.find("error")
+        detail = "" if problem is None else (problem.get("message") or "").splitlines()[0][:300]
+        name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
+        checks.append(Check(name=name, passed=problem is None, detail=detail))
+    return checks
+
+
+def _skipped(path: Path) -> list[str]:
+    root = ET.parse(path).getroot()
+    return [c.get("name", "") for c in root.iter("testcase") if c.find("skipped") is not None]
+
+
+def _tail(text: str, lines: int = 8) -> str:
+    return " | ".join(text.strip().splitlines()[-lines:])

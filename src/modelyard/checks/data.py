@@ -1,0 +1,157 @@
+"""The data gate: a Great Expectations suite built from the spec, run on both splits.
+
+The suite is derived from the feature declarations (schema, nulls, ranges, categories) and the
+table-level expectations, so the spec stays the single source of truth. Data Docs (HTML) are built
+into `out_dir/data_docs` for the MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from modelyard.checks.report import Check, GateReport
+from modelyard.config import disable_telemetry
+from modelyard.data import Splits
+from modelyard.spec import Spec
+
+
+def build_expectations(spec: Spec, rows_share: float) -> list[Any]:
+    """Expectations for one split; `rows_share` scales the row-count floor to the split's size."""
+    import great_expectations as gx
+
+    ex = gx.expectations
+    columns = [*spec.feature_names, spec.target]
+    out: list[Any] = [
+        ex.ExpectTableColumnsToMatchSet(column_set=columns, exact_match=True),
+        ex.ExpectTableRowCountToBeBetween(
+            min_value=math.ceil(spec.expectations.min_rows * rows_share),
+            max_value=spec.expectations.max_rows,
+        ),
+    ]
+    for feature in spec.features:
+        kind = "float64" if feature.type == "numeric" else "object"
+        out.append(ex.ExpectColumnValuesToBeOfType(column=feature.name, type_=kind))
+        out.append(
+            ex.ExpectColumnValuesToNotBeNull(column=feature.name, mostly=1.0 - feature.max_missing)
+        )
+        if feature.min is not None or feature.max is not None:
+            out.append(
+                ex.ExpectColumnValuesToBeBetween(
+                    column=feature.name, min_value=feature.min, max_value=feature.max
+                )
+            )
+        if feature.categories is not None:
+            out.append(ex.ExpectColumnValuesToBeInSet(column=feature.name, value_set=feature.categories))
+    out.extend(_target_expectations(spec))
+    return out
+
+
+def _target_expectations(spec: Spec) -> list[Any]:
+    import great_expectations as gx
+
+    ex = gx.expectations
+    target = spec.target
+    out: list[Any] = [ex.ExpectColumnValuesToNotBeNull(column=target)]
+    if spec.task == "binary_classification":
+        # Both classes must be present: a one-class target cannot train a classifier.
+        out.append(ex.ExpectColumnDistinctValuesToEqualSet(column=target, value_set=[0.0, 1.0]))
+    elif spec.expectations.target_min is not None or spec.expectations.target_max is not None:
+        out.append(
+            ex.ExpectColumnValuesToBeBetween(
+                column=target,
+                min_value=spec.expectations.target_min,
+                max_value=spec.expectations.target_max,
+            )
+        )
+    return out
+
+
+def check_data(spec: Spec, splits: Splits, out_dir: Path) -> GateReport:
+    """Run the suite on the train and eval splits; Data Docs land in `out_dir/data_docs`."""
+    disable_telemetry()
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    total = len(splits.train) + len(splits.eval)
+    report = GateReport(gate="data")
+    with tempfile.TemporaryDirectory(prefix="modelyard-gx-") as root:
+        context = gx.get_context(mode="file", project_root_dir=root)
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        source = context.data_sources.add_pandas("modelyard")
+        definitions = []
+        for name, frame in (("train", splits.train), ("eval", splits.eval)):
+            suite = context.suites.add(gx.ExpectationSuite(name=f"{spec.name}.{name}"))
+            for expectation in build_expectations(spec, len(frame) / max(total, 1)):
+                suite.add_expectation(expectation)
+            batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+            definitions.append(
+                (name, frame, context.validation_definitions.add(
+                    gx.ValidationDefinition(name=name, data=batch, suite=suite)
+                ))
+            )
+        for name, frame, definition in definitions:
+            checkpoint = context.checkpoints.add(
+                gx.Checkpoint(
+                    name=f"{name}-checkpoint",
+                    validation_definitions=[definition],
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs")],
+                    result_format="SUMMARY",
+                )
+            )
+            result = checkpoint.run(batch_parameters={"dataframe": frame})
+            for validation in result.run_results.values():
+                report.checks.extend(_checks_from(name, validation))
+        _copy_docs(Path(root), out_dir / "data_docs")
+    report.data = {"rows": {"train": len(splits.train), "eval": len(splits.eval)}}
+    return report
+
+
+def _checks_from(split_name: str, validation: Any) -> list[Check]:
+    checks = []
+    for item in validation.results:
+        config = item.expectation_config
+        column = config.kwargs.get("column")
+        name = f"{split_name}: {config.type}" + (f"({column})" if column else "")
+        checks.append(
+            Check(name=name, passed=bool(item.success), detail=_describe(item.result, item.success))
+        )
+    return checks
+
+
+def _describe(result: dict[str, Any], success: bool) -> str:
+    if "observed_value" in result:
+        return f"observed {result['observed_value']!r}"
+    count = result.get("unexpected_count")
+    if count is None:
+        return ""
+    text = f"{count} unexpected of {result.get('element_count')}"
+    examples = result.get("partial_unexpected_list") or []
+    if examples and not success:
+        text += f", e.g. {_short(examples)}"
+    return text
+
+
+def _short(values: list[Any]) -> str:
+    shown = [v for v in values[:5] if not (isinstance(v, float) and math.isnan(v))]
+    return repr(shown) if shown else "nulls"
+
+
+def _copy_docs(root: Path, dest: Path) -> None:
+    site = root / "gx" / "uncommitted" / "data_docs" / "local_site"
+    if dest.exists():
+        shutil.rmtree(dest)
+    if site.is_dir():
+        shutil.copytree(site, dest)
+    os.makedirs(dest, exist_ok=True)
+
+
+def data_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """Row count and null share per column, for reports."""
+    return {"rows": len(frame), "null_share": frame.isna().mean().round(4).to_dict()}

@@ -1,0 +1,136 @@
+"""The `modelyard` command: the same operations for people and for CI."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelyard.config import Settings, get_settings
+from modelyard.errors import ModelyardError
+from modelyard.spec import load_spec
+
+app = typer.Typer(help="ML CI/CD as code: train, validate, register and ship scikit-learn models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)  # fmt: skip
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+SpecOption = Annotated[Path, typer.Option("--spec", "-s", help="Pipeline spec file.")]
+
+
+def _fail(exc: ModelyardError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(exc.exit_code)
+
+
+@app.command("validate-spec")
+def validate_spec(spec: SpecOption = Path("modelyard.yaml")) -> None:
+    """Check a spec without running anything."""
+    try:
+        loaded = load_spec(spec)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]ok[/] {spec}: model [bold]{loaded.name}[/] ({loaded.task}), "
+                  f"{len(loaded.features)} features, estimator {loaded.estimator.class_}")  # fmt: skip
+
+
+@app.command()
+def run(
+    spec: SpecOption = Path("modelyard.yaml"),
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute every stage.")] = False,
+    commit: Annotated[str | None, typer.Option(help="Commit to record (default: git HEAD).")] = None,
+    branch: Annotated[str | None, typer.Option(help="Branch to record.")] = None,
+) -> None:
+    """Run the pipeline on a spec: train → validate → register."""
+    settings = get_settings()
+    try:
+        loaded = load_spec(spec)  # fail on a bad spec before starting any server or stage
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    os.environ.update(settings.orchestrator_env())
+    from flows.pipeline import pipeline  # after the env: Prefect reads settings at import
+
+    console.print(f"[bold]modelyard[/] running [bold]{loaded.name}[/] from {spec} …")
+    state = pipeline(spec_path=str(spec), commit=commit, branch=branch, refresh_cache=no_cache,
+                     trigger="cli", return_state=True)  # fmt: skip
+    flow_run_id = str(state.state_details.flow_run_id)
+    outcome = state.result(raise_on_failure=False)
+    if state.is_completed():
+        _print_success(outcome, settings, flow_run_id)
+        return
+    _print_where(settings, flow_run_id, outcome=None)
+    if isinstance(outcome, ModelyardError):
+        raise _fail(outcome)
+    err.print(f"[bold red]error:[/] pipeline failed: {state.message or outcome}")
+    raise typer.Exit(1)
+
+
+def _print_success(outcome: dict[str, Any], settings: Settings, flow_run_id: str) -> None:
+    table = Table(title="stages")
+    for column in ("stage", "outcome", "seconds", "cached"):
+        table.add_column(column)
+    for row in outcome["stages"]:
+        table.add_row(row["stage"], row["outcome"], f"{row['seconds']:.2f}", "yes" if row["cached"] else "")
+    console.print(table)
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(outcome["metrics"].items()))
+    how = "already registered (same commit, spec and data)" if outcome["reused_version"] else "registered"
+    console.print(f"[green]✓[/] {outcome['model']} version [bold]{outcome['version']}[/] {how}, "
+                  f"alias 'candidate'. {metrics}")  # fmt: skip
+    _print_where(settings, flow_run_id, outcome)
+
+
+def _print_where(settings: Settings, flow_run_id: str, outcome: dict[str, Any] | None) -> None:
+    api = settings.api_url
+    prefect_ui = api.removesuffix("/api") if api else "http://127.0.0.1:4200"
+    local = "" if api else "  (start the UIs with `make ui`)"
+    console.print(f"Prefect flow run: {prefect_ui}/runs/flow-run/{flow_run_id}{local}")
+    if outcome:
+        console.print(f"MLflow version:   {outcome['mlflow_version_url']}")
+        console.print(f"MLflow run:       {outcome['mlflow_run_url']}")
+    if not settings.tracking_uri.startswith("http"):
+        console.print(f"MLflow store:     {settings.tracking_uri}")
+
+
+@app.command()
+def models(
+    name: Annotated[str | None, typer.Argument(help="Model name; all models when omitted.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List registered versions with their aliases, gate results and metrics."""
+    from modelyard import registry
+
+    client = registry.connect(get_settings())
+    rows = []
+    for info in registry.list_versions(client, name):
+        rows.append({
+            "model": info.name, "version": info.version, "aliases": info.aliases,
+            "created": datetime.fromtimestamp(info.created / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+            "commit": info.tags.get("git_commit", "")[:8] + ("*" if info.tags.get("git_dirty") == "true" else ""),
+            "gates": {k.removeprefix("gate."): v for k, v in info.tags.items() if k.startswith("gate.")},
+            "metrics": registry.run_metrics(client, info.run_id),
+        })  # fmt: skip
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        console.print("no registered versions" + (f" of {name}" if name else ""))
+        return
+    table = Table(title="registered models")
+    for column in ("model", "version", "aliases", "created", "commit", "gates", "metrics"):
+        table.add_column(column)
+    for row in rows:
+        gates = " ".join(f"{k}:{'✓' if v == 'passed' else '✗'}" for k, v in sorted(row["gates"].items()))
+        metrics = " ".join(f"{k}={v:.3g}" for k, v in sorted(row["metrics"].items()))
+        table.add_row(row["model"], row["version"], ",".join(row["aliases"]), row["created"],
+                      row["commit"], gates, metrics)  # fmt: skip
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,88 @@
+"""One settings object for the whole tool, read from `MODELYARD_*` environment variables.
+
+Standard variables of the systems we drive (`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`) are honoured
+too, so an existing MLflow or Prefect set-up needs no modelyard-specific configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Telemetry that would call out to the internet; off unless the user turned it on explicitly.
+_TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+class Settings(BaseSettings):
+    """Where modelyard keeps its state and which servers it talks to."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELYARD_", extra="ignore")
+
+    workspace: Path = Field(
+        default=Path(".modelyard"),
+        description="Folder for all local state: MLflow SQLite db, artifacts, Prefect db, logs.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow server; falls back to MLFLOW_TRACKING_URI, then SQLite in the workspace.",
+    )
+    prefect_api_url: str | None = Field(
+        default=None,
+        description="Prefect API; falls back to PREFECT_API_URL, then a local Prefect in the workspace.",
+    )
+    git_commit: str | None = Field(
+        default=None, description="Commit to record; CI sets it when the checkout has no .git."
+    )
+    git_branch: str | None = Field(default=None, description="Branch to record.")
+
+    @cached_property
+    def workspace_dir(self) -> Path:
+        path = self.workspace.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def tracking_uri(self) -> str:
+        explicit = self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return explicit or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        """Where experiments created against the embedded SQLite store keep their artifacts."""
+        return (self.workspace_dir / "artifacts").as_uri()
+
+    @property
+    def api_url(self) -> str | None:
+        return self.prefect_api_url or os.environ.get("PREFECT_API_URL")
+
+    def orchestrator_env(self) -> dict[str, str]:
+        """Environment for Prefect: a real API when configured, else a local one in the workspace."""
+        env = dict(_TELEMETRY_OFF)
+        if self.api_url:
+            env["PREFECT_API_URL"] = self.api_url
+        else:
+            # The ephemeral API keeps its SQLite db here, so `prefect server start` with the same
+            # PREFECT_HOME later shows every run in the UI.
+            env["PREFECT_HOME"] = str(self.workspace_dir / "prefect")
+        # Cached task results live in the workspace, next to the runs they belong to.
+        env["PREFECT_LOCAL_STORAGE_PATH"] = str(self.workspace_dir / "prefect" / "storage")
+        return env
+
+
+def disable_telemetry() -> None:
+    """Switch off outbound telemetry of the libraries we import, unless the user set it."""
+    for key, value in _TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,125 @@
+"""Load the dataset a spec names, give it a content fingerprint, split it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from modelyard.errors import DataError
+from modelyard.spec import Spec
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: pd.DataFrame
+    eval: pd.DataFrame
+
+
+def load_dataset(spec: Spec) -> pd.DataFrame:
+    """Rows of the spec's feature and target columns, with declared types applied."""
+    frame = _generate(spec) if spec.dataset.generator else _read(spec)
+    return conform(frame, spec)
+
+
+def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
+    """Select the spec's columns and give them one canonical dtype each, or say what is wrong."""
+    wanted = [*spec.feature_names, spec.target]
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"dataset lacks column(s) {missing} named in the spec; it has {list(frame.columns)}"
+        )
+    out = frame.loc[:, wanted].reset_index(drop=True)
+    for feature in spec.features:
+        out[feature.name] = _cast(out[feature.name], feature.type, feature.name)
+    target_type = "numeric" if spec.task == "regression" else "label"
+    out[spec.target] = _cast(out[spec.target], target_type, spec.target)
+    return out
+
+
+def _cast(column: pd.Series, kind: str, name: str) -> pd.Series:
+    if kind == "categorical":
+        # object dtype with NaN for missing: what scikit-learn's encoders and imputers expect.
+        values = [str(v) if known else np.nan for v, known in zip(column, column.notna(), strict=True)]
+        return pd.Series(values, index=column.index, dtype=object, name=column.name)
+    converted = pd.to_numeric(column, errors="coerce")
+    bad = column.notna() & converted.isna()
+    if bad.any():
+        examples = column[bad].astype(str).unique()[:3].tolist()
+        raise DataError(
+            f"column {name!r} is declared {kind} but holds non-numeric values such as {examples}; "
+            "fix the data or declare the feature categorical"
+        )
+    return converted.astype("float64")
+
+
+def _read(spec: Spec) -> pd.DataFrame:
+    path = spec.resolve(spec.dataset.path or "")
+    if not path.is_file():
+        raise DataError(f"dataset.path {path} does not exist; fix dataset.path in the spec")
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as exc:  # pandas raises many types; the message is what matters
+        raise DataError(f"cannot read dataset {path}: {exc}") from exc
+
+
+def _generate(spec: Spec) -> pd.DataFrame:
+    module_name, _, func_name = (spec.dataset.generator or "").partition(":")
+    module = _import_beside(spec.source_dir, module_name)
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise DataError(f"dataset.generator: {module_name} has no function {func_name!r}")
+    frame = func(rows=spec.dataset.rows, seed=spec.dataset.seed)
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(f"dataset.generator {spec.dataset.generator} must return a pandas DataFrame")
+    return frame
+
+
+def _import_beside(folder: Path, dotted: str) -> ModuleType:
+    """Import a module from the spec's folder under a unique name, so two specs never clash."""
+    path = folder.joinpath(*dotted.split(".")).with_suffix(".py")
+    if not path.is_file():
+        raise DataError(f"dataset.generator: module file {path} does not exist")
+    unique = "modelyard_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    module_spec = importlib.util.spec_from_file_location(unique, path)
+    assert module_spec and module_spec.loader
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """SHA-256 of the content: column names, dtypes and every value, in row order."""
+    digest = hashlib.sha256()
+    schema = [[str(c), str(t)] for c, t in frame.dtypes.items()]
+    digest.update(json.dumps(schema).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def split(frame: pd.DataFrame, spec: Spec) -> Splits:
+    """Deterministic train/eval split, stratified on the target for classification."""
+    strata = frame[spec.target].astype(str) if spec.stratify else None
+    try:
+        train, evaluation = train_test_split(
+            frame, test_size=spec.split.test_size, random_state=spec.split.seed, stratify=strata
+        )
+    except ValueError as exc:
+        raise DataError(
+            f"cannot split {len(frame)} rows with split.test_size={spec.split.test_size}: {exc}"
+        ) from exc
+    return Splits(train=train.reset_index(drop=True), eval=evaluation.reset_index(drop=True))
+
+
+def features_of(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
+    return frame.loc[:, spec.feature_names]

@@ -1,0 +1,54 @@
+"""Where a run came from: git commit, branch, dirty flag, taken from CI variables or git itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelyard.config import Settings
+
+# Commit and branch as CI systems announce them (GitHub Actions, Jenkins, GitLab).
+_COMMIT_VARS = ("GITHUB_SHA", "GIT_COMMIT", "CI_COMMIT_SHA")
+_BRANCH_VARS = ("GITHUB_REF_NAME", "BRANCH_NAME", "GIT_BRANCH", "CI_COMMIT_REF_NAME")
+
+
+@dataclass(frozen=True)
+class GitInfo:
+    commit: str
+    branch: str
+    dirty: bool | None  # None: not a git checkout, so unknown
+
+    @property
+    def short(self) -> str:
+        return self.commit[:8]
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, text=True, timeout=30, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def _first_env(names: tuple[str, ...]) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def git_info(folder: Path, settings: Settings) -> GitInfo:
+    commit = settings.git_commit or _first_env(_COMMIT_VARS) or _git(folder, "rev-parse", "HEAD")
+    branch = (
+        settings.git_branch
+        or _first_env(_BRANCH_VARS)
+        or _git(folder, "rev-parse", "--abbrev-ref", "HEAD")
+    )
+    status = _git(folder, "status", "--porcelain", "--untracked-files=no")
+    return GitInfo(
+        commit=commit or "unknown",
+        branch=branch or "unknown",
+        dirty=None if status is None else bool(status),
+    )

@@ -1,0 +1,59 @@
+"""Evaluation plots as PNG files: residuals for regression, ROC and calibration for classifiers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and servers have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+
+def render(task: str, y_true: np.ndarray, score: np.ndarray, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if task == "regression":
+        return [_residuals(y_true, score, out_dir / "residuals.png")]
+    return [_roc(y_true, score, out_dir / "roc.png"), _calibration(y_true, score, out_dir / "calibration.png")]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _residuals(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
+    residual = np.asarray(y_true, dtype=float) - score
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.scatter(score, residual, s=6, alpha=0.4)
+    left.axhline(0, color="black", linewidth=1)
+    left.set(xlabel="predicted", ylabel="actual − predicted", title="Residuals vs predicted")
+    right.hist(residual, bins=50)
+    right.set(xlabel="actual − predicted", ylabel="rows", title="Residual distribution")
+    return _save(fig, path)
+
+
+def _roc(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
+    fpr, tpr, _ = roc_curve(y_true, score)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"model (AUC {roc_auc_score(y_true, score):.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def _calibration(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
+    observed, predicted = calibration_curve(y_true, score, n_bins=10, strategy="quantile")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(predicted, observed, marker="o", label="model")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    ax.set(xlabel="mean predicted probability", ylabel="observed positive rate", title="Calibration")
+    ax.legend(loc="upper left")
+    return _save(fig, path)

@@ -1,0 +1,220 @@
+"""MLflow: runs, model versions, aliases and tags — everything the pipeline records.
+
+Logging goes through `MlflowClient` with explicit run ids rather than MLflow's global active run,
+so stages can run in any thread or process the orchestrator chooses.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.sklearn
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from modelyard.checks.model import ChampionModel
+from modelyard.checks.report import GateReport
+from modelyard.config import Settings, disable_telemetry
+
+CANDIDATE = "candidate"
+MODEL_ARTIFACT = "model"
+_MAX_TAG = 5000  # MLflow's limit on tag values
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    run_id: str
+    aliases: list[str]
+    tags: dict[str, str]
+    created: int
+
+
+def connect(settings: Settings) -> MlflowClient:
+    disable_telemetry()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    return MlflowClient(settings.tracking_uri, settings.tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, settings: Settings) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    # Against the embedded SQLite store artifacts go to the workspace, not to ./mlruns of the cwd;
+    # a tracking server decides its own artifact location.
+    local = settings.tracking_uri.startswith("sqlite:")
+    return client.create_experiment(name, artifact_location=settings.artifact_root + f"/{name}" if local else None)
+
+
+def start_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def run_url(settings: Settings, experiment_id: str, run_id: str) -> str:
+    return f"{_ui_base(settings)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def version_url(settings: Settings, name: str, version: str) -> str:
+    return f"{_ui_base(settings)}/#/models/{name}/versions/{version}"
+
+
+def _ui_base(settings: Settings) -> str:
+    uri = settings.tracking_uri
+    return uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+
+
+def log_training(
+    run_id: str,
+    model: Any,
+    params: dict[str, str],
+    metrics: dict[str, float],
+    example: pd.DataFrame,
+    example_scores: Any,
+    files: list[Path],
+) -> str:
+    """Params, metrics, plots, spec files and the model itself (with signature and example)."""
+    client = MlflowClient()
+    client.log_batch(
+        run_id,
+        metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items() if v == v],
+        params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()],
+    )
+    for file in files:
+        client.log_artifact(run_id, str(file), artifact_path="training")
+    signature = infer_signature(example, example_scores)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.sklearn.log_model(
+            model,
+            name=MODEL_ARTIFACT,
+            signature=signature,
+            input_example=example,
+            serialization_format="cloudpickle",
+        )
+    return info.model_uri
+
+
+def log_gate(run_id: str, report: GateReport, extra: Path | None = None) -> None:
+    """The gate's report as JSON and Markdown, its verdict as a tag, any extra folder alongside."""
+    client = MlflowClient()
+    path = f"gates/{report.gate}"
+    client.log_text(run_id, report.to_json(), f"{path}/report.json")
+    client.log_text(run_id, report.to_markdown(), f"{path}/report.md")
+    if extra is not None and extra.is_dir():
+        client.log_artifacts(run_id, str(extra), artifact_path=f"{path}/{extra.name}")
+    client.set_tag(run_id, f"gate.{report.gate}", report.verdict)
+
+
+def log_json(run_id: str, payload: dict[str, Any], artifact_file: str) -> None:
+    MlflowClient().log_text(run_id, json.dumps(payload, indent=2, default=str), artifact_file)
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value)[:_MAX_TAG])
+
+
+def end_run(run_id: str, failure: str | None = None) -> None:
+    """FINISHED, or FAILED with the reason in the `failure` tag for the MLflow UI."""
+    client = MlflowClient()
+    if failure:
+        client.set_tag(run_id, "failure", failure[:_MAX_TAG])
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failure else RunStatus.FINISHED))
+
+
+def existing_version(client: MlflowClient, name: str, lineage: dict[str, str]) -> VersionInfo | None:
+    """A version already registered from the same commit, spec and data, if there is one."""
+    keys = ("git_commit", "spec_hash", "data_fingerprint")
+    for info in list_versions(client, name):
+        if all(info.tags.get(k) == lineage.get(k) for k in keys) and lineage.get("git_dirty") == "false":
+            return info
+    return None
+
+
+def register(
+    client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str], run_link: str
+) -> str:
+    """Create the model version, tag it, alias it `candidate`; returns the version number."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Registered by modelyard.")
+    version = client.create_model_version(
+        name, model_uri, run_id=run_id, tags={k: str(v)[:_MAX_TAG] for k, v in tags.items()},
+        run_link=run_link,
+    ).version  # fmt: skip
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    return str(version)
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    client.set_registered_model_alias(name, alias, version)
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    try:
+        return dict(client.get_registered_model(name).aliases)
+    except MlflowException:
+        return {}
+
+
+def load_alias(client: MlflowClient, name: str, alias: str) -> ChampionModel | None:
+    """The model holding `alias`, loaded for scoring, or None when no version holds it."""
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    uri = f"models:/{name}@{alias}"
+    model = mlflow.sklearn.load_model(uri)
+    signature = mlflow.models.get_model_info(uri).signature
+    columns = signature.inputs.input_names() if signature else list(model.feature_names_in_)
+    return ChampionModel(version=str(version.version), model=model, input_columns=columns)
+
+
+def list_versions(client: MlflowClient, name: str | None = None) -> list[VersionInfo]:
+    query = f"name = '{name}'" if name else None
+    found = client.search_model_versions(query)
+    alias_map: dict[str, dict[str, list[str]]] = {}
+    out = []
+    for v in found:
+        if v.name not in alias_map:
+            alias_map[v.name] = _aliases_by_version(client, v.name)
+        out.append(
+            VersionInfo(
+                name=v.name,
+                version=str(v.version),
+                run_id=v.run_id or "",
+                aliases=alias_map[v.name].get(str(v.version), []),
+                tags=dict(v.tags),
+                created=int(v.creation_timestamp or 0),
+            )
+        )
+    return sorted(out, key=lambda i: (i.name, int(i.version)))
+
+
+def _aliases_by_version(client: MlflowClient, name: str) -> dict[str, list[str]]:
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases(client, name).items():
+        by_version.setdefault(str(version), []).append(alias)
+    return by_version
+
+
+def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    try:
+        return dict(client.get_run(run_id).data.metrics)
+    except MlflowException:
+        return {}
+
+
+def scratch_dir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"modelyard-{prefix}-"))

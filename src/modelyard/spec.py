@@ -1,0 +1,358 @@
+"""The pipeline spec (`modelyard.yaml`) as a pydantic model.
+
+Everything a run does is decided here, so an invalid spec must fail before any work with a message
+that names the field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from modelyard.errors import SpecError
+
+Task = Literal["regression", "binary_classification"]
+
+METRICS: dict[str, dict[str, str]] = {
+    # metric -> which direction is better; used by gates and reports alike.
+    "regression": {"rmse": "lower", "mae": "lower", "r2": "higher"},
+    "binary_classification": {
+        "roc_auc": "higher",
+        "f1": "higher",
+        "log_loss": "lower",
+        "accuracy": "higher",
+        "precision": "higher",
+        "recall": "higher",
+    },
+}
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Feature(_Strict):
+    """An input column: its type and what valid values look like."""
+
+    name: str
+    type: Literal["numeric", "categorical"]
+    min: float | None = None
+    max: float | None = None
+    categories: list[str] | None = Field(
+        default=None, description="Allowed values of a categorical column."
+    )
+    max_missing: Fraction = Field(default=0.0, description="Largest allowed fraction of nulls.")
+
+    @model_validator(mode="after")
+    def _bounds_fit_type(self) -> Feature:
+        if self.type == "categorical" and (self.min is not None or self.max is not None):
+            raise ValueError("min/max apply to numeric features; use categories for categorical")
+        if self.type == "numeric" and self.categories is not None:
+            raise ValueError("categories apply to categorical features; use min/max for numeric")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
+        return self
+
+
+class Dataset(_Strict):
+    """Where rows come from: a CSV/Parquet file or a seeded generator function."""
+
+    path: str | None = Field(default=None, description="CSV or Parquet file, relative to the spec.")
+    generator: str | None = Field(
+        default=None, description="'module:function' returning a DataFrame; module beside the spec."
+    )
+    rows: int = Field(default=5000, gt=0, description="Rows to generate.")
+    seed: int = Field(default=0, description="Generator seed; same seed, same data.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Dataset:
+        if (self.path is None) == (self.generator is None):
+            raise ValueError("set exactly one of 'path' (CSV/Parquet file) or 'generator'")
+        if self.path is not None and Path(self.path).suffix.lower() not in {".csv", ".parquet"}:
+            raise ValueError(f"path {self.path!r} must end in .csv or .parquet")
+        if self.generator is not None and not re.fullmatch(r"[\w.]+:\w+", self.generator):
+            raise ValueError(
+                f"generator {self.generator!r} must look like 'module:function', e.g. 'data:generate'"
+            )
+        return self
+
+
+class Estimator(_Strict):
+    """Any scikit-learn estimator by import path; modelyard wraps it in a preprocessing Pipeline."""
+
+    class_: str = Field(alias="class", description="Import path, e.g. sklearn.linear_model.Ridge")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _importable_with_params(self) -> Estimator:
+        cls = resolve_estimator(self.class_)
+        unknown = sorted(set(self.params) - set(cls().get_params(deep=False)))
+        if unknown:
+            allowed = ", ".join(sorted(cls().get_params(deep=False)))
+            raise ValueError(f"{self.class_} has no parameter(s) {unknown}; it accepts: {allowed}")
+        try:
+            cls(**self.params)
+        except Exception as exc:  # the estimator's own constructor message is the useful one
+            raise ValueError(f"{self.class_}(**params) failed: {exc}") from exc
+        return self
+
+
+class Split(_Strict):
+    test_size: float = Field(default=0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    stratify: bool | None = Field(
+        default=None, description="Stratify on the target; defaults to true for classification."
+    )
+
+
+class Expectations(_Strict):
+    """Table-level expectations; column-level ones come from the feature declarations."""
+
+    min_rows: int = Field(default=100, gt=0)
+    max_rows: int | None = Field(default=None, gt=0)
+    target_min: float | None = None
+    target_max: float | None = None
+
+
+class Threshold(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _has_bound(self) -> Threshold:
+        if self.min is None and self.max is None:
+            raise ValueError("give 'min', 'max' or both")
+        return self
+
+
+class Champion(_Strict):
+    """Challenger vs the version holding `alias`, on the same evaluation rows."""
+
+    enabled: bool = True
+    alias: str = "production"
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5, description="One-sided significance level.")
+    margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Relative increase of mean loss tolerated (0.02 = 2%) before it counts as worse.",
+    )
+    resamples: int = Field(default=2000, ge=200, le=100_000)
+
+
+class Gates(_Strict):
+    metrics: dict[str, Threshold] = Field(default_factory=dict)
+    champion: Champion = Field(default_factory=Champion)
+
+
+class Invariance(_Strict):
+    """Changing `feature` must move predictions by at most `tolerance`."""
+
+    feature: str
+    values: list[Any] | None = Field(default=None, description="Replace the column with each value.")
+    noise: float | None = Field(default=None, gt=0.0, description="Relative noise on a numeric column.")
+    tolerance: float = Field(gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_perturbation(self) -> Invariance:
+        if (self.values is None) == (self.noise is None):
+            raise ValueError("set exactly one of 'values' or 'noise'")
+        return self
+
+
+class Directional(_Strict):
+    """Raising `feature` by `delta` must move predictions in the `expect` direction."""
+
+    feature: str
+    delta: float
+    expect: Literal["increase", "decrease"]
+    min_fraction: Fraction = Field(default=1.0, description="Share of rows that must move that way.")
+
+
+class Slice(_Strict):
+    """A named subset (pandas query) with its own metric floor or ceiling."""
+
+    name: str
+    where: str
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+
+class Latency(_Strict):
+    budget_ms: float = Field(default=50.0, gt=0.0)
+    percentile: float = Field(default=95.0, gt=0.0, le=100.0)
+    calls: int = Field(default=200, ge=10, le=100_000)
+
+
+class Behaviour(_Strict):
+    tests: str = Field(default="model_tests", description="pytest folder, relative to the spec.")
+    invariance: list[Invariance] = Field(default_factory=list)
+    directional: list[Directional] = Field(default_factory=list)
+    slices: list[Slice] = Field(default_factory=list)
+    latency: Latency = Field(default_factory=Latency)
+
+
+class Environment(_Strict):
+    """A deploy target (used by the deploy stage)."""
+
+    target: Literal["local", "ssh", "aws"] = "local"
+    inventory: str | None = None
+    runtime: Literal["container", "process"] = "container"
+    approvers: list[str] = Field(default_factory=list)
+    max_fail_percentage: Fraction = 0.0
+
+
+class Deploy(_Strict):
+    environments: dict[str, Environment] = Field(default_factory=dict)
+
+
+class Spec(_Strict):
+    """A whole `modelyard.yaml`."""
+
+    name: str = Field(description="Registered model name.")
+    description: str = ""
+    task: Task
+    dataset: Dataset
+    features: list[Feature] = Field(min_length=1)
+    target: str
+    estimator: Estimator
+    split: Split = Field(default_factory=Split)
+    expectations: Expectations = Field(default_factory=Expectations)
+    gates: Gates = Field(default_factory=Gates)
+    behaviour: Behaviour = Field(default_factory=Behaviour)
+    deploy: Deploy = Field(default_factory=Deploy)
+    # Folder of the spec file; relative paths in the spec resolve against it. Not part of hashes.
+    source_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '_', '-' or '.', starting with a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        names = [f.name for f in self.features]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"features: duplicate names {duplicates}")
+        if self.target in names:
+            raise ValueError(f"target {self.target!r} is also listed as a feature; remove it there")
+        for metric in self.gates.metrics:
+            _check_metric(f"gates.metrics.{metric}", metric, self.task)
+        for i, sl in enumerate(self.behaviour.slices):
+            _check_metric(f"behaviour.slices[{i}].metric", sl.metric, self.task)
+        known = set(names)
+        for kind in ("invariance", "directional"):
+            for i, rule in enumerate(getattr(self.behaviour, kind)):
+                if rule.feature not in known:
+                    raise ValueError(
+                        f"behaviour.{kind}[{i}].feature: {rule.feature!r} is not a feature; "
+                        f"features are {names}"
+                    )
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def feature(self, name: str) -> Feature:
+        return next(f for f in self.features if f.name == name)
+
+    @property
+    def stratify(self) -> bool:
+        default = self.task == "binary_classification"
+        return default if self.split.stratify is None else self.split.stratify
+
+    def resolve(self, relative: str) -> Path:
+        return (self.source_dir / relative).resolve()
+
+    def digest(self, *sections: str) -> str:
+        """SHA-256 of the canonical JSON of the whole spec or of the named sections."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if sections:
+            data = {key: data[key] for key in sections}
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def training_digest(self) -> str:
+        """What the fitted model depends on; the train stage's cache is keyed on it."""
+        return self.digest("task", "dataset", "features", "target", "estimator", "split")
+
+
+def _check_metric(field: str, metric: str, task: str) -> None:
+    if metric not in METRICS[task]:
+        raise ValueError(
+            f"{field}: {metric!r} is not a {task} metric; choose from {sorted(METRICS[task])}"
+        )
+
+
+def resolve_estimator(path: str) -> type:
+    """Import an estimator class from 'package.module.Class', with an error that says how to fix."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{path!r} is not an import path; write e.g. sklearn.linear_model.Ridge")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"cannot import {path!r} ({exc}); use a full import path such as "
+            "sklearn.linear_model.LinearRegression"
+        ) from exc
+    if not (isinstance(cls, type) and hasattr(cls, "fit") and hasattr(cls, "get_params")):
+        raise ValueError(f"{path!r} is not a scikit-learn estimator class (needs fit/get_params)")
+    return cls
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; every problem is reported at once, each with its field."""
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(f"spec file {file} does not exist; pass --spec PATH to a modelyard.yaml")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{file} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{file} must hold a mapping of fields (name, task, dataset, ...)")
+    try:
+        return Spec.model_validate({**raw, "source_dir": file.resolve().parent})
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(file, exc)) from None
+
+
+def format_validation_error(file: Path, exc: ValidationError) -> str:
+    lines = [f"{file} is invalid ({exc.error_count()} problem(s)):"]
+    for err in exc.errors(include_url=False):
+        field = _field_path(err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+        if err["type"] == "missing":
+            shown = ""
+        if err["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling against docs/spec.md"
+        lines.append(f"  - {field}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out

@@ -1,0 +1,225 @@
+"""The pipeline's stages as plain functions: what each does, independent of any orchestrator.
+
+`flows/pipeline.py` wires these into a Prefect flow (retries, caching, artifacts); anything else,
+a test or another orchestrator, can call them directly in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import great_expectations
+import pandas as pd
+import sklearn
+
+import modelyard
+from modelyard import plots, registry
+from modelyard.checks.behaviour import run_model_tests
+from modelyard.checks.data import check_data
+from modelyard.checks.model import check_model
+from modelyard.checks.report import GateReport
+from modelyard.config import Settings
+from modelyard.data import Splits, features_of, fingerprint, load_dataset, split
+from modelyard.lineage import GitInfo
+from modelyard.spec import Spec
+from modelyard.train import TrainResult, fit_and_evaluate
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The dataset, split, with the fingerprint every cache key and lineage tag starts from."""
+
+    frame: pd.DataFrame
+    splits: Splits
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RunContext:
+    spec: Spec
+    settings: Settings
+    git: GitInfo
+    experiment_id: str
+    run_id: str
+    data_fingerprint: str
+    spec_path: Path
+
+    @property
+    def run_url(self) -> str:
+        return registry.run_url(self.settings, self.experiment_id, self.run_id)
+
+
+@dataclass
+class DataGateResult:
+    report: GateReport
+    docs: bytes = field(repr=False)  # Data Docs site as .tar.gz, so a cached result carries it
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def prepare(spec: Spec) -> Prepared:
+    frame = load_dataset(spec)
+    return Prepared(frame=frame, splits=split(frame, spec), fingerprint=fingerprint(frame))
+
+
+# --- cache keys: everything a stage's result depends on, nothing it does not -------------------
+
+
+def data_gate_key(spec: Spec, data_fingerprint: str) -> str:
+    sections = spec.digest("task", "features", "target", "expectations", "split")
+    return _sha("data", data_fingerprint, sections, great_expectations.__version__, modelyard.__version__)
+
+
+def train_key(spec: Spec, data_fingerprint: str, git: GitInfo) -> str:
+    # The commit is part of the key: lineage tags must name the commit the model was trained at.
+    return _sha(
+        "train", data_fingerprint, spec.training_digest, git.commit, str(git.dirty),
+        sklearn.__version__, modelyard.__version__,
+    )  # fmt: skip
+
+
+def behaviour_key(spec: Spec, trained_key: str) -> str:
+    tests = spec.resolve(spec.behaviour.tests)
+    return _sha("behaviour", trained_key, spec.digest("behaviour"), _folder_digest(tests))
+
+
+def _folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*.py")) if folder.is_dir() else []:
+        digest.update(str(file.relative_to(folder)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+
+def open_run(
+    spec: Spec, spec_path: Path, settings: Settings, git: GitInfo, data_fingerprint: str,
+    extra_tags: dict[str, str],
+) -> RunContext:  # fmt: skip
+    client = registry.connect(settings)
+    experiment_id = registry.ensure_experiment(client, spec.name, settings)
+    tags = {
+        "git_commit": git.commit,
+        "git_branch": git.branch,
+        "git_dirty": str(git.dirty).lower(),
+        "data_fingerprint": data_fingerprint,
+        "spec_hash": spec.digest(),
+        "modelyard_version": modelyard.__version__,
+        "mlflow.source.git.commit": git.commit,
+        **extra_tags,
+    }
+    run_id = registry.start_run(client, experiment_id, f"{spec.name}-{git.short}", tags)
+    registry.log_json(run_id, spec.model_dump(mode="json", by_alias=True), "spec/spec.json")
+    if spec_path.is_file():
+        registry.MlflowClient().log_artifact(run_id, str(spec_path), artifact_path="spec")
+    return RunContext(spec, settings, git, experiment_id, run_id, data_fingerprint, spec_path)
+
+
+def data_gate(spec: Spec, splits: Splits) -> DataGateResult:
+    work = registry.scratch_dir("data-gate")
+    try:
+        report = check_data(spec, splits, work)
+        return DataGateResult(report=report, docs=_pack(work / "data_docs"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def log_data_gate(ctx: RunContext, result: DataGateResult) -> None:
+    work = registry.scratch_dir("data-docs")
+    try:
+        _unpack(result.docs, work / "data_docs")
+        registry.log_gate(ctx.run_id, result.report, extra=work / "data_docs")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def train(spec: Spec, splits: Splits) -> TrainResult:
+    return fit_and_evaluate(spec, splits)
+
+
+def log_training(ctx: RunContext, splits: Splits, trained: TrainResult) -> str:
+    """Log the training outcome to the run; returns the logged model's URI."""
+    spec = ctx.spec
+    work = registry.scratch_dir("plots")
+    try:
+        files = plots.render(spec.task, splits.eval[spec.target].to_numpy(), trained.eval_scores, work)
+        example = features_of(splits.eval, spec).dropna().head(5)
+        return registry.log_training(
+            ctx.run_id, trained.model, trained.params, trained.metrics,
+            example=example, example_scores=trained.model.predict(example), files=files,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def model_gate(ctx: RunContext, splits: Splits, trained: TrainResult) -> GateReport:
+    spec = ctx.spec
+    champion = None
+    if spec.gates.champion.enabled:
+        client = registry.connect(ctx.settings)
+        champion = registry.load_alias(client, spec.name, spec.gates.champion.alias)
+    return check_model(spec, splits.eval, trained.metrics, trained.eval_scores, champion)
+
+
+def behaviour_gate(spec: Spec, splits: Splits, trained: TrainResult) -> GateReport:
+    work = registry.scratch_dir("behaviour")
+    try:
+        return run_model_tests(spec, trained.model, splits.eval, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def register(ctx: RunContext, model_uri: str, reports: list[GateReport], extra_tags: dict[str, str]) -> tuple[str, bool]:
+    """Register the candidate, or reuse the version of an identical earlier run.
+
+    Returns (version, reused). Only called when every gate passed.
+    """
+    client = registry.connect(ctx.settings)
+    tags = {
+        "git_commit": ctx.git.commit,
+        "git_branch": ctx.git.branch,
+        "git_dirty": str(ctx.git.dirty).lower(),
+        "data_fingerprint": ctx.data_fingerprint,
+        "spec_hash": ctx.spec.digest(),
+        "mlflow_run_id": ctx.run_id,
+        **{f"gate.{r.gate}": r.verdict for r in reports},
+        **extra_tags,
+    }
+    existing = registry.existing_version(client, ctx.spec.name, tags)
+    if existing is not None:
+        registry.set_alias(client, ctx.spec.name, registry.CANDIDATE, existing.version)
+        return existing.version, True
+    version = registry.register(client, ctx.spec.name, model_uri, ctx.run_id, tags, ctx.run_url)
+    return version, False
+
+
+def failures(reports: list[GateReport]) -> list[str]:
+    return [f"{r.gate}: {f}" for r in reports for f in r.failures]
+
+
+def _pack(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        if folder.is_dir():
+            tar.add(folder, arcname=".")
+    return buffer.getvalue()
+
+
+def _unpack(blob: bytes, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        tar.extractall(dest, filter="data")
+
+
+def summary_row(name: str, outcome: str, seconds: float, cached: bool, detail: str = "") -> dict[str, Any]:
+    return {"stage": name, "outcome": outcome, "seconds": round(seconds, 2), "cached": cached, "detail": detail}

@@ -1,0 +1,88 @@
+"""Fit the spec's estimator inside a preprocessing Pipeline and evaluate it on held-out rows."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from modelyard.data import Splits, features_of
+from modelyard.evaluation import compute_metrics, scores
+from modelyard.spec import Spec, resolve_estimator
+
+
+@dataclass
+class TrainResult:
+    model: Pipeline
+    metrics: dict[str, float]
+    params: dict[str, str]
+    fit_seconds: float
+    eval_scores: np.ndarray = field(repr=False)
+
+
+def build_pipeline(spec: Spec) -> Pipeline:
+    """Impute, scale numerics and one-hot categoricals (unknown levels ignored), then estimate."""
+    numeric = [f.name for f in spec.features if f.type == "numeric"]
+    categorical = [f.name for f in spec.features if f.type == "categorical"]
+    transformers = []
+    if numeric:
+        transformers.append(
+            (
+                "numeric",
+                Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]),
+                numeric,
+            )
+        )
+    if categorical:
+        transformers.append(
+            (
+                "categorical",
+                Pipeline(
+                    [
+                        ("impute", SimpleImputer(strategy="most_frequent")),
+                        ("encode", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+                    ]
+                ),
+                categorical,
+            )
+        )
+    estimator = resolve_estimator(spec.estimator.class_)(**spec.estimator.params)
+    return Pipeline([("preprocess", ColumnTransformer(transformers)), ("estimator", estimator)])
+
+
+def fit_and_evaluate(spec: Spec, splits: Splits) -> TrainResult:
+    model = build_pipeline(spec)
+    started = time.perf_counter()
+    model.fit(features_of(splits.train, spec), splits.train[spec.target].to_numpy())
+    fit_seconds = time.perf_counter() - started
+    eval_scores = scores(model, features_of(splits.eval, spec), spec.task)
+    metrics = compute_metrics(spec.task, splits.eval[spec.target].to_numpy(), eval_scores)
+    return TrainResult(
+        model=model,
+        metrics=metrics,
+        params=training_params(spec, splits),
+        fit_seconds=fit_seconds,
+        eval_scores=eval_scores,
+    )
+
+
+def training_params(spec: Spec, splits: Splits) -> dict[str, str]:
+    params = {f"estimator.{k}": str(v) for k, v in sorted(spec.estimator.params.items())}
+    params.update(
+        {
+            "estimator": spec.estimator.class_,
+            "task": spec.task,
+            "features": ",".join(spec.feature_names),
+            "target": spec.target,
+            "split.test_size": str(spec.split.test_size),
+            "split.seed": str(spec.split.seed),
+            "rows.train": str(len(splits.train)),
+            "rows.eval": str(len(splits.eval)),
+        }
+    )
+    return params
