@@ -19,11 +19,11 @@ def generate(rows: int, seed: int) -> pd.DataFrame:
     time_on_site = np.clip(rng.gamma(shape=3.0, scale=4.0, size=rows), 0.1, 120).round(1)
     device = rng.choice(list(DEVICES), size=rows, p=[0.35, 0.55, 0.10])
     logit = (
-        -4.2
-        + 0.06 * pages_viewed
-        + 0.45 * previous_clicks
-        - 0.025 * (age - 38)
-        + 0.05 * time_on_site
+        -5.6
+        + 0.10 * pages_viewed
+        + 0.60 * previous_clicks
+        - 0.035 * (age - 38)
+        + 0.07 * time_on_site
         + np.vectorize(DEVICES.get)(device)
     )
     clicked = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(int)

@@ -6,6 +6,7 @@ too, so an existing MLflow or Prefect set-up needs no modelyard-specific configu
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import cached_property
 from pathlib import Path
@@ -82,6 +83,13 @@ def disable_telemetry() -> None:
     """Switch off outbound telemetry of the libraries we import, unless the user set it."""
     for key, value in _TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
+    # MLflow warns on every pickle-format model; ours stays in the registry and never reaches a
+    # serving image (that gets ONNX), so the warning is noise in every run's log.
+    logging.getLogger("mlflow.sklearn").addFilter(_drop_pickle_warning)
+
+
+def _drop_pickle_warning(record: logging.LogRecord) -> bool:
+    return "pickle or cloudpickle format" not in record.getMessage()
 
 
 def get_settings() -> Settings:

@@ -25,4 +25,5 @@ class GateFailed(ModelyardError):
     def __init__(self, gate: str, reasons: list[str]) -> None:
         self.gate = gate
         self.reasons = reasons
-        super().__init__(f"{gate} gate failed: " + "; ".join(reasons))
+        plural = "s" if " and " in gate else ""
+        super().__init__(f"{gate} gate{plural} failed: " + "; ".join(reasons))

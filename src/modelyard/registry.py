@@ -99,8 +99,18 @@ def log_training(
             signature=signature,
             input_example=example,
             serialization_format="cloudpickle",
+            # Stated, not inferred: inference imports the model in a subprocess and costs seconds.
+            pip_requirements=_requirements(),
         )
     return info.model_uri
+
+
+def _requirements() -> list[str]:
+    import cloudpickle
+    import sklearn
+
+    return [f"scikit-learn=={sklearn.__version__}", f"cloudpickle=={cloudpickle.__version__}",
+            f"pandas=={pd.__version__}"]  # fmt: skip
 
 
 def log_gate(run_id: str, report: GateReport, extra: Path | None = None) -> None:
@@ -141,19 +151,13 @@ def existing_version(client: MlflowClient, name: str, lineage: dict[str, str]) -
     return None
 
 
-def register(
-    client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str], run_link: str
-) -> str:
+def register(client: MlflowClient, name: str, model_uri: str, tags: dict[str, str]) -> str:
     """Create the model version, tag it, alias it `candidate`; returns the version number."""
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="Registered by modelyard.")
-    version = client.create_model_version(
-        name, model_uri, run_id=run_id, tags={k: str(v)[:_MAX_TAG] for k, v in tags.items()},
-        run_link=run_link,
-    ).version  # fmt: skip
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    # mlflow.register_model resolves MLflow 3 logged-model URIs (models:/m-...) to their source.
+    version = mlflow.register_model(
+        model_uri, name, tags={k: str(v)[:_MAX_TAG] for k, v in tags.items()}
+    ).version
+    client.set_registered_model_alias(name, CANDIDATE, str(version))
     return str(version)
 
 

@@ -199,12 +199,16 @@ def register(ctx: RunContext, model_uri: str, reports: list[GateReport], extra_t
     if existing is not None:
         registry.set_alias(client, ctx.spec.name, registry.CANDIDATE, existing.version)
         return existing.version, True
-    version = registry.register(client, ctx.spec.name, model_uri, ctx.run_id, tags, ctx.run_url)
+    version = registry.register(client, ctx.spec.name, model_uri, tags | {"mlflow_run_url": ctx.run_url})
     return version, False
 
 
 def failures(reports: list[GateReport]) -> list[str]:
-    return [f"{r.gate}: {f}" for r in reports for f in r.failures]
+    """Failed checks; prefixed with their gate only when more than one gate failed."""
+    failed = [r for r in reports if not r.passed]
+    if len(failed) == 1:
+        return failed[0].failures
+    return [f"{r.gate}: {f}" for r in failed for f in r.failures]
 
 
 def _pack(folder: Path) -> bytes:

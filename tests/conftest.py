@@ -1,0 +1,144 @@
+"""Real servers for the tests: an MLflow tracking server (SQLite) and a Prefect API, on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+                   "GX_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` with a SQLite store and proxied artifacts."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect API server (Prefect's own test harness starts it in a subprocess)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(
+        server_startup_timeout=120
+    ):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
+def servers(mlflow_server: str, prefect_api: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """Point modelyard at the real servers, with a fresh workspace per test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MODELYARD_WORKSPACE", str(tmp_path / "workspace"))
+    for name in ("GITHUB_SHA", "GIT_COMMIT", "CI_COMMIT_SHA", "MODELYARD_GIT_COMMIT"):
+        monkeypatch.delenv(name, raising=False)
+    return {"mlflow": mlflow_server, "prefect": prefect_api}
+
+
+class Project:
+    """An example copied into its own git repository, as a user's project would be."""
+
+    def __init__(self, root: Path, example: str, name: str) -> None:
+        self.root = root
+        self.spec_path = root / "examples" / example / "modelyard.yaml"
+        shutil.copytree(ROOT / "examples" / example, self.spec_path.parent)
+        shutil.copytree(ROOT / "model_tests", root / "model_tests")
+        # A model name per test: the MLflow server is shared by the whole session.
+        self.write_spec({**self.spec(), "name": name})
+        self.git("init", "-q", "-b", "main")
+        self.git("config", "user.email", "ci@example.invalid")
+        self.git("config", "user.name", "CI")
+        self.commit("initial")
+
+    def git(self, *args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=self.root, check=True, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    def commit(self, message: str) -> str:
+        self.git("add", "-A")
+        self.git("commit", "-q", "--allow-empty", "-m", message)
+        return self.head
+
+    @property
+    def head(self) -> str:
+        return self.git("rev-parse", "HEAD")
+
+    def spec(self) -> dict:
+        return yaml.safe_load(self.spec_path.read_text())
+
+    def write_spec(self, data: dict, commit: str | None = None) -> None:
+        self.spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        if commit:
+            self.commit(commit)
+
+
+def _model_name(request: pytest.FixtureRequest, prefix: str) -> str:
+    return f"{prefix}-{request.node.name}".replace("[", "-").replace("]", "")[:60]
+
+
+@pytest.fixture
+def house(tmp_path: Path, request: pytest.FixtureRequest) -> Project:
+    return Project(tmp_path / "house-repo", "house_prices", _model_name(request, "house"))
+
+
+@pytest.fixture
+def ads(tmp_path: Path, request: pytest.FixtureRequest) -> Project:
+    return Project(tmp_path / "ads-repo", "ad_clicks", _model_name(request, "ads"))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `modelyard` console script, as a user or CI runs it."""
+    exe = Path(sys.executable).with_name("modelyard")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd=cwd, timeout=600)  # fmt: skip

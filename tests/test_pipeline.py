@@ -1,0 +1,177 @@
+"""Full pipeline runs against a real MLflow server and a real Prefect API."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows.pipeline import pipeline
+from modelyard.data import fingerprint, load_dataset
+from modelyard.spec import load_spec
+from tests.conftest import Project, run_cli
+
+GATES = ("gate.data", "gate.model", "gate.behaviour")
+
+
+def run_pipeline(project: Project, **params):
+    state = pipeline(spec_path=str(project.spec_path), return_state=True, **params)
+    return state, state.result(raise_on_failure=False)
+
+
+def artifacts_of(flow_run_id: str) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+            )
+        return {a.key: a.description or "" for a in found}
+
+    return asyncio.run(read())
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def versions_and_aliases(client: MlflowClient, name: str) -> tuple[list[str], dict[str, str]]:
+    versions = sorted(v.version for v in client.search_model_versions(f"name = '{name}'"))
+    try:
+        aliases = dict(client.get_registered_model(name).aliases)
+    except mlflow.exceptions.MlflowException:
+        aliases = {}
+    return versions, aliases
+
+
+@pytest.mark.parametrize("example", ["house", "ads"])
+def test_full_run_registers_a_tagged_candidate(example, servers, request):
+    project: Project = request.getfixturevalue(example)
+    state, outcome = run_pipeline(project)
+    assert state.is_completed(), state.message
+
+    spec = load_spec(project.spec_path)
+    client = MlflowClient(servers["mlflow"])
+    version = client.get_model_version(spec.name, outcome["version"])
+    tags = version.tags
+    assert tags["git_commit"] == project.head
+    assert tags["git_dirty"] == "false"
+    assert tags["git_branch"] == "main"
+    assert tags["data_fingerprint"] == fingerprint(load_dataset(spec))
+    assert re.fullmatch(r"[0-9a-f]{64}", tags["data_fingerprint"])
+    assert tags["spec_hash"] == spec.digest()
+    assert all(tags[g] == "passed" for g in GATES)
+    assert client.get_model_version_by_alias(spec.name, "candidate").version == outcome["version"]
+
+    info = mlflow.models.get_model_info(f"models:/{spec.name}/{outcome['version']}")
+    assert info.signature is not None and set(info.signature.inputs.input_names()) == set(spec.feature_names)
+    assert info.saved_input_example_info is not None
+
+    run = client.get_run(outcome["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    metric_names = {"rmse", "mae", "r2"} if spec.task == "regression" else {"roc_auc", "f1", "log_loss"}
+    assert metric_names <= set(run.data.metrics)
+    files = artifact_paths(client, run.info.run_id)
+    plots = {"training/residuals.png"} if spec.task == "regression" else {"training/roc.png", "training/calibration.png"}
+    assert plots <= files
+    assert {"spec/modelyard.yaml", "spec/spec.json", "gates/data/data_docs/index.html",
+            "gates/model/report.json", "gates/behaviour/report.md"} <= files  # fmt: skip
+
+    artifacts = artifacts_of(outcome["flow_run_id"])
+    slug = spec.name.lower().replace("_", "-")
+    for gate in ("data", "model", "behaviour"):
+        assert f"passed" in artifacts[f"{slug}-{gate}-gate"]
+    assert f"{slug}-stages" in artifacts
+
+
+def test_data_violation_registers_nothing_and_says_why(house: Project, servers):
+    assert run_pipeline(house)[0].is_completed()
+    client = MlflowClient(servers["mlflow"])
+    name = house.spec()["name"]
+    before = versions_and_aliases(client, name)
+
+    spec = house.spec()
+    spec["features"][0]["max"] = 150  # area: the generator produces larger houses
+    house.write_spec(spec, commit="tighten area range")
+    result = run_cli("run", "--spec", str(house.spec_path), env={"PREFECT_API_URL": servers["prefect"]})
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "data gate failed" in result.stderr
+    assert "expect_column_values_to_be_between(area)" in result.stderr
+    assert versions_and_aliases(client, name) == before
+    failed = client.search_runs(
+        [client.get_experiment_by_name(name).experiment_id], "attributes.status = 'FAILED'"
+    )
+    assert len(failed) == 1 and "area" in failed[0].data.tags["failure"]
+    assert failed[0].data.tags["gate.data"] == "failed"
+
+
+def test_metric_gate_failure_registers_nothing(ads: Project, servers):
+    spec = ads.spec()
+    spec["gates"]["metrics"]["roc_auc"] = {"min": 0.99}
+    ads.write_spec(spec, commit="impossible gate")
+    result = run_cli("run", "--spec", str(ads.spec_path), env={"PREFECT_API_URL": servers["prefect"]})
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "model gate failed: metric roc_auc" in result.stderr
+    client = MlflowClient(servers["mlflow"])
+    assert versions_and_aliases(client, spec["name"]) == ([], {})
+    run = client.search_runs([client.get_experiment_by_name(spec["name"]).experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["gate.model"] == "failed" and "roc_auc" in run.data.tags["failure"]
+
+
+def test_significantly_worse_challenger_is_rejected(house: Project, servers):
+    state, champion = run_pipeline(house)
+    assert state.is_completed(), state.message
+    client = MlflowClient(servers["mlflow"])
+    name = house.spec()["name"]
+    client.set_registered_model_alias(name, "production", champion["version"])
+    before = versions_and_aliases(client, name)
+
+    spec = house.spec()
+    spec["estimator"] = {"class": "sklearn.linear_model.Ridge", "params": {"alpha": 2000.0}}
+    spec["gates"]["metrics"] = {}  # only the champion comparison stands in the way
+    spec["behaviour"]["slices"] = []
+    house.write_spec(spec, commit="over-regularised challenger")
+    state, error = run_pipeline(house)
+
+    assert state.is_failed()
+    assert "model gate failed: champion (production)" in str(error)
+    assert "significantly worse" in str(error)
+    assert versions_and_aliases(client, name) == before
+
+
+def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers):
+    spec = house.spec()
+    spec["dataset"]["seed"] = 1234  # data no other test uses, so the first run starts cold
+    house.write_spec(spec, commit="own seed")
+    first = run_pipeline(house)[1]
+    assert first["cached_stages"] == []
+
+    second = run_pipeline(house)[1]
+    assert set(second["cached_stages"]) == {"validate-data", "train", "validate-behaviour"}
+    assert second["version"] == first["version"] and second["reused_version"]
+    run = MlflowClient(servers["mlflow"]).get_run(second["mlflow_run_id"])
+    assert run.data.tags["cached_stages"] == "validate-data,train,validate-behaviour"
+
+    spec["estimator"]["params"] = {"fit_intercept": True, "copy_X": False}
+    house.write_spec(spec, commit="changed estimator params")
+    third = run_pipeline(house)[1]
+    assert third["cached_stages"] == ["validate-data"]  # same data and expectations
+    assert third["version"] != first["version"]
+
+    spec["dataset"]["rows"] = 4000
+    house.write_spec(spec, commit="less data")
+    fourth = run_pipeline(house)[1]
+    assert fourth["cached_stages"] == []
+
+    forced = run_pipeline(house, refresh_cache=True)[1]
+    assert forced["cached_stages"] == []
