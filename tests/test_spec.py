@@ -1,0 +1,97 @@
+"""An invalid spec fails before any work, naming the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelyard.errors import SpecError
+from modelyard.spec import load_spec
+from tests.conftest import ROOT, run_cli
+
+HOUSE = ROOT / "examples" / "house_prices" / "modelyard.yaml"
+
+
+def write(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(HOUSE.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[int(last) if last.isdigit() else last] = value
+    path = tmp_path / "modelyard.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"task": "clustering"}, ["task:", "'regression' or 'binary_classification'", "'clustering'"]),
+        ({"estimator__class": "sklearn.linear_model.LinearRegresion"},
+         ["estimator:", "cannot import 'sklearn.linear_model.LinearRegresion'", "full import path"]),
+        ({"estimator__params": {"alpah": 1}}, ["estimator:", "no parameter(s) ['alpah']", "fit_intercept"]),
+        ({"features__0__type": "text"}, ["features[0].type:", "'numeric' or 'categorical'", "'text'"]),
+        ({"gates__metrics": {"roc_auc": {"min": 0.8}}}, ["'roc_auc' is not a regression metric", "r2"]),
+        ({"split__test_size": 1.5}, ["split.test_size:", "less than 1", "1.5"]),
+        ({"dataset__path": "houses.csv"}, ["dataset:", "exactly one of 'path'"]),
+        ({"behaviour__directional__0__feature": "size"}, ["behaviour.directional[0].feature: 'size' is not a feature"]),
+        ({"colour": "blue"}, ["colour: unknown field"]),
+        ({"target": "area"}, ["target 'area' is also listed as a feature"]),
+        ({"features__1__min": 5, "features__1__max": 1}, ["features[1]:", "min (5.0) is larger than max (1.0)"]),
+    ],
+)  # fmt: skip
+def test_invalid_spec_names_field_value_and_fix(tmp_path, changes, expected):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, **changes))
+    for text in expected:
+        assert text in str(caught.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, task="clustering", split__test_size=0))
+    assert "2 problem(s)" in str(caught.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="does not exist; pass --spec"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+
+
+def test_examples_are_valid_and_hash_is_stable():
+    first, second = load_spec(HOUSE), load_spec(HOUSE)
+    assert first.digest() == second.digest()
+    assert load_spec(ROOT / "examples" / "ad_clicks" / "modelyard.yaml").task == "binary_classification"
+
+
+def test_training_digest_ignores_gates_but_not_estimator(tmp_path):
+    base = load_spec(HOUSE)
+    gated = load_spec(write(tmp_path, gates__metrics={"r2": {"min": 0.1}}))
+    assert gated.training_digest == base.training_digest and gated.digest() != base.digest()
+    (tmp_path / "b").mkdir()
+    tuned = load_spec(write(tmp_path / "b", estimator__params={"fit_intercept": False}))
+    assert tuned.training_digest != base.training_digest
+
+
+def test_cli_validate_spec_exit_codes(tmp_path):
+    ok = run_cli("validate-spec", "--spec", str(HOUSE))
+    assert ok.returncode == 0 and "house_prices" in ok.stdout
+    bad = run_cli("validate-spec", "--spec", str(write(tmp_path, task="clustering")))
+    assert bad.returncode == 2
+    assert "task:" in bad.stderr and "'clustering'" in bad.stderr
+
+
+def test_cli_run_rejects_bad_spec_before_any_work(tmp_path):
+    workspace = tmp_path / "ws"
+    result = run_cli("run", "--spec", str(write(tmp_path, task="clustering")),
+                     env={"MODELYARD_WORKSPACE": str(workspace)})  # fmt: skip
+    assert result.returncode == 2
+    assert not workspace.exists()  # no database, no run, nothing started
