@@ -49,7 +49,12 @@ def load_data_task(spec: Spec) -> stages.Prepared:
 
 @task(name="open-mlflow-run", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
 def open_run_task(
-    spec: Spec, spec_path: str, settings: Settings, git: GitInfo, data_fingerprint: str, tags: dict[str, str]
+    spec: Spec,
+    spec_path: str,
+    settings: Settings,
+    git: GitInfo,
+    data_fingerprint: str,
+    tags: dict[str, str],
 ) -> stages.RunContext:
     return stages.open_run(spec, Path(spec_path), settings, git, data_fingerprint, tags)
 
@@ -65,12 +70,16 @@ def train_task(spec: Spec, splits: stages.Splits, cache_key: str) -> stages.Trai
 
 
 @task(name="log-training", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
-def log_training_task(ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult) -> str:
+def log_training_task(
+    ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult
+) -> str:
     return stages.log_training(ctx, splits, trained)
 
 
 @task(name="validate-model", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
-def model_gate_task(ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult) -> GateReport:
+def model_gate_task(
+    ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult
+) -> GateReport:
     return stages.model_gate(ctx, splits, trained)
 
 
@@ -95,7 +104,9 @@ class _Stages:
         self.rows: list[dict[str, Any]] = []
         self.logger = get_run_logger()
 
-    def run(self, label: str, task_fn: Any, *args: Any, refresh: bool = False, **kwargs: Any) -> Any:
+    def run(
+        self, label: str, task_fn: Any, *args: Any, refresh: bool = False, **kwargs: Any
+    ) -> Any:
         if refresh:
             task_fn = task_fn.with_options(refresh_cache=True)
         started = time.perf_counter()
@@ -103,9 +114,13 @@ class _Stages:
         seconds = time.perf_counter() - started
         cached = state.name == "Cached"
         if state.is_failed():
-            self.rows.append(stages.summary_row(label, "error", seconds, cached, state.message or ""))
+            self.rows.append(
+                stages.summary_row(label, "error", seconds, cached, state.message or "")
+            )
         result = state.result()  # raises the task's exception when it failed
-        outcome = getattr(result, "verdict", None) or getattr(getattr(result, "report", None), "verdict", "done")
+        outcome = getattr(result, "verdict", None) or getattr(
+            getattr(result, "report", None), "verdict", "done"
+        )
         self.rows.append(stages.summary_row(label, outcome, seconds, cached))
         if cached:
             self.logger.info("%s: reused the cached result (same inputs as an earlier run)", label)
@@ -139,12 +154,16 @@ def pipeline(
     trigger: str = "manual",
     refresh_cache: bool = False,
 ) -> dict[str, Any]:
-    """Train, validate and register the model a spec describes; fails with the reason if a gate does."""
+    """Train, validate and register the model a spec describes; a failed gate fails the run."""
     settings = get_settings()
     runner = _Stages()
     spec = runner.run("load-spec", load_spec_task, spec_path)
-    overrides = settings.model_copy(update={"git_commit": commit or settings.git_commit,
-                                            "git_branch": branch or settings.git_branch})  # fmt: skip
+    overrides = settings.model_copy(
+        update={
+            "git_commit": commit or settings.git_commit,
+            "git_branch": branch or settings.git_branch,
+        }
+    )
     git = git_info(spec.source_dir, overrides)
     prepared: stages.Prepared = runner.run("load-data", load_data_task, spec)
     tags = {"trigger": trigger, "prefect_flow_run_id": str(flow_run.id)}
@@ -158,18 +177,31 @@ def pipeline(
         stages.registry.end_run(ctx.run_id, failure=str(exc))
         raise
     finally:
-        create_table_artifact(runner.rows, key=f"{_slug(spec.name)}-stages",
-                              description=f"{spec.name}@{git.short}: stages, outcomes and cache use")  # fmt: skip
+        create_table_artifact(
+            runner.rows,
+            key=f"{_slug(spec.name)}-stages",
+            description=f"{spec.name}@{git.short}: stages, outcomes and cache use",
+        )
     stages.registry.end_run(ctx.run_id)
     return outcome | {"stages": runner.rows}
 
 
 def _gates_and_register(
-    runner: _Stages, ctx: stages.RunContext, prepared: stages.Prepared, refresh: bool, tags: dict[str, str]
+    runner: _Stages,
+    ctx: stages.RunContext,
+    prepared: stages.Prepared,
+    refresh: bool,
+    tags: dict[str, str],
 ) -> dict[str, Any]:
     spec, splits = ctx.spec, prepared.splits
-    data_result = runner.run("validate-data", data_gate_task, spec, splits, refresh=refresh,
-                             cache_key=stages.data_gate_key(spec, prepared.fingerprint))  # fmt: skip
+    data_result = runner.run(
+        "validate-data",
+        data_gate_task,
+        spec,
+        splits,
+        refresh=refresh,
+        cache_key=stages.data_gate_key(spec, prepared.fingerprint),
+    )
     stages.log_data_gate(ctx, data_result)
     _publish_gate(spec, data_result.report)
     if not data_result.report.passed:
@@ -179,8 +211,15 @@ def _gates_and_register(
     trained = runner.run("train", train_task, spec, splits, cache_key=trained_key, refresh=refresh)
     model_uri = runner.run("log-training", log_training_task, ctx, splits, trained)
     model_report = runner.run("validate-model", model_gate_task, ctx, splits, trained)
-    behaviour_report = runner.run("validate-behaviour", behaviour_gate_task, spec, splits, trained,
-                                  cache_key=stages.behaviour_key(spec, trained_key), refresh=refresh)  # fmt: skip
+    behaviour_report = runner.run(
+        "validate-behaviour",
+        behaviour_gate_task,
+        spec,
+        splits,
+        trained,
+        cache_key=stages.behaviour_key(spec, trained_key),
+        refresh=refresh,
+    )
     reports = [data_result.report, model_report, behaviour_report]
     for report in reports[1:]:
         stages.registry.log_gate(ctx.run_id, report)
@@ -191,7 +230,9 @@ def _gates_and_register(
 
     version, reused = runner.run("register", register_task, ctx, model_uri, reports, tags)
     cached = [row["stage"] for row in runner.rows if row["cached"]]
-    stages.registry.set_run_tags(ctx.run_id, {"registered_version": version, "cached_stages": ",".join(cached)})
+    stages.registry.set_run_tags(
+        ctx.run_id, {"registered_version": version, "cached_stages": ",".join(cached)}
+    )
     return {
         "model": spec.name,
         "version": version,

@@ -15,5 +15,6 @@ def test_invariant_to(candidate, invariance_rule):
         variants = [frame.assign(**{column: frame[column] * noise})]
     worst = max(float(np.max(np.abs(candidate.predict(v) - baseline))) for v in variants)
     assert worst <= invariance_rule.tolerance, (
-        f"changing {column} moved a prediction by {worst:.4g} (tolerance {invariance_rule.tolerance})"
+        f"changing {column} moved a prediction by {worst:.4g} "
+        f"(tolerance {invariance_rule.tolerance})"
     )

@@ -18,5 +18,6 @@ def test_single_row_latency(candidate):
         timings.append((time.perf_counter() - started) * 1000)
     observed = float(np.percentile(timings, budget.percentile))
     assert observed <= budget.budget_ms, (
-        f"p{budget.percentile:g} one-row latency {observed:.2f} ms exceeds the {budget.budget_ms} ms budget"
+        f"p{budget.percentile:g} one-row latency {observed:.2f} ms "
+        f"exceeds the {budget.budget_ms} ms budget"
     )

@@ -5,9 +5,13 @@ from modelyard.evaluation import compute_metrics, passes
 
 def test_slice_meets_bound(candidate, slice_rule):
     rows = candidate.eval_frame.query(slice_rule.where)
-    assert len(rows) >= 20, f"slice {slice_rule.name!r} ({slice_rule.where}) has only {len(rows)} rows"
+    assert len(rows) >= 20, (
+        f"slice {slice_rule.name!r} ({slice_rule.where}) has only {len(rows)} rows"
+    )
     values = compute_metrics(
-        candidate.spec.task, rows[candidate.spec.target].to_numpy(dtype=float), candidate.predict(rows)
+        candidate.spec.task,
+        rows[candidate.spec.target].to_numpy(dtype=float),
+        candidate.predict(rows),
     )
     value = values[slice_rule.metric]
     assert passes(slice_rule.metric, value, slice_rule.min, slice_rule.max), (

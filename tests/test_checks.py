@@ -54,7 +54,10 @@ def test_data_gate_passes_clean_data_and_names_each_violation(house):
     result = stages.data_gate(spec, stages.Splits(train=bad_train, eval=prepared.splits.eval))
     failures = " | ".join(result.report.failures)
     assert not result.report.passed
-    assert "train: expect_column_values_to_be_in_set(neighbourhood)" in failures and "atlantis" in failures
+    assert (
+        "train: expect_column_values_to_be_in_set(neighbourhood)" in failures
+        and "atlantis" in failures
+    )
     assert "train: expect_column_values_to_not_be_null(bathrooms)" in failures
     assert "eval:" not in failures
     assert len(result.docs) > 1000  # the Data Docs site travels with the result
@@ -83,13 +86,24 @@ def test_behaviour_gate_runs_model_tests_and_reports_each(house, tmp_path):
     report = stages.behaviour_gate(spec, prepared.splits, trained)
     names = {c.name for c in report.checks}
     assert report.passed, report.failures
-    assert {"test_directional::test_direction_of[area]", "test_invariance::test_invariant_to[listing_weekday]",
-            "test_slices::test_slice_meets_bound[downtown]", "test_latency::test_single_row_latency"} <= names  # fmt: skip
+    assert {
+        "test_directional::test_direction_of[area]",
+        "test_invariance::test_invariant_to[listing_weekday]",
+        "test_slices::test_slice_meets_bound[downtown]",
+        "test_latency::test_single_row_latency",
+    } <= names
 
     wrong = spec.model_copy(
-        update={"behaviour": spec.behaviour.model_copy(update={
-            "directional": [spec.behaviour.directional[0].model_copy(update={"expect": "decrease"})]})}
-    )  # fmt: skip
+        update={
+            "behaviour": spec.behaviour.model_copy(
+                update={
+                    "directional": [
+                        spec.behaviour.directional[0].model_copy(update={"expect": "decrease"})
+                    ]
+                }
+            )
+        }
+    )
     failed = stages.behaviour_gate(wrong, prepared.splits, trained)
     assert not failed.passed
     assert any("raising area by 10.0 gave a decrease on 0.0% of rows" in f for f in failed.failures)
@@ -97,7 +111,9 @@ def test_behaviour_gate_runs_model_tests_and_reports_each(house, tmp_path):
 
 def test_behaviour_gate_fails_on_a_missing_tests_folder(house):
     spec, prepared = house
-    moved = spec.model_copy(update={"behaviour": spec.behaviour.model_copy(update={"tests": "no_such_dir"})})
+    moved = spec.model_copy(
+        update={"behaviour": spec.behaviour.model_copy(update={"tests": "no_such_dir"})}
+    )
     report = stages.behaviour_gate(moved, prepared.splits, stages.train(spec, prepared.splits))
     assert not report.passed and "behaviour.tests:" in report.failures[0]
 
@@ -109,8 +125,15 @@ def test_model_gate_thresholds(house):
 
     report = check_model(spec, prepared.splits.eval, trained.metrics, trained.eval_scores, None)
     assert report.passed and "no version holds the alias 'production'" in report.notes[0]
-    strict = spec.model_copy(update={"gates": spec.gates.model_copy(update={"metrics": {
-        "r2": spec.gates.metrics["r2"].model_copy(update={"min": 0.999})}})})  # fmt: skip
+    strict = spec.model_copy(
+        update={
+            "gates": spec.gates.model_copy(
+                update={
+                    "metrics": {"r2": spec.gates.metrics["r2"].model_copy(update={"min": 0.999})}
+                }
+            )
+        }
+    )
     report = check_model(strict, prepared.splits.eval, trained.metrics, trained.eval_scores, None)
     assert report.failures == [f"metric r2: r2 = {trained.metrics['r2']:.4g}, required >= 0.999"]
 

@@ -28,7 +28,9 @@ def artifacts_of(flow_run_id: str) -> dict[str, str]:
     async def read() -> dict[str, str]:
         async with get_client() as client:
             found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
             )
         return {a.key: a.description or "" for a in found}
 
@@ -71,23 +73,36 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request):
     assert client.get_model_version_by_alias(spec.name, "candidate").version == outcome["version"]
 
     info = mlflow.models.get_model_info(f"models:/{spec.name}/{outcome['version']}")
-    assert info.signature is not None and set(info.signature.inputs.input_names()) == set(spec.feature_names)
+    assert info.signature is not None and set(info.signature.inputs.input_names()) == set(
+        spec.feature_names
+    )
     assert info.saved_input_example_info is not None
 
     run = client.get_run(outcome["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    metric_names = {"rmse", "mae", "r2"} if spec.task == "regression" else {"roc_auc", "f1", "log_loss"}
+    metric_names = (
+        {"rmse", "mae", "r2"} if spec.task == "regression" else {"roc_auc", "f1", "log_loss"}
+    )
     assert metric_names <= set(run.data.metrics)
     files = artifact_paths(client, run.info.run_id)
-    plots = {"training/residuals.png"} if spec.task == "regression" else {"training/roc.png", "training/calibration.png"}
+    plots = (
+        {"training/residuals.png"}
+        if spec.task == "regression"
+        else {"training/roc.png", "training/calibration.png"}
+    )
     assert plots <= files
-    assert {"spec/modelyard.yaml", "spec/spec.json", "gates/data/data_docs/index.html",
-            "gates/model/report.json", "gates/behaviour/report.md"} <= files  # fmt: skip
+    assert {
+        "spec/modelyard.yaml",
+        "spec/spec.json",
+        "gates/data/data_docs/index.html",
+        "gates/model/report.json",
+        "gates/behaviour/report.md",
+    } <= files
 
     artifacts = artifacts_of(outcome["flow_run_id"])
     slug = spec.name.lower().replace("_", "-")
     for gate in ("data", "model", "behaviour"):
-        assert f"passed" in artifacts[f"{slug}-{gate}-gate"]
+        assert "passed" in artifacts[f"{slug}-{gate}-gate"]
     assert f"{slug}-stages" in artifacts
 
 
@@ -100,7 +115,9 @@ def test_data_violation_registers_nothing_and_says_why(house: Project, servers):
     spec = house.spec()
     spec["features"][0]["max"] = 150  # area: the generator produces larger houses
     house.write_spec(spec, commit="tighten area range")
-    result = run_cli("run", "--spec", str(house.spec_path), env={"PREFECT_API_URL": servers["prefect"]})
+    result = run_cli(
+        "run", "--spec", str(house.spec_path), env={"PREFECT_API_URL": servers["prefect"]}
+    )
 
     assert result.returncode == 3, result.stdout + result.stderr
     assert "data gate failed" in result.stderr
@@ -117,7 +134,9 @@ def test_metric_gate_failure_registers_nothing(ads: Project, servers):
     spec = ads.spec()
     spec["gates"]["metrics"]["roc_auc"] = {"min": 0.99}
     ads.write_spec(spec, commit="impossible gate")
-    result = run_cli("run", "--spec", str(ads.spec_path), env={"PREFECT_API_URL": servers["prefect"]})
+    result = run_cli(
+        "run", "--spec", str(ads.spec_path), env={"PREFECT_API_URL": servers["prefect"]}
+    )
 
     assert result.returncode == 3, result.stdout + result.stderr
     assert "model gate failed: metric roc_auc" in result.stderr

@@ -30,20 +30,44 @@ def write(tmp_path: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"task": "clustering"}, ["task:", "'regression' or 'binary_classification'", "'clustering'"]),
-        ({"estimator__class": "sklearn.linear_model.LinearRegresion"},
-         ["estimator:", "cannot import 'sklearn.linear_model.LinearRegresion'", "full import path"]),
-        ({"estimator__params": {"alpah": 1}}, ["estimator:", "no parameter(s) ['alpah']", "fit_intercept"]),
-        ({"features__0__type": "text"}, ["features[0].type:", "'numeric' or 'categorical'", "'text'"]),
-        ({"gates__metrics": {"roc_auc": {"min": 0.8}}}, ["'roc_auc' is not a regression metric", "r2"]),
+        (
+            {"task": "clustering"},
+            ["task:", "'regression' or 'binary_classification'", "'clustering'"],
+        ),
+        (
+            {"estimator__class": "sklearn.linear_model.LinearRegresion"},
+            [
+                "estimator:",
+                "cannot import 'sklearn.linear_model.LinearRegresion'",
+                "full import path",
+            ],
+        ),
+        (
+            {"estimator__params": {"alpah": 1}},
+            ["estimator:", "no parameter(s) ['alpah']", "fit_intercept"],
+        ),
+        (
+            {"features__0__type": "text"},
+            ["features[0].type:", "'numeric' or 'categorical'", "'text'"],
+        ),
+        (
+            {"gates__metrics": {"roc_auc": {"min": 0.8}}},
+            ["'roc_auc' is not a regression metric", "r2"],
+        ),
         ({"split__test_size": 1.5}, ["split.test_size:", "less than 1", "1.5"]),
         ({"dataset__path": "houses.csv"}, ["dataset:", "exactly one of 'path'"]),
-        ({"behaviour__directional__0__feature": "size"}, ["behaviour.directional[0].feature: 'size' is not a feature"]),
+        (
+            {"behaviour__directional__0__feature": "size"},
+            ["behaviour.directional[0].feature: 'size' is not a feature"],
+        ),
         ({"colour": "blue"}, ["colour: unknown field"]),
         ({"target": "area"}, ["target 'area' is also listed as a feature"]),
-        ({"features__1__min": 5, "features__1__max": 1}, ["features[1]:", "min (5.0) is larger than max (1.0)"]),
+        (
+            {"features__1__min": 5, "features__1__max": 1},
+            ["features[1]:", "min (5.0) is larger than max (1.0)"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_spec_names_field_value_and_fix(tmp_path, changes, expected):
     with pytest.raises(SpecError) as caught:
         load_spec(write(tmp_path, **changes))
@@ -69,7 +93,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_examples_are_valid_and_hash_is_stable():
     first, second = load_spec(HOUSE), load_spec(HOUSE)
     assert first.digest() == second.digest()
-    assert load_spec(ROOT / "examples" / "ad_clicks" / "modelyard.yaml").task == "binary_classification"
+    assert (
+        load_spec(ROOT / "examples" / "ad_clicks" / "modelyard.yaml").task
+        == "binary_classification"
+    )
 
 
 def test_training_digest_ignores_gates_but_not_estimator(tmp_path):
@@ -91,7 +118,11 @@ def test_cli_validate_spec_exit_codes(tmp_path):
 
 def test_cli_run_rejects_bad_spec_before_any_work(tmp_path):
     workspace = tmp_path / "ws"
-    result = run_cli("run", "--spec", str(write(tmp_path, task="clustering")),
-                     env={"MODELYARD_WORKSPACE": str(workspace)})  # fmt: skip
+    result = run_cli(
+        "run",
+        "--spec",
+        str(write(tmp_path, task="clustering")),
+        env={"MODELYARD_WORKSPACE": str(workspace)},
+    )
     assert result.returncode == 2
     assert not workspace.exists()  # no database, no run, nothing started

@@ -16,8 +16,11 @@ from modelyard.config import Settings, get_settings
 from modelyard.errors import ModelyardError
 from modelyard.spec import load_spec
 
-app = typer.Typer(help="ML CI/CD as code: train, validate, register and ship scikit-learn models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)  # fmt: skip
+app = typer.Typer(
+    help="ML CI/CD as code: train, validate, register and ship scikit-learn models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -36,15 +39,19 @@ def validate_spec(spec: SpecOption = Path("modelyard.yaml")) -> None:
         loaded = load_spec(spec)
     except ModelyardError as exc:
         raise _fail(exc) from None
-    console.print(f"[green]ok[/] {spec}: model [bold]{loaded.name}[/] ({loaded.task}), "
-                  f"{len(loaded.features)} features, estimator {loaded.estimator.class_}")  # fmt: skip
+    console.print(
+        f"[green]ok[/] {spec}: model [bold]{loaded.name}[/] ({loaded.task}), "
+        f"{len(loaded.features)} features, estimator {loaded.estimator.class_}"
+    )
 
 
 @app.command()
 def run(
     spec: SpecOption = Path("modelyard.yaml"),
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute every stage.")] = False,
-    commit: Annotated[str | None, typer.Option(help="Commit to record (default: git HEAD).")] = None,
+    commit: Annotated[
+        str | None, typer.Option(help="Commit to record (default: git HEAD).")
+    ] = None,
     branch: Annotated[str | None, typer.Option(help="Branch to record.")] = None,
 ) -> None:
     """Run the pipeline on a spec: train → validate → register."""
@@ -57,8 +64,14 @@ def run(
     from flows.pipeline import pipeline  # after the env: Prefect reads settings at import
 
     console.print(f"[bold]modelyard[/] running [bold]{loaded.name}[/] from {spec} …")
-    state = pipeline(spec_path=str(spec), commit=commit, branch=branch, refresh_cache=no_cache,
-                     trigger="cli", return_state=True)  # fmt: skip
+    state = pipeline(
+        spec_path=str(spec),
+        commit=commit,
+        branch=branch,
+        refresh_cache=no_cache,
+        trigger="cli",
+        return_state=True,
+    )
     flow_run_id = str(state.state_details.flow_run_id)
     outcome = state.result(raise_on_failure=False)
     if state.is_completed():
@@ -76,12 +89,20 @@ def _print_success(outcome: dict[str, Any], settings: Settings, flow_run_id: str
     for column in ("stage", "outcome", "seconds", "cached"):
         table.add_column(column)
     for row in outcome["stages"]:
-        table.add_row(row["stage"], row["outcome"], f"{row['seconds']:.2f}", "yes" if row["cached"] else "")
+        table.add_row(
+            row["stage"], row["outcome"], f"{row['seconds']:.2f}", "yes" if row["cached"] else ""
+        )
     console.print(table)
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(outcome["metrics"].items()))
-    how = "already registered (same commit, spec and data)" if outcome["reused_version"] else "registered"
-    console.print(f"[green]✓[/] {outcome['model']} version [bold]{outcome['version']}[/] {how}, "
-                  f"alias 'candidate'. {metrics}")  # fmt: skip
+    how = (
+        "already registered (same commit, spec and data)"
+        if outcome["reused_version"]
+        else "registered"
+    )
+    console.print(
+        f"[green]✓[/] {outcome['model']} version [bold]{outcome['version']}[/] {how}, "
+        f"alias 'candidate'. {metrics}"
+    )
     _print_where(settings, flow_run_id, outcome)
 
 
@@ -108,13 +129,24 @@ def models(
     client = registry.connect(get_settings())
     rows = []
     for info in registry.list_versions(client, name):
-        rows.append({
-            "model": info.name, "version": info.version, "aliases": info.aliases,
-            "created": datetime.fromtimestamp(info.created / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
-            "commit": info.tags.get("git_commit", "")[:8] + ("*" if info.tags.get("git_dirty") == "true" else ""),
-            "gates": {k.removeprefix("gate."): v for k, v in info.tags.items() if k.startswith("gate.")},
-            "metrics": registry.run_metrics(client, info.run_id),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": info.name,
+                "version": info.version,
+                "aliases": info.aliases,
+                "created": datetime.fromtimestamp(info.created / 1000, UTC).strftime(
+                    "%Y-%m-%d %H:%M"
+                ),
+                "commit": info.tags.get("git_commit", "")[:8]
+                + ("*" if info.tags.get("git_dirty") == "true" else ""),
+                "gates": {
+                    k.removeprefix("gate."): v
+                    for k, v in info.tags.items()
+                    if k.startswith("gate.")
+                },
+                "metrics": registry.run_metrics(client, info.run_id),
+            }
+        )
     if as_json:
         console.print_json(json.dumps(rows))
         return
@@ -125,10 +157,19 @@ def models(
     for column in ("model", "version", "aliases", "created", "commit", "gates", "metrics"):
         table.add_column(column)
     for row in rows:
-        gates = " ".join(f"{k}:{'✓' if v == 'passed' else '✗'}" for k, v in sorted(row["gates"].items()))
+        gates = " ".join(
+            f"{k}:{'✓' if v == 'passed' else '✗'}" for k, v in sorted(row["gates"].items())
+        )
         metrics = " ".join(f"{k}={v:.3g}" for k, v in sorted(row["metrics"].items()))
-        table.add_row(row["model"], row["version"], ",".join(row["aliases"]), row["created"],
-                      row["commit"], gates, metrics)  # fmt: skip
+        table.add_row(
+            row["model"],
+            row["version"],
+            ",".join(row["aliases"]),
+            row["created"],
+            row["commit"],
+            gates,
+            metrics,
+        )
     console.print(table)
 
 

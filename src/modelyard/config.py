@@ -34,11 +34,11 @@ class Settings(BaseSettings):
     )
     mlflow_tracking_uri: str | None = Field(
         default=None,
-        description="MLflow server; falls back to MLFLOW_TRACKING_URI, then SQLite in the workspace.",
+        description="MLflow server; else MLFLOW_TRACKING_URI, else SQLite in the workspace.",
     )
     prefect_api_url: str | None = Field(
         default=None,
-        description="Prefect API; falls back to PREFECT_API_URL, then a local Prefect in the workspace.",
+        description="Prefect API; else PREFECT_API_URL, else a local Prefect in the workspace.",
     )
     git_commit: str | None = Field(
         default=None, description="Commit to record; CI sets it when the checkout has no .git."
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
         return self.prefect_api_url or os.environ.get("PREFECT_API_URL")
 
     def orchestrator_env(self) -> dict[str, str]:
-        """Environment for Prefect: a real API when configured, else a local one in the workspace."""
+        """Environment for Prefect: the configured API, else a local one in the workspace."""
         env = dict(_TELEMETRY_OFF)
         if self.api_url:
             env["PREFECT_API_URL"] = self.api_url

@@ -48,7 +48,9 @@ def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
 def _cast(column: pd.Series, kind: str, name: str) -> pd.Series:
     if kind == "categorical":
         # object dtype with NaN for missing: what scikit-learn's encoders and imputers expect.
-        values = [str(v) if known else np.nan for v, known in zip(column, column.notna(), strict=True)]
+        values = [
+            str(v) if known else np.nan for v, known in zip(column, column.notna(), strict=True)
+        ]
         return pd.Series(values, index=column.index, dtype=object, name=column.name)
     converted = pd.to_numeric(column, errors="coerce")
     bad = column.notna() & converted.isna()
@@ -81,7 +83,9 @@ def _generate(spec: Spec) -> pd.DataFrame:
         raise DataError(f"dataset.generator: {module_name} has no function {func_name!r}")
     frame = func(rows=spec.dataset.rows, seed=spec.dataset.seed)
     if not isinstance(frame, pd.DataFrame):
-        raise DataError(f"dataset.generator {spec.dataset.generator} must return a pandas DataFrame")
+        raise DataError(
+            f"dataset.generator {spec.dataset.generator} must return a pandas DataFrame"
+        )
     return frame
 
 

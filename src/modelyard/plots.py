@@ -8,17 +8,20 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: CI and servers have no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def render(task: str, y_true: np.ndarray, score: np.ndarray, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if task == "regression":
         return [_residuals(y_true, score, out_dir / "residuals.png")]
-    return [_roc(y_true, score, out_dir / "roc.png"), _calibration(y_true, score, out_dir / "calibration.png")]
+    return [
+        _roc(y_true, score, out_dir / "roc.png"),
+        _calibration(y_true, score, out_dir / "calibration.png"),
+    ]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -54,6 +57,8 @@ def _calibration(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(predicted, observed, marker="o", label="model")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
-    ax.set(xlabel="mean predicted probability", ylabel="observed positive rate", title="Calibration")
+    ax.set(
+        xlabel="mean predicted probability", ylabel="observed positive rate", title="Calibration"
+    )
     ax.legend(loc="upper left")
     return _save(fig, path)

@@ -53,7 +53,9 @@ def ensure_experiment(client: MlflowClient, name: str, settings: Settings) -> st
     # Against the embedded SQLite store artifacts go to the workspace, not to ./mlruns of the cwd;
     # a tracking server decides its own artifact location.
     local = settings.tracking_uri.startswith("sqlite:")
-    return client.create_experiment(name, artifact_location=settings.artifact_root + f"/{name}" if local else None)
+    return client.create_experiment(
+        name, artifact_location=settings.artifact_root + f"/{name}" if local else None
+    )
 
 
 def start_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
@@ -109,8 +111,11 @@ def _requirements() -> list[str]:
     import cloudpickle
     import sklearn
 
-    return [f"scikit-learn=={sklearn.__version__}", f"cloudpickle=={cloudpickle.__version__}",
-            f"pandas=={pd.__version__}"]  # fmt: skip
+    return [
+        f"scikit-learn=={sklearn.__version__}",
+        f"cloudpickle=={cloudpickle.__version__}",
+        f"pandas=={pd.__version__}",
+    ]
 
 
 def log_gate(run_id: str, report: GateReport, extra: Path | None = None) -> None:
@@ -139,14 +144,21 @@ def end_run(run_id: str, failure: str | None = None) -> None:
     client = MlflowClient()
     if failure:
         client.set_tag(run_id, "failure", failure[:_MAX_TAG])
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failure else RunStatus.FINISHED))
+    client.set_terminated(
+        run_id, RunStatus.to_string(RunStatus.FAILED if failure else RunStatus.FINISHED)
+    )
 
 
-def existing_version(client: MlflowClient, name: str, lineage: dict[str, str]) -> VersionInfo | None:
+def existing_version(
+    client: MlflowClient, name: str, lineage: dict[str, str]
+) -> VersionInfo | None:
     """A version already registered from the same commit, spec and data, if there is one."""
     keys = ("git_commit", "spec_hash", "data_fingerprint")
     for info in list_versions(client, name):
-        if all(info.tags.get(k) == lineage.get(k) for k in keys) and lineage.get("git_dirty") == "false":
+        if (
+            all(info.tags.get(k) == lineage.get(k) for k in keys)
+            and lineage.get("git_dirty") == "false"
+        ):
             return info
     return None
 

@@ -82,7 +82,8 @@ class Dataset(_Strict):
             raise ValueError(f"path {self.path!r} must end in .csv or .parquet")
         if self.generator is not None and not re.fullmatch(r"[\w.]+:\w+", self.generator):
             raise ValueError(
-                f"generator {self.generator!r} must look like 'module:function', e.g. 'data:generate'"
+                f"generator {self.generator!r} must look like 'module:function', "
+                "e.g. 'data:generate'"
             )
         return self
 
@@ -144,7 +145,7 @@ class Champion(_Strict):
     margin: float = Field(
         default=0.0,
         ge=0.0,
-        description="Relative increase of mean loss tolerated (0.02 = 2%) before it counts as worse.",
+        description="Relative mean-loss increase tolerated (0.02 = 2%) before it counts as worse.",
     )
     resamples: int = Field(default=2000, ge=200, le=100_000)
 
@@ -158,8 +159,12 @@ class Invariance(_Strict):
     """Changing `feature` must move predictions by at most `tolerance`."""
 
     feature: str
-    values: list[Any] | None = Field(default=None, description="Replace the column with each value.")
-    noise: float | None = Field(default=None, gt=0.0, description="Relative noise on a numeric column.")
+    values: list[Any] | None = Field(
+        default=None, description="Replace the column with each value."
+    )
+    noise: float | None = Field(
+        default=None, gt=0.0, description="Relative noise on a numeric column."
+    )
     tolerance: float = Field(gt=0.0)
 
     @model_validator(mode="after")
@@ -175,7 +180,9 @@ class Directional(_Strict):
     feature: str
     delta: float
     expect: Literal["increase", "decrease"]
-    min_fraction: Fraction = Field(default=1.0, description="Share of rows that must move that way.")
+    min_fraction: Fraction = Field(
+        default=1.0, description="Share of rows that must move that way."
+    )
 
 
 class Slice(_Strict):

@@ -75,15 +75,22 @@ def prepare(spec: Spec) -> Prepared:
 
 def data_gate_key(spec: Spec, data_fingerprint: str) -> str:
     sections = spec.digest("task", "features", "target", "expectations", "split")
-    return _sha("data", data_fingerprint, sections, great_expectations.__version__, modelyard.__version__)
+    return _sha(
+        "data", data_fingerprint, sections, great_expectations.__version__, modelyard.__version__
+    )
 
 
 def train_key(spec: Spec, data_fingerprint: str, git: GitInfo) -> str:
     # The commit is part of the key: lineage tags must name the commit the model was trained at.
     return _sha(
-        "train", data_fingerprint, spec.training_digest, git.commit, str(git.dirty),
-        sklearn.__version__, modelyard.__version__,
-    )  # fmt: skip
+        "train",
+        data_fingerprint,
+        spec.training_digest,
+        git.commit,
+        str(git.dirty),
+        sklearn.__version__,
+        modelyard.__version__,
+    )
 
 
 def behaviour_key(spec: Spec, trained_key: str) -> str:
@@ -103,9 +110,13 @@ def _folder_digest(folder: Path) -> str:
 
 
 def open_run(
-    spec: Spec, spec_path: Path, settings: Settings, git: GitInfo, data_fingerprint: str,
+    spec: Spec,
+    spec_path: Path,
+    settings: Settings,
+    git: GitInfo,
+    data_fingerprint: str,
     extra_tags: dict[str, str],
-) -> RunContext:  # fmt: skip
+) -> RunContext:
     client = registry.connect(settings)
     experiment_id = registry.ensure_experiment(client, spec.name, settings)
     tags = {
@@ -152,12 +163,19 @@ def log_training(ctx: RunContext, splits: Splits, trained: TrainResult) -> str:
     spec = ctx.spec
     work = registry.scratch_dir("plots")
     try:
-        files = plots.render(spec.task, splits.eval[spec.target].to_numpy(), trained.eval_scores, work)
+        files = plots.render(
+            spec.task, splits.eval[spec.target].to_numpy(), trained.eval_scores, work
+        )
         example = features_of(splits.eval, spec).dropna().head(5)
         return registry.log_training(
-            ctx.run_id, trained.model, trained.params, trained.metrics,
-            example=example, example_scores=trained.model.predict(example), files=files,
-        )  # fmt: skip
+            ctx.run_id,
+            trained.model,
+            trained.params,
+            trained.metrics,
+            example=example,
+            example_scores=trained.model.predict(example),
+            files=files,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -179,7 +197,9 @@ def behaviour_gate(spec: Spec, splits: Splits, trained: TrainResult) -> GateRepo
         shutil.rmtree(work, ignore_errors=True)
 
 
-def register(ctx: RunContext, model_uri: str, reports: list[GateReport], extra_tags: dict[str, str]) -> tuple[str, bool]:
+def register(
+    ctx: RunContext, model_uri: str, reports: list[GateReport], extra_tags: dict[str, str]
+) -> tuple[str, bool]:
     """Register the candidate, or reuse the version of an identical earlier run.
 
     Returns (version, reused). Only called when every gate passed.
@@ -199,7 +219,9 @@ def register(ctx: RunContext, model_uri: str, reports: list[GateReport], extra_t
     if existing is not None:
         registry.set_alias(client, ctx.spec.name, registry.CANDIDATE, existing.version)
         return existing.version, True
-    version = registry.register(client, ctx.spec.name, model_uri, tags | {"mlflow_run_url": ctx.run_url})
+    version = registry.register(
+        client, ctx.spec.name, model_uri, tags | {"mlflow_run_url": ctx.run_url}
+    )
     return version, False
 
 
@@ -225,5 +247,13 @@ def _unpack(blob: bytes, dest: Path) -> None:
         tar.extractall(dest, filter="data")
 
 
-def summary_row(name: str, outcome: str, seconds: float, cached: bool, detail: str = "") -> dict[str, Any]:
-    return {"stage": name, "outcome": outcome, "seconds": round(seconds, 2), "cached": cached, "detail": detail}
+def summary_row(
+    name: str, outcome: str, seconds: float, cached: bool, detail: str = ""
+) -> dict[str, Any]:
+    return {
+        "stage": name,
+        "outcome": outcome,
+        "seconds": round(seconds, 2),
+        "cached": cached,
+        "detail": detail,
+    }

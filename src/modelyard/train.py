@@ -34,7 +34,9 @@ def build_pipeline(spec: Spec) -> Pipeline:
         transformers.append(
             (
                 "numeric",
-                Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]),
+                Pipeline(
+                    [("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]
+                ),
                 numeric,
             )
         )

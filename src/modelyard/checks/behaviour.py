@@ -51,14 +51,28 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
     junit = work_dir / "junit.xml"
     completed = subprocess.run(
         [
-            sys.executable, "-m", "pytest", str(tests_dir),
-            "-p", PLUGIN, f"--modelyard-candidate={work_dir}",
-            f"--junitxml={junit}", f"--rootdir={tests_dir}",
-            "-o", "addopts=", "-p", "no:cacheprovider", "-q", "--no-header",
+            sys.executable,
+            "-m",
+            "pytest",
+            str(tests_dir),
+            "-p",
+            PLUGIN,
+            f"--modelyard-candidate={work_dir}",
+            f"--junitxml={junit}",
+            f"--rootdir={tests_dir}",
+            "-o",
+            "addopts=",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--no-header",
         ],
-        capture_output=True, text=True, timeout=_TIMEOUT_SECONDS, cwd=tests_dir,
+        capture_output=True,
+        text=True,
+        timeout=_TIMEOUT_SECONDS,
+        cwd=tests_dir,
         env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"},
-    )  # fmt: skip
+    )
     (work_dir / "pytest.log").write_text(completed.stdout + completed.stderr)
     if not junit.is_file():
         report.checks.append(
@@ -73,10 +87,14 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
     report.checks.extend(parse_junit(junit))
     skipped = report.data["skipped"] = _skipped(junit)
     if not report.checks:
-        report.notes.append("no behaviour test ran" + (f" ({len(skipped)} skipped)" if skipped else ""))
+        report.notes.append(
+            "no behaviour test ran" + (f" ({len(skipped)} skipped)" if skipped else "")
+        )
     if completed.returncode not in (0, 1, 5):  # 5: nothing collected; 2-4: usage/internal errors
         report.checks.append(
-            Check(name="pytest run", passed=False, detail=_tail(completed.stdout + completed.stderr))
+            Check(
+                name="pytest run", passed=False, detail=_tail(completed.stdout + completed.stderr)
+            )
         )
     return report
 

@@ -48,7 +48,9 @@ def build_expectations(spec: Spec, rows_share: float) -> list[Any]:
                 )
             )
         if feature.categories is not None:
-            out.append(ex.ExpectColumnValuesToBeInSet(column=feature.name, value_set=feature.categories))
+            out.append(
+                ex.ExpectColumnValuesToBeInSet(column=feature.name, value_set=feature.categories)
+            )
     out.extend(_target_expectations(spec))
     return out
 
@@ -92,9 +94,13 @@ def check_data(spec: Spec, splits: Splits, out_dir: Path) -> GateReport:
                 suite.add_expectation(expectation)
             batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
             definitions.append(
-                (name, frame, context.validation_definitions.add(
-                    gx.ValidationDefinition(name=name, data=batch, suite=suite)
-                ))
+                (
+                    name,
+                    frame,
+                    context.validation_definitions.add(
+                        gx.ValidationDefinition(name=name, data=batch, suite=suite)
+                    ),
+                )
             )
         for name, frame, definition in definitions:
             checkpoint = context.checkpoints.add(

@@ -55,7 +55,11 @@ def check_thresholds(spec: Spec, metrics: dict[str, float]) -> list[Check]:
 
 
 def paired_bootstrap(
-    challenger_loss: np.ndarray, champion_loss: np.ndarray, resamples: int, alpha: float, seed: int = 0
+    challenger_loss: np.ndarray,
+    champion_loss: np.ndarray,
+    resamples: int,
+    alpha: float,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Relative change in mean loss (challenger vs champion) with its one-sided lower bound."""
     rng = np.random.default_rng(seed)

@@ -28,7 +28,9 @@ class GateReport:
 
     @property
     def failures(self) -> list[str]:
-        return [f"{c.name}: {c.detail}" if c.detail else c.name for c in self.checks if not c.passed]
+        return [
+            f"{c.name}: {c.detail}" if c.detail else c.name for c in self.checks if not c.passed
+        ]
 
     @property
     def verdict(self) -> str:

@@ -1,0 +1,53 @@
+# modelyard: `make demo` runs the pipeline on the shipped examples; `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
+
+.PHONY: install demo test lint format ui clean constraints
+
+$(BIN)/modelyard: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(BIN)/modelyard ## Create .venv with modelyard and the test tools
+
+demo: install ## Train, validate and register both examples with embedded defaults
+	$(BIN)/modelyard run --spec examples/house_prices/modelyard.yaml
+	$(BIN)/modelyard run --spec examples/ad_clicks/modelyard.yaml
+	$(BIN)/modelyard models
+	@echo
+	@echo "Look at the runs: 'make ui', then open http://127.0.0.1:4200 (Prefect) and http://127.0.0.1:5000 (MLflow)."
+
+lint: install ## ruff and the import-layer contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+test: install lint ## Every test, against real MLflow and Prefect servers on loopback
+	$(BIN)/python -m pytest
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+ui: install ## The Prefect and MLflow UIs over the workspace the demo filled (Ctrl-C stops both)
+	@mkdir -p $(MODELYARD_WORKSPACE)
+	@trap 'kill 0' INT TERM EXIT; \
+	PREFECT_HOME=$(MODELYARD_WORKSPACE)/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	  $(BIN)/prefect server start --host 127.0.0.1 --port 4200 & \
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$(MODELYARD_WORKSPACE)/mlflow.db \
+	  --default-artifact-root $(MODELYARD_WORKSPACE)/artifacts & \
+	wait
+
+constraints: ## Re-pin constraints.txt from a fresh resolve of pyproject.toml's ranges
+	rm -rf .venv-pin && $(PYTHON) -m venv .venv-pin && .venv-pin/bin/pip install --quiet -e '.[dev]'
+	{ head -3 constraints.txt; .venv-pin/bin/pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-pin
+
+clean: ## Remove the workspace (MLflow db, artifacts, Prefect db); keeps .venv
+	rm -rf $(MODELYARD_WORKSPACE)
