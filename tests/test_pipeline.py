@@ -37,6 +37,17 @@ def artifacts_of(flow_run_id: str) -> dict[str, str]:
     return asyncio.run(read())
 
 
+def flow_run_state(cli_output: str):
+    """The final state of the flow run whose URL the CLI printed."""
+    flow_run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", cli_output).group(1)
+
+    async def read():
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run_id)).state
+
+    return asyncio.run(read())
+
+
 def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
     out = set()
     for item in client.list_artifacts(run_id, path):
@@ -122,6 +133,8 @@ def test_data_violation_registers_nothing_and_says_why(house: Project, servers):
     assert result.returncode == 3, result.stdout + result.stderr
     assert "data gate failed" in result.stderr
     assert "expect_column_values_to_be_between(area)" in result.stderr
+    state = flow_run_state(result.stdout)
+    assert state.is_failed() and "data gate failed" in state.message
     assert versions_and_aliases(client, name) == before
     failed = client.search_runs(
         [client.get_experiment_by_name(name).experiment_id], "attributes.status = 'FAILED'"
@@ -140,6 +153,7 @@ def test_metric_gate_failure_registers_nothing(ads: Project, servers):
 
     assert result.returncode == 3, result.stdout + result.stderr
     assert "model gate failed: metric roc_auc" in result.stderr
+    assert "model gate failed: metric roc_auc" in flow_run_state(result.stdout).message
     client = MlflowClient(servers["mlflow"])
     assert versions_and_aliases(client, spec["name"]) == ([], {})
     run = client.search_runs([client.get_experiment_by_name(spec["name"]).experiment_id])[0]
