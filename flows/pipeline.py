@@ -109,6 +109,7 @@ class _Stages:
     ) -> Any:
         if refresh:
             task_fn = task_fn.with_options(refresh_cache=True)
+        self.logger.info("%s: started", label)
         started = time.perf_counter()
         state: State = task_fn(*args, return_state=True, **kwargs)
         seconds = time.perf_counter() - started

@@ -33,6 +33,33 @@ def test_dataset_is_deterministic_and_fingerprint_sees_one_value():
     assert first.isna().any().any(), "examples must carry missing values for the checks to find"
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_file_datasets_load_like_generated_ones(tmp_path, suffix):
+    generated = load_spec(HOUSE)
+    frame = load_dataset(generated)
+    file = tmp_path / f"houses{suffix}"
+    frame.to_csv(file, index=False) if suffix == ".csv" else frame.to_parquet(file)
+    from_file = generated.model_copy(
+        update={
+            "dataset": generated.dataset.model_copy(update={"generator": None, "path": file.name}),
+            "source_dir": tmp_path,
+        }
+    )
+    assert fingerprint(load_dataset(from_file)) == fingerprint(frame)
+
+
+def test_missing_dataset_file_names_the_field(tmp_path):
+    spec = load_spec(HOUSE)
+    missing = spec.model_copy(
+        update={
+            "dataset": spec.dataset.model_copy(update={"generator": None, "path": "x.csv"}),
+            "source_dir": tmp_path,
+        }
+    )
+    with pytest.raises(DataError, match=r"dataset.path .*x.csv does not exist"):
+        load_dataset(missing)
+
+
 def test_conform_names_missing_and_mistyped_columns():
     spec = load_spec(HOUSE)
     frame = load_dataset(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import mlflow
@@ -109,6 +110,13 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request):
         "gates/model/report.json",
         "gates/behaviour/report.md",
     } <= files
+
+    listed = run_cli("models", spec.name, "--json")
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert row["version"] == outcome["version"] and row["aliases"] == ["candidate"]
+    assert row["gates"] == {"data": "passed", "model": "passed", "behaviour": "passed"}
+    assert row["commit"] == project.head[:8] and metric_names <= set(row["metrics"])
 
     artifacts = artifacts_of(outcome["flow_run_id"])
     slug = spec.name.lower().replace("_", "-")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,7 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
+# Piped output (CI logs, files) has no width; rich would assume 80 columns and fold tables.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 SpecOption = Annotated[Path, typer.Option("--spec", "-s", help="Pipeline spec file.")]
@@ -155,22 +157,22 @@ def models(
         return
     table = Table(title="registered models")
     for column in ("model", "version", "aliases", "created", "commit", "gates", "metrics"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
-        gates = " ".join(
-            f"{k}:{'✓' if v == 'passed' else '✗'}" for k, v in sorted(row["gates"].items())
-        )
-        metrics = " ".join(f"{k}={v:.3g}" for k, v in sorted(row["metrics"].items()))
         table.add_row(
             row["model"],
             row["version"],
             ",".join(row["aliases"]),
             row["created"],
             row["commit"],
-            gates,
-            metrics,
+            _gates_cell(row["gates"]),
+            "\n".join(f"{k}={v:.4g}" for k, v in sorted(row["metrics"].items())),
         )
     console.print(table)
+
+
+def _gates_cell(gates: dict[str, str]) -> str:
+    return "\n".join(f"{'✓' if v == 'passed' else '✗'} {k}" for k, v in sorted(gates.items()))
 
 
 if __name__ == "__main__":

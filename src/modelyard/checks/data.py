@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from modelyard.checks.report import Check, GateReport
 from modelyard.config import disable_telemetry
 from modelyard.data import Splits
@@ -156,8 +154,3 @@ def _copy_docs(root: Path, dest: Path) -> None:
     if site.is_dir():
         shutil.copytree(site, dest)
     os.makedirs(dest, exist_ok=True)
-
-
-def data_summary(frame: pd.DataFrame) -> dict[str, Any]:
-    """Row count and null share per column, for reports."""
-    return {"rows": len(frame), "null_share": frame.isna().mean().round(4).to_dict()}
