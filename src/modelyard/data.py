@@ -126,4 +126,16 @@ def split(frame: pd.DataFrame, spec: Spec) -> Splits:
 
 
 def features_of(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
-    return frame.loc[:, spec.feature_names]
+    return model_input(frame.loc[:, spec.feature_names])
+
+
+def model_input(features: pd.DataFrame) -> pd.DataFrame:
+    """What the model sees: a missing category is the empty string, its own level.
+
+    Strings cannot be NaN in ONNX, so the same convention holds in training, in the exported
+    model and in the serving codecs; numeric gaps stay NaN and are imputed inside the model.
+    """
+    text = [c for c in features.columns if features[c].dtype == object]
+    if not text:
+        return features
+    return features.assign(**{c: features[c].fillna("") for c in text})

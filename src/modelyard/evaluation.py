@@ -7,6 +7,7 @@ import pandas as pd
 from sklearn import metrics as skm
 from sklearn.pipeline import Pipeline
 
+from modelyard.data import model_input
 from modelyard.spec import METRICS
 
 _EPS = 1e-15
@@ -14,6 +15,7 @@ _EPS = 1e-15
 
 def scores(model: Pipeline, features: pd.DataFrame, task: str) -> np.ndarray:
     """What the model is judged on: predicted value, or probability of the positive class."""
+    features = model_input(features)
     if task == "regression":
         return np.asarray(model.predict(features), dtype=float)
     return np.asarray(model.predict_proba(features)[:, 1], dtype=float)

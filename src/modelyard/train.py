@@ -44,12 +44,9 @@ def build_pipeline(spec: Spec) -> Pipeline:
         transformers.append(
             (
                 "categorical",
-                Pipeline(
-                    [
-                        ("impute", SimpleImputer(strategy="most_frequent")),
-                        ("encode", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
-                    ]
-                ),
+                # A missing category arrives as "" (see data.model_input) and is a level of its
+                # own: often informative, and exportable to ONNX, where strings cannot be NaN.
+                OneHotEncoder(handle_unknown="ignore", sparse_output=False),
                 categorical,
             )
         )

@@ -1,0 +1,185 @@
+"""The model bundle: the unit that moves from the registry to a serving host.
+
+A folder holding `model.onnx` (optional `model.pmml`), `schema.json`, `metadata.json` and
+`manifest.json` (SHA-256 of every other file), plus `manifest.sig`, an Ed25519 signature of the
+manifest's exact bytes. Whoever loads a bundle verifies the signature against keys it trusts, then
+every file's hash, before reading anything else. This module is pure (hashlib, json,
+cryptography) because the serving image imports it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+FORMAT = "modelyard-bundle/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+_CHUNK = 1 << 20
+
+
+class BundleError(Exception):
+    """The bundle is incomplete, altered or signed by a key nobody trusts."""
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    path: Path
+    manifest: dict[str, Any]
+    digest: str  # sha256 of manifest.json: names the whole bundle
+    key_id: str
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        return json.loads((self.path / name).read_text())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_key_text(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def parse_public_keys(text: str) -> list[Ed25519PublicKey]:
+    """Trusted keys as base64 raw Ed25519 keys, separated by commas, spaces or newlines."""
+    keys = []
+    for token in text.replace(",", " ").split():
+        try:
+            keys.append(Ed25519PublicKey.from_public_bytes(base64.b64decode(token, validate=True)))
+        except ValueError as exc:
+            raise BundleError(f"trusted key {token[:12]}… is not a base64 Ed25519 public key") from exc
+    return keys
+
+
+def seal(folder: Path, private_key: Ed25519PrivateKey, extra: dict[str, Any] | None = None) -> str:
+    """Write manifest.json over every file in `folder` and sign it; returns the bundle digest."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
+    manifest = {
+        "format": FORMAT,
+        "key_id": key_id(private_key.public_key()),
+        "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files},
+        **(extra or {}),
+    }
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    (folder / MANIFEST).write_bytes(body)
+    (folder / SIGNATURE).write_text(base64.b64encode(private_key.sign(body)).decode() + "\n")
+    return hashlib.sha256(body).hexdigest()
+
+
+def verify(folder: Path, trusted: list[Ed25519PublicKey]) -> VerifiedBundle:
+    """Check the signature with any trusted key, then each file's hash; nothing else is read."""
+    manifest_path, signature_path = folder / MANIFEST, folder / SIGNATURE
+    if not manifest_path.is_file() or not signature_path.is_file():
+        raise BundleError(f"{folder} is not a bundle: {MANIFEST} or {SIGNATURE} is missing")
+    if not trusted:
+        raise BundleError("no trusted signing key configured; set MODELYARD_TRUSTED_KEYS")
+    body = manifest_path.read_bytes()
+    signature = _decode_signature(signature_path)
+    signer = next((k for k in trusted if _signed_by(k, signature, body)), None)
+    if signer is None:
+        raise BundleError(f"{folder}: manifest signature does not verify with any trusted key")
+    manifest = json.loads(body)
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{folder}: unsupported bundle format {manifest.get('format')!r}")
+    _check_files(folder, manifest["files"])
+    return VerifiedBundle(folder, manifest, hashlib.sha256(body).hexdigest(), key_id(signer))
+
+
+def _decode_signature(path: Path) -> bytes:
+    try:
+        return base64.b64decode(path.read_text().strip(), validate=True)
+    except ValueError as exc:
+        raise BundleError(f"{path} is not a base64 signature") from exc
+
+
+def _signed_by(key: Ed25519PublicKey, signature: bytes, body: bytes) -> bool:
+    try:
+        key.verify(signature, body)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _check_files(folder: Path, expected: dict[str, str]) -> None:
+    present = {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
+    }
+    extra = sorted(present - set(expected))
+    missing = sorted(set(expected) - present)
+    altered = sorted(n for n in set(expected) & present if sha256_file(folder / n) != expected[n])
+    problems = [
+        f"{label}: {names}"
+        for label, names in (("altered", altered), ("missing", missing), ("unexpected", extra))
+        if names
+    ]
+    if problems:
+        raise BundleError(f"{folder}: bundle does not match its manifest ({'; '.join(problems)})")
+
+
+def to_tarball(folder: Path) -> bytes:
+    """A reproducible .tar.gz of the bundle: sorted entries, zero mtimes and owners."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = tar.gettarinfo(str(path), arcname=path.relative_to(folder).as_posix())
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mode = 0o644
+            with path.open("rb") as handle:
+                tar.addfile(info, handle)
+    return buffer.getvalue()
+
+
+def from_tarball(blob: bytes, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The dev signing key in the workspace, created (mode 0600) on first use."""
+    if path.is_file():
+        return load_private_key(path.read_bytes())
+    key = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    return key
+
+
+def load_private_key(pem: bytes) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except ValueError as exc:
+        raise BundleError("signing key is not an unencrypted PEM private key") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError("signing key must be an Ed25519 key (openssl genpkey -algorithm ed25519)")
+    return key

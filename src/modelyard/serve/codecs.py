@@ -1,0 +1,321 @@
+"""Request decoding and response encoding for both protocols, strict about what clients send.
+
+Every client mistake becomes a `ClientError` (4xx) that names the field and the fix; nothing a
+client sends can reach ONNX Runtime unvalidated. No pandas: columns are plain lists until they
+become the (n, 1) arrays ONNX Runtime wants.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+
+from modelyard.serve.runtime import Column, Prediction
+
+Columns = dict[str, list[Any]]
+MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+_NUMBER_TYPES = (int, float)
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, field: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.status = status
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error_code": "BAD_REQUEST" if self.status == 400 else str(self.status),
+                "message": self.message,
+                "field": self.field,
+            }
+        )
+
+
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise ClientError("empty request body; send JSON")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ClientError(f"malformed JSON: {exc}") from None
+
+
+# --- MLflow /invocations --------------------------------------------------------------------
+
+
+def mlflow_columns(body: bytes, content_type: str, schema: list[Column]) -> Columns:
+    if content_type.startswith("text/csv"):
+        return csv_columns(body, schema)
+    if content_type and not content_type.startswith("application/json"):
+        raise ClientError(
+            f"unsupported Content-Type {content_type!r}; use application/json or text/csv",
+            status=415,
+        )
+    payload = parse_json(body)
+    if not isinstance(payload, dict):
+        raise ClientError(f"the JSON body must be an object with one of {list(MLFLOW_KEYS)}")
+    given = [k for k in MLFLOW_KEYS if k in payload]
+    if len(given) != 1:
+        raise ClientError(
+            f"the JSON body must have exactly one of {list(MLFLOW_KEYS)}; it has {given or 'none'}"
+        )
+    key = given[0]
+    value = payload[key]
+    if key == "dataframe_split":
+        return _split(value, schema)
+    if key == "dataframe_records":
+        return _records(value, key)
+    return _loose(value, key, schema)
+
+
+def _split(value: Any, schema: list[Column]) -> Columns:
+    if not isinstance(value, dict) or not isinstance(value.get("data"), list):
+        raise ClientError(
+            "dataframe_split must be {'columns': [...], 'data': [[...], ...]}",
+            field="dataframe_split",
+        )
+    names = value.get("columns") or [c.name for c in schema]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ClientError(
+            "dataframe_split.columns must be a list of names", field="dataframe_split.columns"
+        )
+    return _rows(value["data"], names, "dataframe_split.data")
+
+
+def _rows(rows: Any, names: list[str], field: str) -> Columns:
+    if not isinstance(rows, list):
+        raise ClientError(f"{field} must be a list of rows", field=field)
+    columns: Columns = {name: [] for name in names}
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(names):
+            raise ClientError(
+                f"{field}[{i}] must be a list of {len(names)} values ({names})", field=field
+            )
+        for name, cell in zip(names, row, strict=True):
+            columns[name].append(cell)
+    return columns
+
+
+def _records(records: Any, field: str) -> Columns:
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ClientError(f"{field} must be a list of objects, one per row", field=field)
+    names = {k for r in records for k in r}
+    return {name: [r.get(name) for r in records] for name in names}
+
+
+def _loose(value: Any, field: str, schema: list[Column]) -> Columns:
+    """`instances`/`inputs`: columns as an object of lists, records, or rows in schema order."""
+    if isinstance(value, dict):
+        columns = {k: v if isinstance(v, list) else [v] for k, v in value.items()}
+        return columns
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return _records(value, field)
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return _rows(value, [c.name for c in schema], field)
+    raise ClientError(
+        f"{field} must be an object of columns, a list of records or a list of rows", field=field
+    )
+
+
+def csv_columns(body: bytes, schema: list[Column]) -> Columns:
+    try:
+        reader = csv.reader(io.StringIO(body.decode("utf-8")))
+        header = next(reader, None)
+        rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ClientError(f"malformed CSV: {exc}") from None
+    if not header:
+        raise ClientError("CSV needs a header row with the column names")
+    kinds = {c.name: c.kind for c in schema}
+    columns: Columns = {name: [] for name in header}
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ClientError(f"CSV line {line} has {len(row)} cells, the header {len(header)}")
+        for name, cell in zip(header, row, strict=True):
+            columns[name].append(_csv_cell(cell, kinds.get(name), name, line))
+    return columns
+
+
+def _csv_cell(cell: str, kind: str | None, name: str, line: int) -> Any:
+    if cell == "":
+        return None
+    if kind != "numeric":
+        return cell
+    try:
+        return float(cell)
+    except ValueError:
+        raise ClientError(
+            f"column {name!r}: {cell!r} on CSV line {line} is not a number", field=name
+        ) from None
+
+
+# --- Open Inference Protocol V2 -----------------------------------------------------------------
+
+
+def v2_columns(body: bytes) -> tuple[Columns, list[str] | None, Any]:
+    """Named input tensors → columns; also the requested output names and the request id."""
+    payload = parse_json(body)
+    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+        raise ClientError(
+            "a V2 inference request needs 'inputs': a list of tensors", field="inputs"
+        )
+    columns: Columns = {}
+    for i, tensor in enumerate(payload["inputs"]):
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise ClientError(
+                f"inputs[{i}] must be a tensor object with a 'name'", field=f"inputs[{i}]"
+            )
+        name = tensor["name"]
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise ClientError(f"input {name!r}: 'data' must be a list", field=name)
+        data = _flatten(data)
+        shape = tensor.get("shape")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) for d in shape)
+            or math.prod(shape) != len(data)
+        ):
+            raise ClientError(
+                f"input {name!r}: shape {shape} does not match {len(data)} values", field=name
+            )
+        if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+            raise ClientError(
+                f"input {name!r}: one column per input, shape [n] or [n, 1]", field=name
+            )
+        if tensor.get("datatype") == "BYTES":
+            data = [v.decode() if isinstance(v, bytes) else v for v in data]
+        columns[name] = data
+    outputs = payload.get("outputs")
+    wanted = None
+    if isinstance(outputs, list):
+        wanted = [o.get("name") for o in outputs if isinstance(o, dict)]
+    return columns, wanted, payload.get("id")
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    if data and all(isinstance(v, list) for v in data):
+        return [x for row in data for x in row]
+    return data
+
+
+# --- validation into ONNX feeds ---------------------------------------------------------------
+
+
+def to_feeds(
+    columns: Columns, schema: list[Column], max_rows: int
+) -> tuple[dict[str, np.ndarray], int]:
+    missing = [c.name for c in schema if c.name not in columns]
+    if missing:
+        raise ClientError(
+            f"missing input column(s) {missing}; the model takes {[c.name for c in schema]}",
+            field=missing[0],
+        )
+    lengths = {c.name: len(columns[c.name]) for c in schema}
+    n = lengths[schema[0].name]
+    if n == 0:
+        raise ClientError("no rows to predict")
+    uneven = {k: v for k, v in lengths.items() if v != n}
+    if uneven:
+        raise ClientError(f"columns differ in length: {lengths}", field=next(iter(uneven)))
+    if n > max_rows:
+        raise ClientError(f"{n} rows is more than the {max_rows} allowed per request", status=413)
+    feeds = {
+        c.name: (_numeric if c.kind == "numeric" else _categorical)(c, columns[c.name])
+        for c in schema
+    }
+    return feeds, n
+
+
+def _numeric(column: Column, values: list[Any]) -> np.ndarray:
+    out = np.empty((len(values), 1), dtype=np.float32)
+    for i, value in enumerate(values):
+        if value is None or (type(value) is float and math.isnan(value)):
+            if not column.nullable:
+                raise ClientError(
+                    f"{column.name!r} is missing at row {i}; the schema forbids missing "
+                    "values for it",
+                    field=column.name,
+                )
+            out[i, 0] = np.nan
+        elif type(value) in _NUMBER_TYPES:  # `type is`: a bool is not a number here
+            if not math.isfinite(value):
+                raise ClientError(
+                    f"{column.name!r}: {value} at row {i} is not finite", field=column.name
+                )
+            out[i, 0] = value
+        else:
+            raise ClientError(
+                f"{column.name!r} must be a number; row {i} has {value!r}", field=column.name
+            )
+    return out
+
+
+def _categorical(column: Column, values: list[Any]) -> np.ndarray:
+    out = np.empty((len(values), 1), dtype=object)
+    for i, value in enumerate(values):
+        if value is None:
+            if not column.nullable:
+                raise ClientError(
+                    f"{column.name!r} is missing at row {i}; the schema forbids missing "
+                    "values for it",
+                    field=column.name,
+                )
+            out[i, 0] = ""  # the model's level for a missing category
+        elif type(value) is str:
+            if column.categories is not None and value not in column.categories:
+                raise ClientError(
+                    f"{column.name!r}: {value!r} at row {i} is not one of "
+                    f"{sorted(column.categories)}",
+                    field=column.name,
+                )
+            out[i, 0] = value
+        else:
+            raise ClientError(
+                f"{column.name!r} must be a string; row {i} has {value!r}", field=column.name
+            )
+    return out
+
+
+# --- responses --------------------------------------------------------------------------------
+
+
+def mlflow_response(prediction: Prediction) -> bytes:
+    """What `mlflow models serve` returns for a scikit-learn model: predict() per row."""
+    return orjson.dumps({"predictions": prediction.values}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def v2_outputs(prediction: Prediction, wanted: list[str] | None) -> list[dict[str, Any]]:
+    n = len(prediction.values)
+    available = {
+        "predict": {
+            "name": "predict",
+            "shape": [n],
+            "data": prediction.values,
+            "datatype": "FP64" if prediction.values.dtype == np.float64 else "INT64",
+        },
+    }
+    if prediction.probabilities is not None:
+        both = np.column_stack([1 - prediction.probabilities, prediction.probabilities])
+        available["predict_proba"] = {
+            "name": "predict_proba",
+            "shape": [n, 2],
+            "datatype": "FP64",
+            "data": both.reshape(-1),
+        }
+    if not wanted:
+        return list(available.values())
+    unknown = [w for w in wanted if w not in available]
+    if unknown:
+        raise ClientError(
+            f"unknown output(s) {unknown}; available: {list(available)}", field="outputs"
+        )
+    return [available[w] for w in wanted]
