@@ -97,6 +97,24 @@ def register_task(
     return stages.register(ctx, model_uri, reports, tags)
 
 
+@task(name="export", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+def export_task(
+    ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult
+) -> stages.Export:
+    return stages.export(ctx, splits, trained)
+
+
+@task(name="package", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+def package_task(
+    ctx: stages.RunContext,
+    version: str,
+    splits: stages.Splits,
+    trained: stages.TrainResult,
+    exported: stages.Export,
+) -> dict[str, str]:
+    return stages.package(ctx, version, splits, trained, exported)
+
+
 class _Stages:
     """Runs tasks, timing each and noting whether Prefect served it from cache."""
 
@@ -137,6 +155,22 @@ def _publish_gate(spec: Spec, report: GateReport) -> None:
         report.to_markdown(),
         key=f"{_slug(spec.name)}-{report.gate}-gate",
         description=f"{spec.name}: {report.gate} gate {report.verdict}",
+    )
+
+
+def _publish_bundle(
+    spec: Spec, version: str, bundle: dict[str, str], exported: stages.Export
+) -> None:
+    parity = exported.parity
+    create_markdown_artifact(
+        f"## {spec.name} v{version}: bundle sealed\n\n"
+        f"- digest `{bundle['bundle_digest']}` (signing key `{bundle['bundle_key_id']}`)\n"
+        f"- ONNX parity on {parity['rows']} evaluation rows: "
+        f"max |diff| {parity['max_abs_diff']:.3g} "
+        f"(atol {parity['atol']:g}, rtol {parity['rtol']:g})\n"
+        f"- artifact `{bundle['bundle_artifact']}`\n",
+        key=f"{_slug(spec.name)}-bundle",
+        description=f"{spec.name} v{version}: signed bundle",
     )
 
 
@@ -229,7 +263,17 @@ def _gates_and_register(
     if failed:
         raise GateFailed(" and ".join(r.gate for r in failed), stages.failures(failed))
 
+    exported = runner.run("export", export_task, ctx, splits, trained)
     version, reused = runner.run("register", register_task, ctx, model_uri, reports, tags)
+    bundle: dict[str, str] = {}
+    if not reused:
+        try:
+            bundle = runner.run("package", package_task, ctx, version, splits, trained, exported)
+        except Exception:
+            stages.withdraw(ctx, version)  # a version that cannot ship must not stay registered
+            raise
+        _publish_bundle(spec, version, bundle, exported)
+    stages.promote_candidate(ctx, version)
     cached = [row["stage"] for row in runner.rows if row["cached"]]
     stages.registry.set_run_tags(
         ctx.run_id, {"registered_version": version, "cached_stages": ",".join(cached)}
@@ -244,4 +288,5 @@ def _gates_and_register(
         "flow_run_id": str(flow_run.id),
         "cached_stages": cached,
         "metrics": trained.metrics,
+        "bundle": bundle,
     }

@@ -69,13 +69,17 @@ def parse_public_keys(text: str) -> list[Ed25519PublicKey]:
         try:
             keys.append(Ed25519PublicKey.from_public_bytes(base64.b64decode(token, validate=True)))
         except ValueError as exc:
-            raise BundleError(f"trusted key {token[:12]}… is not a base64 Ed25519 public key") from exc
+            raise BundleError(
+                f"trusted key {token[:12]}… is not a base64 Ed25519 public key"
+            ) from exc
     return keys
 
 
 def seal(folder: Path, private_key: Ed25519PrivateKey, extra: dict[str, Any] | None = None) -> str:
     """Write manifest.json over every file in `folder` and sign it; returns the bundle digest."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
+    )
     manifest = {
         "format": FORMAT,
         "key_id": key_id(private_key.public_key()),

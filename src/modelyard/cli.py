@@ -175,5 +175,40 @@ def _gates_cell(gates: dict[str, str]) -> str:
     return "\n".join(f"{'✓' if v == 'passed' else '✗'} {k}" for k, v in sorted(gates.items()))
 
 
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder or .bundle.tar.gz")],
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: one per core).")] = None,
+) -> None:
+    """Serve a signed model bundle (MLflow /invocations and Open Inference Protocol V2)."""
+    from modelyard.bundle import from_tarball
+    from modelyard.package.build import trusted_keys
+    from modelyard.serve.server import ServeConfig
+    from modelyard.serve.server import serve as run_server
+
+    settings = get_settings()
+    if bundle.is_file():
+        bundle = from_tarball(bundle.read_bytes(), settings.workspace_dir / "serving" / bundle.stem)
+    if not bundle.is_dir():
+        err.print(f"[bold red]error:[/] bundle {bundle} is neither a folder nor a .bundle.tar.gz")
+        raise typer.Exit(2)
+    token = settings.serve_token.get_secret_value() if settings.serve_token else None
+    config = ServeConfig.from_env(
+        bundle,
+        host=host,
+        port=port,
+        workers=workers,
+        trusted_keys=trusted_keys(settings),
+        tokens=token.split(",") if token else None,
+    )
+    console.print(
+        f"serving {bundle} on http://{host}:{port} "
+        f"({config.workers} worker(s), auth {'on' if config.tokens else 'off'})"
+    )
+    raise typer.Exit(run_server(config))
+
+
 if __name__ == "__main__":
     app()

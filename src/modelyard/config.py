@@ -11,7 +11,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Telemetry that would call out to the internet; off unless the user turned it on explicitly.
@@ -44,6 +44,18 @@ class Settings(BaseSettings):
         default=None, description="Commit to record; CI sets it when the checkout has no .git."
     )
     git_branch: str | None = Field(default=None, description="Branch to record.")
+    signing_key: SecretStr | None = Field(
+        default=None, description="Ed25519 private key (PEM) that signs bundles."
+    )
+    signing_key_file: Path | None = Field(default=None, description="File holding that key.")
+    trusted_keys: str = Field(
+        default="", description="Extra base64 Ed25519 public keys whose bundles are accepted."
+    )
+    serve_token: SecretStr | None = Field(
+        default=None, description="Bearer token(s), comma-separated, for prediction routes."
+    )
+    base_image: str = Field(default="python:3.11-slim", description="Base of the serving image.")
+    docker_host: str | None = Field(default=None, description="Docker engine; else DOCKER_HOST.")
 
     @cached_property
     def workspace_dir(self) -> Path:
@@ -60,6 +72,10 @@ class Settings(BaseSettings):
     def artifact_root(self) -> str:
         """Where experiments created against the embedded SQLite store keep their artifacts."""
         return (self.workspace_dir / "artifacts").as_uri()
+
+    @property
+    def dev_key_path(self) -> Path:
+        return self.workspace_dir / "keys" / "signing-dev.pem"
 
     @property
     def api_url(self) -> str | None:

@@ -163,14 +163,31 @@ def existing_version(
     return None
 
 
-def register(client: MlflowClient, name: str, model_uri: str, tags: dict[str, str]) -> str:
-    """Create the model version, tag it, alias it `candidate`; returns the version number."""
+def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Create the model version with its tags (no alias yet); returns the version number."""
     # mlflow.register_model resolves MLflow 3 logged-model URIs (models:/m-...) to their source.
     version = mlflow.register_model(
         model_uri, name, tags={k: str(v)[:_MAX_TAG] for k, v in tags.items()}
     ).version
-    client.set_registered_model_alias(name, CANDIDATE, str(version))
     return str(version)
+
+
+def withdraw(client: MlflowClient, name: str, version: str) -> None:
+    """Undo a registration whose packaging failed, so the registry is as it was before."""
+    client.delete_model_version(name, version)
+    if not client.search_model_versions(f"name = '{name}'"):
+        client.delete_registered_model(name)
+
+
+def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value)[:_MAX_TAG])
+
+
+def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
+    client = MlflowClient()
+    for file in files:
+        client.log_artifact(run_id, str(file), artifact_path=artifact_path)
 
 
 def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:

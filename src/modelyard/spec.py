@@ -209,6 +209,19 @@ class Behaviour(_Strict):
     latency: Latency = Field(default_factory=Latency)
 
 
+class Tolerance(_Strict):
+    """Allowed |export - scikit-learn| per row: atol + rtol * |scikit-learn|."""
+
+    rtol: float = Field(default=1e-5, ge=0.0)
+    atol: float = Field(default=1e-5, ge=0.0)
+
+
+class Package(_Strict):
+    """How the model is exported and proven before it can be served."""
+
+    tolerance: Tolerance = Field(default_factory=Tolerance)
+
+
 class Environment(_Strict):
     """A deploy target (used by the deploy stage)."""
 
@@ -237,6 +250,7 @@ class Spec(_Strict):
     expectations: Expectations = Field(default_factory=Expectations)
     gates: Gates = Field(default_factory=Gates)
     behaviour: Behaviour = Field(default_factory=Behaviour)
+    package: Package = Field(default_factory=Package)
     deploy: Deploy = Field(default_factory=Deploy)
     # Folder of the spec file; relative paths in the spec resolve against it. Not part of hashes.
     source_dir: Path = Field(default=Path("."), exclude=True)

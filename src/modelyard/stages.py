@@ -27,6 +27,8 @@ from modelyard.checks.report import GateReport
 from modelyard.config import Settings
 from modelyard.data import Splits, features_of, fingerprint, load_dataset, split
 from modelyard.lineage import GitInfo
+from modelyard.package.build import assemble, signing_key
+from modelyard.package.onnx import export_onnx
 from modelyard.spec import Spec
 from modelyard.train import TrainResult, fit_and_evaluate
 
@@ -217,12 +219,66 @@ def register(
     }
     existing = registry.existing_version(client, ctx.spec.name, tags)
     if existing is not None:
-        registry.set_alias(client, ctx.spec.name, registry.CANDIDATE, existing.version)
         return existing.version, True
-    version = registry.register(
-        client, ctx.spec.name, model_uri, tags | {"mlflow_run_url": ctx.run_url}
-    )
+    version = registry.register(model_uri, ctx.spec.name, tags | {"mlflow_run_url": ctx.run_url})
     return version, False
+
+
+def promote_candidate(ctx: RunContext, version: str) -> None:
+    """The last step of a successful run: only a fully packaged version becomes `candidate`."""
+    client = registry.connect(ctx.settings)
+    registry.set_alias(client, ctx.spec.name, registry.CANDIDATE, version)
+
+
+def withdraw(ctx: RunContext, version: str) -> None:
+    registry.withdraw(registry.connect(ctx.settings), ctx.spec.name, version)
+
+
+@dataclass(frozen=True)
+class Export:
+    onnx: bytes = field(repr=False)
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
+    """Export to ONNX and prove it on the whole evaluation split, before anything is registered."""
+    onnx = export_onnx(trained.model, ctx.spec)
+    work = registry.scratch_dir("export")
+    try:
+        built = assemble(
+            ctx.spec, trained.model, onnx, splits.eval, work, signing_key(ctx.settings),
+            {"model_version": "unregistered"},
+        )  # fmt: skip
+        registry.log_json(ctx.run_id, {"onnx": built.parity.to_dict()}, "package/parity.json")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Export(onnx=onnx, parity=built.parity.to_dict())
+
+
+def package(
+    ctx: RunContext, version: str, splits: Splits, trained: TrainResult, exported: Export
+) -> dict[str, str]:
+    """Seal the bundle for a registered version, log it to its run and tag the version."""
+    out = ctx.settings.workspace_dir / "bundles" / ctx.spec.name / version
+    metadata = {
+        "model_version": version,
+        "git_commit": ctx.git.commit,
+        "git_dirty": ctx.git.dirty,
+        "data_fingerprint": ctx.data_fingerprint,
+        "spec_hash": ctx.spec.digest(),
+        "metrics": trained.metrics,
+        "mlflow_run_id": ctx.run_id,
+    }
+    key = signing_key(ctx.settings)
+    built = assemble(ctx.spec, trained.model, exported.onnx, splits.eval, out, key, metadata)
+    registry.log_files(ctx.run_id, [built.tarball, out / "parity.json"], "bundle")
+    tags = {
+        "bundle_digest": built.digest,
+        "bundle_key_id": built.key_id,
+        "bundle_artifact": f"runs:/{ctx.run_id}/bundle/{built.tarball.name}",
+    }
+    registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
+    return tags | {"bundle_path": str(built.path)}
 
 
 def failures(reports: list[GateReport]) -> list[str]:

@@ -30,13 +30,18 @@ class ClientError(Exception):
         self.status = status
 
     def body(self) -> bytes:
-        return orjson.dumps(
-            {
-                "error_code": "BAD_REQUEST" if self.status == 400 else str(self.status),
-                "message": self.message,
-                "field": self.field,
-            }
-        )
+        code = _ERROR_CODES.get(self.status, "BAD_REQUEST")
+        return orjson.dumps({"error_code": code, "message": self.message, "field": self.field})
+
+
+_ERROR_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
 
 
 def parse_json(body: bytes) -> Any:

@@ -56,7 +56,7 @@ class Runtime:
         return str(self.metadata["model_version"])
 
     def predict(self, feeds: dict[str, np.ndarray]) -> Prediction:
-        """`feeds`: one (n, 1) array per input, float32 for numeric, object (str) for categorical."""
+        """`feeds`: an (n, 1) array per input: float32 for numeric, str objects for categorical."""
         outputs = self.session.run(None, feeds)
         if self.task == "regression":
             return Prediction(values=outputs[0].reshape(-1).astype(np.float64), probabilities=None)

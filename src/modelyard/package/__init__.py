@@ -1,0 +1,1 @@
+"""Packaging: ONNX export with proven parity, the signed bundle, the serving image."""

@@ -1,0 +1,283 @@
+"""The ASGI app: MLflow's `/invocations` and the Open Inference Protocol V2 over one runtime.
+
+A plain ASGI callable rather than a framework: per request it does only routing, auth, body
+reading, decoding and one ONNX Runtime call, which is what keeps one-row latency in microseconds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from modelyard.serve import codecs
+from modelyard.serve.codecs import ClientError
+from modelyard.serve.metrics import PROBABILITY_BUCKETS, Metrics
+from modelyard.serve.runtime import Prediction, Runtime
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+log = logging.getLogger("modelyard.serve")
+JSON = [(b"content-type", b"application/json")]
+
+
+class ServingApp:
+    def __init__(
+        self,
+        runtime: Runtime,
+        tokens: list[str] | None = None,
+        max_body_bytes: int = 5 * 1024 * 1024,
+        max_rows: int = 10_000,
+    ) -> None:
+        self.runtime = runtime
+        self.tokens = [t.encode() for t in tokens or [] if t]
+        self.max_body = max_body_bytes
+        self.max_rows = max_rows
+        buckets = runtime.schema.get("prediction_buckets") or list(PROBABILITY_BUCKETS)
+        if runtime.task == "binary_classification":
+            buckets = list(PROBABILITY_BUCKETS)
+        self.metrics = Metrics(runtime.name, runtime.version, runtime.digest, buckets)
+        self.ready = False
+        self._v2_prefix = f"/v2/models/{runtime.name}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        route, handler, needs_auth = self._route(scope)
+        try:
+            if needs_auth and self.tokens:
+                self._authorise(scope)
+            status, body, headers = await handler(scope, receive)
+        except ClientError as exc:
+            status, body, headers = exc.status, exc.body(), JSON
+            if exc.status == 401:
+                headers = [*JSON, (b"www-authenticate", b'Bearer realm="modelyard"')]
+        except Exception:  # a bug of ours, never a client mistake: log it, answer 500
+            log.exception("unhandled error on %s", route)
+            status, body, headers = (
+                500,
+                b'{"error_code":"INTERNAL_ERROR","message":"internal error"}',
+                JSON,
+            )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        if route != "/metrics":
+            self.metrics.observe(route, status, time.perf_counter() - started)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._warm_up()
+                self.ready = True
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.ready = False
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _warm_up(self) -> None:
+        """One prediction on the bundle's input example before saying ready."""
+        example = self.runtime.schema.get("example")
+        if example:
+            feeds, _ = codecs.to_feeds(example, self.runtime.columns, self.max_rows)
+            self.runtime.predict(feeds)
+
+    # --- routing ------------------------------------------------------------------------------
+
+    def _route(self, scope: Scope) -> tuple[str, Any, bool]:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        simple = _ROUTES.get((method, path))
+        if simple is not None:
+            name, attr, auth = simple
+            return name, getattr(self, attr), auth
+        if path.startswith("/v2/models/"):
+            return self._route_v2(method, path)
+        if any(p == path for (_, p) in _ROUTES):
+            return path, _method_not_allowed, False
+        return "other", _not_found, False
+
+    def _route_v2(self, method: str, path: str) -> tuple[str, Any, bool]:
+        parts = path.split("/")[3:]  # name[, versions, v][, infer|ready]
+        if parts and parts[0] != self.runtime.name:
+            return "/v2/models/{name}", _unknown_model(parts[0]), False
+        rest = parts[1:]
+        if len(rest) >= 2 and rest[0] == "versions":
+            if rest[1] != self.runtime.version:
+                return "/v2/models/{name}", _unknown_model(f"{parts[0]} version {rest[1]}"), False
+            rest = rest[2:]
+        action = rest[0] if rest else ""
+        if action == "infer" and method == "POST":
+            return "/v2/models/{name}/infer", self.v2_infer, True
+        if action == "ready" and method == "GET":
+            return "/v2/models/{name}/ready", self.v2_model_ready, False
+        if action == "" and method == "GET":
+            return "/v2/models/{name}", self.v2_model_metadata, False
+        return "other", _not_found, False
+
+    def _authorise(self, scope: Scope) -> None:
+        supplied = b""
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                scheme, _, credential = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    supplied = credential.strip()
+                break
+        # compare_digest against every configured token: old and new both work during rotation.
+        if not supplied or not any([hmac.compare_digest(supplied, t) for t in self.tokens]):
+            raise ClientError("missing or invalid bearer token", status=401)
+
+    async def _body(self, receive: Receive) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise ClientError(f"request body over {self.max_body} bytes", status=413)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _predict(self, columns: codecs.Columns) -> Prediction:
+        feeds, _ = codecs.to_feeds(columns, self.runtime.columns, self.max_rows)
+        prediction = self.runtime.predict(feeds)
+        observed = (
+            prediction.probabilities if prediction.probabilities is not None else prediction.values
+        )
+        self.metrics.observe_predictions(observed)
+        return prediction
+
+    # --- handlers: (scope, receive) -> (status, body, headers) ---------------------------------
+
+    async def invocations(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        content_type = _header(scope, b"content-type").split(";")[0].strip().lower()
+        columns = codecs.mlflow_columns(
+            await self._body(receive), content_type, self.runtime.columns
+        )
+        return 200, codecs.mlflow_response(self._predict(columns)), JSON
+
+    async def v2_infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        columns, wanted, request_id = codecs.v2_columns(await self._body(receive))
+        prediction = self._predict(columns)
+        response = {
+            "model_name": self.runtime.name,
+            "model_version": self.runtime.version,
+            "id": request_id,
+            "outputs": codecs.v2_outputs(prediction, wanted),
+        }
+        return 200, orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY), JSON
+
+    async def live(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        return 200, b'{"status":"alive"}', JSON
+
+    async def readiness(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        body = {
+            "status": "ready" if self.ready else "starting",
+            "model": self.runtime.name,
+            "version": self.runtime.version,
+            "bundle_digest": self.runtime.digest,
+        }
+        return (200 if self.ready else 503), orjson.dumps(body), JSON
+
+    async def v2_live(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        return 200, b'{"live":true}', JSON
+
+    async def v2_ready(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        return (200 if self.ready else 503), orjson.dumps({"ready": self.ready}), JSON
+
+    async def v2_model_ready(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        body = {"name": self.runtime.name, "ready": self.ready}
+        return (200 if self.ready else 503), orjson.dumps(body), JSON
+
+    async def v2_server_metadata(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        body = {
+            "name": "modelyard",
+            "version": self.runtime.metadata.get("modelyard_version", ""),
+            "extensions": [],
+        }
+        return 200, orjson.dumps(body), JSON
+
+    async def v2_model_metadata(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        inputs = [
+            {
+                "name": c.name,
+                "datatype": "FP32" if c.kind == "numeric" else "BYTES",
+                "shape": [-1, 1],
+            }
+            for c in self.runtime.columns
+        ]
+        outputs = [
+            {
+                "name": "predict",
+                "datatype": "FP64" if self.runtime.task == "regression" else "INT64",
+                "shape": [-1],
+            }
+        ]
+        if self.runtime.task == "binary_classification":
+            outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, 2]})
+        body = {
+            "name": self.runtime.name,
+            "versions": [self.runtime.version],
+            "platform": "onnxruntime",
+            "inputs": inputs,
+            "outputs": outputs,
+        }
+        return 200, orjson.dumps(body), JSON
+
+    async def metrics_route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        return 200, self.metrics.render(), [(b"content-type", self.metrics.content_type.encode())]
+
+    async def version_route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        body = {
+            k: self.runtime.metadata.get(k) for k in ("model_name", "model_version", "git_commit")
+        }
+        return 200, orjson.dumps(body | {"bundle_digest": self.runtime.digest}), JSON
+
+
+# (method, path) -> (metric route label, handler attribute, needs auth)
+_ROUTES: dict[tuple[str, str], tuple[str, str, bool]] = {
+    ("POST", "/invocations"): ("/invocations", "invocations", True),
+    ("GET", "/health/live"): ("/health/live", "live", False),
+    ("GET", "/health/ready"): ("/health/ready", "readiness", False),
+    ("GET", "/ping"): ("/ping", "readiness", False),
+    ("GET", "/health"): ("/health", "readiness", False),
+    ("GET", "/version"): ("/version", "version_route", False),
+    ("GET", "/metrics"): ("/metrics", "metrics_route", False),
+    ("GET", "/v2"): ("/v2", "v2_server_metadata", False),
+    ("GET", "/v2/health/live"): ("/v2/health/live", "v2_live", False),
+    ("GET", "/v2/health/ready"): ("/v2/health/ready", "v2_ready", False),
+}
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+async def _not_found(scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    raise ClientError(f"no route {scope['method']} {scope['path']}", status=404)
+
+
+async def _method_not_allowed(scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    raise ClientError(f"{scope['method']} is not allowed on {scope['path']}", status=405)
+
+
+def _unknown_model(name: str) -> Callable[[Scope, Receive], Awaitable[tuple[int, bytes, list]]]:
+    async def handler(scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        raise ClientError(f"unknown model {name!r}", status=404)
+
+    return handler
