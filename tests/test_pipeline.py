@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,7 +14,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.pipeline import pipeline
+from modelyard import bundle as bundles
+from modelyard.config import get_settings
 from modelyard.data import fingerprint, load_dataset
+from modelyard.package.build import trusted_keys
 from modelyard.spec import load_spec
 from tests.conftest import Project, run_cli
 
@@ -66,7 +70,7 @@ def versions_and_aliases(client: MlflowClient, name: str) -> tuple[list[str], di
 
 
 @pytest.mark.parametrize("example", ["house", "ads"])
-def test_full_run_registers_a_tagged_candidate(example, servers, request):
+def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_path):
     project: Project = request.getfixturevalue(example)
     state, outcome = run_pipeline(project)
     assert state.is_completed(), state.message
@@ -118,11 +122,21 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request):
     assert row["gates"] == {"data": "passed", "model": "passed", "behaviour": "passed"}
     assert row["commit"] == project.head[:8] and metric_names <= set(row["metrics"])
 
+    assert re.fullmatch(r"[0-9a-f]{64}", tags["bundle_digest"]) and tags["bundle_key_id"]
+    bundle_file = f"bundle/{spec.name}-{outcome['version']}.bundle.tar.gz"
+    assert {bundle_file, "bundle/parity.json", "package/parity.json"} <= files
+    assert tags["bundle_artifact"] == f"runs:/{run.info.run_id}/{bundle_file}"
+    local = mlflow.artifacts.download_artifacts(tags["bundle_artifact"], dst_path=str(tmp_path))
+    unpacked = bundles.from_tarball(Path(local).read_bytes(), tmp_path / "bundle")
+    verified = bundles.verify(unpacked, bundles.parse_public_keys(trusted_keys(get_settings())))
+    assert verified.digest == tags["bundle_digest"]
+    assert verified.read_json("metadata.json")["git_commit"] == project.head
+
     artifacts = artifacts_of(outcome["flow_run_id"])
     slug = spec.name.lower().replace("_", "-")
     for gate in ("data", "model", "behaviour"):
         assert "passed" in artifacts[f"{slug}-{gate}-gate"]
-    assert f"{slug}-stages" in artifacts
+    assert f"{slug}-stages" in artifacts and f"{slug}-bundle" in artifacts
 
 
 def test_data_violation_registers_nothing_and_says_why(house: Project, servers):

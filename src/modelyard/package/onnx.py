@@ -38,7 +38,7 @@ def export_onnx(model: Any, spec: Spec) -> bytes:
     ) as exc:  # skl2onnx raises RuntimeError, NotImplementedError, MissingShapeCalculator...
         raise ExportError(
             f"cannot export estimator {spec.estimator.class_} to ONNX "
-            f"({type(exc).__name__}: {exc}). "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}). "
             "Serving needs ONNX: pick an estimator skl2onnx supports "
             "(https://onnx.ai/sklearn-onnx/supported.html) or register a converter for it."
         ) from exc

@@ -1,0 +1,60 @@
+"""Helpers shared by the serving tests: build a signed bundle, run `modelyard serve`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelyard import stages
+from modelyard.bundle import load_or_create_key, public_key_text
+from modelyard.package.build import BuiltBundle, build_bundle
+from modelyard.spec import Spec, load_spec
+from tests.conftest import ROOT, free_port, wait_for
+
+TOKEN = "test-token-" + "x" * 20
+
+
+@dataclass
+class Built:
+    spec: Spec
+    prepared: stages.Prepared
+    trained: stages.TrainResult
+    bundle: BuiltBundle
+    public_key: str
+
+
+def build_example(example: str, out: Path) -> Built:
+    spec = load_spec(ROOT / "examples" / example / "modelyard.yaml")
+    prepared = stages.prepare(spec)
+    trained = stages.train(spec, prepared.splits)
+    key = load_or_create_key(out / "signing.pem")
+    bundle = build_bundle(spec, trained.model, prepared.splits.eval, out, key,
+                          {"model_version": "7", "git_commit": "0" * 40})  # fmt: skip
+    return Built(spec, prepared, trained, bundle, public_key_text(key.public_key()))
+
+
+class Server:
+    """`modelyard serve` as a subprocess on a free loopback port."""
+
+    def __init__(self, bundle: Path, public_key: str, workers: int = 2, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).with_name("modelyard")
+        self.process = subprocess.Popen(
+            [str(exe), "serve", str(bundle), "--port", str(self.port), "--workers", str(workers)],
+            env={**os.environ, "MODELYARD_TRUSTED_KEYS": public_key, "MODELYARD_SERVE_TOKEN": TOKEN,
+                 "MODELYARD_WORKSPACE": str(bundle.parent / "ws"), **env},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def start(self) -> Server:
+        wait_for(f"{self.url}/health/ready", timeout=60)
+        return self
+
+    def stop(self) -> str:
+        self.process.terminate()
+        out, _ = self.process.communicate(timeout=30)
+        return out

@@ -1,0 +1,103 @@
+"""Exports are proven before they are kept; bundles verify or are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from modelyard import bundle as bundles
+from modelyard.package.build import assemble
+from modelyard.package.onnx import ExportError, export_onnx
+from modelyard.package.parity import ParityError
+from modelyard.spec import Estimator
+from tests.serving import Built, build_example
+
+
+@pytest.fixture(scope="module")
+def house(tmp_path_factory) -> Built:
+    return build_example("house_prices", tmp_path_factory.mktemp("house"))
+
+
+def test_bundle_holds_what_the_design_names(house: Built):
+    folder = house.bundle.path
+    assert {p.name for p in folder.iterdir()} == {
+        "model.onnx", "schema.json", "metadata.json", "manifest.json", "manifest.sig"}  # fmt: skip
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx", "schema.json", "metadata.json"}
+    assert manifest["files"]["model.onnx"] == bundles.sha256_file(folder / "model.onnx")
+    schema = json.loads((folder / "schema.json").read_text())
+    assert [i["name"] for i in schema["inputs"]] == house.spec.feature_names
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["model_name"] == "house_prices" and metadata["model_version"] == "7"
+    assert house.bundle.parity.passed and house.bundle.parity.rows == len(
+        house.prepared.splits.eval
+    )
+
+
+def test_tarball_is_reproducible_and_round_trips(house: Built, tmp_path):
+    assert bundles.to_tarball(house.bundle.path) == bundles.to_tarball(house.bundle.path)
+    unpacked = bundles.from_tarball(house.bundle.tarball.read_bytes(), tmp_path / "x")
+    key = bundles.parse_public_keys(house.public_key)
+    assert bundles.verify(unpacked, key).digest == house.bundle.digest
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes() + b"\0"), "altered: ['model.onnx']"),
+        (lambda d: (d / "metadata.json").unlink(), "missing: ['metadata.json']"),
+        (lambda d: (d / "extra.py").write_text("print('hi')"), "unexpected: ['extra.py']"),
+        (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace("modelyard", "m0delyard")), "signature does not verify"),
+        (lambda d: (d / "manifest.sig").unlink(), "is not a bundle"),
+    ],
+    ids=["altered", "missing", "unexpected", "manifest-edited", "unsigned"],
+)  # fmt: skip
+def test_verify_refuses_any_change(house: Built, tmp_path, mutate, message):
+    copy = tmp_path / "b"
+    shutil.copytree(house.bundle.path, copy)
+    mutate(copy)
+    with pytest.raises(bundles.BundleError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        bundles.verify(copy, bundles.parse_public_keys(house.public_key))
+
+
+def test_key_rotation_accepts_old_and_new(house: Built, tmp_path):
+    new_key = bundles.load_or_create_key(tmp_path / "new.pem")
+    both = bundles.parse_public_keys(
+        f"{bundles.public_key_text(new_key.public_key())},{house.public_key}"
+    )
+    assert bundles.verify(house.bundle.path, both).key_id == json.loads(
+        (house.bundle.path / "manifest.json").read_text())["key_id"]  # fmt: skip
+    assert (tmp_path / "new.pem").stat().st_mode & 0o777 == 0o600
+
+
+def test_perturbed_export_fails_parity_with_the_worst_rows(house: Built, tmp_path):
+    graph = onnx.load_from_string(export_onnx(house.trained.model, house.spec))
+    regressor = next(n for n in graph.graph.node if n.op_type == "LinearRegressor")
+    coefficients = next(a for a in regressor.attribute if a.name == "coefficients")
+    coefficients.floats[0] *= 1.01  # a 1% error in one weight
+    key = bundles.load_or_create_key(tmp_path / "k.pem")
+    with pytest.raises(ParityError) as caught:
+        assemble(house.spec, house.trained.model, graph.SerializeToString(), house.prepared.splits.eval,
+                 tmp_path / "out", key, {"model_version": "1"})  # fmt: skip
+    message = str(caught.value)
+    assert "onnx export:" in message and "differ from scikit-learn beyond atol" in message
+    assert message.count("  row ") == 5 and "inputs {'area':" in message
+    assert not (tmp_path / "out" / "bundle").exists()  # a failed proof keeps nothing
+    assert json.loads((tmp_path / "out" / "parity.json").read_text())["onnx"]["passed"] is False
+
+
+def test_unsupported_estimator_is_named_with_the_fix(house: Built):
+    spec = house.spec.model_copy(
+        update={"estimator": Estimator(**{"class": "sklearn.kernel_ridge.KernelRidge"})}
+    )
+    from modelyard.train import fit_and_evaluate
+
+    model = fit_and_evaluate(spec, house.prepared.splits).model
+    with pytest.raises(
+        ExportError,
+        match=r"cannot export estimator sklearn.kernel_ridge.KernelRidge to ONNX .*skl2onnx supports",
+    ):
+        export_onnx(model, spec)

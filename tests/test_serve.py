@@ -1,0 +1,230 @@
+"""The serving app over real HTTP on loopback: both protocols, auth, metrics, every bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+
+from modelyard.package.build import frame_columns
+from tests.serving import TOKEN, Built, Server, build_example
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def ads(tmp_path_factory) -> Built:
+    return build_example("ad_clicks", tmp_path_factory.mktemp("ads"))
+
+
+@pytest.fixture(scope="module")
+def house(tmp_path_factory) -> Built:
+    return build_example("house_prices", tmp_path_factory.mktemp("house"))
+
+
+@pytest.fixture(scope="module")
+def ads_server(ads: Built):
+    server = Server(ads.bundle.path, ads.public_key, MODELYARD_SERVE_MAX_BODY_BYTES="65536",
+                    MODELYARD_SERVE_MAX_ROWS="500").start()  # fmt: skip
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def house_server(house: Built):
+    server = Server(house.bundle.path, house.public_key, workers=1).start()
+    yield server
+    server.stop()
+
+
+def sample(built: Built, rows: int = 40):
+    frame = built.prepared.splits.eval.head(rows)
+    return frame.loc[:, built.spec.feature_names], built.trained.model
+
+
+def expected_values(built: Built, features) -> np.ndarray:
+    from modelyard.data import model_input
+
+    return np.asarray(built.trained.model.predict(model_input(features)), dtype=float)
+
+
+def v2_request(features) -> dict:
+    columns = frame_columns(features)
+    return {"id": "req-1", "inputs": [
+        {"name": name, "shape": [len(values)],
+         "datatype": "BYTES" if features[name].dtype == object else "FP32", "data": values}
+        for name, values in columns.items()
+    ]}  # fmt: skip
+
+
+@pytest.mark.parametrize("example", ["ads", "house"])
+def test_every_mlflow_shape_and_v2_agree_with_scikit_learn(example, request):
+    built: Built = request.getfixturevalue(example)
+    server: Server = request.getfixturevalue(f"{example}_server")
+    features, _ = sample(built)
+    expected = expected_values(built, features)
+    columns = frame_columns(features)
+    records = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+    bodies = {
+        "dataframe_split": {"dataframe_split": {"columns": list(columns), "data": [list(r.values()) for r in records]}},
+        "dataframe_records": {"dataframe_records": records},
+        "instances": {"instances": records},
+        "inputs": {"inputs": columns},
+    }  # fmt: skip
+    for shape, body in bodies.items():
+        response = httpx.post(f"{server.url}/invocations", json=body, headers=AUTH)
+        assert response.status_code == 200, (shape, response.text)
+        np.testing.assert_allclose(
+            response.json()["predictions"], expected, rtol=1e-5, err_msg=shape
+        )
+
+    csv_text = features.to_csv(index=False)
+    response = httpx.post(f"{server.url}/invocations", content=csv_text,
+                          headers=AUTH | {"Content-Type": "text/csv"})  # fmt: skip
+    np.testing.assert_allclose(response.json()["predictions"], expected, rtol=1e-5)
+
+    response = httpx.post(
+        f"{server.url}/v2/models/{built.spec.name}/infer", json=v2_request(features), headers=AUTH
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == "req-1" and body["model_version"] == "7"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    np.testing.assert_allclose(outputs["predict"]["data"], expected, rtol=1e-5)
+    if built.spec.task == "binary_classification":
+        proba = built.trained.model.predict_proba(features.fillna({"gender": "", "device": ""}))[
+            :, 1
+        ]
+        np.testing.assert_allclose(
+            np.reshape(outputs["predict_proba"]["data"], (-1, 2))[:, 1], proba, atol=1e-5
+        )
+
+
+def test_tritonclient_gets_correct_predictions(ads: Built, ads_server: Server):
+    import tritonclient.http as triton
+
+    features, _ = sample(ads, 10)
+    client = triton.InferenceServerClient(url=ads_server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_model_ready(ads.spec.name)
+    metadata = client.get_model_metadata(ads.spec.name)
+    assert [i["name"] for i in metadata["inputs"]] == ads.spec.feature_names
+    inputs = []
+    for name in ads.spec.feature_names:
+        column = features[name]
+        if column.dtype == object:
+            tensor = triton.InferInput(name, [len(column), 1], "BYTES")
+            tensor.set_data_from_numpy(
+                column.fillna("").to_numpy(dtype=object).reshape(-1, 1), binary_data=False
+            )
+        else:
+            tensor = triton.InferInput(name, [len(column), 1], "FP32")
+            tensor.set_data_from_numpy(
+                column.to_numpy(dtype=np.float32).reshape(-1, 1), binary_data=False
+            )
+        inputs.append(tensor)
+    outputs = [triton.InferRequestedOutput("predict_proba", binary_data=False)]
+    result = client.infer(ads.spec.name, inputs, outputs=outputs, headers=AUTH)
+    proba = result.as_numpy("predict_proba")[:, 1]
+    expected = ads.trained.model.predict_proba(features.fillna({"gender": "", "device": ""}))[:, 1]
+    np.testing.assert_allclose(proba, expected, atol=1e-5)
+
+
+def _record(**changes):
+    row = {"age": 30.0, "gender": "male", "pages_viewed": 40.0, "previous_clicks": 3.0,
+           "time_on_site": 10.0, "device": "mobile"}  # fmt: skip
+    row.update(changes)
+    return {"dataframe_records": [row]}
+
+
+BAD = [
+    ("malformed JSON", "POST", "/invocations", b'{"dataframe_records": [', {}, 400, None, "malformed JSON"),
+    ("empty body", "POST", "/invocations", b"", {}, 400, None, "empty request body"),
+    ("no known key", "POST", "/invocations", {"rows": []}, {}, 400, None, "exactly one of"),
+    ("missing column", "POST", "/invocations", {"dataframe_records": [{"age": 3}]}, {}, 400, "gender", "missing input column"),
+    ("string for number", "POST", "/invocations", _record(age="thirty"), {}, 400, "age", "must be a number"),
+    ("bool for number", "POST", "/invocations", _record(previous_clicks=True), {}, 400, "previous_clicks", "must be a number"),
+    ("null where forbidden", "POST", "/invocations", _record(pages_viewed=None), {}, 400, "pages_viewed", "forbids missing"),
+    ("number for category", "POST", "/invocations", _record(device=3), {}, 400, "device", "must be a string"),
+    ("unknown category", "POST", "/invocations", _record(device="fridge"), {}, 400, "device", "not one of"),
+    ("bad split rows", "POST", "/invocations", {"dataframe_split": {"columns": ["age"], "data": [[1, 2]]}}, {}, 400, "dataframe_split.data", "must be a list of 1"),
+    ("too many rows", "POST", "/invocations", {"dataframe_records": _record()["dataframe_records"] * 501}, {}, 413, None, "more than the 500"),
+    ("oversized body", "POST", "/invocations", b"[" + b" " * 70000 + b"]", {}, 413, None, "over 65536 bytes"),
+    ("wrong content type", "POST", "/invocations", b"age=3", {"Content-Type": "application/x-www-form-urlencoded"}, 415, None, "Content-Type"),
+    ("bad CSV number", "POST", "/invocations", b"age,gender\nold,male\n", {"Content-Type": "text/csv"}, 400, "age", "not a number"),
+    ("v2 shape mismatch", "POST", "/v2/models/ad_clicks/infer", {"inputs": [{"name": "age", "shape": [2], "datatype": "FP32", "data": [1]}]}, {}, 400, "age", "does not match"),
+    ("v2 no inputs", "POST", "/v2/models/ad_clicks/infer", {"outputs": []}, {}, 400, "inputs", "needs 'inputs'"),
+    ("v2 unknown output", "POST", "/v2/models/ad_clicks/infer", {**{"inputs": []}, "outputs": [{"name": "x"}]}, {}, 400, None, None),
+    ("v2 unknown model", "POST", "/v2/models/nope/infer", {"inputs": []}, {}, 404, None, "unknown model"),
+    ("v2 unknown version", "POST", "/v2/models/ad_clicks/versions/99/infer", {"inputs": []}, {}, 404, None, "unknown model"),
+    ("wrong method", "GET", "/invocations", None, {}, 405, None, "not allowed"),
+    ("unknown route", "GET", "/nope", None, {}, 404, None, "no route"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "method", "path", "body", "headers", "status", "field", "text"), BAD,
+                         ids=[b[0] for b in BAD])  # fmt: skip
+def test_bad_input_gets_4xx_naming_the_field(
+    ads_server, case, method, path, body, headers, status, field, text
+):
+    kwargs = {"json": body} if isinstance(body, dict) else {"content": body}
+    response = httpx.request(method, ads_server.url + path, headers=AUTH | headers, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["error_code"] and error["message"]
+    if field:
+        assert error["field"] == field
+    if text:
+        assert text in error["message"]
+
+
+def test_auth_on_prediction_routes_only(ads_server):
+    body = _record()
+    assert httpx.post(f"{ads_server.url}/invocations", json=body).status_code == 401
+    wrong = httpx.post(
+        f"{ads_server.url}/invocations", json=body, headers={"Authorization": "Bearer nope"}
+    )
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer")
+    assert (
+        httpx.post(f"{ads_server.url}/v2/models/ad_clicks/infer", json={"inputs": []}).status_code
+        == 401
+    )
+    for open_route in (
+        "/health/live",
+        "/health/ready",
+        "/v2/health/ready",
+        "/metrics",
+        "/v2/models/ad_clicks",
+    ):
+        assert httpx.get(ads_server.url + open_route).status_code == 200, open_route
+
+
+def test_metrics_count_requests_predictions_and_never_a_500(ads_server):
+    for _ in range(3):
+        httpx.post(f"{ads_server.url}/invocations", json=_record(), headers=AUTH)
+    text = httpx.get(f"{ads_server.url}/metrics").text
+    assert (
+        'modelyard_model_info{bundle_digest="' in text and 'model="ad_clicks",version="7"' in text
+    )
+    assert 'modelyard_requests_total{route="/invocations",status="200"}' in text
+    assert "modelyard_request_duration_seconds_bucket" in text
+    assert "modelyard_prediction_bucket" in text
+    assert 'status="500"' not in text
+    assert httpx.get(f"{ads_server.url}/health/live").status_code == 200  # still up after it all
+
+
+def test_tampered_or_untrusted_bundle_is_refused(ads: Built, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(ads.bundle.path, tampered)
+    schema = tampered / "schema.json"
+    schema.write_text(schema.read_text().replace('"nullable": false', '"nullable": true'))
+    server = Server(tampered, ads.public_key)
+    output = server.process.communicate(timeout=60)[0]
+    assert server.process.returncode == 3
+    assert "refusing to serve" in output and "altered: ['schema.json']" in output
+
+    other_key = build_example("house_prices", tmp_path / "other").public_key
+    server = Server(ads.bundle.path, other_key)
+    output = server.process.communicate(timeout=60)[0]
+    assert server.process.returncode == 3 and "does not verify with any trusted key" in output
