@@ -4,8 +4,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
+# The serving image's base for tests: made from Debian packages, since no registry may be reachable.
+BASE_IMAGE ?= modelyard/base:bookworm-py311
+DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo test lint format ui clean constraints
+.PHONY: install demo test lint format ui clean constraints engine
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,7 @@ demo: install ## Train, validate and register both examples with embedded defaul
 	$(BIN)/modelyard run --spec examples/house_prices/modelyard.yaml
 	$(BIN)/modelyard run --spec examples/ad_clicks/modelyard.yaml
 	$(BIN)/modelyard models
+	$(BIN)/python examples/serve_and_ask.py $(MODELYARD_WORKSPACE)
 	@echo
 	@echo "Look at the runs: 'make ui', then open http://127.0.0.1:4200 (Prefect) and http://127.0.0.1:5000 (MLflow)."
 
@@ -27,8 +31,13 @@ lint: install ## ruff and the import-layer contracts
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-test: install lint ## Every test, against real MLflow and Prefect servers on loopback
-	$(BIN)/python -m pytest
+engine: ## A Docker engine (Debian's docker.io, started if needed) and the offline base image
+	@mkdir -p $(MODELYARD_WORKSPACE)
+	infra/scripts/docker-engine.sh > $(DOCKER_HOST_FILE)
+	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) infra/docker/build-base.sh $(BASE_IMAGE)
+
+test: install lint engine ## Every test: real MLflow, Prefect and Docker on loopback
+	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest
 
 format: install
 	$(BIN)/ruff format .

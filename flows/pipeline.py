@@ -115,6 +115,22 @@ def package_task(
     return stages.package(ctx, version, splits, trained, exported)
 
 
+@task(name="build-image", cache_policy=NONE, persist_result=False, retries=1, retry_delay_seconds=5)
+def build_image_task(ctx: stages.RunContext, version: str, bundle_path: str) -> stages.ImageResult:
+    return stages.build_image(ctx, version, bundle_path)
+
+
+@task(name="validate-infra", cache_policy=NONE, persist_result=False)
+def infra_gate_task(
+    ctx: stages.RunContext,
+    version: str,
+    built: stages.ImageResult,
+    bundle_path: str,
+    splits: stages.Splits,
+) -> GateReport:
+    return stages.infra_gate(ctx, version, built, bundle_path, splits)
+
+
 class _Stages:
     """Runs tasks, timing each and noting whether Prefect served it from cache."""
 
@@ -221,6 +237,28 @@ def pipeline(
     return outcome | {"stages": runner.rows}
 
 
+def _image_and_infra_gate(
+    runner: _Stages,
+    ctx: stages.RunContext,
+    version: str,
+    bundle: dict[str, str],
+    splits: stages.Splits,
+) -> None:
+    skipped = stages.image_skipped(ctx)
+    if skipped:
+        runner.logger.warning("serving image not built: %s", skipped)
+        runner.rows.append(stages.summary_row("build-image", "skipped", 0.0, False, skipped))
+        stages.note_image_skipped(ctx, version, skipped)
+        return
+    built = runner.run("build-image", build_image_task, ctx, version, bundle["bundle_path"])
+    report = runner.run(
+        "validate-infra", infra_gate_task, ctx, version, built, bundle["bundle_path"], splits
+    )
+    _publish_gate(ctx.spec, report)
+    if not report.passed:
+        raise GateFailed("infra", report.failures)
+
+
 def _gates_and_register(
     runner: _Stages,
     ctx: stages.RunContext,
@@ -269,10 +307,11 @@ def _gates_and_register(
     if not reused:
         try:
             bundle = runner.run("package", package_task, ctx, version, splits, trained, exported)
+            _publish_bundle(spec, version, bundle, exported)
+            _image_and_infra_gate(runner, ctx, version, bundle, splits)
         except Exception:
             stages.withdraw(ctx, version)  # a version that cannot ship must not stay registered
             raise
-        _publish_bundle(spec, version, bundle, exported)
     stages.promote_candidate(ctx, version)
     cached = [row["stage"] for row in runner.rows if row["cached"]]
     stages.registry.set_run_tags(

@@ -94,13 +94,25 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield str(PREFECT_API_URL.value())
 
 
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("wheelhouse")
+
+
 @pytest.fixture
 def servers(
-    mlflow_server: str, prefect_api: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    mlflow_server: str,
+    prefect_api: str,
+    wheelhouse: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> dict[str, str]:
     """Point modelyard at the real servers, with a fresh workspace per test."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MODELYARD_WORKSPACE", str(tmp_path / "workspace"))
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "always")
+    # The wheelhouse is the slow part of a first image build; share it across tests.
+    monkeypatch.setenv("MODELYARD_WHEELHOUSE", str(wheelhouse))
     for name in ("GITHUB_SHA", "GIT_COMMIT", "CI_COMMIT_SHA", "MODELYARD_GIT_COMMIT"):
         monkeypatch.delenv(name, raising=False)
     return {"mlflow": mlflow_server, "prefect": prefect_api}

@@ -119,7 +119,12 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     assert listed.returncode == 0, listed.stderr
     [row] = json.loads(listed.stdout)
     assert row["version"] == outcome["version"] and row["aliases"] == ["candidate"]
-    assert row["gates"] == {"data": "passed", "model": "passed", "behaviour": "passed"}
+    assert row["gates"] == {
+        "data": "passed",
+        "model": "passed",
+        "behaviour": "passed",
+        "infra": "passed",
+    }
     assert row["commit"] == project.head[:8] and metric_names <= set(row["metrics"])
 
     assert re.fullmatch(r"[0-9a-f]{64}", tags["bundle_digest"]) and tags["bundle_key_id"]
@@ -131,10 +136,13 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     verified = bundles.verify(unpacked, bundles.parse_public_keys(trusted_keys(get_settings())))
     assert verified.digest == tags["bundle_digest"]
     assert verified.read_json("metadata.json")["git_commit"] == project.head
+    assert tags["image_ref"] == f"modelyard/{spec.name.lower()}:{outcome['version']}"
+    assert tags["image_id"].startswith("sha256:") and tags["gate.infra"] == "passed"
+    assert {"image/sbom.cdx.json", "gates/infra/report.json"} <= files
 
     artifacts = artifacts_of(outcome["flow_run_id"])
     slug = spec.name.lower().replace("_", "-")
-    for gate in ("data", "model", "behaviour"):
+    for gate in ("data", "model", "behaviour", "infra"):
         assert "passed" in artifacts[f"{slug}-{gate}-gate"]
     assert f"{slug}-stages" in artifacts and f"{slug}-bundle" in artifacts
 

@@ -10,6 +10,7 @@ import logging
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,6 +57,14 @@ class Settings(BaseSettings):
     )
     base_image: str = Field(default="python:3.11-slim", description="Base of the serving image.")
     docker_host: str | None = Field(default=None, description="Docker engine; else DOCKER_HOST.")
+    wheelhouse: Path | None = Field(
+        default=None, description="Wheels for the serving image; default <workspace>/wheelhouse."
+    )
+    build_image: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Build and infra-validate the serving image: 'auto' when a Docker engine "
+        "and the base image are available, 'always' (fail without them) or 'never'.",
+    )
 
     @cached_property
     def workspace_dir(self) -> Path:
@@ -91,6 +100,7 @@ class Settings(BaseSettings):
             # PREFECT_HOME later shows every run in the UI.
             env["PREFECT_HOME"] = str(self.workspace_dir / "prefect")
         # Cached task results live in the workspace, next to the runs they belong to.
+        env["PREFECT_LOGGING_EXTRA_LOGGERS"] = "modelyard"  # core progress shows in the UI
         env["PREFECT_LOCAL_STORAGE_PATH"] = str(self.workspace_dir / "prefect" / "storage")
         return env
 

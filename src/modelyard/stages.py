@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import shutil
 import tarfile
 from dataclasses import dataclass, field
@@ -27,10 +28,15 @@ from modelyard.checks.report import GateReport
 from modelyard.config import Settings
 from modelyard.data import Splits, features_of, fingerprint, load_dataset, split
 from modelyard.lineage import GitInfo
-from modelyard.package.build import assemble, signing_key
+from modelyard.package import image
+from modelyard.package.build import assemble, frame_columns, signing_key, trusted_keys
+from modelyard.package.image import ImageResult, image_build_skipped
 from modelyard.package.onnx import export_onnx
+from modelyard.package.validate import infra_validate
 from modelyard.spec import Spec
 from modelyard.train import TrainResult, fit_and_evaluate
+
+INFRA_SAMPLE_ROWS = 200
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,41 @@ def package(
     }
     registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
     return tags | {"bundle_path": str(built.path)}
+
+
+def image_skipped(ctx: RunContext) -> str | None:
+    return image_build_skipped(ctx.settings)
+
+
+def build_image(ctx: RunContext, version: str, bundle_path: str) -> ImageResult:
+    """Build the serving image, log its SBOM and tag the version with the image."""
+    built = image.build_image(ctx.settings, Path(bundle_path), trusted_keys(ctx.settings), _log)
+    registry.log_json(ctx.run_id, built.sbom, "image/sbom.cdx.json")
+    tags = {"image_ref": built.ref, "image_id": built.image_id,
+            "image_size_mb": f"{built.size_bytes / 1e6:.0f}"}  # fmt: skip
+    registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
+    return built
+
+
+def note_image_skipped(ctx: RunContext, version: str, reason: str) -> None:
+    client = registry.connect(ctx.settings)
+    registry.tag_version(client, ctx.spec.name, version, {"image_skipped": reason})
+
+
+def infra_gate(
+    ctx: RunContext, version: str, built: ImageResult, bundle_path: str, splits: Splits
+) -> GateReport:
+    sample = frame_columns(splits.eval.loc[:, ctx.spec.feature_names].head(INFRA_SAMPLE_ROWS))
+    report = infra_validate(ctx.settings, built.ref, Path(bundle_path), trusted_keys(ctx.settings),
+                            sample, _log)  # fmt: skip
+    registry.log_gate(ctx.run_id, report)
+    client = registry.connect(ctx.settings)
+    registry.tag_version(client, ctx.spec.name, version, {"gate.infra": report.verdict})
+    return report
+
+
+def _log(message: str) -> None:
+    logging.getLogger("modelyard").info(message)
 
 
 def failures(reports: list[GateReport]) -> list[str]:

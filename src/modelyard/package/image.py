@@ -65,12 +65,40 @@ def docker_client(settings: Settings) -> Any:
     return client
 
 
-def docker_available(settings: Settings) -> bool:
+def image_build_skipped(settings: Settings) -> str | None:
+    """Why the image step is skipped under `build_image`, or None when it must run."""
+    if settings.build_image == "never":
+        return "MODELYARD_BUILD_IMAGE=never"
+    if settings.build_image == "always":
+        return None
     try:
-        docker_client(settings).close()
-    except ImageError:
+        client = docker_client(settings)
+    except ImageError as exc:
+        return str(exc)
+    try:
+        if not _base_available(client, settings.base_image):
+            return (
+                f"base image {settings.base_image} is neither present nor pullable; build one "
+                "with infra/docker/build-base.sh and set MODELYARD_BASE_IMAGE"
+            )
+    finally:
+        client.close()
+    return None
+
+
+def _base_available(client: Any, base: str) -> bool:
+    import docker
+
+    try:
+        client.images.get(base)
+        return True
+    except docker.errors.ImageNotFound:
+        pass
+    try:
+        client.images.pull(base)
+        return True
+    except docker.errors.APIError:
         return False
-    return True
 
 
 def serve_requirements() -> list[str]:
@@ -101,7 +129,7 @@ def _source_digest(root: Path) -> str:
 
 def prepare_wheelhouse(settings: Settings, progress: Progress) -> Path:
     """Wheels for the image: the pinned serving dependencies and modelyard itself (cached)."""
-    house = settings.workspace_dir / "wheelhouse"
+    house = settings.wheelhouse or settings.workspace_dir / "wheelhouse"
     deps, own = house / "deps", house / "modelyard"
     deps.mkdir(parents=True, exist_ok=True)
     requirements = serve_requirements()
