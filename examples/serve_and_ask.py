@@ -38,19 +38,28 @@ def main() -> None:
     workspace = Path(sys.argv[1] if len(sys.argv) > 1 else ".modelyard")
     bundle = newest_bundle(workspace)
     modelyard = Path(sys.executable).with_name("modelyard")
-    server = subprocess.Popen(
-        [str(modelyard), "serve", str(bundle), "--port", str(PORT), "--workers", "1"]
-    )
+    command = [str(modelyard), "serve", str(bundle), "--port", str(PORT), "--workers", "1"]
+    # The workspace's dev signing key is the one `modelyard serve` must trust.
+    server = subprocess.Popen(command, env={**os.environ, "MODELYARD_WORKSPACE": str(workspace)})
     try:
         for _ in range(100):
+            if server.poll() is not None:
+                sys.exit(f"the server exited with code {server.returncode}")
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health/ready", timeout=1)
                 break
             except OSError:
                 time.sleep(0.2)
         mlflow_style = ask(f"http://127.0.0.1:{PORT}/invocations", {"dataframe_records": [VISITOR]})
-        v2_inputs = [{"name": k, "shape": [1], "datatype": "BYTES" if isinstance(v, str) else "FP32",
-                      "data": [v]} for k, v in VISITOR.items()]  # fmt: skip
+        v2_inputs = [
+            {
+                "name": k,
+                "shape": [1],
+                "datatype": "BYTES" if isinstance(v, str) else "FP32",
+                "data": [v],
+            }
+            for k, v in VISITOR.items()
+        ]
         v2 = ask(f"http://127.0.0.1:{PORT}/v2/models/ad_clicks/infer", {"inputs": v2_inputs})
         proba = next(o["data"][1] for o in v2["outputs"] if o["name"] == "predict_proba")
         print(f"\nServed {bundle}:")
