@@ -8,7 +8,7 @@ export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
 BASE_IMAGE ?= modelyard/base:bookworm-py311
 DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo test lint format ui clean constraints engine
+.PHONY: install demo test lint format ui clean constraints engine bench
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ engine: ## A Docker engine (Debian's docker.io, started if needed) and the offli
 
 test: install lint engine ## Every test: real MLflow, Prefect and Docker on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest
+
+bench: install ## modelyard's server vs `mlflow models serve`, side by side; updates docs/benchmarks.md
+	infra/scripts/ensure-packages.sh wrk:wrk
+	$(BIN)/python bench/serving.py --seconds $${BENCH_SECONDS:-10} --write
 
 format: install
 	$(BIN)/ruff format .

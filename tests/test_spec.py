@@ -126,3 +126,19 @@ def test_cli_run_rejects_bad_spec_before_any_work(tmp_path):
     )
     assert result.returncode == 2
     assert not workspace.exists()  # no database, no run, nothing started
+
+
+def test_every_spec_field_is_documented():
+    """docs/spec.md is the reference users read: a new field must land there too."""
+    import inspect
+
+    from pydantic import BaseModel
+
+    from modelyard import spec as module
+
+    doc = (ROOT / "docs" / "spec.md").read_text()
+    models = [m for _, m in inspect.getmembers(module, inspect.isclass)
+              if issubclass(m, BaseModel) and m.__module__ == module.__name__ and not m.__name__.startswith("_")]  # fmt: skip
+    missing = [f"{m.__name__}.{f.alias or name}" for m in models for name, f in m.model_fields.items()
+               if not f.exclude and f"`{f.alias or name}`" not in doc]  # fmt: skip
+    assert not missing, f"document these in docs/spec.md: {missing}"

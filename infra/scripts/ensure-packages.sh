@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install Debian packages the project needs if their command is missing: ensure-packages.sh CMD:PKG...
+set -euo pipefail
+missing=()
+for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair##*:}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then echo "missing: ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2; exit 1; fi
+apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
