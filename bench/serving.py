@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,9 +53,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, timeout: float = 120) -> None:
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"{url} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -82,7 +85,7 @@ def wrk(
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     lines = []
     if body is not None:
-        lines += ['wrk.method = "POST"', f"wrk.body = [[{json.dumps(body)}]]",
+        lines += ['wrk.method = "POST"', f"wrk.body = [==[{json.dumps(body)}]==]",
                   'wrk.headers["Content-Type"] = "application/json"']  # fmt: skip
     if auth:
         lines.append(f'wrk.headers["Authorization"] = "Bearer {TOKEN}"')
@@ -105,7 +108,24 @@ def wrk(
         if "Socket errors" in out
         else 0
     )
+    if errors:
+        sys.exit(
+            f"wrk saw {errors} failed requests against {url}; the numbers would be meaningless:\n{out}"
+        )
     return rps, p50, p99, errors
+
+
+def ask(url: str, body: dict, auth: bool) -> dict:
+    """One request before measuring: both servers must answer 200 and agree."""
+    headers = {"Content-Type": "application/json"} | (
+        {"Authorization": f"Bearer {TOKEN}"} if auth else {}
+    )
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        sys.exit(f"{url} answered {exc.code}: {exc.read().decode()[:500]}")
 
 
 def _ms(text: str) -> float:
@@ -126,15 +146,21 @@ def run(seconds: int) -> tuple[list[Result], dict[str, str]]:
     mine = start([str(BIN / "modelyard"), "serve", str(bundle), "--port", str(my_port), "--workers", cores],
                  env, workspace / "modelyard.log")  # fmt: skip
     ml_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
-              "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+              "MLFLOW_DISABLE_TELEMETRY": "true",
+              # mlflow execs `uvicorn` by name: it must find the venv's.
+              "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     theirs = start([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/ad_clicks/{version}", "-p", str(ml_port),
                     "-h", "127.0.0.1", "--env-manager", "local", "-w", cores],
                    ml_env, workspace / "mlflow.log")  # fmt: skip
     results = []
     try:
-        wait_ready(f"http://127.0.0.1:{my_port}/health/ready")
-        wait_ready(f"http://127.0.0.1:{ml_port}/ping")
+        wait_ready(f"http://127.0.0.1:{my_port}/health/ready", mine, workspace / "modelyard.log")
+        wait_ready(f"http://127.0.0.1:{ml_port}/ping", theirs, workspace / "mlflow.log")
         body = {"dataframe_split": ROW}
+        answers = {name: ask(f"http://127.0.0.1:{port}/invocations", body, auth)
+                   for name, port, auth in (("mlflow", ml_port, False), ("modelyard", my_port, True))}  # fmt: skip
+        if answers["mlflow"] != answers["modelyard"]:
+            sys.exit(f"the servers disagree on the benchmark row: {answers}")
         for c in CONCURRENCY:
             for name, port, auth in (
                 ("mlflow models serve", ml_port, False),
