@@ -8,7 +8,7 @@ export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
 BASE_IMAGE ?= modelyard/base:bookworm-py311
 DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo test lint format ui clean constraints engine bench
+.PHONY: install demo test lint format ui clean constraints engine bench java
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(BIN)/modelyard: pyproject.toml constraints.txt
 
 install: $(BIN)/modelyard ## Create .venv with modelyard and the test tools
 
-demo: install ## Train, validate and register both examples with embedded defaults
+demo: install java ## Train, validate and register both examples with embedded defaults
 	$(BIN)/modelyard run --spec examples/house_prices/modelyard.yaml
 	$(BIN)/modelyard run --spec examples/ad_clicks/modelyard.yaml
 	$(BIN)/modelyard models
@@ -31,7 +31,10 @@ lint: install ## ruff and the import-layer contracts
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-engine: ## A Docker engine (Debian's docker.io, started if needed) and the offline base image
+java:
+	infra/scripts/ensure-packages.sh java:default-jre-headless
+
+engine: java ## Java (PMML export), a Docker engine (Debian's docker.io, started if needed), the offline base image
 	@mkdir -p $(MODELYARD_WORKSPACE)
 	infra/scripts/docker-engine.sh > $(DOCKER_HOST_FILE)
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) infra/docker/build-base.sh $(BASE_IMAGE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import onnx
@@ -24,9 +25,9 @@ def house(tmp_path_factory) -> Built:
 def test_bundle_holds_what_the_design_names(house: Built):
     folder = house.bundle.path
     assert {p.name for p in folder.iterdir()} == {
-        "model.onnx", "schema.json", "metadata.json", "manifest.json", "manifest.sig"}  # fmt: skip
+        "model.onnx", "model.pmml", "schema.json", "metadata.json", "manifest.json", "manifest.sig"}  # fmt: skip
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "schema.json", "metadata.json"}
+    assert set(manifest["files"]) == {"model.onnx", "model.pmml", "schema.json", "metadata.json"}
     assert manifest["files"]["model.onnx"] == bundles.sha256_file(folder / "model.onnx")
     schema = json.loads((folder / "schema.json").read_text())
     assert [i["name"] for i in schema["inputs"]] == house.spec.feature_names
@@ -101,3 +102,21 @@ def test_unsupported_estimator_is_named_with_the_fix(house: Built):
         match=r"cannot export estimator sklearn.kernel_ridge.KernelRidge to ONNX .*skl2onnx supports",
     ):
         export_onnx(model, spec)
+
+
+def test_pmml_export_is_proven_by_an_independent_evaluator(house: Built, tmp_path):
+    from modelyard.package.pmml import export_pmml, prove_pmml
+
+    assert house.spec.package.pmml, "the house-prices example exports PMML"
+    assert (house.bundle.path / "model.pmml").is_file()
+    assert house.bundle.pmml_parity is not None and house.bundle.pmml_parity.passed
+    assert house.bundle.pmml_parity.max_abs_diff < 1e-3  # double precision end to end
+
+    pmml = export_pmml(house.trained.model, house.spec).decode()
+    coefficient = re.search(r'<NumericPredictor name="standardScaler\(area\)" coefficient="([^"]+)"', pmml)
+    perturbed = pmml.replace(coefficient.group(0), coefficient.group(0).replace(
+        coefficient.group(1), str(float(coefficient.group(1)) * 1.01)))  # fmt: skip
+    report = prove_pmml(
+        perturbed.encode(), house.spec, house.trained.model, house.prepared.splits.eval
+    )
+    assert not report.passed and report.export == "pmml" and len(report.worst) == 5

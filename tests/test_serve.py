@@ -228,3 +228,31 @@ def test_tampered_or_untrusted_bundle_is_refused(ads: Built, tmp_path):
     server = Server(ads.bundle.path, other_key)
     output = server.process.communicate(timeout=60)[0]
     assert server.process.returncode == 3 and "does not verify with any trusted key" in output
+
+
+def test_concurrent_requests_each_get_their_own_answer(house: Built, house_server: Server):
+    """Requests batched into one ONNX Runtime call must still get their own rows back."""
+    import asyncio
+
+    features, _ = sample(house, 200)
+    expected = expected_values(house, features)
+    columns = frame_columns(features)
+    sizes = [1 + i % 4 for i in range(60)]  # mixed request sizes, 150 rows in all
+    starts = np.cumsum([0, *sizes[:-1]])
+
+    async def one(client: httpx.AsyncClient, start: int, size: int) -> list[float]:
+        chunk = {k: v[start : start + size] for k, v in columns.items()}
+        response = await client.post("/invocations", json={"inputs": chunk}, headers=AUTH)
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"]
+
+    async def all_at_once() -> list[list[float]]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=house_server.url, limits=limits) as client:
+            return await asyncio.gather(
+                *(one(client, s, n) for s, n in zip(starts, sizes, strict=True))
+            )
+
+    answers = asyncio.run(all_at_once())
+    for start, size, answer in zip(starts, sizes, answers, strict=True):
+        np.testing.assert_allclose(answer, expected[start : start + size], rtol=1e-5)

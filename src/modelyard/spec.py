@@ -220,6 +220,9 @@ class Package(_Strict):
     """How the model is exported and proven before it can be served."""
 
     tolerance: Tolerance = Field(default_factory=Tolerance)
+    pmml: bool = Field(
+        default=False, description="Also export PMML (needs Java and the pmml extra), proven too."
+    )
 
 
 class Environment(_Strict):

@@ -32,6 +32,8 @@ from modelyard.package import image
 from modelyard.package.build import assemble, frame_columns, signing_key, trusted_keys
 from modelyard.package.image import ImageResult, image_build_skipped
 from modelyard.package.onnx import export_onnx
+from modelyard.package.parity import ParityError
+from modelyard.package.pmml import export_pmml
 from modelyard.package.validate import infra_validate
 from modelyard.spec import Spec
 from modelyard.train import TrainResult, fit_and_evaluate
@@ -244,21 +246,27 @@ def withdraw(ctx: RunContext, version: str) -> None:
 class Export:
     onnx: bytes = field(repr=False)
     parity: dict[str, Any] = field(default_factory=dict)
+    pmml: bytes | None = field(default=None, repr=False)
 
 
 def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
     """Export to ONNX and prove it on the whole evaluation split, before anything is registered."""
     onnx = export_onnx(trained.model, ctx.spec)
+    pmml = export_pmml(trained.model, ctx.spec) if ctx.spec.package.pmml else None
     work = registry.scratch_dir("export")
     try:
         built = assemble(
             ctx.spec, trained.model, onnx, splits.eval, work, signing_key(ctx.settings),
-            {"model_version": "unregistered"},
+            {"model_version": "unregistered"}, pmml,
         )  # fmt: skip
-        registry.log_json(ctx.run_id, {"onnx": built.parity.to_dict()}, "package/parity.json")
+        parity = {r.export: r.to_dict() for r in (built.parity, built.pmml_parity) if r}
+        registry.log_json(ctx.run_id, parity, "package/parity.json")
+    except ParityError:
+        registry.log_files(ctx.run_id, [work / "parity.json"], "package")  # the worst rows, kept
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Export(onnx=onnx, parity=built.parity.to_dict())
+    return Export(onnx=onnx, parity=built.parity.to_dict(), pmml=pmml)
 
 
 def package(
@@ -276,7 +284,9 @@ def package(
         "mlflow_run_id": ctx.run_id,
     }
     key = signing_key(ctx.settings)
-    built = assemble(ctx.spec, trained.model, exported.onnx, splits.eval, out, key, metadata)
+    built = assemble(
+        ctx.spec, trained.model, exported.onnx, splits.eval, out, key, metadata, exported.pmml
+    )
     registry.log_files(ctx.run_id, [built.tarball, out / "parity.json"], "bundle")
     tags = {
         "bundle_digest": built.digest,

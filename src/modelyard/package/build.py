@@ -25,6 +25,7 @@ from modelyard.data import features_of
 from modelyard.evaluation import scores
 from modelyard.package.onnx import export_onnx
 from modelyard.package.parity import ParityError, ParityReport, compare
+from modelyard.package.pmml import export_pmml, prove_pmml
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Runtime
 from modelyard.spec import Spec
@@ -39,6 +40,7 @@ class BuiltBundle:
     digest: str
     key_id: str
     parity: ParityReport
+    pmml_parity: ParityReport | None = None
 
 
 def signing_key(settings: Settings) -> Ed25519PrivateKey:
@@ -111,6 +113,7 @@ def assemble(
     out_dir: Path,
     key: Ed25519PrivateKey,
     metadata: dict[str, Any],
+    pmml_bytes: bytes | None = None,
 ) -> BuiltBundle:
     """Write, seal, verify and prove the bundle; a failed proof leaves no bundle behind."""
     folder = out_dir / "bundle"
@@ -119,6 +122,8 @@ def assemble(
     folder.mkdir(parents=True)
     eval_scores = scores(model, features_of(eval_frame, spec), spec.task)
     (folder / "model.onnx").write_bytes(onnx_bytes)
+    if pmml_bytes is not None:
+        (folder / "model.pmml").write_bytes(pmml_bytes)
     _write_json(folder / "schema.json", schema_of(spec, eval_frame, eval_scores))
     _write_json(
         folder / "metadata.json",
@@ -131,14 +136,19 @@ def assemble(
     )
     digest = bundles.seal(folder, key)
     verified = bundles.verify(folder, [key.public_key()])
-    report = prove_onnx(spec, model, verified, eval_frame)
-    _write_json(out_dir / "parity.json", {"onnx": report.to_dict()})
-    if not report.passed:
+    reports = [prove_onnx(spec, model, verified, eval_frame)]
+    if pmml_bytes is not None:
+        reports.append(prove_pmml(pmml_bytes, spec, model, eval_frame))
+    _write_json(out_dir / "parity.json", {r.export: r.to_dict() for r in reports})
+    failed = [r for r in reports if not r.passed]
+    if failed:
         shutil.rmtree(folder)
-        raise ParityError(report.describe())
+        raise ParityError("\n".join(r.describe() for r in failed))
+    report = reports[0]
     tarball = out_dir / f"{spec.name}-{metadata.get('model_version', 'candidate')}.bundle.tar.gz"
     tarball.write_bytes(bundles.to_tarball(folder))
-    return BuiltBundle(folder, tarball, digest, verified.key_id, report)
+    pmml_report = reports[1] if len(reports) > 1 else None
+    return BuiltBundle(folder, tarball, digest, verified.key_id, report, pmml_report)
 
 
 def build_bundle(
@@ -149,7 +159,8 @@ def build_bundle(
     key: Ed25519PrivateKey,
     metadata: dict[str, Any],
 ) -> BuiltBundle:
-    return assemble(spec, model, export_onnx(model, spec), eval_frame, out_dir, key, metadata)
+    pmml = export_pmml(model, spec) if spec.package.pmml else None
+    return assemble(spec, model, export_onnx(model, spec), eval_frame, out_dir, key, metadata, pmml)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from modelyard.serve import codecs
+from modelyard.serve.batching import Batcher
 from modelyard.serve.codecs import ClientError
 from modelyard.serve.metrics import PROBABILITY_BUCKETS, Metrics
 from modelyard.serve.runtime import Prediction, Runtime
@@ -43,8 +44,8 @@ class ServingApp:
         if runtime.task == "binary_classification":
             buckets = list(PROBABILITY_BUCKETS)
         self.metrics = Metrics(runtime.name, runtime.version, runtime.digest, buckets)
+        self.batcher = Batcher(runtime)
         self.ready = False
-        self._v2_prefix = f"/v2/models/{runtime.name}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -150,9 +151,9 @@ class ServingApp:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    def _predict(self, columns: codecs.Columns) -> Prediction:
-        feeds, _ = codecs.to_feeds(columns, self.runtime.columns, self.max_rows)
-        prediction = self.runtime.predict(feeds)
+    async def _predict(self, columns: codecs.Columns) -> Prediction:
+        feeds, rows = codecs.to_feeds(columns, self.runtime.columns, self.max_rows)
+        prediction = await self.batcher.predict(feeds, rows)
         observed = (
             prediction.probabilities if prediction.probabilities is not None else prediction.values
         )
@@ -166,11 +167,11 @@ class ServingApp:
         columns = codecs.mlflow_columns(
             await self._body(receive), content_type, self.runtime.columns
         )
-        return 200, codecs.mlflow_response(self._predict(columns)), JSON
+        return 200, codecs.mlflow_response(await self._predict(columns)), JSON
 
     async def v2_infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
         columns, wanted, request_id = codecs.v2_columns(await self._body(receive))
-        prediction = self._predict(columns)
+        prediction = await self._predict(columns)
         response = {
             "model_name": self.runtime.name,
             "model_version": self.runtime.version,

@@ -1,0 +1,79 @@
+"""Optional PMML export (sklearn2pmml, needs Java), proven with an independent evaluator
+(JPMML-Evaluator through jpmml_evaluator), for teams that score with a JVM.
+
+sklearn2pmml checks the scikit-learn version it was built for: 0.133 supports up to 1.9.0,
+which is why constraints.txt pins scikit-learn 1.9.0 (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from modelyard.data import features_of
+from modelyard.evaluation import scores
+from modelyard.package.onnx import ExportError
+from modelyard.package.parity import ParityReport, compare
+from modelyard.spec import Spec
+
+
+def _require_java() -> None:
+    if shutil.which("java") is None:
+        raise ExportError(
+            "package.pmml is on but no Java runtime is installed; install one "
+            "(apt-get install default-jre-headless) or set package.pmml: false"
+        )
+
+
+def export_pmml(model: Any, spec: Spec) -> bytes:
+    _require_java()
+    try:
+        from sklearn2pmml import make_pmml_pipeline, sklearn2pmml
+    except ImportError as exc:
+        raise ExportError(
+            "package.pmml needs the pmml extra: pip install 'modelyard[pmml]'"
+        ) from exc
+    pipeline = make_pmml_pipeline(
+        model, active_fields=spec.feature_names, target_fields=[spec.target]
+    )
+    with tempfile.TemporaryDirectory(prefix="modelyard-pmml-") as tmp:
+        target = Path(tmp) / "model.pmml"
+        try:
+            sklearn2pmml(pipeline, str(target))
+        except RuntimeError as exc:
+            raise ExportError(
+                f"sklearn2pmml cannot export {spec.estimator.class_} ({exc}); check that the "
+                "installed scikit-learn is one sklearn2pmml supports, or set package.pmml: false"
+            ) from exc
+        return target.read_bytes()
+
+
+def prove_pmml(pmml: bytes, spec: Spec, model: Any, eval_frame: pd.DataFrame) -> ParityReport:
+    from jpmml_evaluator import make_evaluator
+
+    features = features_of(eval_frame, spec)
+    with tempfile.TemporaryDirectory(prefix="modelyard-pmml-") as tmp:
+        path = Path(tmp) / "model.pmml"
+        path.write_bytes(pmml)
+        evaluator = make_evaluator(str(path), backend="jpype").verify()
+        result = evaluator.evaluateAll(features)
+    got = _scores_of(result, spec)
+    expected = scores(model, features, spec.task)
+    tolerance = spec.package.tolerance
+    return compare(
+        "pmml", expected, got, eval_frame.loc[:, spec.feature_names], tolerance.rtol, tolerance.atol
+    )
+
+
+def _scores_of(result: pd.DataFrame, spec: Spec) -> np.ndarray:
+    if spec.task == "regression":
+        return result[spec.target].to_numpy(dtype=float)
+    positive = next(
+        c for c in result.columns if c.startswith("probability(") and float(c[12:-1]) == 1.0
+    )
+    return result[positive].to_numpy(dtype=float)

@@ -1,0 +1,82 @@
+"""Adaptive micro-batching: requests that arrive in the same event-loop turn share one
+ONNX Runtime call.
+
+No request waits for a batch to fill: a flush is scheduled with `call_soon` when the first
+request of a turn arrives, so it runs as soon as the requests already read from the sockets
+have been decoded. Under light load a batch is one request; under concurrency the fixed cost of
+a session run (about 15 µs for the examples) is shared. Each request is validated before it
+joins, so a bad request can never fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelyard.serve.runtime import Prediction, Runtime
+
+MAX_BATCH_ROWS = 4096
+
+
+@dataclass
+class _Pending:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[Prediction]
+
+
+class Batcher:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._pending: list[_Pending] = []
+        self._scheduled = False
+
+    async def predict(self, feeds: dict[str, np.ndarray], rows: int) -> Prediction:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Prediction] = loop.create_future()
+        self._pending.append(_Pending(feeds, rows, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending, self._scheduled = self._pending, [], False
+        start = 0
+        while start < len(pending):
+            end, total = start, 0
+            while end < len(pending) and (
+                end == start or total + pending[end].rows <= MAX_BATCH_ROWS
+            ):
+                total += pending[end].rows
+                end += 1
+            self._run(pending[start:end])
+            start = end
+
+    def _run(self, batch: list[_Pending]) -> None:
+        try:
+            if len(batch) == 1:
+                results = [self.runtime.predict(batch[0].feeds)]
+            else:
+                names = batch[0].feeds.keys()
+                joined = {n: np.concatenate([p.feeds[n] for p in batch]) for n in names}
+                results = _split(self.runtime.predict(joined), [p.rows for p in batch])
+        except Exception as exc:  # surfaces in each waiting handler, which answers 500
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():  # the client may have gone away meanwhile
+                item.future.set_result(result)
+
+
+def _split(prediction: Prediction, sizes: list[int]) -> list[Prediction]:
+    bounds = np.cumsum(sizes)[:-1]
+    values = np.split(prediction.values, bounds)
+    if prediction.probabilities is None:
+        return [Prediction(v, None) for v in values]
+    probabilities = np.split(prediction.probabilities, bounds)
+    return [Prediction(v, p) for v, p in zip(values, probabilities, strict=True)]
