@@ -42,9 +42,10 @@ engine: java ## Java (PMML export), a Docker engine (Debian's docker.io, started
 test: install lint engine ## Every test: real MLflow, Prefect and Docker on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest
 
-bench: install ## modelyard's server vs `mlflow models serve`, side by side; updates docs/benchmarks.md
+bench: install engine ## modelyard's server vs `mlflow models serve`, side by side; updates docs/benchmarks.md
 	infra/scripts/ensure-packages.sh wrk:wrk
-	$(BIN)/python bench/serving.py --seconds $${BENCH_SECONDS:-10} --write
+	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
+	  $(BIN)/python bench/serving.py --seconds $${BENCH_SECONDS:-10} --write
 
 format: install
 	$(BIN)/ruff format .

@@ -113,7 +113,9 @@ def test_pmml_export_is_proven_by_an_independent_evaluator(house: Built, tmp_pat
     assert house.bundle.pmml_parity.max_abs_diff < 1e-3  # double precision end to end
 
     pmml = export_pmml(house.trained.model, house.spec).decode()
-    coefficient = re.search(r'<NumericPredictor name="standardScaler\(area\)" coefficient="([^"]+)"', pmml)
+    coefficient = re.search(
+        r'<NumericPredictor name="standardScaler\(area\)" coefficient="([^"]+)"', pmml
+    )
     perturbed = pmml.replace(coefficient.group(0), coefficient.group(0).replace(
         coefficient.group(1), str(float(coefficient.group(1)) * 1.01)))  # fmt: skip
     report = prove_pmml(

@@ -200,10 +200,33 @@ def test_auth_on_prediction_routes_only(ads_server):
         assert httpx.get(ads_server.url + open_route).status_code == 200, open_route
 
 
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
 def test_metrics_count_requests_predictions_and_never_a_500(ads_server):
-    for _ in range(3):
+    import time
+
+    from modelyard.serve.metrics import FLUSH_SECONDS
+
+    ok = 'modelyard_requests_total{route="/invocations",status="200"}'
+    before = httpx.get(f"{ads_server.url}/metrics").text
+    for _ in range(7):
         httpx.post(f"{ads_server.url}/invocations", json=_record(), headers=AUTH)
+    time.sleep(FLUSH_SECONDS + 0.5)  # both workers have folded their tallies in by now
     text = httpx.get(f"{ads_server.url}/metrics").text
+    assert _metric(text, ok) - _metric(before, ok) == 7
+    assert (
+        _metric(text, "modelyard_prediction_count") - _metric(before, "modelyard_prediction_count")
+        == 7
+    )
+    assert (
+        _metric(text, "modelyard_predicted_rows_total")
+        - _metric(before, "modelyard_predicted_rows_total")
+        == 7
+    )
+    latency = 'modelyard_request_duration_seconds_count{route="/invocations"}'
+    assert _metric(text, latency) - _metric(before, latency) >= 7
     assert (
         'modelyard_model_info{bundle_digest="' in text and 'model="ad_clicks",version="7"' in text
     )
