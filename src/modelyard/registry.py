@@ -7,7 +7,6 @@ so stages can run in any thread or process the orchestrator chooses.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,7 +246,3 @@ def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
         return dict(client.get_run(run_id).data.metrics)
     except MlflowException:
         return {}
-
-
-def scratch_dir(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"modelyard-{prefix}-"))

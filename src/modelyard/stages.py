@@ -11,6 +11,7 @@ import io
 import logging
 import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,10 @@ class RunContext:
 class DataGateResult:
     report: GateReport
     docs: bytes = field(repr=False)  # Data Docs site as .tar.gz, so a cached result carries it
+
+
+def _scratch(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"modelyard-{prefix}-"))
 
 
 def _sha(*parts: str) -> str:
@@ -147,7 +152,7 @@ def open_run(
 
 
 def data_gate(spec: Spec, splits: Splits) -> DataGateResult:
-    work = registry.scratch_dir("data-gate")
+    work = _scratch("data-gate")
     try:
         report = check_data(spec, splits, work)
         return DataGateResult(report=report, docs=_pack(work / "data_docs"))
@@ -156,7 +161,7 @@ def data_gate(spec: Spec, splits: Splits) -> DataGateResult:
 
 
 def log_data_gate(ctx: RunContext, result: DataGateResult) -> None:
-    work = registry.scratch_dir("data-docs")
+    work = _scratch("data-docs")
     try:
         _unpack(result.docs, work / "data_docs")
         registry.log_gate(ctx.run_id, result.report, extra=work / "data_docs")
@@ -171,7 +176,7 @@ def train(spec: Spec, splits: Splits) -> TrainResult:
 def log_training(ctx: RunContext, splits: Splits, trained: TrainResult) -> str:
     """Log the training outcome to the run; returns the logged model's URI."""
     spec = ctx.spec
-    work = registry.scratch_dir("plots")
+    work = _scratch("plots")
     try:
         files = plots.render(
             spec.task, splits.eval[spec.target].to_numpy(), trained.eval_scores, work
@@ -200,7 +205,7 @@ def model_gate(ctx: RunContext, splits: Splits, trained: TrainResult) -> GateRep
 
 
 def behaviour_gate(spec: Spec, splits: Splits, trained: TrainResult) -> GateReport:
-    work = registry.scratch_dir("behaviour")
+    work = _scratch("behaviour")
     try:
         return run_model_tests(spec, trained.model, splits.eval, work)
     finally:
@@ -253,7 +258,7 @@ def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
     """Export to ONNX and prove it on the whole evaluation split, before anything is registered."""
     onnx = export_onnx(trained.model, ctx.spec)
     pmml = export_pmml(trained.model, ctx.spec) if ctx.spec.package.pmml else None
-    work = registry.scratch_dir("export")
+    work = _scratch("export")
     try:
         built = assemble(
             ctx.spec, trained.model, onnx, splits.eval, work, signing_key(ctx.settings),
