@@ -79,6 +79,7 @@ def test_image_is_small_labelled_non_root_with_healthcheck(settings: Settings, i
 def test_sbom_is_cyclonedx_with_hashes(image):
     sbom = image.sbom
     assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.5"
+    assert sbom["metadata"]["component"]["version"] == image.image_id
     onnxruntime = next(c for c in sbom["components"] if c["name"] == "onnxruntime")
     assert onnxruntime["purl"].startswith("pkg:pypi/onnxruntime@")
     assert len(onnxruntime["hashes"][0]["content"]) == 64

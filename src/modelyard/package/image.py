@@ -196,8 +196,9 @@ def build_image(
         image_id = _stream_build(client, context, ref, args, progress)
     image = client.images.get(image_id)
     sbom = image_sbom(client, ref, house)
+    sbom["metadata"]["component"]["version"] = image.id  # the SBOM names the image by digest
     client.close()
-    return ImageResult(ref, image_id, int(image.attrs["Size"]), dict(image.labels), sbom,
+    return ImageResult(ref, image.id, int(image.attrs["Size"]), dict(image.labels), sbom,
                        time.perf_counter() - started)  # fmt: skip
 
 
