@@ -152,8 +152,8 @@ class ServingApp:
                 return b"".join(chunks)
 
     async def _predict(self, columns: codecs.Columns) -> Prediction:
-        feeds, rows = codecs.to_feeds(columns, self.runtime.columns, self.max_rows)
-        prediction = await self.batcher.predict(feeds, rows)
+        values, rows = codecs.validate(columns, self.runtime.columns, self.max_rows)
+        prediction = await self.batcher.predict(values, rows)
         observed = (
             prediction.probabilities if prediction.probabilities is not None else prediction.values
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelyard.serve.codecs import Values, to_arrays
 from modelyard.serve.runtime import Prediction, Runtime
 
 MAX_BATCH_ROWS = 4096
@@ -22,7 +23,7 @@ MAX_BATCH_ROWS = 4096
 
 @dataclass
 class _Pending:
-    feeds: dict[str, np.ndarray]
+    values: Values
     rows: int
     future: asyncio.Future[Prediction]
 
@@ -33,10 +34,11 @@ class Batcher:
         self._pending: list[_Pending] = []
         self._scheduled = False
 
-    async def predict(self, feeds: dict[str, np.ndarray], rows: int) -> Prediction:
+    async def predict(self, values: Values, rows: int) -> Prediction:
+        """`values`: one request's validated columns (see codecs.validate)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Prediction] = loop.create_future()
-        self._pending.append(_Pending(feeds, rows, future))
+        self._pending.append(_Pending(values, rows, future))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
@@ -57,12 +59,16 @@ class Batcher:
 
     def _run(self, batch: list[_Pending]) -> None:
         try:
+            schema = self.runtime.columns
             if len(batch) == 1:
-                results = [self.runtime.predict(batch[0].feeds)]
+                results = [self.runtime.predict(to_arrays(batch[0].values, schema))]
             else:
-                names = batch[0].feeds.keys()
-                joined = {n: np.concatenate([p.feeds[n] for p in batch]) for n in names}
-                results = _split(self.runtime.predict(joined), [p.rows for p in batch])
+                joined: Values = {c.name: [] for c in schema}
+                for item in batch:
+                    for name, column in joined.items():
+                        column.extend(item.values[name])
+                prediction = self.runtime.predict(to_arrays(joined, schema))
+                results = _split(prediction, [p.rows for p in batch])
         except Exception as exc:  # surfaces in each waiting handler, which answers 500
             for item in batch:
                 if not item.future.done():

@@ -19,7 +19,6 @@ from modelyard.serve.runtime import Column, Prediction
 
 Columns = dict[str, list[Any]]
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
-_NUMBER_TYPES = (int, float)
 
 
 class ClientError(Exception):
@@ -215,9 +214,18 @@ def _flatten(data: list[Any]) -> list[Any]:
 # --- validation into ONNX feeds ---------------------------------------------------------------
 
 
+Values = dict[str, list[Any]]  # validated: floats (NaN for missing) or strings ("" for missing)
+
+
 def to_feeds(
     columns: Columns, schema: list[Column], max_rows: int
 ) -> tuple[dict[str, np.ndarray], int]:
+    values, n = validate(columns, schema, max_rows)
+    return to_arrays(values, schema), n
+
+
+def validate(columns: Columns, schema: list[Column], max_rows: int) -> tuple[Values, int]:
+    """Check every value against the schema; returns plain lists, ready to become arrays."""
     missing = [c.name for c in schema if c.name not in columns]
     if missing:
         raise ClientError(
@@ -233,30 +241,45 @@ def to_feeds(
         raise ClientError(f"columns differ in length: {lengths}", field=next(iter(uneven)))
     if n > max_rows:
         raise ClientError(f"{n} rows is more than the {max_rows} allowed per request", status=413)
-    feeds = {
+    values = {
         c.name: (_numeric if c.kind == "numeric" else _categorical)(c, columns[c.name])
         for c in schema
     }
-    return feeds, n
+    return values, n
 
 
-def _numeric(column: Column, values: list[Any]) -> np.ndarray:
-    out = np.empty((len(values), 1), dtype=np.float32)
+def to_arrays(values: Values, schema: list[Column]) -> dict[str, np.ndarray]:
+    """ONNX Runtime's feeds: an (n, 1) array per input, built once per batch, not per request."""
+    return {
+        c.name: np.asarray(
+            values[c.name], dtype=np.float32 if c.kind == "numeric" else object
+        ).reshape(-1, 1)
+        for c in schema
+    }
+
+
+def _missing(column: Column, row: int) -> ClientError:
+    return ClientError(
+        f"{column.name!r} is missing at row {row}; the schema forbids missing values for it",
+        field=column.name,
+    )
+
+
+def _numeric(column: Column, values: list[Any]) -> list[float]:
+    out: list[float] = []
+    append = out.append
     for i, value in enumerate(values):
-        if value is None or (type(value) is float and math.isnan(value)):
+        kind = type(value)  # `type is`, not isinstance: a bool is not a number here
+        if kind is int or (kind is float and math.isfinite(value)):
+            append(value)
+        elif value is None or (kind is float and math.isnan(value)):
             if not column.nullable:
-                raise ClientError(
-                    f"{column.name!r} is missing at row {i}; the schema forbids missing "
-                    "values for it",
-                    field=column.name,
-                )
-            out[i, 0] = np.nan
-        elif type(value) in _NUMBER_TYPES:  # `type is`: a bool is not a number here
-            if not math.isfinite(value):
-                raise ClientError(
-                    f"{column.name!r}: {value} at row {i} is not finite", field=column.name
-                )
-            out[i, 0] = value
+                raise _missing(column, i)
+            append(math.nan)
+        elif kind is float:
+            raise ClientError(
+                f"{column.name!r}: {value} at row {i} is not finite", field=column.name
+            )
         else:
             raise ClientError(
                 f"{column.name!r} must be a number; row {i} has {value!r}", field=column.name
@@ -264,25 +287,22 @@ def _numeric(column: Column, values: list[Any]) -> np.ndarray:
     return out
 
 
-def _categorical(column: Column, values: list[Any]) -> np.ndarray:
-    out = np.empty((len(values), 1), dtype=object)
+def _categorical(column: Column, values: list[Any]) -> list[str]:
+    out: list[str] = []
+    append = out.append
+    allowed = column.categories
     for i, value in enumerate(values):
-        if value is None:
+        if type(value) is str:
+            if allowed is not None and value not in allowed:
+                raise ClientError(
+                    f"{column.name!r}: {value!r} at row {i} is not one of {sorted(allowed)}",
+                    field=column.name,
+                )
+            append(value)
+        elif value is None:
             if not column.nullable:
-                raise ClientError(
-                    f"{column.name!r} is missing at row {i}; the schema forbids missing "
-                    "values for it",
-                    field=column.name,
-                )
-            out[i, 0] = ""  # the model's level for a missing category
-        elif type(value) is str:
-            if column.categories is not None and value not in column.categories:
-                raise ClientError(
-                    f"{column.name!r}: {value!r} at row {i} is not one of "
-                    f"{sorted(column.categories)}",
-                    field=column.name,
-                )
-            out[i, 0] = value
+                raise _missing(column, i)
+            append("")  # the model's level for a missing category
         else:
             raise ClientError(
                 f"{column.name!r} must be a string; row {i} has {value!r}", field=column.name
