@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import numpy as np
-
 from modelyard.serve.codecs import Values, to_arrays
 from modelyard.serve.runtime import Prediction, Runtime
 
@@ -80,9 +78,14 @@ class Batcher:
 
 
 def _split(prediction: Prediction, sizes: list[int]) -> list[Prediction]:
-    bounds = np.cumsum(sizes)[:-1]
-    values = np.split(prediction.values, bounds)
-    if prediction.probabilities is None:
-        return [Prediction(v, None) for v in values]
-    probabilities = np.split(prediction.probabilities, bounds)
-    return [Prediction(v, p) for v, p in zip(values, probabilities, strict=True)]
+    out, start = [], 0
+    values, probabilities = prediction.values, prediction.probabilities
+    for size in sizes:
+        end = start + size
+        out.append(
+            Prediction(
+                values[start:end], None if probabilities is None else probabilities[start:end]
+            )
+        )
+        start = end
+    return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -19,10 +19,9 @@ class Column:
     categories: frozenset[str] | None
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(NamedTuple):
     """Values as the model's users expect them: a number (regression) or a 0/1 label, and the
-    positive-class probability for classifiers."""
+    positive-class probability for classifiers. A NamedTuple: one is made per request."""
 
     values: np.ndarray
     probabilities: np.ndarray | None
