@@ -97,15 +97,14 @@ def _split(value: Any, schema: list[Column]) -> Columns:
 def _rows(rows: Any, names: list[str], field: str) -> Columns:
     if not isinstance(rows, list):
         raise ClientError(f"{field} must be a list of rows", field=field)
-    columns: Columns = {name: [] for name in names}
+    width = len(names)
     for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != len(names):
+        if type(row) is not list or len(row) != width:
             raise ClientError(
-                f"{field}[{i}] must be a list of {len(names)} values ({names})", field=field
+                f"{field}[{i}] must be a list of {width} values ({names})", field=field
             )
-        for name, cell in zip(names, row, strict=True):
-            columns[name].append(cell)
-    return columns
+    # Column by column with comprehensions: far cheaper than appending cell by cell.
+    return {name: [row[j] for row in rows] for j, name in enumerate(names)}
 
 
 def _records(records: Any, field: str) -> Columns:
