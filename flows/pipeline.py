@@ -177,7 +177,7 @@ def _publish_gate(spec: Spec, report: GateReport) -> None:
 def _publish_bundle(
     spec: Spec, version: str, bundle: dict[str, str], exported: stages.Export
 ) -> None:
-    parity = exported.parity
+    parity = exported.parity["onnx"]
     create_markdown_artifact(
         f"## {spec.name} v{version}: bundle sealed\n\n"
         f"- digest `{bundle['bundle_digest']}` (signing key `{bundle['bundle_key_id']}`)\n"

@@ -81,7 +81,7 @@ def test_perturbed_export_fails_parity_with_the_worst_rows(house: Built, tmp_pat
     coefficients.floats[0] *= 1.01  # a 1% error in one weight
     key = bundles.load_or_create_key(tmp_path / "k.pem")
     with pytest.raises(ParityError) as caught:
-        assemble(house.spec, house.trained.model, graph.SerializeToString(), house.prepared.splits.eval,
+        assemble(house.spec, graph.SerializeToString(), house.prepared.splits.eval, house.trained.eval_scores,
                  tmp_path / "out", key, {"model_version": "1"})  # fmt: skip
     message = str(caught.value)
     assert "onnx export:" in message and "differ from scikit-learn beyond atol" in message
@@ -119,6 +119,6 @@ def test_pmml_export_is_proven_by_an_independent_evaluator(house: Built, tmp_pat
     perturbed = pmml.replace(coefficient.group(0), coefficient.group(0).replace(
         coefficient.group(1), str(float(coefficient.group(1)) * 1.01)))  # fmt: skip
     report = prove_pmml(
-        perturbed.encode(), house.spec, house.trained.model, house.prepared.splits.eval
+        perturbed.encode(), house.spec, house.prepared.splits.eval, house.trained.eval_scores
     )
     assert not report.passed and report.export == "pmml" and len(report.worst) == 5

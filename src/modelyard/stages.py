@@ -30,7 +30,15 @@ from modelyard.config import Settings
 from modelyard.data import Splits, features_of, fingerprint, load_dataset, split
 from modelyard.lineage import GitInfo
 from modelyard.package import image
-from modelyard.package.build import assemble, frame_columns, signing_key, trusted_keys
+from modelyard.package.build import (
+    assemble,
+    frame_columns,
+    pack,
+    seal_bundle,
+    signing_key,
+    trusted_keys,
+    write_parity,
+)
 from modelyard.package.image import ImageResult, image_build_skipped
 from modelyard.package.onnx import export_onnx
 from modelyard.package.parity import ParityError
@@ -249,35 +257,39 @@ def withdraw(ctx: RunContext, version: str) -> None:
 
 @dataclass(frozen=True)
 class Export:
+    """The exports, proven on the whole evaluation split; `parity` has one report per export."""
+
     onnx: bytes = field(repr=False)
-    parity: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     pmml: bytes | None = field(default=None, repr=False)
 
 
 def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
-    """Export to ONNX and prove it on the whole evaluation split, before anything is registered."""
+    """Export to ONNX (and PMML) and prove it, before anything is registered."""
     onnx = export_onnx(trained.model, ctx.spec)
     pmml = export_pmml(trained.model, ctx.spec) if ctx.spec.package.pmml else None
-    work = _scratch("export")
-    try:
-        built = assemble(
-            ctx.spec, trained.model, onnx, splits.eval, work, signing_key(ctx.settings),
-            {"model_version": "unregistered"}, pmml,
-        )  # fmt: skip
-        parity = {r.export: r.to_dict() for r in (built.parity, built.pmml_parity) if r}
-        registry.log_json(ctx.run_id, parity, "package/parity.json")
-    except ParityError:
-        registry.log_files(ctx.run_id, [work / "parity.json"], "package")  # the worst rows, kept
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return Export(onnx=onnx, parity=built.parity.to_dict(), pmml=pmml)
+    with tempfile.TemporaryDirectory(prefix="modelyard-export-") as tmp:
+        work = Path(tmp)
+        try:
+            built = assemble(
+                ctx.spec, onnx, splits.eval, trained.eval_scores, work, signing_key(ctx.settings),
+                {"model_version": "unregistered"}, pmml,
+            )  # fmt: skip
+        except ParityError:
+            registry.log_files(ctx.run_id, [work / "parity.json"], "package")  # the worst rows
+            raise
+    parity = {r.export: r.to_dict() for r in (built.parity, built.pmml_parity) if r}
+    registry.log_json(ctx.run_id, parity, "package/parity.json")
+    return Export(onnx=onnx, parity=parity, pmml=pmml)
 
 
 def package(
     ctx: RunContext, version: str, splits: Splits, trained: TrainResult, exported: Export
 ) -> dict[str, str]:
-    """Seal the bundle for a registered version, log it to its run and tag the version."""
+    """Seal the bundle for a registered version, log it to its run and tag the version.
+
+    The exports inside are the bytes `export` proved, so the proof is carried, not repeated.
+    """
     out = ctx.settings.workspace_dir / "bundles" / ctx.spec.name / version
     metadata = {
         "model_version": version,
@@ -288,18 +300,19 @@ def package(
         "metrics": trained.metrics,
         "mlflow_run_id": ctx.run_id,
     }
-    key = signing_key(ctx.settings)
-    built = assemble(
-        ctx.spec, trained.model, exported.onnx, splits.eval, out, key, metadata, exported.pmml
-    )
-    registry.log_files(ctx.run_id, [built.tarball, out / "parity.json"], "bundle")
+    verified = seal_bundle(
+        ctx.spec, exported.onnx, exported.pmml, splits.eval, trained.eval_scores,
+        out / "bundle", signing_key(ctx.settings), metadata,
+    )  # fmt: skip
+    tarball = pack(verified, out)
+    registry.log_files(ctx.run_id, [tarball, write_parity(out, exported.parity)], "bundle")
     tags = {
-        "bundle_digest": built.digest,
-        "bundle_key_id": built.key_id,
-        "bundle_artifact": f"runs:/{ctx.run_id}/bundle/{built.tarball.name}",
+        "bundle_digest": verified.digest,
+        "bundle_key_id": verified.key_id,
+        "bundle_artifact": f"runs:/{ctx.run_id}/bundle/{tarball.name}",
     }
     registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
-    return tags | {"bundle_path": str(built.path)}
+    return tags | {"bundle_path": str(verified.path)}
 
 
 def image_skipped(ctx: RunContext) -> str | None:

@@ -93,38 +93,36 @@ def frame_columns(frame: pd.DataFrame) -> dict[str, list[Any]]:
 
 
 def prove_onnx(
-    spec: Spec, model: Any, verified: bundles.VerifiedBundle, eval_frame: pd.DataFrame
+    spec: Spec, verified: bundles.VerifiedBundle, eval_frame: pd.DataFrame, expected: np.ndarray
 ) -> ParityReport:
+    """`expected`: scikit-learn's scores on `eval_frame` (evaluation.scores)."""
     runtime = Runtime(verified)
     features = eval_frame.loc[:, spec.feature_names]
     feeds, _ = codecs.to_feeds(frame_columns(features), runtime.columns, max_rows=len(features) + 1)
     prediction = runtime.predict(feeds)
     got = prediction.probabilities if prediction.probabilities is not None else prediction.values
-    expected = scores(model, features_of(eval_frame, spec), spec.task)
     tolerance = spec.package.tolerance
     return compare("onnx", expected, got, features, tolerance.rtol, tolerance.atol)
 
 
-def assemble(
+def seal_bundle(
     spec: Spec,
-    model: Any,
     onnx_bytes: bytes,
+    pmml_bytes: bytes | None,
     eval_frame: pd.DataFrame,
-    out_dir: Path,
+    expected: np.ndarray,
+    folder: Path,
     key: Ed25519PrivateKey,
     metadata: dict[str, Any],
-    pmml_bytes: bytes | None = None,
-) -> BuiltBundle:
-    """Write, seal, verify and prove the bundle; a failed proof leaves no bundle behind."""
-    folder = out_dir / "bundle"
+) -> bundles.VerifiedBundle:
+    """Write the bundle's files into `folder` (replacing it), sign the manifest, verify it."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    eval_scores = scores(model, features_of(eval_frame, spec), spec.task)
     (folder / "model.onnx").write_bytes(onnx_bytes)
     if pmml_bytes is not None:
         (folder / "model.pmml").write_bytes(pmml_bytes)
-    _write_json(folder / "schema.json", schema_of(spec, eval_frame, eval_scores))
+    _write_json(folder / "schema.json", schema_of(spec, eval_frame, expected))
     _write_json(
         folder / "metadata.json",
         {
@@ -134,21 +132,56 @@ def assemble(
             **metadata,
         },
     )
-    digest = bundles.seal(folder, key)
-    verified = bundles.verify(folder, [key.public_key()])
-    reports = [prove_onnx(spec, model, verified, eval_frame)]
+    bundles.seal(folder, key)
+    return bundles.verify(folder, [key.public_key()])
+
+
+def pack(verified: bundles.VerifiedBundle, out_dir: Path) -> Path:
+    """The reproducible `<model>-<version>.bundle.tar.gz` beside the bundle folder."""
+    meta = verified.read_json("metadata.json")
+    tarball = (
+        out_dir / f"{meta['model_name']}-{meta.get('model_version', 'candidate')}.bundle.tar.gz"
+    )
+    tarball.write_bytes(bundles.to_tarball(verified.path))
+    return tarball
+
+
+def write_parity(out_dir: Path, reports: dict[str, dict[str, Any]]) -> Path:
+    path = out_dir / "parity.json"
+    _write_json(path, reports)
+    return path
+
+
+def assemble(
+    spec: Spec,
+    onnx_bytes: bytes,
+    eval_frame: pd.DataFrame,
+    expected: np.ndarray,
+    out_dir: Path,
+    key: Ed25519PrivateKey,
+    metadata: dict[str, Any],
+    pmml_bytes: bytes | None = None,
+) -> BuiltBundle:
+    """Write, seal, verify and prove the bundle; a failed proof leaves no bundle behind.
+
+    `expected`: scikit-learn's scores on `eval_frame`, which every export must reproduce.
+    """
+    folder = out_dir / "bundle"
+    verified = seal_bundle(
+        spec, onnx_bytes, pmml_bytes, eval_frame, expected, folder, key, metadata
+    )  # fmt: skip
+    reports = [prove_onnx(spec, verified, eval_frame, expected)]
     if pmml_bytes is not None:
-        reports.append(prove_pmml(pmml_bytes, spec, model, eval_frame))
-    _write_json(out_dir / "parity.json", {r.export: r.to_dict() for r in reports})
+        reports.append(prove_pmml(pmml_bytes, spec, eval_frame, expected))
+    write_parity(out_dir, {r.export: r.to_dict() for r in reports})
     failed = [r for r in reports if not r.passed]
     if failed:
         shutil.rmtree(folder)
         raise ParityError("\n".join(r.describe() for r in failed))
-    report = reports[0]
-    tarball = out_dir / f"{spec.name}-{metadata.get('model_version', 'candidate')}.bundle.tar.gz"
-    tarball.write_bytes(bundles.to_tarball(folder))
     pmml_report = reports[1] if len(reports) > 1 else None
-    return BuiltBundle(folder, tarball, digest, verified.key_id, report, pmml_report)
+    return BuiltBundle(
+        folder, pack(verified, out_dir), verified.digest, verified.key_id, reports[0], pmml_report
+    )
 
 
 def build_bundle(
@@ -160,7 +193,10 @@ def build_bundle(
     metadata: dict[str, Any],
 ) -> BuiltBundle:
     pmml = export_pmml(model, spec) if spec.package.pmml else None
-    return assemble(spec, model, export_onnx(model, spec), eval_frame, out_dir, key, metadata, pmml)
+    expected = scores(model, features_of(eval_frame, spec), spec.task)
+    return assemble(
+        spec, export_onnx(model, spec), eval_frame, expected, out_dir, key, metadata, pmml
+    )
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
