@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,13 @@ class DataGateResult:
     docs: bytes = field(repr=False)  # Data Docs site as .tar.gz, so a cached result carries it
 
 
-def _scratch(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"modelyard-{prefix}-"))
+@contextmanager
+def _scratch(prefix: str) -> Iterator[Path]:
+    """A temporary working folder, removed when the stage is done with it."""
+    with tempfile.TemporaryDirectory(
+        prefix=f"modelyard-{prefix}-", ignore_cleanup_errors=True
+    ) as folder:
+        yield Path(folder)
 
 
 def _sha(*parts: str) -> str:
@@ -160,21 +166,15 @@ def open_run(
 
 
 def data_gate(spec: Spec, splits: Splits) -> DataGateResult:
-    work = _scratch("data-gate")
-    try:
+    with _scratch("data-gate") as work:
         report = check_data(spec, splits, work)
         return DataGateResult(report=report, docs=_pack(work / "data_docs"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def log_data_gate(ctx: RunContext, result: DataGateResult) -> None:
-    work = _scratch("data-docs")
-    try:
+    with _scratch("data-docs") as work:
         _unpack(result.docs, work / "data_docs")
         registry.log_gate(ctx.run_id, result.report, extra=work / "data_docs")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def train(spec: Spec, splits: Splits) -> TrainResult:
@@ -184,8 +184,7 @@ def train(spec: Spec, splits: Splits) -> TrainResult:
 def log_training(ctx: RunContext, splits: Splits, trained: TrainResult) -> str:
     """Log the training outcome to the run; returns the logged model's URI."""
     spec = ctx.spec
-    work = _scratch("plots")
-    try:
+    with _scratch("plots") as work:
         files = plots.render(
             spec.task, splits.eval[spec.target].to_numpy(), trained.eval_scores, work
         )
@@ -199,8 +198,6 @@ def log_training(ctx: RunContext, splits: Splits, trained: TrainResult) -> str:
             example_scores=trained.model.predict(example),
             files=files,
         )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def model_gate(ctx: RunContext, splits: Splits, trained: TrainResult) -> GateReport:
@@ -213,11 +210,8 @@ def model_gate(ctx: RunContext, splits: Splits, trained: TrainResult) -> GateRep
 
 
 def behaviour_gate(spec: Spec, splits: Splits, trained: TrainResult) -> GateReport:
-    work = _scratch("behaviour")
-    try:
+    with _scratch("behaviour") as work:
         return run_model_tests(spec, trained.model, splits.eval, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def register(
@@ -268,8 +262,7 @@ def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
     """Export to ONNX (and PMML) and prove it, before anything is registered."""
     onnx = export_onnx(trained.model, ctx.spec)
     pmml = export_pmml(trained.model, ctx.spec) if ctx.spec.package.pmml else None
-    with tempfile.TemporaryDirectory(prefix="modelyard-export-") as tmp:
-        work = Path(tmp)
+    with _scratch("export") as work:
         try:
             built = assemble(
                 ctx.spec, onnx, splits.eval, trained.eval_scores, work, signing_key(ctx.settings),
