@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,21 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from modelyard.config import disable_telemetry
+from modelyard.package.validate import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.update(
-    {
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "1",
-        "GX_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+disable_telemetry()
 
 
 def wait_for(url: str, timeout: float = 90.0) -> None:

@@ -90,8 +90,7 @@ def log_training(
         metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items() if v == v],
         params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()],
     )
-    for file in files:
-        client.log_artifact(run_id, str(file), artifact_path="training")
+    log_files(run_id, files, "training")
     signature = infer_signature(example, example_scores)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.sklearn.log_model(

@@ -161,7 +161,7 @@ def open_run(
     run_id = registry.start_run(client, experiment_id, f"{spec.name}-{git.short}", tags)
     registry.log_json(run_id, spec.model_dump(mode="json", by_alias=True), "spec/spec.json")
     if spec_path.is_file():
-        registry.MlflowClient().log_artifact(run_id, str(spec_path), artifact_path="spec")
+        registry.log_files(run_id, [spec_path], "spec")
     return RunContext(spec, settings, git, experiment_id, run_id, data_fingerprint, spec_path)
 
 
