@@ -133,10 +133,16 @@ def prepare_wheelhouse(settings: Settings, progress: Progress) -> Path:
     deps, own = house / "deps", house / "modelyard"
     deps.mkdir(parents=True, exist_ok=True)
     requirements = serve_requirements()
-    (house / "requirements.txt").write_text("\n".join(requirements) + "\n")
-    progress(f"wheelhouse: {len(requirements)} pinned serving requirements")
-    _pip("download", "--only-binary=:all:", "--dest", str(deps), "--requirement",
-         str(house / "requirements.txt"))  # fmt: skip
+    pins = "\n".join(requirements) + "\n"
+    (house / "requirements.txt").write_text(pins)
+    # Once a download for these exact pins has completed, the wheels are all there: skip
+    # asking the index again on every build. The stamp is written only after success.
+    stamp = deps / ".downloaded-for"
+    if not stamp.is_file() or stamp.read_text() != pins:
+        progress(f"wheelhouse: downloading {len(requirements)} pinned serving requirements")
+        _pip("download", "--only-binary=:all:", "--dest", str(deps), "--requirement",
+             str(house / "requirements.txt"))  # fmt: skip
+        stamp.write_text(pins)
     root = _source_root()
     target = own / _source_digest(root)
     if not any(target.glob("modelyard-*.whl")):
