@@ -70,6 +70,8 @@ class ServingApp:
                 b'{"error_code":"INTERNAL_ERROR","message":"internal error"}',
                 JSON,
             )
+        # A content-length spares the client chunked framing; uvicorn would chunk without it.
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         if route != "/metrics":
