@@ -26,10 +26,11 @@ demo: install java ## Train, validate and register both examples with embedded d
 	@echo
 	@echo "Look at the runs: 'make ui', then open http://127.0.0.1:4200 (Prefect) and http://127.0.0.1:5000 (MLflow)."
 
-lint: install ## ruff and the import-layer contracts
+lint: install ## ruff, the import-layer contracts and ansible-lint's production profile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/ansible-lint --profile production --offline -q
 
 java:
 	infra/scripts/ensure-packages.sh java:default-jre-headless

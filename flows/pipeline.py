@@ -1,4 +1,4 @@
-"""train → validate → register, as a Prefect flow.
+"""train → validate → register → deploy to staging → approval → production, as a Prefect flow.
 
 This module only wires `modelyard.stages`: each stage is a task with a clear name, retries where a
 failure is transient (talking to MLflow), a cache where reuse is sound, and a Prefect artifact that
@@ -15,17 +15,22 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
+from prefect.exceptions import FlowPauseTimeout, ObjectNotFound
+from prefect.flow_runs import pause_flow_run, resume_flow_run
+from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import State
+from pydantic import Field
 
 from modelyard import stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings, get_settings
-from modelyard.errors import GateFailed
+from modelyard.deploy import release
+from modelyard.errors import GateFailed, ModelyardError
 from modelyard.lineage import GitInfo, git_info
 from modelyard.spec import Spec, load_spec
 
@@ -204,8 +209,13 @@ def pipeline(
     branch: str | None = None,
     trigger: str = "manual",
     refresh_cache: bool = False,
+    deploy: bool = True,
 ) -> dict[str, Any]:
-    """Train, validate and register the model a spec describes; a failed gate fails the run."""
+    """Train, validate, register and deploy the model a spec describes.
+
+    A failed gate fails the run with nothing registered; environments after the first wait for
+    a person's approval. `deploy=False` stops after registering the candidate.
+    """
     settings = get_settings()
     runner = _Stages()
     spec = runner.run("load-spec", load_spec_task, spec_path)
@@ -223,18 +233,147 @@ def pipeline(
     )
     runner.logger.info("MLflow run: %s", ctx.run_url)
     try:
-        outcome = _gates_and_register(runner, ctx, prepared, refresh_cache, tags)
-    except Exception as exc:
-        stages.registry.end_run(ctx.run_id, failure=str(exc))
-        raise
+        try:
+            outcome = _gates_and_register(runner, ctx, prepared, refresh_cache, tags)
+        except Exception as exc:
+            stages.registry.end_run(ctx.run_id, failure=str(exc))
+            raise
+        # The training run is done either way; a failed rollout fails the flow run, not it.
+        stages.registry.end_run(ctx.run_id)
+        outcome["releases"] = _release(runner, ctx, outcome) if deploy else []
     finally:
         create_table_artifact(
             runner.rows,
             key=f"{_slug(spec.name)}-stages",
             description=f"{spec.name}@{git.short}: stages, outcomes and cache use",
         )
-    stages.registry.end_run(ctx.run_id)
     return outcome | {"stages": runner.rows}
+
+
+class Approval(RunInput):
+    """The form the Prefect UI shows while a run waits to go to the next environment."""
+
+    approve: bool = Field(description="Deploy this version to the next environment?")
+    approver: str = Field(min_length=1, description="Your name, recorded in the release ledger.")
+    comment: str = Field(default="", description="Why; recorded in the release ledger.")
+
+
+@task(name="deploy", cache_policy=NONE, persist_result=False)
+def deploy_task(spec: Spec, environment: str, version: str, action: str) -> dict[str, str]:
+    logger = get_run_logger()
+    record = release.deploy(get_settings(), spec, environment, version, logger.info, action)
+    return {"environment": environment, "version": version, "outcome": record.outcome}
+
+
+def _release(
+    runner: _Stages, ctx: stages.RunContext, outcome: dict[str, Any]
+) -> list[dict[str, str]]:
+    """Deploy through the spec's environments in order, asking a person where the spec says."""
+    spec, version = ctx.spec, outcome["version"]
+    done: list[dict[str, str]] = []
+    for index, environment in enumerate(spec.deploy.environments):
+        if release.needs_approval(spec, environment):
+            decision = _wait_for_approval(ctx, environment, outcome, done)
+            if decision is None or not decision.approve:
+                who = decision.approver if decision else "timeout"
+                why = decision.comment if decision else (
+                    f"no decision within {spec.deploy.approval_timeout} s"
+                )  # fmt: skip
+                release.reject(ctx.settings, spec, environment, version, who, why)
+                runner.rows.append(
+                    stages.summary_row(f"approve-{environment}", "rejected", 0.0, False, why)
+                )
+                runner.logger.warning(
+                    "%s v%s not deployed to %s: %s", spec.name, version, environment, why
+                )
+                return done
+            runner.rows.append(
+                stages.summary_row(
+                    f"approve-{environment}", f"approved by {decision.approver}", 0.0, False
+                )
+            )
+        action = "deploy" if index == 0 else "promote"
+        done.append(
+            runner.run(f"deploy-{environment}", deploy_task, spec, environment, version, action)
+        )
+    return done
+
+
+def _wait_for_approval(
+    ctx: stages.RunContext, environment: str, outcome: dict[str, Any], done: list[dict[str, str]]
+) -> Approval | None:
+    """Pause until a person answers (UI form or `modelyard approve`); None on timeout."""
+    spec = ctx.spec
+    allowed = spec.deploy.environments[environment].approvers
+    description = _approval_description(ctx, environment, outcome, done, allowed)
+    deadline = time.monotonic() + spec.deploy.approval_timeout
+    attempt = 0
+    while (left := int(deadline - time.monotonic())) > 0:
+        attempt += 1
+        try:
+            decision = pause_flow_run(
+                wait_for_input=Approval.with_initial_data(description=description, approve=False),
+                timeout=left,
+                poll_interval=2,
+                key=f"approve-{environment}-{attempt}",
+            )
+        except FlowPauseTimeout:
+            return None
+        if not allowed or decision.approver in allowed:
+            return decision
+        get_run_logger().warning(
+            "%s may not approve %s (allowed: %s); asking again",
+            decision.approver, environment, ", ".join(allowed),
+        )  # fmt: skip
+    return None
+
+
+def _approval_description(
+    ctx: stages.RunContext,
+    environment: str,
+    outcome: dict[str, Any],
+    done: list[dict[str, str]],
+    allowed: list[str],
+) -> str:
+    spec, version = ctx.spec, outcome["version"]
+    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(outcome["metrics"].items()))
+    gates = stages.registry.connect(ctx.settings).get_model_version(spec.name, version).tags
+    gate_rows = "\n".join(
+        f"| {k.removeprefix('gate.')} | {v} |"
+        for k, v in sorted(gates.items())
+        if k.startswith("gate.")
+    )
+    serving = ", ".join(f"{d['environment']}" for d in done) or "no environment yet"
+    who = f"Only {', '.join(allowed)} may approve." if allowed else ""
+    return (
+        f"## Deploy {spec.name} v{version} to {environment}?\n\n"
+        f"It already serves {serving}. [MLflow version]({outcome['mlflow_version_url']}) · "
+        f"[training run]({outcome['mlflow_run_url']})\n\n"
+        f"| metric | value |\n|---|---|\n{metrics}\n\n"
+        f"| gate | result |\n|---|---|\n{gate_rows}\n\n"
+        f"Approve to deploy and move the `{environment}` alias; reject to keep what serves now. "
+        f"{who}"
+    )
+
+
+def answer_approval(run_id: str, approve: bool, approver: str, comment: str) -> None:
+    """Resume a run paused for approval with a decision (what `modelyard approve` calls)."""
+    from uuid import UUID
+
+    try:
+        flow_run_id = UUID(run_id)
+    except ValueError:
+        raise ModelyardError(f"{run_id!r} is not a flow run id (a UUID)") from None
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:
+            raise ModelyardError(f"no flow run {run_id} in this Prefect") from None
+    if state is None or not state.is_paused():
+        now = state.name if state else "unknown"
+        raise ModelyardError(f"flow run {run_id} is not waiting for approval (it is {now})")
+    decision = {"approve": approve, "approver": approver, "comment": comment}
+    resume_flow_run(flow_run_id, run_input=decision)
 
 
 def _image_and_infra_gate(

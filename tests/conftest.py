@@ -116,7 +116,8 @@ class Project:
         shutil.copytree(ROOT / "examples" / example, self.spec_path.parent)
         shutil.copytree(ROOT / "model_tests", root / "model_tests")
         # A model name per test: the MLflow server is shared by the whole session.
-        self.write_spec({**self.spec(), "name": name})
+        # No deploy section: tests that deploy write their own environments.
+        self.write_spec({**self.spec(), "name": name, "deploy": {}})
         self.git("init", "-q", "-b", "main")
         self.git("config", "user.email", "ci@example.invalid")
         self.git("config", "user.name", "CI")

@@ -55,8 +55,11 @@ def run(
         str | None, typer.Option(help="Commit to record (default: git HEAD).")
     ] = None,
     branch: Annotated[str | None, typer.Option(help="Branch to record.")] = None,
+    no_deploy: Annotated[
+        bool, typer.Option("--no-deploy", help="Stop after registering the candidate.")
+    ] = False,
 ) -> None:
-    """Run the pipeline on a spec: train → validate → register."""
+    """Run the pipeline on a spec: train → validate → register → deploy → approval → promote."""
     settings = get_settings()
     try:
         loaded = load_spec(spec)  # fail on a bad spec before starting any server or stage
@@ -71,6 +74,7 @@ def run(
         commit=commit,
         branch=branch,
         refresh_cache=no_cache,
+        deploy=not no_deploy,
         trigger="cli",
         return_state=True,
     )
@@ -173,6 +177,123 @@ def models(
 
 def _gates_cell(gates: dict[str, str]) -> str:
     return "\n".join(f"{'✓' if v == 'passed' else '✗'} {k}" for k, v in sorted(gates.items()))
+
+
+EnvArgument = Annotated[str, typer.Argument(help="Environment named in the spec's deploy section.")]
+
+
+def _progress(message: str) -> None:
+    console.print(f"  {message}", highlight=False)
+
+
+@app.command()
+def deploy(
+    environment: EnvArgument,
+    version: Annotated[
+        str | None, typer.Option(help="Version to deploy (default: the 'candidate' alias).")
+    ] = None,
+    spec: SpecOption = Path("modelyard.yaml"),
+) -> None:
+    """Roll a registered version out to an environment's hosts (no approval asked)."""
+    from modelyard import registry
+    from modelyard.deploy import release
+
+    settings = get_settings()
+    try:
+        loaded = load_spec(spec)
+        release.target(loaded, environment)
+        chosen = version or registry.aliases(registry.connect(settings), loaded.name).get(
+            "candidate"
+        )
+        if not chosen:
+            raise ModelyardError(f"{loaded.name} has no 'candidate' version; pass --version")
+        done = release.deploy(settings, loaded, environment, chosen, _progress)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]✓[/] {done.model} v{done.version} serves {environment}")
+
+
+@app.command()
+def rollback(environment: EnvArgument, spec: SpecOption = Path("modelyard.yaml")) -> None:
+    """Put the previous good version of an environment back, from the release ledger."""
+    from modelyard.deploy import release
+
+    settings = get_settings()
+    try:
+        done = release.rollback(settings, load_spec(spec), environment, _progress)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"[green]✓[/] {done.model} v{done.version} serves {environment} again "
+        f"(rolled back from v{done.previous_version})"
+    )
+
+
+@app.command()
+def history(
+    model: Annotated[
+        str | None, typer.Argument(help="Model name; all models when omitted.")
+    ] = None,
+    environment: Annotated[str | None, typer.Option("--env", help="Only this environment.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The release ledger: every deploy, promotion, rejection and rollback, newest first."""
+    from dataclasses import asdict
+
+    from modelyard.deploy import ledger
+
+    records = ledger.history(get_settings(), model, environment)
+    if as_json:
+        console.print_json(json.dumps([asdict(r) for r in records]))
+        return
+    table = Table(title=f"releases of {model or 'all models'}")
+    columns = ("when", "model", "env", "action", "version", "from", "outcome", "who", "reason")
+    for column in columns:
+        table.add_column(column)
+    for r in records:
+        colour = {"succeeded": "green", "failed": "red"}.get(r.outcome, "yellow")
+        table.add_row(
+            r.when, r.model, r.environment, r.action, r.version, r.previous_version,
+            f"[{colour}]{r.outcome}[/]", r.actor, r.reason[:120],
+        )  # fmt: skip
+    console.print(table)
+
+
+RunArgument = Annotated[str, typer.Argument(help="Prefect flow run id waiting for approval.")]
+
+
+@app.command()
+def approve(
+    run_id: RunArgument,
+    comment: Annotated[str, typer.Option(help="Why; goes to the ledger.")] = "",
+) -> None:
+    """Approve a paused run: it deploys its version to the next environment."""
+    _answer(run_id, True, comment)
+
+
+@app.command()
+def reject(
+    run_id: RunArgument,
+    reason: Annotated[str, typer.Option(help="Why; goes to the ledger.")] = "",
+) -> None:
+    """Reject a paused run: the next environment keeps what it serves."""
+    _answer(run_id, False, reason)
+
+
+def _answer(run_id: str, approve: bool, comment: str) -> None:
+    from modelyard.deploy.release import actor_name
+
+    settings = get_settings()
+    os.environ.update(settings.orchestrator_env())
+    from flows.pipeline import answer_approval
+
+    try:
+        actor = actor_name(settings)
+        answer_approval(run_id, approve=approve, approver=actor, comment=comment)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    verb = "approved" if approve else "rejected"
+    console.print(f"[green]✓[/] run {run_id} {verb} by {actor}")
 
 
 @app.command()

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     serve_token: SecretStr | None = Field(
         default=None, description="Bearer token(s), comma-separated, for prediction routes."
     )
+    actor: str | None = Field(
+        default=None,
+        description="Who deploys and approves, for the release ledger; else the CI's user "
+        "(GITHUB_ACTOR, GITLAB_USER_LOGIN, BUILD_USER_ID), else the login name.",
+    )
     base_image: str = Field(default="python:3.11-slim", description="Base of the serving image.")
     docker_host: str | None = Field(default=None, description="Docker engine; else DOCKER_HOST.")
     wheelhouse: Path | None = Field(

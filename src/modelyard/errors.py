@@ -27,3 +27,9 @@ class GateFailed(ModelyardError):
         self.reasons = reasons
         plural = "s" if " and " in gate else ""
         super().__init__(f"{gate} gate{plural} failed: " + "; ".join(reasons))
+
+
+class DeployFailed(ModelyardError):
+    """A rollout stopped; every host was put back on the version it served before."""
+
+    exit_code = 4

@@ -226,17 +226,57 @@ class Package(_Strict):
 
 
 class Environment(_Strict):
-    """A deploy target (used by the deploy stage)."""
+    """Where and how one environment (staging, production, ...) serves the model."""
 
-    target: Literal["local", "ssh", "aws"] = "local"
-    inventory: str | None = None
-    runtime: Literal["container", "process"] = "container"
-    approvers: list[str] = Field(default_factory=list)
-    max_fail_percentage: Fraction = 0.0
+    target: Literal["local", "ssh", "aws"] = Field(
+        default="local", description="local: this machine; ssh: the hosts of `inventory`."
+    )
+    inventory: str | None = Field(
+        default=None,
+        description="Ansible inventory (relative to the spec) whose `model_hosts` group serves; "
+        "required for ssh targets.",
+    )
+    runtime: Literal["container", "process"] = Field(
+        default="container",
+        description="container: the serving image on the host's Docker engine; process: the "
+        "bundle in a virtualenv under supervisord, for hosts without Docker.",
+    )
+    port: int = Field(
+        default=8080, ge=1, le=65533,
+        description="Front-door port on each host (hosts may override it with "
+        "`model_service_port`); the two slots use the next two ports.",
+    )  # fmt: skip
+    batch: int | str = Field(
+        default=1, description="Hosts updated at a time (Ansible `serial`): a count or '25%'."
+    )
+    max_fail_percentage: Fraction = Field(
+        default=0.0,
+        description="Share of hosts (0-1) that may fail before the rollout stops and reverts.",
+    )
+    approval: bool | None = Field(
+        default=None,
+        description="Wait for a person's approval before deploying here; default: every "
+        "environment but the first.",
+    )
+    approvers: list[str] = Field(
+        default_factory=list, description="Who may approve; empty: anyone with access."
+    )
+
+    @model_validator(mode="after")
+    def _inventory_for_ssh(self) -> Environment:
+        if self.target == "ssh" and not self.inventory:
+            raise ValueError("an ssh target needs `inventory`: the path of an Ansible inventory")
+        return self
 
 
 class Deploy(_Strict):
-    environments: dict[str, Environment] = Field(default_factory=dict)
+    environments: dict[str, Environment] = Field(
+        default_factory=dict,
+        description="Environments in rollout order, e.g. staging then production.",
+    )
+    approval_timeout: int = Field(
+        default=86400, ge=1, description="Seconds to wait for an approval before giving up."
+    )
 
 
 class Spec(_Strict):

@@ -159,14 +159,19 @@ def _pip(*args: str) -> None:
         raise ImageError(f"pip {args[0]} failed: {done.stderr.strip()[-2000:]}")
 
 
-def build_context(house: Path, bundle: Path, trusted_keys: str, dest: Path) -> Path:
-    wheels = dest / "wheels"
+def flat_wheels(house: Path, wheels: Path) -> Path:
+    """The serving runtime's wheels in one folder: the pinned requirements plus modelyard's."""
     wheels.mkdir(parents=True)
     for wheel in (house / "deps").glob("*.whl"):
         shutil.copy2(wheel, wheels)
     for wheel in (house / "modelyard").rglob("modelyard-*.whl"):
         shutil.copy2(wheel, wheels)
     shutil.copy2(house / "requirements.txt", wheels / "requirements.txt")
+    return wheels
+
+
+def build_context(house: Path, bundle: Path, trusted_keys: str, dest: Path) -> Path:
+    flat_wheels(house, dest / "wheels")
     shutil.copytree(bundle, dest / "bundle", ignore=shutil.ignore_patterns("*.tar.gz"))
     (dest / "trusted_keys").write_text(trusted_keys.replace(",", "\n") + "\n")
     shutil.copy2(next(p for p in _DOCKERFILES if p.is_file()), dest / "Dockerfile")

@@ -3,6 +3,10 @@
 Each worker binds its own SO_REUSEPORT socket with TCP_NODELAY set before listening (accepted
 connections inherit it). uvicorn's own `--workers` shares one socket without TCP_NODELAY, and
 keep-alive clients then wait on Nagle's algorithm for ~40 ms per response.
+
+With MODELYARD_SERVE_SOCKET the workers also accept on one shared Unix socket: the deploy
+role's nginx front door reaches the live slot through a symlink to it, so moving traffic
+between slots is a rename, not an nginx reload that would drop clients' idle connections.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class ServeConfig:
     trusted_keys: str = field(default="", repr=False)
     max_body_bytes: int = 5 * 1024 * 1024
     max_rows: int = 10_000
+    socket: str = ""
 
     @classmethod
     def from_env(cls, bundle: Path, **overrides: object) -> ServeConfig:
@@ -48,6 +53,7 @@ class ServeConfig:
             "trusted_keys": env.get("MODELYARD_TRUSTED_KEYS", "") or _read_keys_file(bundle),
             "max_body_bytes": int(env.get("MODELYARD_SERVE_MAX_BODY_BYTES", str(5 * 1024 * 1024))),
             "max_rows": int(env.get("MODELYARD_SERVE_MAX_ROWS", "10000")),
+            "socket": env.get("MODELYARD_SERVE_SOCKET", ""),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -79,7 +85,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_worker(config: ServeConfig) -> None:
+def unix_socket(path: str) -> socket.socket:
+    """A listening Unix socket anyone who can reach its folder may connect to."""
+    target = Path(path)
+    if target.is_socket():
+        target.unlink()  # left by a server that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o666)  # the folder decides who gets in; nginx workers run as another user
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_worker(config: ServeConfig, shared: list[socket.socket]) -> None:
     import uvicorn
 
     app = build_app(config)
@@ -98,7 +117,7 @@ def _run_worker(config: ServeConfig) -> None:
             proxy_headers=False,
         )
     )
-    server.run(sockets=[sock])
+    server.run(sockets=[sock, *shared])
 
 
 def serve(config: ServeConfig) -> int:
@@ -108,15 +127,22 @@ def serve(config: ServeConfig) -> int:
     except BundleError as exc:
         print(f"refusing to serve: {exc}", file=sys.stderr)
         return 3
-    if config.workers <= 1:
-        _run_worker(config)
-        return 0
-    # Metrics of all workers are merged from files in this folder.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="modelyard-metrics-"))
-    return _supervise(config)
+    shared = [unix_socket(config.socket)] if config.socket else []
+    try:
+        if config.workers <= 1:
+            _run_worker(config, shared)
+            return 0
+        # Metrics of all workers are merged from files in this folder.
+        os.environ.setdefault(
+            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="modelyard-metrics-")
+        )
+        return _supervise(config, shared)
+    finally:
+        if config.socket:
+            Path(config.socket).unlink(missing_ok=True)
 
 
-def _supervise(config: ServeConfig) -> int:
+def _supervise(config: ServeConfig, shared: list[socket.socket]) -> int:
     children: dict[int, int] = {}
     stopping = False
 
@@ -126,7 +152,7 @@ def _supervise(config: ServeConfig) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             try:
-                _run_worker(config)
+                _run_worker(config, shared)
             finally:
                 os._exit(0)
         children[pid] = slot

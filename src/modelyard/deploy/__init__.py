@@ -1,0 +1,1 @@
+"""Put registered versions in front of traffic: Ansible rollouts, the release ledger, rollback."""

@@ -1,0 +1,123 @@
+"""The release ledger: one record per deploy, promotion, rejection and rollback.
+
+Each record is an MLflow run in the experiment `modelyard-releases`, its fields as tags and the
+Ansible output as artifacts, and the model version gets a `release.<environment>` tag with its
+latest outcome. Why runs: they live in the same store as the registry (SQLite or PostgreSQL,
+local or behind a tracking server), they are only ever created, never edited, so the history is
+append-only, and the MLflow UI lists, filters and compares them with no extra tool.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from modelyard import registry
+from modelyard.config import Settings
+
+EXPERIMENT = "modelyard-releases"
+SUCCEEDED = "succeeded"
+# Actions after which the version named in the record serves the environment.
+_SERVING_ACTIONS = ("deploy", "promote", "rollback")
+
+
+@dataclass(frozen=True)
+class Release:
+    model: str
+    environment: str
+    action: str  # deploy | promote | reject | rollback
+    version: str
+    outcome: str  # succeeded | failed | rejected
+    actor: str
+    previous_version: str = ""
+    reason: str = ""
+    image: str = ""
+    bundle_digest: str = ""
+    runtime: str = ""
+    hosts: str = ""
+    when: str = ""
+    record_id: str = ""
+
+    @property
+    def serving(self) -> bool:
+        """After this record, does `version` serve the environment?"""
+        return self.outcome == SUCCEEDED and self.action in _SERVING_ACTIONS
+
+
+def append(settings: Settings, release: Release, files: list[Path] | None = None) -> Release:
+    """Write one record; returns it with its time and id. Records are never changed."""
+    client = registry.connect(settings)
+    experiment = registry.ensure_experiment(client, EXPERIMENT, settings)
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    record = Release(**(asdict(release) | {"when": when}))
+    tags = {f.name: getattr(record, f.name) for f in fields(Release) if f.name != "record_id"}
+    name = f"{record.action} {record.model} v{record.version} → {record.environment}"
+    run_id = registry.start_run(client, experiment, name, tags | {"modelyard.release": "1"})
+    if files:
+        registry.log_files(run_id, [f for f in files if f.exists()], "ansible")
+    status = RunStatus.FINISHED if record.outcome != "failed" else RunStatus.FAILED
+    client.set_terminated(run_id, RunStatus.to_string(status), end_time=int(time.time() * 1000))
+    summary = f"{record.action} {record.outcome} {when} by {record.actor}"
+    tag = {f"release.{record.environment}": summary}
+    registry.tag_version(client, record.model, record.version, tag)
+    return Release(**(asdict(record) | {"record_id": run_id}))
+
+
+def history(
+    settings: Settings, model: str | None = None, environment: str | None = None
+) -> list[Release]:
+    """Records, newest first."""
+    client = registry.connect(settings)
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is None:
+        return []
+    clauses = ["tags.`modelyard.release` = '1'"]
+    if model:
+        clauses.append(f"tags.model = '{_quote(model)}'")
+    if environment:
+        clauses.append(f"tags.environment = '{_quote(environment)}'")
+    return [_from_run(run) for run in _all_runs(client, found.experiment_id, " and ".join(clauses))]
+
+
+def live(settings: Settings, model: str, environment: str) -> Release | None:
+    """The record of the version serving the environment now, if any."""
+    return next((r for r in history(settings, model, environment) if r.serving), None)
+
+
+def previous_good(settings: Settings, model: str, environment: str) -> Release | None:
+    """The version to roll back to: served before the live one, and never rolled away from."""
+    records = history(settings, model, environment)
+    current = next((r for r in records if r.serving), None)
+    if current is None:
+        return None
+    rolled_away = {r.previous_version for r in records if r.action == "rollback" and r.serving}
+    skip = rolled_away | {current.version}
+    return next((r for r in records if r.serving and r.version not in skip), None)
+
+
+def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], query, order_by=["attributes.start_time DESC"],
+            max_results=1000, page_token=token,
+        )  # fmt: skip
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _from_run(run: object) -> Release:
+    tags = run.data.tags  # type: ignore[attr-defined]
+    values = {f.name: tags.get(f.name, "") for f in fields(Release) if f.name != "record_id"}
+    return Release(**values, record_id=run.info.run_id)  # type: ignore[attr-defined]
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")

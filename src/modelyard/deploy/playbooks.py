@@ -1,0 +1,179 @@
+"""Run modelyard's Ansible playbooks with ansible-runner, streaming events as progress.
+
+The playbooks and the `model_service` role live in `ansible/` (shipped inside the wheel as
+`modelyard/deploy/ansible`). Each run gets its own private data folder; its full output and
+events stay there and go to the release record. Secrets are passed as extra variables and the
+file ansible-runner writes them to is removed as soon as the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelyard.errors import ModelyardError
+
+Progress = Callable[[str], None]
+
+_ANSIBLE_DIRS = (
+    Path(__file__).with_name("ansible"),
+    Path(__file__).resolve().parents[3] / "ansible",
+)
+_REPORTED_EVENTS = {
+    "runner_on_ok": "ok",
+    "runner_on_failed": "FAILED",
+    "runner_on_unreachable": "UNREACHABLE",
+}
+
+
+class PlaybookError(ModelyardError):
+    """Ansible could not be started (not a failed host: those are in PlaybookResult)."""
+
+
+@dataclass
+class PlaybookResult:
+    playbook: str
+    status: str  # successful | failed | timeout | canceled
+    rc: int
+    failures: dict[str, str] = field(default_factory=dict)  # host -> why
+    touched: list[str] = field(default_factory=list)  # hosts a task ran on
+    stdout: Path | None = None
+    events: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "successful" and not self.failures
+
+    def reason(self) -> str:
+        if self.failures:
+            return "; ".join(f"{host}: {why}" for host, why in self.failures.items())
+        return f"{self.playbook} ended {self.status} (rc {self.rc})"
+
+
+def ansible_dir() -> Path:
+    for folder in _ANSIBLE_DIRS:
+        if (folder / "deploy.yml").is_file():
+            return folder
+    raise PlaybookError("modelyard's ansible/ folder is missing from this installation")
+
+
+def run_playbook(
+    playbook: str,
+    inventory: Path,
+    extravars: dict[str, Any],
+    workdir: Path,
+    progress: Progress,
+    secrets: tuple[str, ...] = (),
+) -> PlaybookResult:
+    """Run `playbook` from ansible/ against `inventory`; never raises for a failed host."""
+    import ansible_runner
+
+    project = ansible_dir()
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = PlaybookResult(playbook=playbook, status="unstarted", rc=-1)
+
+    def on_event(event: dict[str, Any]) -> bool:
+        _note_event(event, result, progress)
+        return True
+
+    try:
+        runner = ansible_runner.run(
+            private_data_dir=str(workdir),
+            project_dir=str(project),
+            playbook=playbook,
+            inventory=str(inventory),
+            extravars=extravars,
+            envvars={
+                "ANSIBLE_CONFIG": str(project / "ansible.cfg"),
+                "ANSIBLE_ROLES_PATH": str(project / "roles"),
+                "ANSIBLE_NOCOLOR": "1",
+                # ansible-runner turns host key checking off by default; an unknown host must
+                # not receive a model and a token.
+                "ANSIBLE_HOST_KEY_CHECKING": "True",
+                # The ansible-playbook beside this Python, also when its bin/ is not on PATH.
+                "PATH": os.pathsep.join(
+                    [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+                ),
+            },
+            event_handler=on_event,
+            quiet=True,
+            ident="run",
+        )
+    finally:
+        _forget_secrets(workdir)
+    result.status, result.rc = runner.status, runner.rc if runner.rc is not None else -1
+    artifacts = Path(runner.config.artifact_dir)
+    result.stdout = artifacts / "stdout"
+    result.events = _write_events(runner, workdir / "events.jsonl")
+    _scrub(result, secrets)
+    return result
+
+
+def _note_event(event: dict[str, Any], result: PlaybookResult, progress: Progress) -> None:
+    kind = event.get("event", "")
+    data = event.get("event_data", {})
+    if kind == "playbook_on_play_start":
+        progress(f"ansible: {data.get('play', '')}")
+        return
+    label = _REPORTED_EVENTS.get(kind)
+    if label is None:
+        return
+    host, task = data.get("host", "?"), data.get("task", "")
+    res = data.get("res", {}) or {}
+    if host not in result.touched:
+        result.touched.append(host)
+    if kind == "runner_on_failed" and data.get("ignore_errors"):
+        return
+    if label != "ok":
+        result.failures[host] = str(res.get("msg") or res.get("stderr") or task)[:2000]
+    elif not res.get("changed"):
+        return  # unchanged checks would drown the changes
+    progress(f"ansible: {host}: {task} → {label if label != 'ok' else 'changed'}")
+
+
+def _write_events(runner: Any, path: Path) -> Path:
+    """The run's events, one JSON object per line, without the bulky per-module results."""
+    with path.open("w") as out:
+        for event in runner.events:
+            data = event.get("event_data", {})
+            slim = {
+                "event": event.get("event"),
+                "created": event.get("created"),
+                "host": data.get("host"),
+                "play": data.get("play"),
+                "task": data.get("task"),
+                "changed": (data.get("res") or {}).get("changed"),
+                "msg": (data.get("res") or {}).get("msg"),
+            }
+            out.write(json.dumps(slim, default=str) + "\n")
+    return path
+
+
+def _forget_secrets(workdir: Path) -> None:
+    # ansible-runner writes extra vars (with the serving token) to env/extravars.
+    for name in ("extravars", "envvars", "passwords", "ssh_key"):
+        path = workdir / "env" / name
+        if path.exists():
+            path.unlink()
+
+
+def _scrub(result: PlaybookResult, secrets: tuple[str, ...]) -> None:
+    """Belt and braces: no secret may survive in what is kept with the release record."""
+    for path in (result.stdout, result.events):
+        if path is not None and path.exists():
+            text = path.read_text(errors="replace")
+            if any(s and s in text for s in secrets):
+                path.write_text(_redact(text, secrets))
+    result.failures = {host: _redact(why, secrets) for host, why in result.failures.items()}
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "********")
+    return text

@@ -1,0 +1,298 @@
+"""Deploy, promote and roll back registered versions; every move lands in the ledger.
+
+A move runs `deploy.yml` (or `rollback.yml`) over the environment's inventory. When a host
+fails, the rollout stops and the hosts already switched are put back on the version the
+ledger says was live, so a failed move leaves every host, the aliases and the ledger's idea of
+what serves exactly as they were, plus one record saying what failed and why.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import secrets
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from modelyard import registry
+from modelyard.config import Settings
+from modelyard.deploy import ledger
+from modelyard.deploy.ledger import Release
+from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, run_playbook
+from modelyard.errors import DeployFailed, SpecError
+from modelyard.package.build import trusted_keys
+from modelyard.package.image import flat_wheels, prepare_wheelhouse
+from modelyard.spec import Environment, Spec
+
+Progress = Callable[[str], None]
+_CI_ACTORS = ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILD_USER_ID")
+
+
+@dataclass(frozen=True)
+class Target:
+    environment: str
+    settings: Environment
+    inventory: Path
+
+
+def target(spec: Spec, environment: str) -> Target:
+    envs = spec.deploy.environments
+    if environment not in envs:
+        known = ", ".join(envs) or "none"
+        raise SpecError(
+            f"deploy.environments.{environment}: not in the spec (it names {known}); add it "
+            "under deploy.environments"
+        )
+    env = envs[environment]
+    if env.target == "aws":
+        raise SpecError(
+            f"deploy.environments.{environment}.target: 'aws' is not supported yet; use local "
+            "or ssh"
+        )
+    if env.target == "local":
+        return Target(environment, env, ansible_dir() / "inventories" / "local" / "hosts.yml")
+    inventory = (spec.source_dir / str(env.inventory)).resolve()
+    if not inventory.exists():
+        raise SpecError(
+            f"deploy.environments.{environment}.inventory: {inventory} does not exist; point it "
+            "at an Ansible inventory with a model_hosts group"
+        )
+    return Target(environment, env, inventory)
+
+
+def needs_approval(spec: Spec, environment: str) -> bool:
+    env = spec.deploy.environments[environment]
+    if env.approval is not None:
+        return env.approval
+    return list(spec.deploy.environments).index(environment) > 0
+
+
+def actor_name(settings: Settings) -> str:
+    """Who is acting, for the ledger: settings, then the CI's user, then the login name."""
+    candidates = [settings.actor, *(os.environ.get(k) for k in _CI_ACTORS)]
+    for name in candidates:
+        if name and name.strip():
+            return name.strip()
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        raise SpecError("nobody to record as the actor: set MODELYARD_ACTOR to your name") from None
+
+
+def service_token(settings: Settings) -> str:
+    """The bearer token deployed services require: configured, else one kept in the workspace."""
+    if settings.serve_token is not None:
+        return settings.serve_token.get_secret_value()
+    path = settings.workspace_dir / "serve-token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def deploy(
+    settings: Settings,
+    spec: Spec,
+    environment: str,
+    version: str,
+    progress: Progress,
+    action: str = "deploy",
+    reason: str = "",
+) -> Release:
+    """Roll `version` out to `environment`; raises DeployFailed after putting hosts back."""
+    where = target(spec, environment)
+    actor = actor_name(settings)
+    live = ledger.live(settings, spec.name, environment)
+    workdir = _workdir(settings, spec.name, environment, action)
+    playbook = "rollback.yml" if action == "rollback" else "deploy.yml"
+    extravars = _extravars(settings, spec, where, version, workdir, progress)
+    progress(f"{action}: {spec.name} v{version} → {environment} ({where.settings.runtime})")
+    result = _run(playbook, where, extravars, workdir / "ansible", progress)
+    record = Release(
+        model=spec.name, environment=environment, action=action, version=version,
+        outcome=ledger.SUCCEEDED, actor=actor, previous_version=live.version if live else "",
+        reason=reason, image=str(extravars.get("model_service_image", "")),
+        bundle_digest=_version_tags(settings, spec.name, version).get("bundle_digest", ""),
+        runtime=where.settings.runtime, hosts=",".join(result.touched),
+    )  # fmt: skip
+    files = [p for p in (result.stdout, result.events) if p]
+    if not result.ok:
+        why = result.reason()
+        why += _put_back(settings, spec, where, live, result, workdir, progress)
+        ledger.append(settings, replace(record, outcome="failed", reason=why), files)
+        raise DeployFailed(f"{action} of {spec.name} v{version} to {environment} failed: {why}")
+    registry.set_alias(registry.connect(settings), spec.name, environment, version)
+    done = ledger.append(settings, record, files)
+    progress(f"{action}: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
+    return done
+
+
+def reject(
+    settings: Settings, spec: Spec, environment: str, version: str, actor: str, reason: str
+) -> Release:
+    """Record that a person (or a timeout) kept `version` out of `environment`."""
+    live = ledger.live(settings, spec.name, environment)
+    record = Release(
+        model=spec.name, environment=environment, action="reject", version=version,
+        outcome="rejected", actor=actor, previous_version=live.version if live else "",
+        reason=reason,
+    )  # fmt: skip
+    return ledger.append(settings, record)
+
+
+def rollback(settings: Settings, spec: Spec, environment: str, progress: Progress) -> Release:
+    """Put the previous good version back in front of traffic and move the alias back."""
+    earlier = ledger.previous_good(settings, spec.name, environment)
+    if earlier is None:
+        raise DeployFailed(
+            f"nothing to roll back to: the ledger has no earlier good version of {spec.name} in "
+            f"{environment} (see `modelyard history {spec.name}`)"
+        )
+    return deploy(
+        settings, spec, environment, earlier.version, progress, action="rollback",
+        reason=f"roll back to v{earlier.version}",
+    )  # fmt: skip
+
+
+def _put_back(
+    settings: Settings,
+    spec: Spec,
+    where: Target,
+    live: Release | None,
+    failed: PlaybookResult,
+    workdir: Path,
+    progress: Progress,
+) -> str:
+    """After a failed rollout: switch the hosts already moved back to the live version."""
+    if live is None or not failed.touched:
+        return ""
+    progress(f"rollout failed; putting {', '.join(failed.touched)} back on v{live.version}")
+    extravars = _extravars(settings, spec, where, live.version, workdir, progress)
+    back = _run("rollback.yml", where, extravars, workdir / "revert", progress)
+    if back.ok:
+        return f" (every host is back on v{live.version})"
+    return (
+        f" (putting hosts back on v{live.version} failed too: {back.reason()}; "
+        "see docs/operations.md)"
+    )
+
+
+def _run(
+    playbook: str,
+    where: Target,
+    extravars: dict[str, Any],
+    workdir: Path,
+    progress: Progress,
+) -> PlaybookResult:
+    token = str(extravars["model_service_token"])
+    return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=(token,))
+
+
+def _extravars(
+    settings: Settings, spec: Spec, where: Target, version: str, workdir: Path, progress: Progress
+) -> dict[str, Any]:
+    env = where.settings
+    tags = _version_tags(settings, spec.name, version)
+    bundle = _bundle_archive(settings, spec.name, version, tags)
+    values: dict[str, Any] = {
+        "model_service_model": spec.name,
+        "model_service_environment": where.environment,
+        "model_service_version": version,
+        "model_service_runtime": env.runtime,
+        "model_service_default_port": env.port,
+        "model_service_batch": env.batch,
+        "model_service_max_fail_percentage": round(env.max_fail_percentage * 100),
+        "model_service_token": service_token(settings),
+        "model_service_smoke_body": {"inputs": _example(bundle)},
+    }
+    if where.settings.target == "local":
+        # This machine's services keep their state in the workspace, like everything local.
+        values["model_service_default_root"] = str(settings.workspace_dir / "services")
+        if settings.docker_host:
+            values["model_service_default_docker_host"] = settings.docker_host
+    if env.runtime == "container":
+        if not tags.get("image_ref"):
+            skipped = tags.get("image_skipped", "no image was built")
+            raise DeployFailed(
+                f"{spec.name} v{version} has no serving image ({skipped}); build it with a "
+                f"Docker engine running, or set deploy.environments.{where.environment}.runtime "
+                "to process"
+            )
+        values["model_service_image"] = tags["image_ref"]
+    else:
+        archive, digest = _wheelhouse_archive(settings, progress)
+        values |= {
+            "model_service_bundle_archive": str(bundle),
+            "model_service_wheelhouse_archive": str(archive),
+            "model_service_wheelhouse_digest": digest,
+            "model_service_trusted_keys": trusted_keys(settings).replace(",", "\n") + "\n",
+        }
+    return values
+
+
+def _version_tags(settings: Settings, model: str, version: str) -> dict[str, str]:
+    client = registry.connect(settings)
+    try:
+        return dict(client.get_model_version(model, version).tags)
+    except MlflowException:
+        raise DeployFailed(
+            f"{model} version {version} is not registered; see `modelyard models`"
+        ) from None
+
+
+def _bundle_archive(settings: Settings, model: str, version: str, tags: dict[str, str]) -> Path:
+    """The version's signed bundle tarball: from the workspace, else from MLflow."""
+    folder = settings.workspace_dir / "bundles" / model / version
+    local = next(iter(sorted(folder.glob("*.bundle.tar.gz"))), None)
+    if local is not None:
+        return local
+    if not tags.get("bundle_artifact"):
+        raise DeployFailed(f"{model} v{version} has no bundle; it was registered before packaging")
+    import mlflow
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(tags["bundle_artifact"], dst_path=str(folder)))
+
+
+def _example(bundle_archive: Path) -> dict[str, Any]:
+    with tarfile.open(bundle_archive) as tar:
+        member = tar.extractfile("schema.json")
+        if member is None:
+            raise DeployFailed(f"{bundle_archive} has no schema.json")
+        return json.load(member)["example"]
+
+
+def _wheelhouse_archive(settings: Settings, progress: Progress) -> tuple[Path, str]:
+    """The serving runtime's wheels as one tarball (one copy per host, not one per wheel)."""
+    house = prepare_wheelhouse(settings, progress)
+    wheels = [*sorted(house.rglob("*.whl")), house / "requirements.txt"]
+    digest = hashlib.sha256()
+    for path in wheels:
+        digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}\n".encode())
+    short = digest.hexdigest()[:16]
+    archive = house / f"serving-{short}.tar.gz"
+    if not archive.exists():
+        progress("wheelhouse: packing the serving runtime for process hosts")
+        with tempfile.TemporaryDirectory() as tmp:
+            flat = flat_wheels(house, Path(tmp) / "wheels")
+            partial = archive.with_suffix(".partial")
+            with tarfile.open(partial, "w:gz") as tar:
+                for item in sorted(flat.iterdir()):
+                    tar.add(item, arcname=item.name)
+            partial.rename(archive)
+    return archive, short
+
+
+def _workdir(settings: Settings, model: str, environment: str, action: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    return settings.workspace_dir / "releases" / model / environment / f"{stamp}-{action}"
