@@ -259,9 +259,15 @@ class Approval(RunInput):
 
 
 @task(name="deploy", cache_policy=NONE, persist_result=False)
-def deploy_task(spec: Spec, environment: str, version: str, action: str) -> dict[str, str]:
+def deploy_task(
+    spec: Spec, environment: str, version: str, action: str, approval: Approval | None
+) -> dict[str, str]:
     logger = get_run_logger()
-    record = release.deploy(get_settings(), spec, environment, version, logger.info, action)
+    record = release.deploy(
+        get_settings(), spec, environment, version, logger.info, action,
+        reason=approval.comment if approval else "",
+        actor=approval.approver if approval else None,
+    )  # fmt: skip
     return {"environment": environment, "version": version, "outcome": record.outcome}
 
 
@@ -272,31 +278,37 @@ def _release(
     spec, version = ctx.spec, outcome["version"]
     done: list[dict[str, str]] = []
     for index, environment in enumerate(spec.deploy.environments):
+        approval = None
         if release.needs_approval(spec, environment):
-            decision = _wait_for_approval(ctx, environment, outcome, done)
-            if decision is None or not decision.approve:
-                who = decision.approver if decision else "timeout"
-                why = decision.comment if decision else (
-                    f"no decision within {spec.deploy.approval_timeout} s"
-                )  # fmt: skip
-                release.reject(ctx.settings, spec, environment, version, who, why)
-                runner.rows.append(
-                    stages.summary_row(f"approve-{environment}", "rejected", 0.0, False, why)
-                )
-                runner.logger.warning(
-                    "%s v%s not deployed to %s: %s", spec.name, version, environment, why
-                )
+            approval = _wait_for_approval(ctx, environment, outcome, done)
+            if approval is None or not approval.approve:
+                _record_rejection(runner, ctx, environment, version, approval)
                 return done
-            runner.rows.append(
-                stages.summary_row(
-                    f"approve-{environment}", f"approved by {decision.approver}", 0.0, False
-                )
-            )
+            label = f"approved by {approval.approver}"
+            runner.rows.append(stages.summary_row(f"approve-{environment}", label, 0.0, False))
         action = "deploy" if index == 0 else "promote"
         done.append(
-            runner.run(f"deploy-{environment}", deploy_task, spec, environment, version, action)
+            runner.run(
+                f"deploy-{environment}", deploy_task, spec, environment, version, action, approval
+            )
         )
     return done
+
+
+def _record_rejection(
+    runner: _Stages,
+    ctx: stages.RunContext,
+    environment: str,
+    version: str,
+    approval: Approval | None,
+) -> None:
+    """A rejection or a timeout: the ledger says so and the environment keeps what it serves."""
+    spec = ctx.spec
+    who = approval.approver if approval else "timeout"
+    why = approval.comment if approval else f"no decision within {spec.deploy.approval_timeout} s"
+    release.reject(ctx.settings, spec, environment, version, who, why or "rejected")
+    runner.rows.append(stages.summary_row(f"approve-{environment}", "rejected", 0.0, False, why))
+    runner.logger.warning("%s v%s not deployed to %s: %s", spec.name, version, environment, why)
 
 
 def _wait_for_approval(

@@ -106,8 +106,10 @@ def run_playbook(
         )
     finally:
         _forget_secrets(workdir)
-    result.status, result.rc = runner.status, runner.rc if runner.rc is not None else -1
     artifacts = Path(runner.config.artifact_dir)
+    # ansible-runner records the whole process environment there, secrets included.
+    (artifacts / "command").unlink(missing_ok=True)
+    result.status, result.rc = runner.status, runner.rc if runner.rc is not None else -1
     result.stdout = artifacts / "stdout"
     result.events = _write_events(runner, workdir / "events.jsonl")
     _scrub(result, secrets)

@@ -108,10 +108,14 @@ def deploy(
     progress: Progress,
     action: str = "deploy",
     reason: str = "",
+    actor: str | None = None,
 ) -> Release:
-    """Roll `version` out to `environment`; raises DeployFailed after putting hosts back."""
+    """Roll `version` out to `environment`; raises DeployFailed after putting hosts back.
+
+    `actor` is who asked for it (an approver); by default whoever runs this.
+    """
     where = target(spec, environment)
-    actor = actor_name(settings)
+    actor = actor or actor_name(settings)
     live = ledger.live(settings, spec.name, environment)
     workdir = _workdir(settings, spec.name, environment, action)
     playbook = "rollback.yml" if action == "rollback" else "deploy.yml"

@@ -1,0 +1,180 @@
+"""Real deploy targets for the tests: sshd instances on loopback ports, and a load loop.
+
+Each SSH "host" is Debian's sshd on its own 127.0.0.1 port with its own host key, reached with a
+key pair made for the session and checked against a known_hosts file (host key checking stays
+on). Hosts share this machine's Docker engine; each gets its own service root and ports.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from modelyard.package.validate import free_port
+
+SSHD = "/usr/sbin/sshd"
+
+
+@dataclass
+class SshHost:
+    name: str
+    port: int
+    process: subprocess.Popen
+
+
+@dataclass
+class SshHosts:
+    folder: Path
+    hosts: list[SshHost]
+    key: Path
+    known_hosts: Path
+    user: str = field(default_factory=getpass.getuser)
+
+    def inventory(self, path: Path, per_host: dict[str, dict[str, Any]], **group: Any) -> Path:
+        """An Ansible inventory of these hosts with `model_hosts` and per-host variables."""
+        hosts = {
+            h.name: {
+                "ansible_host": "127.0.0.1",
+                "ansible_port": h.port,
+                **per_host.get(h.name, {}),
+            }
+            for h in self.hosts
+            if h.name in per_host
+        }
+        common = {
+            "ansible_user": self.user,
+            "ansible_ssh_private_key_file": str(self.key),
+            "ansible_ssh_common_args": f"-o UserKnownHostsFile={self.known_hosts} -o IdentitiesOnly=yes",
+            # The hosts' Debian Python: discovery would pick a pyenv shim from root's PATH here.
+            "ansible_python_interpreter": "/usr/bin/python3",
+        }
+        body = {"all": {"children": {"model_hosts": {"hosts": hosts, "vars": common | group}}}}
+        path.write_text(yaml.safe_dump(body, sort_keys=False))
+        return path
+
+
+def start_ssh_hosts(folder: Path, count: int) -> SshHosts:
+    folder.mkdir(parents=True, exist_ok=True)
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
+    host_key, client_key = folder / "host_ed25519", folder / "client_ed25519"
+    for key in (host_key, client_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (folder / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
+    host_public = host_key.with_suffix(".pub").read_text().split()[:2]
+    hosts, known = [], []
+    for index in range(count):
+        port = free_port()
+        config = folder / f"sshd-{port}.conf"
+        config.write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"PidFile {folder}/sshd-{port}.pid\nAuthorizedKeysFile {folder}/authorized_keys\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "Subsystem sftp internal-sftp\n"
+        )
+        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+        hosts.append(SshHost(f"host-{'abcdefgh'[index]}", port, process))
+        known.append(f"[127.0.0.1]:{port} {' '.join(host_public)}")
+    (folder / "known_hosts").write_text("\n".join(known) + "\n")
+    for host in hosts:
+        _wait_port(host.port)
+    return SshHosts(folder, hosts, client_key, folder / "known_hosts")
+
+
+def stop_ssh_hosts(hosts: SshHosts) -> None:
+    for host in hosts.hosts:
+        host.process.terminate()
+        host.process.wait(timeout=10)
+
+
+def _wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"sshd on port {port} did not start")
+
+
+_handed_out: set[int] = set()
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free loopback ports (a front door and its two slots).
+
+    Blocks handed out earlier are never handed out again, even before anything listens on them.
+    """
+    for _ in range(100):
+        block = range(first := free_port(), first + count)
+        if _handed_out.isdisjoint(block) and all(_free(p) for p in block[1:]):
+            _handed_out.update(block)
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+V2_ROW = {"inputs": [
+    {"name": "age", "shape": [1], "datatype": "FP32", "data": [29]},
+    {"name": "gender", "shape": [1], "datatype": "BYTES", "data": ["female"]},
+    {"name": "pages_viewed", "shape": [1], "datatype": "FP32", "data": [41]},
+    {"name": "previous_clicks", "shape": [1], "datatype": "FP32", "data": [4]},
+    {"name": "time_on_site", "shape": [1], "datatype": "FP32", "data": [17.5]},
+    {"name": "device", "shape": [1], "datatype": "BYTES", "data": ["desktop"]},
+]}  # fmt: skip
+
+
+class LoadLoop:
+    """Sends one-row V2 requests over keep-alive connections until stopped; counts what answered.
+
+    Every request must succeed: a failure is a request a client would have seen fail.
+    """
+
+    def __init__(self, urls: list[str], model: str, token: str) -> None:
+        self.urls, self.model, self.token = urls, model, token
+        self.versions: dict[str, Counter[str]] = {url: Counter() for url in urls}
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(url,)) for url in urls]
+
+    def __enter__(self) -> LoadLoop:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _loop(self, url: str) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(f"/v2/models/{self.model}/infer", json=V2_ROW)
+                except httpx.HTTPError as exc:
+                    self.failures.append(f"{url}: {exc!r}")
+                    continue
+                if response.status_code != 200:
+                    self.failures.append(f"{url}: {response.status_code} {response.text[:200]}")
+                else:
+                    self.versions[url][response.json()["model_version"]] += 1

@@ -1,0 +1,322 @@
+"""Deploys with the real playbooks through ansible-runner: this machine and two SSH hosts.
+
+Versions come from real pipeline runs (real MLflow server, Prefect API, Docker images). Hosts
+are sshd instances on loopback ports; their services run in this machine's Docker engine or
+under supervisord, each behind its own nginx front door.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+from prefect.flow_runs import resume_flow_run
+
+from flows.pipeline import pipeline
+from modelyard.config import get_settings
+from modelyard.deploy import ledger, release
+from modelyard.errors import DeployFailed, SpecError
+from modelyard.spec import Spec, load_spec
+from tests.conftest import Project, run_cli
+from tests.hosts import LoadLoop, SshHosts, free_ports, start_ssh_hosts, stop_ssh_hosts
+
+pytestmark = pytest.mark.docker
+TOKEN = "deploy-test-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshHosts]:
+    hosts = start_ssh_hosts(tmp_path_factory.mktemp("ssh"), 2)
+    yield hosts
+    stop_ssh_hosts(hosts)
+
+
+@pytest.fixture(scope="module")
+def registered(
+    mlflow_server: str, prefect_api: str, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Project]:
+    """ad_clicks registered twice (v1, v2) with serving images, in a workspace of its own."""
+    root = tmp_path_factory.mktemp("deploy")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        env.setenv("MODELYARD_WORKSPACE", str(root / "workspace"))
+        env.setenv("MODELYARD_BUILD_IMAGE", "always")
+        env.setenv("MODELYARD_WHEELHOUSE", str(wheelhouse))
+        env.setenv("MODELYARD_SERVE_TOKEN", TOKEN)
+        env.setenv("MODELYARD_ACTOR", "deploy-tests")
+        project = Project(root / "repo", "ad_clicks", "deploy-ads")
+        for commit in ("first", "second"):
+            project.commit(commit)
+            state = pipeline(spec_path=str(project.spec_path), deploy=False, return_state=True)
+            assert state.is_completed(), state.message
+        yield project
+        _stop_services(root / "workspace")
+
+
+@pytest.fixture(autouse=True)
+def _stop_test_services(tmp_path: Path) -> Iterator[None]:
+    yield
+    _stop_services(tmp_path)
+
+
+def _stop_services(*roots: Path) -> None:
+    """Stop what the tests deployed: containers by label, supervisord per service root."""
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=io.modelyard.service"],
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+    for root in roots:
+        for conf in root.rglob("supervisord.conf"):
+            subprocess.run(["supervisorctl", "-c", str(conf), "shutdown"], capture_output=True)
+
+
+def env_spec(project: Project, name: str, environments: dict, **deploy: object) -> Spec:
+    """The project's spec with its own deploy section, written beside it."""
+    data = project.spec() | {"deploy": {"environments": environments, **deploy}}
+    path = project.spec_path.with_name(f"{name}.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_spec(path)
+
+
+def version_at(url: str) -> str:
+    response = httpx.get(f"{url}/version", timeout=5)
+    assert response.status_code == 200, f"{url}: {response.status_code} {response.text[:300]}"
+    return response.json()["model_version"]
+
+
+def ssh_env(hosts: SshHosts, folder: Path, runtime: str = "container", **group: object) -> dict:
+    """An ssh environment over both hosts, each with its own root and front-door port."""
+    per_host = {
+        h.name: {"model_service_root": str(folder / h.name), "model_service_port": free_ports(3)}
+        for h in hosts.hosts
+    }
+    docker = os.environ.get("DOCKER_HOST", "")
+    inventory = hosts.inventory(
+        folder / "inventory.yml", per_host, model_service_docker_host=docker, **group
+    )
+    fronts = [f"http://127.0.0.1:{v['model_service_port']}" for v in per_host.values()]
+    return {"target": "ssh", "inventory": str(inventory), "runtime": runtime, "fronts": fronts}
+
+
+def _environment(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k != "fronts"}
+
+
+def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_path):
+    env = ssh_env(ssh_hosts, tmp_path)
+    spec = env_spec(registered, "rollout", {"prod-ssh": _environment(env)})
+    settings, progress = get_settings(), []
+
+    first = release.deploy(settings, spec, "prod-ssh", "1", progress.append)
+    assert first.outcome == "succeeded" and first.previous_version == ""
+    assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
+
+    with LoadLoop(env["fronts"], spec.name, TOKEN) as load:
+        second = release.deploy(settings, spec, "prod-ssh", "2", progress.append)
+        assert [version_at(url) for url in env["fronts"]] == ["2", "2"]
+        back = run_cli("rollback", "prod-ssh", "--spec", str(spec.source_dir / "rollout.yaml"))
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert "rolled back from v2" in back.stdout
+        assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
+    assert load.failures == []
+    for url in env["fronts"]:  # traffic really crossed over and back on every host
+        assert load.versions[url]["1"] > 0 and load.versions[url]["2"] > 0
+
+    assert second.previous_version == "1"
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(spec.name, "prod-ssh").version == "1"
+    records = ledger.history(settings, spec.name, "prod-ssh")
+    assert [(r.action, r.version, r.outcome) for r in records] == [
+        ("rollback", "1", "succeeded"), ("deploy", "2", "succeeded"), ("deploy", "1", "succeeded"),
+    ]  # fmt: skip
+    assert records[0].previous_version == "2" and records[0].actor == "deploy-tests"
+    assert set(records[1].hosts.split(",")) == {"host-a", "host-b"}
+    assert any("host-b: Start the container in the idle slot" in line for line in progress)
+    # The ledger keeps Ansible's full output, and no secret made it there or to disk.
+    stdout = client.download_artifacts(records[1].record_id, "ansible/stdout", str(tmp_path))
+    assert "Roll out the model service" in Path(stdout).read_text()
+    workspace = settings.workspace_dir / "releases"
+    leaked = subprocess.run(["grep", "-rl", TOKEN, str(workspace), str(tmp_path)],
+                            capture_output=True, text=True).stdout  # fmt: skip
+    assert leaked == ""
+
+    shown = run_cli("history", spec.name, "--env", "prod-ssh")
+    assert shown.returncode == 0 and shown.stdout.count("succeeded") == 3
+
+
+class _NotReady(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(503)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_failed_health_check_on_second_host_puts_every_host_back(registered, ssh_hosts, tmp_path):
+    env = ssh_env(ssh_hosts, tmp_path, model_service_ready_timeout=8)
+    spec = env_spec(registered, "failing", {"fragile": _environment(env)})
+    settings = get_settings()
+    release.deploy(settings, spec, "fragile", "1", lambda _: None)
+
+    # On host-b something else holds the idle slot's port: v2's container cannot listen there,
+    # and the port answers 503 to the readiness probe.
+    inventory = yaml.safe_load(Path(env["inventory"]).read_text())
+    host_b_port = inventory["all"]["children"]["model_hosts"]["hosts"]["host-b"][
+        "model_service_port"
+    ]
+    blocker = http.server.HTTPServer(("127.0.0.1", host_b_port + 2), _NotReady)
+    threading.Thread(target=blocker.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DeployFailed) as failed:
+            release.deploy(settings, spec, "fragile", "2", lambda _: None)
+    finally:
+        blocker.shutdown()
+    message = str(failed.value)
+    assert "host-b" in message and "Wait for the idle slot to be ready" in message
+    assert "every host is back on v1" in message
+
+    assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
+    assert MlflowClient().get_model_version_by_alias(spec.name, "fragile").version == "1"
+    latest = ledger.history(settings, spec.name, "fragile")[0]
+    assert (latest.action, latest.version, latest.outcome) == ("deploy", "2", "failed")
+    assert "host-b" in latest.reason and latest.previous_version == "1"
+    assert ledger.live(settings, spec.name, "fragile").version == "1"
+
+
+def test_process_runtime_on_this_machine_and_an_ssh_host(registered, ssh_hosts, tmp_path):
+    port = free_ports(3)
+    ssh = ssh_env(ssh_hosts, tmp_path, runtime="process")
+    environments = {
+        "edge-local": {"target": "local", "runtime": "process", "port": port},
+        "edge-ssh": _environment(ssh),
+    }
+    spec = env_spec(registered, "edge", environments)
+    settings = get_settings()
+    for version in ("1", "2"):
+        for environment in environments:
+            release.deploy(settings, spec, environment, version, lambda _: None)
+    fronts = [f"http://127.0.0.1:{port}", *ssh["fronts"]]
+    assert [version_at(url) for url in fronts] == ["2", "2", "2"]
+    for url in fronts:
+        answer = httpx.post(f"{url}/invocations", json={"inputs": [[29, "female", 41, 4, 17.5, "desktop"]]},
+                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)  # fmt: skip
+        assert answer.status_code == 200 and answer.json()["predictions"] in ([0], [1])
+        assert httpx.post(f"{url}/invocations", json={}, timeout=10).status_code == 401
+    # The process runtime ran no container.
+    containers = subprocess.run(["docker", "ps", "-q", "--filter", "label=io.modelyard.service=deploy-ads-edge-local"],
+                                capture_output=True, text=True).stdout  # fmt: skip
+    assert containers == ""
+
+
+def test_bad_deploy_requests_name_the_field(registered, tmp_path):
+    settings = get_settings()
+    spec = env_spec(registered, "bad", {"staging": {"target": "local", "port": free_ports(3)}})
+    with pytest.raises(SpecError, match=r"deploy\.environments\.nowhere"):
+        release.deploy(settings, spec, "nowhere", "1", lambda _: None)
+    with pytest.raises(DeployFailed, match="version 99 is not registered"):
+        release.deploy(settings, spec, "staging", "99", lambda _: None)
+    with pytest.raises(DeployFailed, match="nothing to roll back to"):
+        release.rollback(settings, spec, "staging", lambda _: None)
+    (tmp_path / "bad.yaml").write_text(
+        yaml.safe_dump(registered.spec() | {"deploy": {"environments": {"x": {"target": "ssh"}}}})
+    )
+    shown = run_cli("validate-spec", "--spec", str(tmp_path / "bad.yaml"))
+    assert shown.returncode == 2 and "deploy.environments.x" in shown.stderr
+    assert "inventory" in shown.stderr
+    assert ledger.history(settings, spec.name, "staging") == []  # nothing was recorded
+
+
+class FlowInThread:
+    """A pipeline run in a background thread, as `modelyard run` would run it."""
+
+    def __init__(self, project: Project) -> None:
+        self.states: list = []
+        self.thread = threading.Thread(
+            target=lambda: self.states.append(
+                pipeline(spec_path=str(project.spec_path), return_state=True)
+            )
+        )
+        self.thread.start()
+
+    def result(self, timeout: float = 600) -> dict:
+        self.thread.join(timeout)
+        assert self.states, "the flow run did not finish"
+        state = self.states[0]
+        assert state.is_completed(), state.message
+        return state.result()
+
+
+def paused_run(after: set[str] = frozenset(), timeout: float = 400) -> str:
+    """The id of a flow run waiting for approval (not one of `after`, already answered)."""
+    paused = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+    )
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = [r for r in client.read_flow_runs(flow_run_filter=paused)]
+            fresh = [r for r in runs if f"{r.id}:{r.state.state_details.pause_key}" not in after]
+            if fresh:
+                return f"{fresh[0].id}:{fresh[0].state.state_details.pause_key}"
+            time.sleep(1)
+    raise TimeoutError("no flow run paused for approval")
+
+
+def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELYARD_SERVE_TOKEN", TOKEN)
+    project = Project(tmp_path / "repo", "ad_clicks", "approval-ads")
+    staging, production = free_ports(3), free_ports(3)
+    environments = {
+        "staging": {"target": "local", "port": staging},
+        "production": {"target": "local", "port": production, "approvers": ["alice"]},
+    }
+    project.write_spec(project.spec() | {"deploy": {"environments": environments}}, "deploy")
+    staging_url, production_url = f"http://127.0.0.1:{staging}", f"http://127.0.0.1:{production}"
+    settings = get_settings()
+
+    first = FlowInThread(project)
+    pause = paused_run()
+    run_id = pause.split(":")[0]
+    assert version_at(staging_url) == "1"  # staging deployed before anyone was asked
+    # Someone not on the approvers list: the run asks again, production is untouched.
+    resume_flow_run(UUID(run_id), run_input={"approve": True, "approver": "mallory", "comment": ""})
+    pause = paused_run(after={pause})
+    resume_flow_run(
+        UUID(run_id), run_input={"approve": True, "approver": "alice", "comment": "lgtm"}
+    )
+    outcome = first.result()
+    assert [r["environment"] for r in outcome["releases"]] == ["staging", "production"]
+    assert version_at(production_url) == "1"
+    promoted = ledger.history(settings, "approval-ads", "production")[0]
+    assert (promoted.action, promoted.actor, promoted.reason) == ("promote", "alice", "lgtm")
+
+    project.commit("second version")
+    second = FlowInThread(project)
+    run_id = paused_run(after={pause}).split(":")[0]
+    env = {"PREFECT_API_URL": servers["prefect"], "MODELYARD_ACTOR": "bob"}
+    answered = run_cli("reject", run_id, "--reason", "not on a Friday", env=env)
+    assert answered.returncode == 0, answered.stdout + answered.stderr
+    outcome = second.result()
+    assert [r["version"] for r in outcome["releases"]] == ["2"]  # staging only
+    assert version_at(staging_url) == "2" and version_at(production_url) == "1"
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("approval-ads", "production").version == "1"
+    rejected = ledger.history(settings, "approval-ads", "production")[0]
+    assert (rejected.action, rejected.outcome, rejected.actor) == ("reject", "rejected", "bob")
+    assert rejected.reason == "not on a Friday" and rejected.previous_version == "1"
+    again = run_cli("approve", run_id, env=env)
+    assert again.returncode == 1 and "not waiting for approval" in again.stderr
