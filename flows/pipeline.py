@@ -319,6 +319,11 @@ def _wait_for_approval(
     allowed = spec.deploy.environments[environment].approvers
     description = _approval_description(ctx, environment, outcome, done, allowed)
     deadline = time.monotonic() + spec.deploy.approval_timeout
+    get_run_logger().info(
+        "waiting for approval to deploy %s v%s to %s: approve in the Prefect UI, or run "
+        "`modelyard approve %s` / `modelyard reject %s`",
+        spec.name, outcome["version"], environment, flow_run.id, flow_run.id,
+    )  # fmt: skip
     attempt = 0
     while (left := int(deadline - time.monotonic())) > 0:
         attempt += 1
@@ -331,7 +336,8 @@ def _wait_for_approval(
             )
         except FlowPauseTimeout:
             return None
-        if not allowed or decision.approver in allowed:
+        # Anyone may reject (it changes nothing); only the listed approvers may approve.
+        if not decision.approve or not allowed or decision.approver in allowed:
             return decision
         get_run_logger().warning(
             "%s may not approve %s (allowed: %s); asking again",

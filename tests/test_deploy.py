@@ -248,11 +248,12 @@ class FlowInThread:
         self.thread = threading.Thread(
             target=lambda: self.states.append(
                 pipeline(spec_path=str(project.spec_path), return_state=True)
-            )
+            ),
+            daemon=True,  # a failed test must not leave the interpreter waiting on a paused run
         )
         self.thread.start()
 
-    def result(self, timeout: float = 600) -> dict:
+    def result(self, timeout: float = 300) -> dict:
         self.thread.join(timeout)
         assert self.states, "the flow run did not finish"
         state = self.states[0]
