@@ -8,7 +8,7 @@ export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
 BASE_IMAGE ?= modelyard/base:bookworm-py311
 DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo test lint format ui clean constraints engine bench java
+.PHONY: install demo test lint format ui clean constraints engine bench java hosts
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,9 @@ $(BIN)/modelyard: pyproject.toml constraints.txt
 
 install: $(BIN)/modelyard ## Create .venv with modelyard and the test tools
 
-demo: install java ## Train, validate and register both examples with embedded defaults
-	$(BIN)/modelyard run --spec examples/house_prices/modelyard.yaml
-	$(BIN)/modelyard run --spec examples/ad_clicks/modelyard.yaml
-	$(BIN)/modelyard models
-	$(BIN)/python examples/serve_and_ask.py $(MODELYARD_WORKSPACE)
+demo: install engine hosts ## Both examples end to end: train, gates, register, package, staging, approval, production
+	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
+		$(BIN)/python examples/demo.py $(MODELYARD_WORKSPACE)
 	@echo
 	@echo "Look at the runs: 'make ui', then open http://127.0.0.1:4200 (Prefect) and http://127.0.0.1:5000 (MLflow)."
 
@@ -40,7 +38,10 @@ engine: java ## Java (PMML export), a Docker engine (Debian's docker.io, started
 	infra/scripts/docker-engine.sh > $(DOCKER_HOST_FILE)
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) infra/docker/build-base.sh $(BASE_IMAGE)
 
-test: install lint engine ## Every test: real MLflow, Prefect and Docker on loopback
+hosts: ## What deploy targets need: nginx, supervisor, and sshd for the SSH-host tests
+	infra/scripts/ensure-packages.sh nginx:nginx supervisord:supervisor sshd:openssh-server ssh-keygen:openssh-client
+
+test: install lint engine hosts ## Every test: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest
 
 bench: install engine ## modelyard's server vs `mlflow models serve`, side by side; updates docs/benchmarks.md

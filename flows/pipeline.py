@@ -374,6 +374,21 @@ def _approval_description(
     )
 
 
+def _state_once_settled(flow_run_id: Any, run_id: str, wait: float = 30) -> State | None:
+    """The run's state; a run still running gets a moment to reach its pause (an answer typed
+    right after the 'waiting for approval' line would otherwise race the pause)."""
+    deadline = time.monotonic() + wait
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                state = client.read_flow_run(flow_run_id).state
+            except ObjectNotFound:
+                raise ModelyardError(f"no flow run {run_id} in this Prefect") from None
+            if state is None or not state.is_running() or time.monotonic() > deadline:
+                return state
+            time.sleep(1)
+
+
 def answer_approval(run_id: str, approve: bool, approver: str, comment: str) -> None:
     """Resume a run paused for approval with a decision (what `modelyard approve` calls)."""
     from uuid import UUID
@@ -382,11 +397,7 @@ def answer_approval(run_id: str, approve: bool, approver: str, comment: str) -> 
         flow_run_id = UUID(run_id)
     except ValueError:
         raise ModelyardError(f"{run_id!r} is not a flow run id (a UUID)") from None
-    with get_client(sync_client=True) as client:
-        try:
-            state = client.read_flow_run(flow_run_id).state
-        except ObjectNotFound:
-            raise ModelyardError(f"no flow run {run_id} in this Prefect") from None
+    state = _state_once_settled(flow_run_id, run_id)
     if state is None or not state.is_paused():
         now = state.name if state else "unknown"
         raise ModelyardError(f"flow run {run_id} is not waiting for approval (it is {now})")

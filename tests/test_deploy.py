@@ -117,17 +117,17 @@ def _environment(env: dict) -> dict:
 
 def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_path):
     env = ssh_env(ssh_hosts, tmp_path)
-    spec = env_spec(registered, "rollout", {"prod-ssh": _environment(env)})
+    spec = env_spec(registered, "rollout", {"production": _environment(env)})
     settings, progress = get_settings(), []
 
-    first = release.deploy(settings, spec, "prod-ssh", "1", progress.append)
+    first = release.deploy(settings, spec, "production", "1", progress.append)
     assert first.outcome == "succeeded" and first.previous_version == ""
     assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
 
     with LoadLoop(env["fronts"], spec.name, TOKEN) as load:
-        second = release.deploy(settings, spec, "prod-ssh", "2", progress.append)
+        second = release.deploy(settings, spec, "production", "2", progress.append)
         assert [version_at(url) for url in env["fronts"]] == ["2", "2"]
-        back = run_cli("rollback", "prod-ssh", "--spec", str(spec.source_dir / "rollout.yaml"))
+        back = run_cli("rollback", "production", "--spec", str(spec.source_dir / "rollout.yaml"))
         assert back.returncode == 0, back.stdout + back.stderr
         assert "rolled back from v2" in back.stdout
         assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
@@ -137,8 +137,8 @@ def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_pat
 
     assert second.previous_version == "1"
     client = MlflowClient()
-    assert client.get_model_version_by_alias(spec.name, "prod-ssh").version == "1"
-    records = ledger.history(settings, spec.name, "prod-ssh")
+    assert client.get_model_version_by_alias(spec.name, "production").version == "1"
+    records = ledger.history(settings, spec.name, "production")
     assert [(r.action, r.version, r.outcome) for r in records] == [
         ("rollback", "1", "succeeded"), ("deploy", "2", "succeeded"), ("deploy", "1", "succeeded"),
     ]  # fmt: skip
@@ -153,8 +153,23 @@ def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_pat
                             capture_output=True, text=True).stdout  # fmt: skip
     assert leaked == ""
 
-    shown = run_cli("history", spec.name, "--env", "prod-ssh")
+    shown = run_cli("history", spec.name, "--env", "production")
     assert shown.returncode == 0 and shown.stdout.count("succeeded") == 3
+
+    # Rollback also works when the current version's container is gone.
+    release.deploy(settings, spec, "production", "2", progress.append)
+    subprocess.run(["docker", "rm", "-f", *_containers(spec.name, "production")], check=True)
+    release.rollback(settings, spec, "production", progress.append)
+    assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
+
+
+def _containers(model: str, environment: str) -> list[str]:
+    label = f"label=io.modelyard.service={model}-{environment}"
+    found = subprocess.run(
+        ["docker", "ps", "-q", "--filter", label], capture_output=True, text=True
+    )
+    assert found.stdout.split(), f"no running container for {model}-{environment}"
+    return found.stdout.split()
 
 
 class _NotReady(http.server.BaseHTTPRequestHandler):

@@ -109,6 +109,9 @@ def _print_success(outcome: dict[str, Any], settings: Settings, flow_run_id: str
         f"[green]✓[/] {outcome['model']} version [bold]{outcome['version']}[/] {how}, "
         f"alias 'candidate'. {metrics}"
     )
+    serving = [r["environment"] for r in outcome.get("releases", [])]
+    if serving:
+        console.print(f"[green]✓[/] it serves {', '.join(serving)}; see `modelyard history`")
     _print_where(settings, flow_run_id, outcome)
 
 

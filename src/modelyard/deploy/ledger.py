@@ -95,9 +95,19 @@ def previous_good(settings: Settings, model: str, environment: str) -> Release |
     current = next((r for r in records if r.serving), None)
     if current is None:
         return None
-    rolled_away = {r.previous_version for r in records if r.action == "rollback" and r.serving}
-    skip = rolled_away | {current.version}
-    return next((r for r in records if r.serving and r.version not in skip), None)
+    # Newest first: a rollback seen before a record is later than it, and taints the version it
+    # left until that version is deployed again on purpose.
+    rolled_away: set[str] = set()
+    for record in records:
+        if (
+            record.serving
+            and record.version != current.version
+            and record.version not in rolled_away
+        ):
+            return record
+        if record.action == "rollback" and record.serving:
+            rolled_away.add(record.previous_version)
+    return None
 
 
 def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list:
