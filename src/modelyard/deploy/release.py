@@ -119,14 +119,15 @@ def deploy(
     live = ledger.live(settings, spec.name, environment)
     workdir = _workdir(settings, spec.name, environment, action)
     playbook = "rollback.yml" if action == "rollback" else "deploy.yml"
-    extravars = _extravars(settings, spec, where, version, workdir, progress)
+    tags = _version_tags(settings, spec.name, version)
+    extravars = _extravars(settings, spec, where, version, tags, progress)
     progress(f"{action}: {spec.name} v{version} → {environment} ({where.settings.runtime})")
     result = _run(playbook, where, extravars, workdir / "ansible", progress)
     record = Release(
         model=spec.name, environment=environment, action=action, version=version,
         outcome=ledger.SUCCEEDED, actor=actor, previous_version=live.version if live else "",
         reason=reason, image=str(extravars.get("model_service_image", "")),
-        bundle_digest=_version_tags(settings, spec.name, version).get("bundle_digest", ""),
+        bundle_digest=tags.get("bundle_digest", ""),
         runtime=where.settings.runtime, hosts=",".join(result.touched),
     )  # fmt: skip
     files = [p for p in (result.stdout, result.events) if p]
@@ -181,7 +182,8 @@ def _put_back(
     if live is None or not failed.touched:
         return ""
     progress(f"rollout failed; putting {', '.join(failed.touched)} back on v{live.version}")
-    extravars = _extravars(settings, spec, where, live.version, workdir, progress)
+    tags = _version_tags(settings, spec.name, live.version)
+    extravars = _extravars(settings, spec, where, live.version, tags, progress)
     back = _run("rollback.yml", where, extravars, workdir / "revert", progress)
     if back.ok:
         return f" (every host is back on v{live.version})"
@@ -203,10 +205,15 @@ def _run(
 
 
 def _extravars(
-    settings: Settings, spec: Spec, where: Target, version: str, workdir: Path, progress: Progress
+    settings: Settings,
+    spec: Spec,
+    where: Target,
+    version: str,
+    tags: dict[str, str],
+    progress: Progress,
 ) -> dict[str, Any]:
+    """Everything the role needs for one version (the model_service_* variables)."""
     env = where.settings
-    tags = _version_tags(settings, spec.name, version)
     bundle = _bundle_archive(settings, spec.name, version, tags)
     values: dict[str, Any] = {
         "model_service_model": spec.name,
