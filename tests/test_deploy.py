@@ -73,9 +73,15 @@ def _stop_test_services(tmp_path: Path) -> Iterator[None]:
 
 
 def _stop_services(*roots: Path) -> None:
-    """Stop what the tests deployed: containers by label, supervisord per service root."""
-    ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=io.modelyard.service"],
-                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    """Stop what the tests deployed under `roots`: containers by their root label, supervisord
+    per service root. Nothing else on the engine is touched."""
+    listed = subprocess.run(
+        ["docker", "ps", "-a", "--filter", "label=io.modelyard.root",
+         "--format", '{{.ID}} {{.Label "io.modelyard.root"}}'],
+        capture_output=True, text=True,
+    ).stdout.splitlines()  # fmt: skip
+    ids = [line.split()[0] for line in listed
+           if any(line.split(maxsplit=1)[1].startswith(str(root)) for root in roots)]  # fmt: skip
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
     for root in roots:
@@ -150,6 +156,9 @@ def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_pat
     ]  # fmt: skip
     assert records[0].previous_version == "2" and records[0].actor == "deploy-tests"
     assert set(records[1].hosts.split(",")) == {"host-a", "host-b"}
+    image = client.get_model_version(spec.name, "2").tags
+    assert (records[1].image, records[1].image_digest) == (image["image_ref"], image["image_id"])
+    assert records[1].bundle_digest == image["bundle_digest"]
     assert any("host-b: Start the container in the idle slot" in line for line in progress)
     # The ledger keeps Ansible's full output, and no secret made it there or to disk.
     stdout = client.download_artifacts(records[1].record_id, "ansible/stdout", str(tmp_path))
@@ -164,18 +173,22 @@ def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_pat
 
     # Rollback also works when the current version's container is gone.
     release.deploy(settings, spec, "production", "2", progress.append)
-    subprocess.run(["docker", "rm", "-f", *_containers(spec.name, "production")], check=True)
+    gone = _containers(f"{spec.name}-production", tmp_path)
+    subprocess.run(["docker", "rm", "-f", *gone], check=True)
     release.rollback(settings, spec, "production", progress.append)
     assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
 
 
-def _containers(model: str, environment: str) -> list[str]:
-    label = f"label=io.modelyard.service={model}-{environment}"
+def _containers(service: str, under: Path) -> list[str]:
+    """Running containers of `service` whose service root is below `under`."""
     found = subprocess.run(
-        ["docker", "ps", "-q", "--filter", label], capture_output=True, text=True
-    )
-    assert found.stdout.split(), f"no running container for {model}-{environment}"
-    return found.stdout.split()
+        ["docker", "ps", "--filter", f"label=io.modelyard.service={service}",
+         "--format", '{{.ID}} {{.Label "io.modelyard.root"}}'],
+        capture_output=True, text=True,
+    ).stdout.splitlines()  # fmt: skip
+    ids = [line.split()[0] for line in found if line.split(maxsplit=1)[1].startswith(str(under))]
+    assert ids, f"no running container of {service} under {under}"
+    return ids
 
 
 class _NotReady(http.server.BaseHTTPRequestHandler):
@@ -241,6 +254,9 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(registered, ssh_hosts, 
     containers = subprocess.run(["docker", "ps", "-q", "--filter", "label=io.modelyard.service=deploy-ads-edge-local"],
                                 capture_output=True, text=True).stdout  # fmt: skip
     assert containers == ""
+    supervised = subprocess.run(["supervisorctl", "-c", str(settings.workspace_dir / "services" / "supervisord.conf"), "status"],
+                                capture_output=True, text=True).stdout  # fmt: skip
+    assert "deploy-ads-edge-local-green" in supervised and "RUNNING" in supervised
 
 
 def test_bad_deploy_requests_name_the_field(registered, tmp_path):

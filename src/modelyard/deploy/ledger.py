@@ -37,6 +37,7 @@ class Release:
     previous_version: str = ""
     reason: str = ""
     image: str = ""
+    image_digest: str = ""
     bundle_digest: str = ""
     runtime: str = ""
     hosts: str = ""

@@ -127,6 +127,7 @@ def deploy(
         model=spec.name, environment=environment, action=action, version=version,
         outcome=ledger.SUCCEEDED, actor=actor, previous_version=live.version if live else "",
         reason=reason, image=str(extravars.get("model_service_image", "")),
+        image_digest=tags.get("image_id", "") if where.settings.runtime == "container" else "",
         bundle_digest=tags.get("bundle_digest", ""),
         runtime=where.settings.runtime, hosts=",".join(result.touched),
     )  # fmt: skip
