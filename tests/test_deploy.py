@@ -24,6 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
+from prefect.input import read_flow_run_input
 
 from flows.pipeline import pipeline
 from modelyard.config import get_settings
@@ -328,8 +329,12 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
 
     first = FlowInThread(project)
     pause = paused_run()
-    run_id = pause.split(":")[0]
+    run_id, pause_key = pause.split(":")
     assert version_at(staging_url) == "1"  # staging deployed before anyone was asked
+    # What the Prefect UI shows above the form: the version's metrics, gates and MLflow link.
+    form = read_flow_run_input(f"paused-{pause_key}-description", flow_run_id=UUID(run_id))
+    assert "Deploy approval-ads v1 to production?" in form and "| roc_auc |" in form
+    assert "| behaviour | passed |" in form and "/#/models/approval-ads/versions/1" in form
     # Someone not on the approvers list: the run asks again, production is untouched.
     resume_flow_run(UUID(run_id), run_input={"approve": True, "approver": "mallory", "comment": ""})
     pause = paused_run(after={pause})
