@@ -363,3 +363,18 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
     assert rejected.reason == "not on a Friday" and rejected.previous_version == "1"
     again = run_cli("approve", run_id, env=env)
     assert again.returncode == 1 and "not waiting for approval" in again.stderr
+
+
+def test_an_inventory_without_hosts_is_a_failure_not_a_silent_success(tmp_path):
+    from modelyard.deploy.playbooks import run_playbook
+
+    empty = tmp_path / "hosts.yml"
+    empty.write_text("all:\n  children:\n    model_hosts:\n      hosts: {}\n")
+    result = run_playbook(
+        "deploy.yml", empty, {"model_service_token": TOKEN}, tmp_path / "run", print, (TOKEN,)
+    )
+    assert not result.ok and "no host in group model_hosts" in result.reason()
+    broken = tmp_path / "broken.yml"
+    broken.write_text("all: [this is: not an inventory\n")
+    result = run_playbook("deploy.yml", broken, {}, tmp_path / "run2", print)
+    assert not result.ok and result.reason()

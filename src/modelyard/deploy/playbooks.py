@@ -72,6 +72,7 @@ def run_playbook(
 ) -> PlaybookResult:
     """Run `playbook` from ansible/ against `inventory`; never raises for a failed host."""
     import ansible_runner
+    from ansible_runner.exceptions import AnsibleRunnerException
 
     project = ansible_dir()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,8 @@ def run_playbook(
             quiet=True,
             ident="run",
         )
+    except AnsibleRunnerException as exc:
+        raise PlaybookError(f"ansible-runner could not run {playbook}: {exc}") from exc
     finally:
         _forget_secrets(workdir)
     artifacts = Path(runner.config.artifact_dir)
@@ -112,6 +115,12 @@ def run_playbook(
     result.status, result.rc = runner.status, runner.rc if runner.rc is not None else -1
     result.stdout = artifacts / "stdout"
     result.events = _write_events(runner, workdir / "events.jsonl")
+    if result.status != "successful" and not result.failures:
+        # Failed before any host did (bad inventory, syntax): say what Ansible said.
+        result.failures["ansible"] = _tail(result.stdout)
+    elif not result.touched:
+        # Ansible calls a play with no hosts a success; a deploy to nowhere is not one.
+        result.failures["ansible"] = f"no host in group model_hosts of {inventory}"
     _scrub(result, secrets)
     return result
 
@@ -136,6 +145,13 @@ def _note_event(event: dict[str, Any], result: PlaybookResult, progress: Progres
     elif not res.get("changed"):
         return  # unchanged checks would drown the changes
     progress(f"ansible: {host}: {task} → {label if label != 'ok' else 'changed'}")
+
+
+def _tail(stdout: Path, lines: int = 6) -> str:
+    if not stdout.exists():
+        return "no output"
+    kept = [line for line in stdout.read_text(errors="replace").splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])[:2000]
 
 
 def _write_events(runner: Any, path: Path) -> Path:
