@@ -10,7 +10,7 @@ append-only, and the MLflow UI lists, filters and compares them with no extra to
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,7 +55,7 @@ def append(settings: Settings, release: Release, files: list[Path] | None = None
     client = registry.connect(settings)
     experiment = registry.ensure_experiment(client, EXPERIMENT, settings)
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    record = Release(**(asdict(release) | {"when": when}))
+    record = replace(release, when=when)
     tags = {f.name: getattr(record, f.name) for f in fields(Release) if f.name != "record_id"}
     name = f"{record.action} {record.model} v{record.version} → {record.environment}"
     run_id = registry.start_run(client, experiment, name, tags | {"modelyard.release": "1"})
@@ -66,7 +66,7 @@ def append(settings: Settings, release: Release, files: list[Path] | None = None
     summary = f"{record.action} {record.outcome} {when} by {record.actor}"
     tag = {f"release.{record.environment}": summary}
     registry.tag_version(client, record.model, record.version, tag)
-    return Release(**(asdict(record) | {"record_id": run_id}))
+    return replace(record, record_id=run_id)
 
 
 def history(

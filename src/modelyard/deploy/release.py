@@ -287,14 +287,17 @@ def _example(bundle_archive: Path) -> dict[str, Any]:
 def _wheelhouse_archive(settings: Settings, progress: Progress) -> tuple[Path, str]:
     """The serving runtime's wheels as one tarball (one copy per host, not one per wheel)."""
     house = prepare_wheelhouse(settings, progress)
-    wheels = [*sorted(house.rglob("*.whl")), house / "requirements.txt"]
-    digest = hashlib.sha256()
-    for path in wheels:
-        digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}\n".encode())
+    # By content, not time: prepare_wheelhouse rewrites requirements.txt on every call, and a
+    # new digest means a new archive here and a new virtualenv on every host.
+    digest = hashlib.sha256((house / "requirements.txt").read_bytes())
+    for path in sorted(house.rglob("*.whl")):  # modelyard's wheel sits under its source digest
+        digest.update(f"{path.relative_to(house)}:{path.stat().st_size}\n".encode())
     short = digest.hexdigest()[:16]
     archive = house / f"serving-{short}.tar.gz"
     if not archive.exists():
         progress("wheelhouse: packing the serving runtime for process hosts")
+        for stale in house.glob("serving-*.tar.gz"):
+            stale.unlink()
         with tempfile.TemporaryDirectory() as tmp:
             flat = flat_wheels(house, Path(tmp) / "wheels")
             partial = archive.with_suffix(".partial")
