@@ -145,6 +145,8 @@ BAD = [
     ("missing column", "POST", "/invocations", {"dataframe_records": [{"age": 3}]}, {}, 400, "gender", "missing input column"),
     ("string for number", "POST", "/invocations", _record(age="thirty"), {}, 400, "age", "must be a number"),
     ("bool for number", "POST", "/invocations", _record(previous_clicks=True), {}, 400, "previous_clicks", "must be a number"),
+    ("beyond float32", "POST", "/invocations", _record(pages_viewed=1e300), {}, 400, "pages_viewed", "float32 range"),
+    ("CSV overflow", "POST", "/invocations", b"age,gender,pages_viewed,previous_clicks,time_on_site,device\n1e400,male,1,1,1,mobile\n", {"Content-Type": "text/csv"}, 400, "age", "float32 range"),
     ("null where forbidden", "POST", "/invocations", _record(pages_viewed=None), {}, 400, "pages_viewed", "forbids missing"),
     ("number for category", "POST", "/invocations", _record(device=3), {}, 400, "device", "must be a string"),
     ("unknown category", "POST", "/invocations", _record(device="fridge"), {}, 400, "device", "not one of"),

@@ -98,13 +98,16 @@ def _rows(rows: Any, names: list[str], field: str) -> Columns:
     if not isinstance(rows, list):
         raise ClientError(f"{field} must be a list of rows", field=field)
     width = len(names)
-    for i, row in enumerate(rows):
-        if type(row) is not list or len(row) != width:
-            raise ClientError(
-                f"{field}[{i}] must be a list of {width} values ({names})", field=field
-            )
-    # Column by column with comprehensions: far cheaper than appending cell by cell.
-    return {name: [row[j] for row in rows] for j, name in enumerate(names)}
+    # Checked with C-level set/map first; the row-by-row loop only runs to name the bad row.
+    if set(map(type, rows)) - _LIST or set(map(len, rows)) - {width}:
+        for i, row in enumerate(rows):
+            if type(row) is not list or len(row) != width:
+                raise ClientError(
+                    f"{field}[{i}] must be a list of {width} values ({names})", field=field
+                )
+    if not rows:
+        return {name: [] for name in names}
+    return dict(zip(names, map(list, zip(*rows, strict=True)), strict=True))
 
 
 def _records(records: Any, field: str) -> Columns:
@@ -214,6 +217,8 @@ def _flatten(data: list[Any]) -> list[Any]:
 
 
 Values = dict[str, list[Any]]  # validated: floats (NaN for missing) or strings ("" for missing)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # numeric inputs are float32 tensors
+_LIST = frozenset({list})
 
 
 def to_feeds(
@@ -269,15 +274,17 @@ def _numeric(column: Column, values: list[Any]) -> list[float]:
     append = out.append
     for i, value in enumerate(values):
         kind = type(value)  # `type is`, not isinstance: a bool is not a number here
-        if kind is int or (kind is float and math.isfinite(value)):
-            append(value)
+        if (kind is int or kind is float) and -FLOAT32_MAX <= value <= FLOAT32_MAX:
+            append(float(value))
         elif value is None or (kind is float and math.isnan(value)):
             if not column.nullable:
                 raise _missing(column, i)
             append(math.nan)
-        elif kind is float:
+        elif kind is int or kind is float:
             raise ClientError(
-                f"{column.name!r}: {value} at row {i} is not finite", field=column.name
+                f"{column.name!r}: {str(value)[:24]} at row {i} is not a finite number within the "
+                f"model's float32 range (±{FLOAT32_MAX:.3g})",
+                field=column.name,
             )
         else:
             raise ClientError(
