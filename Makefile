@@ -8,7 +8,7 @@ export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
 BASE_IMAGE ?= modelyard/base:bookworm-py311
 DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo test lint format ui clean constraints engine bench java hosts
+.PHONY: install demo test lint format ui clean constraints engine bench java hosts stack
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,10 @@ engine: java ## Java (PMML export), a Docker engine (Debian's docker.io, started
 hosts: ## What deploy targets need: nginx, supervisor, and sshd for the SSH-host tests
 	infra/scripts/ensure-packages.sh nginx:nginx supervisord:supervisor sshd:openssh-server ssh-keygen:openssh-client
 
-test: install lint engine hosts ## Every test: real MLflow, Prefect, Docker, sshd and nginx on loopback
+stack: install ## What `modelyard stack up` runs besides Prefect and MLflow: Debian's docker-registry and Prometheus
+	infra/scripts/ensure-packages.sh docker-registry:docker-registry prometheus:prometheus promtool:prometheus
+
+test: install lint engine hosts stack ## Every test: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest
 
 bench: install engine ## modelyard's server vs `mlflow models serve`, side by side; updates docs/benchmarks.md

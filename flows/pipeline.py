@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import Field
 
-from modelyard import stages
+from modelyard import source, stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings, get_settings
 from modelyard.deploy import release
@@ -40,6 +40,11 @@ MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}
 
 def _by_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     return parameters["cache_key"]
+
+
+@task(name="checkout", cache_policy=NONE, persist_result=False, retries=2, retry_delay_seconds=5)
+def checkout_task(repository: str, commit: str, spec_path: str) -> str:
+    return str(source.checkout(get_settings(), repository, commit) / spec_path)
 
 
 @task(name="load-spec", cache_policy=NONE, persist_result=False)
@@ -197,9 +202,15 @@ def _publish_bundle(
 
 def _run_name() -> str:
     params = flow_run.parameters
-    spec_path = Path(params["spec_path"])
-    commit = params.get("commit") or git_info(spec_path.resolve().parent, get_settings()).commit
-    return f"{spec_path.resolve().parent.name}@{commit[:8]}"
+    return run_name(params["spec_path"], params.get("commit"), params.get("repository"))
+
+
+def run_name(spec_path: str, commit: str | None, repository: str | None = None) -> str:
+    """`<model folder>@<commit>`: what the Prefect UI lists, so a run is found by its commit."""
+    folder = Path(spec_path) if repository else Path(spec_path).resolve()
+    if not commit:
+        commit = git_info(folder.parent, get_settings()).commit
+    return f"{folder.parent.name}@{commit[:8]}"
 
 
 @flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True)
@@ -210,14 +221,21 @@ def pipeline(
     trigger: str = "manual",
     refresh_cache: bool = False,
     deploy: bool = True,
+    repository: str | None = None,
 ) -> dict[str, Any]:
     """Train, validate, register and deploy the model a spec describes.
 
     A failed gate fails the run with nothing registered; environments after the first wait for
-    a person's approval. `deploy=False` stops after registering the candidate.
+    a person's approval. `deploy=False` stops after registering the candidate. With a
+    `repository` (URL or path) the run trains `commit` of it, `spec_path` being relative to its
+    root: how pushes reach workers on any machine.
     """
     settings = get_settings()
     runner = _Stages()
+    if repository:
+        if not commit:
+            raise ModelyardError("a run from a repository needs the commit to train")
+        spec_path = runner.run("checkout", checkout_task, repository, commit, spec_path)
     spec = runner.run("load-spec", load_spec_task, spec_path)
     overrides = settings.model_copy(
         update={

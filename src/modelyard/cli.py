@@ -334,5 +334,200 @@ def serve(
     raise typer.Exit(run_server(config))
 
 
+pipelines_app = typer.Typer(
+    help="Prefect deployments of the pipeline, one per model, that pushes trigger.",
+    no_args_is_help=True,
+)
+app.add_typer(pipelines_app, name="pipelines")
+
+
+def _orchestration() -> Any:
+    """flows.orchestration with Prefect pointed at the configured server (or an error)."""
+    settings = get_settings()
+    os.environ.update(settings.orchestrator_env())
+    from flows import orchestration  # after the env: Prefect reads its settings at import
+
+    try:
+        orchestration.require_server(settings)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    return orchestration
+
+
+@pipelines_app.command("apply")
+def pipelines_apply(
+    specs: Annotated[list[Path], typer.Argument(help="Spec files, each committed to git.")],
+    repository: Annotated[
+        str | None,
+        typer.Option(
+            help="URL or path workers clone (default: the checkout's origin, else its path)."
+        ),
+    ] = None,
+    pool: Annotated[str, typer.Option(help="Prefect work pool (process type).")] = "modelyard",
+) -> None:
+    """Create or update the deployment of each spec's pipeline."""
+    orchestration = _orchestration()
+    try:
+        applied = orchestration.apply(specs, repository, pool)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    for d in applied:
+        console.print(f"[green]✓[/] {d.deployment}: {d.spec_path} of {d.repository}, pool {d.pool}")
+
+
+@pipelines_app.command("list")
+def pipelines_list() -> None:
+    """The pipeline deployments on the Prefect server."""
+    table = Table(title="pipeline deployments")
+    for column in ("deployment", "repository", "spec", "pool"):
+        table.add_column(column)
+    for d in _orchestration().deployments():
+        table.add_row(d.deployment, d.repository, d.spec_path, d.pool)
+    console.print(table)
+
+
+@app.command()
+def trigger(
+    commit: Annotated[str | None, typer.Option(help="Commit to train (default: HEAD).")] = None,
+    branch: Annotated[
+        str | None, typer.Option(help="Its branch (default: the current one).")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Where the push came from (default: the CI, else manual).")
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Only this model's pipeline (repeatable).")
+    ] = None,
+    repository: Annotated[
+        str | None, typer.Option(help="Only the pipelines of this repository.")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(help="Idempotency key: a second trigger with it starts nothing.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the runs; exit 1 if one fails.")
+    ] = False,
+) -> None:
+    """Start the pipeline deployments for a commit (what CI and git hooks call)."""
+    from modelyard.lineage import git_info
+
+    orchestration = _orchestration()
+    here = git_info(Path.cwd(), get_settings())  # CI variables first, then git
+    commit, branch = commit or here.commit, branch or here.branch
+    if commit == "unknown":
+        err.print("[bold red]error:[/] no commit: pass --commit, or run inside the git checkout")
+        raise typer.Exit(2)
+    source = source or _ci_name()
+    try:
+        runs = orchestration.trigger(commit, branch, source, repository, model, key)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    settings = get_settings()
+    ui = (settings.api_url or "").removesuffix("/api")
+    for r in runs:
+        how = "started" if r.created else "already started by an earlier trigger"
+        console.print(
+            f"[green]✓[/] {r.model}: run {r.name} {how}: {ui}/runs/flow-run/{r.flow_run_id}"
+        )
+    if wait:
+        failed = [r for r in runs if not _follow(orchestration, r)]
+        if failed:
+            raise typer.Exit(1)
+
+
+def _follow(orchestration: Any, run: Any) -> bool:
+    console.print(f"[bold]{run.name}[/]")
+    final = orchestration.follow(run.flow_run_id, _progress)
+    if final.state.is_paused():
+        console.print(
+            f"[yellow]⏸[/] {run.name} waits for approval: `modelyard approve {run.flow_run_id}` "
+            "or the form in the Prefect UI"
+        )
+        return True
+    return bool(final.state.is_completed())
+
+
+def _ci_name() -> str:
+    for variable, name in (("GITHUB_ACTIONS", "github"), ("JENKINS_URL", "jenkins"),
+                           ("GITLAB_CI", "gitlab")):  # fmt: skip
+        if os.environ.get(variable):
+            return name
+    return "manual"
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option(help="Work pool to serve.")] = "modelyard",
+    name: Annotated[str | None, typer.Option(help="Worker name (default: Prefect's).")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Most flow runs at once (default: no limit).")
+    ] = None,
+) -> None:
+    """Run pipeline flow runs from the work pool; start one per machine to scale out."""
+    orchestration = _orchestration()
+    raise typer.Exit(orchestration.run_worker(get_settings(), pool, name, limit))
+
+
+stack_app = typer.Typer(
+    help="The local servers: Prefect, MLflow, a Docker registry and Prometheus on 127.0.0.1.",
+    no_args_is_help=True,
+)
+app.add_typer(stack_app, name="stack")
+ServicesArgument = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="prefect, mlflow, registry, prometheus (default: all).", show_default=False
+    ),
+]
+
+
+@stack_app.command("up")
+def stack_up(services: ServicesArgument = None) -> None:
+    """Start the stack (what is already up stays), wait until each server answers."""
+    from modelyard import stack
+
+    try:
+        stack.up(get_settings(), services, _progress)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    _print_stack(stack.status(get_settings()))
+
+
+@stack_app.command("down")
+def stack_down(services: ServicesArgument = None) -> None:
+    """Stop the stack's servers; their data stays in the workspace."""
+    from modelyard import stack
+
+    try:
+        stack.down(get_settings(), services, _progress)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """What is up and what is not; exits 1 when any server is down."""
+    from modelyard import stack
+
+    statuses = stack.status(get_settings())
+    _print_stack(statuses)
+    if not all(s.up for s in statuses):
+        raise typer.Exit(1)
+
+
+def _print_stack(statuses: list[Any]) -> None:
+    table = Table(title="modelyard stack")
+    for column in ("service", "url", "state", "pid"):
+        table.add_column(column)
+    for s in statuses:
+        state = "[green]up[/]" if s.up else f"[red]down[/] {s.detail}"
+        table.add_row(s.name, s.url, state, str(s.pid or ""))
+    console.print(table)
+    settings = get_settings()
+    if any(s.up for s in statuses):
+        console.print(f"Prefect UI: {settings.api_url or 'not running'}".replace("/api", ""))
+        console.print(f"MLflow UI:  {settings.tracking_uri}")
+
+
 if __name__ == "__main__":
     app()

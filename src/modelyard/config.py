@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Telemetry that would call out to the internet; off unless the user turned it on explicitly.
-_TELEMETRY_OFF = {
+TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
     "GX_ANALYTICS_ENABLED": "false",
@@ -65,6 +65,27 @@ class Settings(BaseSettings):
     wheelhouse: Path | None = Field(
         default=None, description="Wheels for the serving image; default <workspace>/wheelhouse."
     )
+    stack_host: str = Field(default="127.0.0.1", description="Address the local stack binds.")
+    stack_prefect_port: int = Field(default=4200, description="Prefect server (API and UI).")
+    stack_mlflow_port: int = Field(default=5000, description="MLflow tracking server and UI.")
+    stack_registry_port: int = Field(default=5001, description="Docker registry.")
+    stack_prometheus_port: int = Field(default=9090, description="Prometheus.")
+    stack_start_timeout: float = Field(default=120, description="Seconds a service may take.")
+    prefect_database_url: SecretStr | None = Field(
+        default=None,
+        description="Scale-out: the Prefect server's database, "
+        "e.g. postgresql+asyncpg://user:pass@host/prefect; default SQLite in the workspace.",
+    )
+    mlflow_backend_store_uri: SecretStr | None = Field(
+        default=None,
+        description="Scale-out: the MLflow server's store, e.g. "
+        "postgresql://user:pass@host/mlflow; default SQLite in the workspace.",
+    )
+    artifacts_destination: str | None = Field(
+        default=None,
+        description="Scale-out: where the MLflow server keeps artifacts, e.g. s3://bucket/mlflow "
+        "(S3-compatible stores: MLFLOW_S3_ENDPOINT_URL); default <workspace>/artifacts.",
+    )
     build_image: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="Build and infra-validate the serving image: 'auto' when a Docker engine "
@@ -79,8 +100,16 @@ class Settings(BaseSettings):
 
     @property
     def tracking_uri(self) -> str:
+        """The configured MLflow, else the stack's server while it runs, else embedded SQLite."""
         explicit = self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        return explicit or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
+        return (
+            explicit or self._stack_url("mlflow") or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
+        )
+
+    def _stack_url(self, service: str) -> str | None:
+        from modelyard.stack import running_url  # the stack module reads these settings
+
+        return running_url(self, service)
 
     @property
     def artifact_root(self) -> str:
@@ -93,11 +122,17 @@ class Settings(BaseSettings):
 
     @property
     def api_url(self) -> str | None:
-        return self.prefect_api_url or os.environ.get("PREFECT_API_URL")
+        """The configured Prefect API, else the stack's server while it runs, else None (a
+        local ephemeral API)."""
+        explicit = self.prefect_api_url or os.environ.get("PREFECT_API_URL")
+        if explicit:
+            return explicit
+        server = self._stack_url("prefect")
+        return f"{server}/api" if server else None
 
     def orchestrator_env(self) -> dict[str, str]:
         """Environment for Prefect: the configured API, else a local one in the workspace."""
-        env = dict(_TELEMETRY_OFF)
+        env = dict(TELEMETRY_OFF)
         if self.api_url:
             env["PREFECT_API_URL"] = self.api_url
         else:
@@ -112,7 +147,7 @@ class Settings(BaseSettings):
 
 def disable_telemetry() -> None:
     """Switch off outbound telemetry of the libraries we import, unless the user set it."""
-    for key, value in _TELEMETRY_OFF.items():
+    for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     # MLflow warns on every pickle-format model; ours stays in the registry and never reaches a
     # serving image (that gets ONNX), so the warning is noise in every run's log.

@@ -1,0 +1,265 @@
+"""Prefect deployments of the pipeline, the work pool its workers serve, and runs for commits.
+
+One deployment per model (named after it) of the flow `modelyard-pipeline`, on a `process` work
+pool. Its parameters say where the code lives (`repository`, a URL or path every worker can
+reach, and `spec_path` inside it); a trigger adds the commit, the branch and where the push came
+from. Workers on any number of machines take the runs: each checks out the commit itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.deployments import run_deployment
+from prefect.deployments.runner import EntrypointType
+from prefect.exceptions import ObjectNotFound
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.workers.process import ProcessWorker
+
+from flows.pipeline import pipeline, run_name
+from modelyard.config import Settings
+from modelyard.errors import ModelyardError
+from modelyard.spec import load_spec
+
+FLOW = "modelyard-pipeline"
+POOL = "modelyard"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PipelineDeployment:
+    model: str
+    deployment: str  # "<flow>/<name>", what run_deployment takes
+    repository: str
+    spec_path: str
+    pool: str
+
+
+@dataclass(frozen=True)
+class TriggeredRun:
+    model: str
+    flow_run_id: str
+    name: str
+    created: bool  # False when an earlier trigger with the same key already made it
+
+
+def require_server(settings: Settings) -> str:
+    if not settings.api_url:
+        raise ModelyardError(
+            "deployments, workers and triggers need a Prefect server: start one with "
+            "`modelyard stack up`, or set MODELYARD_PREFECT_API_URL"
+        )
+    return settings.api_url
+
+
+# --- the work pool and the deployments -----------------------------------------------------------
+
+
+def ensure_pool(name: str = POOL) -> None:
+    async def ensure() -> None:
+        async with get_client() as client:
+            try:
+                await client.read_work_pool(name)
+            except ObjectNotFound:
+                template = ProcessWorker.get_default_base_job_template()
+                await client.create_work_pool(
+                    WorkPoolCreate(name=name, type="process", base_job_template=template)
+                )
+
+    run_coro_as_sync(ensure())
+
+
+def apply(specs: list[Path], repository: str | None, pool: str = POOL) -> list[PipelineDeployment]:
+    """Create or update one deployment per spec; re-applying changes nothing but what changed."""
+    ensure_pool(pool)
+    applied = []
+    for spec_file in specs:
+        spec = load_spec(spec_file)  # a bad spec fails here, not in every later run
+        root = _git_root(spec_file)
+        repo = repository or _default_repository(root)
+        relative = str(spec_file.resolve().relative_to(root))
+        deployment = pipeline.to_deployment(
+            name=spec.name,
+            parameters={"spec_path": relative, "repository": repo},
+            description=f"{spec.name}: {spec.description or spec.task} — from {repo}",
+            tags=["modelyard", f"model:{spec.name}"],
+            work_pool_name=pool,
+            # The flow ships inside the modelyard package, so workers import it by module;
+            # only the user's repository is checked out per run.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        deployment.apply(work_pool_name=pool)
+        applied.append(PipelineDeployment(spec.name, f"{FLOW}/{spec.name}", repo, relative, pool))
+    return applied
+
+
+def deployments() -> list[PipelineDeployment]:
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_deployments(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW]))
+            )
+
+    return [
+        PipelineDeployment(
+            model=d.name,
+            deployment=f"{FLOW}/{d.name}",
+            repository=d.parameters.get("repository") or "",
+            spec_path=d.parameters.get("spec_path") or "",
+            pool=d.work_pool_name or "",
+        )
+        for d in run_coro_as_sync(read())
+    ]
+
+
+def _git_root(spec_file: Path) -> Path:
+    found = subprocess.run(
+        ["git", "-C", str(spec_file.resolve().parent), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+    )
+    if found.returncode != 0:
+        raise ModelyardError(
+            f"{spec_file} is not in a git repository; a pipeline deployment trains commits, so "
+            "the spec must be committed to one"
+        )
+    return Path(found.stdout.strip())
+
+
+def _default_repository(root: Path) -> str:
+    """The checkout's `origin` when it has one (what other machines can reach), else its path."""
+    found = subprocess.run(
+        ["git", "-C", str(root), "remote", "get-url", "origin"], capture_output=True, text=True
+    )
+    return found.stdout.strip() if found.returncode == 0 else str(root)
+
+
+# --- triggers -----------------------------------------------------------------------------------
+
+
+def trigger(
+    commit: str,
+    branch: str,
+    source: str,
+    repository: str | None = None,
+    models: list[str] | None = None,
+    key: str | None = None,
+) -> list[TriggeredRun]:
+    """A flow run per matching deployment for `commit`.
+
+    `repository` selects the deployments of that repository (the git hook passes its own);
+    `key` makes the trigger idempotent: the same key never makes a second run (a redelivered
+    webhook, a hook run twice).
+    """
+    chosen = [
+        d
+        for d in deployments()
+        if (not models or d.model in models)
+        and (repository is None or _same_repository(d.repository, repository))
+    ]
+    if not chosen:
+        wanted = f" of {repository}" if repository else ""
+        raise ModelyardError(
+            f"no pipeline deployment{wanted}{' for ' + ', '.join(models) if models else ''}; "
+            "create them with `modelyard pipelines apply SPEC...`"
+        )
+    runs = []
+    for d in chosen:
+        before = time.time()
+        run: FlowRun = run_deployment(
+            name=d.deployment,
+            parameters={"commit": commit, "branch": branch, "trigger": source},
+            flow_run_name=run_name(d.spec_path, commit, d.repository),
+            tags=[f"commit:{commit}", f"branch:{branch}", f"trigger:{source}", f"model:{d.model}"],
+            idempotency_key=f"{key}:{d.model}" if key else None,
+            timeout=0,
+            as_subflow=False,
+        )
+        created = run.created is None or run.created.timestamp() >= before - 1
+        runs.append(TriggeredRun(d.model, str(run.id), run.name, created))
+    return runs
+
+
+def _same_repository(a: str, b: str) -> bool:
+    def norm(r: str) -> str:
+        path = Path(r)
+        return str(path.resolve()) if path.exists() else r.rstrip("/").removesuffix(".git")
+
+    return norm(a) == norm(b)
+
+
+# --- following a run ----------------------------------------------------------------------------
+
+FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
+
+
+def follow(flow_run_id: str, progress: Progress, poll: float = 2.0) -> FlowRun:
+    """Print each stage as it starts and ends; return once the run is final or waits for a
+    person (paused for approval)."""
+    seen: dict[str, str] = {}
+    last_state = ""
+    while True:
+        run, tasks = run_coro_as_sync(_read(UUID(flow_run_id)))
+        for task_run in sorted(tasks, key=lambda t: t.expected_start_time or t.created):
+            state = task_run.state.name if task_run.state else "Pending"
+            if seen.get(str(task_run.id)) != state:
+                seen[str(task_run.id)] = state
+                final = task_run.state is not None and task_run.state.is_final()
+                took = f" ({task_run.total_run_time.total_seconds():.1f} s)" if final else ""
+                progress(f"{task_run.name.rsplit('-', 1)[0]}: {state}{took}")
+        state = run.state
+        if state and state.name != last_state:
+            last_state = state.name
+            progress(
+                f"run {run.name}: {state.name}{' — ' + state.message if state.message else ''}"
+            )
+        if state and (state.type in FINAL or state.is_paused()):
+            return run
+        time.sleep(poll)
+
+
+async def _read(flow_run_id: UUID) -> tuple[FlowRun, list[Any]]:
+    async with get_client() as client:
+        run = await client.read_flow_run(flow_run_id)
+        tasks = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return run, tasks
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+
+def worker_command(pool: str, name: str | None, limit: int | None) -> list[str]:
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+               "--type", "process"]  # fmt: skip
+    if name:
+        command += ["--name", name]
+    if limit:
+        command += ["--limit", str(limit)]
+    return command
+
+
+def run_worker(settings: Settings, pool: str, name: str | None, limit: int | None) -> int:
+    """Serve the pool until stopped; flow runs start as subprocesses with this environment."""
+    require_server(settings)
+    ensure_pool(pool)
+    env = {**os.environ, **settings.orchestrator_env()}
+    return subprocess.call(worker_command(pool, name, limit), env=env)

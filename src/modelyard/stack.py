@@ -1,0 +1,384 @@
+"""The local stack: a Prefect server, an MLflow tracking server, a Docker registry and Prometheus.
+
+Each service runs as a detached process on the stack's host (127.0.0.1 by default) with its own
+folder `<workspace>/stack/<name>/` holding its log, its data and `state.json` (pid and URL).
+While the stack is up, `Settings` points modelyard at these servers instead of the embedded
+SQLite store and the ephemeral Prefect API, so `modelyard run`, workers and the UIs share state.
+
+The embedded defaults are kept: the Prefect server uses the workspace's Prefect database and the
+MLflow server the workspace's `mlflow.db`, so runs made before `stack up` show in the UIs.
+PostgreSQL and S3 are the scale-out settings (`MODELYARD_PREFECT_DATABASE_URL`,
+`MODELYARD_MLFLOW_BACKEND_STORE_URI`, `MODELYARD_ARTIFACTS_DESTINATION`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelyard.config import TELEMETRY_OFF, Settings
+from modelyard.errors import ModelyardError
+
+SERVICES = ("prefect", "mlflow", "registry", "prometheus")
+# Debian packages that provide the system services (installed by `make stack`).
+PACKAGES = {"registry": "docker-registry", "prometheus": "prometheus"}
+Progress = Callable[[str], None]
+
+
+class StackError(ModelyardError):
+    """A stack service could not start, or is not installed."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    url: str
+    health: str  # path that answers 200 once the service is ready
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold database passwords
+    files: dict[str, str] = field(default_factory=dict)  # config files written before start
+
+    def folder(self, settings: Settings) -> Path:
+        return stack_dir(settings) / self.name
+
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    url: str
+    up: bool
+    pid: int | None
+    detail: str = ""
+
+
+def stack_dir(settings: Settings) -> Path:
+    return settings.workspace_dir / "stack"
+
+
+def plan(settings: Settings) -> list[Service]:
+    """What `up` starts, in order: the registry and Prometheus first, they are fastest."""
+    return [_registry(settings), _prometheus(settings), _mlflow(settings), _prefect(settings)]
+
+
+def up(
+    settings: Settings, names: list[str] | None = None, progress: Progress = print
+) -> list[Status]:
+    """Start the services that are not running and wait until each answers its health route.
+
+    Every binary is checked before anything starts, and a service that fails to come up is
+    stopped again, so a failed `up` leaves only what was already running.
+    """
+    services = _select(settings, names)
+    _check_installed(services)
+    waiting: list[Service] = []
+    for service in services:
+        if _status(settings, service).up:
+            progress(f"{service.name}: already up at {service.url}")
+        else:
+            _check_port_free(service)
+            waiting.append(service)
+    try:
+        for service in waiting:  # all start at once: Prefect and MLflow take seconds each
+            progress(f"{service.name}: starting on {service.url} …")
+            _start(settings, service)
+        for service in waiting:
+            _wait_healthy(settings, service, progress)
+            progress(f"{service.name}: up at {service.url}")
+    except StackError:
+        for service in waiting:
+            _stop(settings, service)
+        raise
+    return [_status(settings, s) for s in services]
+
+
+def down(settings: Settings, names: list[str] | None = None, progress: Progress = print) -> None:
+    for service in reversed(_select(settings, names)):
+        if _stop(settings, service):
+            progress(f"{service.name}: stopped")
+
+
+def status(settings: Settings) -> list[Status]:
+    return [_status(settings, s) for s in plan(settings)]
+
+
+def running_url(settings: Settings, name: str) -> str | None:
+    """The URL of a stack service whose process is alive, else None (cheap: no HTTP)."""
+    state = _read_state(stack_dir(settings) / name)
+    if state and _alive(state.get("pid")):
+        return str(state["url"])
+    return None
+
+
+# --- the services -------------------------------------------------------------------------------
+
+
+def _url(settings: Settings, port: int) -> str:
+    return f"http://{settings.stack_host}:{port}"
+
+
+def _python_tool(module: str) -> list[str]:
+    # The interpreter modelyard runs in has Prefect and MLflow; `-m` needs no PATH lookup.
+    return [sys.executable, "-m", module]
+
+
+def _prefect(settings: Settings) -> Service:
+    env = {"PREFECT_HOME": str(settings.workspace_dir / "prefect")}
+    if settings.prefect_database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+            settings.prefect_database_url.get_secret_value()
+        )
+    port = settings.stack_prefect_port
+    return Service(
+        name="prefect",
+        url=_url(settings, port),
+        health="/api/health",
+        command=[
+            *_python_tool("prefect"),
+            "server",
+            "start",
+            "--host",
+            settings.stack_host,
+            "--port",
+            str(port),
+        ],
+        env=env,
+    )
+
+
+def _mlflow(settings: Settings) -> Service:
+    backend = (
+        settings.mlflow_backend_store_uri.get_secret_value()
+        if settings.mlflow_backend_store_uri
+        else f"sqlite:///{settings.workspace_dir / 'mlflow.db'}"
+    )
+    artifacts = settings.artifacts_destination or str(settings.workspace_dir / "artifacts")
+    port = settings.stack_mlflow_port
+    return Service(
+        name="mlflow",
+        url=_url(settings, port),
+        health="/health",
+        # The backend URI goes in the environment, not argv: a PostgreSQL password in argv
+        # would show in `ps` to every user of the machine.
+        command=[
+            *_python_tool("mlflow"),
+            "server",
+            "--host",
+            settings.stack_host,
+            "--port",
+            str(port),
+            "--artifacts-destination",
+            artifacts,
+            "--workers",
+            "2",
+        ],
+        env={"MLFLOW_BACKEND_STORE_URI": backend},
+    )
+
+
+def _registry(settings: Settings) -> Service:
+    folder = stack_dir(settings) / "registry"
+    port = settings.stack_registry_port
+    config = {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text"},
+        "storage": {
+            "filesystem": {"rootdirectory": str(folder / "data")},
+            "delete": {"enabled": True},
+        },
+        "http": {
+            "addr": f"{settings.stack_host}:{port}",
+            "headers": {"X-Content-Type-Options": ["nosniff"]},
+        },
+    }
+    return Service(
+        name="registry",
+        url=_url(settings, port),
+        health="/v2/",
+        command=["docker-registry", "serve", str(folder / "config.yml")],
+        files={"config.yml": json.dumps(config, indent=2)},  # JSON is YAML
+    )
+
+
+def _prometheus(settings: Settings) -> Service:
+    folder = stack_dir(settings) / "prometheus"
+    port = settings.stack_prometheus_port
+    config = {
+        "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+        "scrape_configs": [
+            {
+                "job_name": "prometheus",
+                "static_configs": [{"targets": [f"{settings.stack_host}:{port}"]}],
+            },
+            # Deployed model servers: the deploy stage writes one file per service here, and
+            # Prometheus picks files up and drops them without a restart.
+            {
+                "job_name": "modelyard",
+                "file_sd_configs": [{"files": [str(folder / "targets" / "*.json")]}],
+            },
+        ],
+    }
+    return Service(
+        name="prometheus",
+        url=_url(settings, port),
+        health="/-/ready",
+        command=[
+            "prometheus",
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address={settings.stack_host}:{port}",
+            "--web.enable-lifecycle",
+        ],
+        files={"prometheus.yml": json.dumps(config, indent=2), "targets/.keep": ""},
+    )
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def _select(settings: Settings, names: list[str] | None) -> list[Service]:
+    unknown = sorted(set(names or []) - set(SERVICES))
+    if unknown:
+        raise StackError(f"unknown stack service(s) {unknown}; choose from {list(SERVICES)}")
+    return [s for s in plan(settings) if not names or s.name in names]
+
+
+def _check_installed(services: list[Service]) -> None:
+    missing = [s for s in services if shutil.which(s.command[0]) is None]
+    if missing:
+        packages = " ".join(PACKAGES[s.name] for s in missing)
+        raise StackError(
+            f"not installed: {', '.join(s.command[0] for s in missing)}; install with "
+            f"`make stack` or `apt-get install {packages}`"
+        )
+
+
+def _check_port_free(service: Service) -> None:
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    with socket.socket() as probe:
+        if probe.connect_ex((host, int(port))) == 0:
+            raise StackError(
+                f"{service.name}: port {port} on {host} is taken by another program; free it or "
+                f"choose another with MODELYARD_STACK_{service.name.upper()}_PORT"
+            )
+
+
+def _start(settings: Settings, service: Service) -> None:
+    folder = service.folder(settings)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for name, text in service.files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    env = {**os.environ, **TELEMETRY_OFF, **service.env}
+    with (folder / "log").open("ab") as log:
+        process = subprocess.Popen(
+            service.command,
+            cwd=folder,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this command; stopped as a group by `down`
+        )
+    state = {"pid": process.pid, "url": service.url, "started": time.time()}
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+def _wait_healthy(settings: Settings, service: Service, progress: Progress) -> None:
+    folder = service.folder(settings)
+    deadline = time.monotonic() + settings.stack_start_timeout
+    announced = time.monotonic()
+    while time.monotonic() < deadline:
+        state = _read_state(folder)
+        if not state or not _alive(state["pid"]):
+            raise StackError(f"{service.name} exited while starting:\n{_tail(folder / 'log')}")
+        if _healthy(service):
+            return
+        if time.monotonic() - announced > 10:
+            progress(f"{service.name}: still starting …")
+            announced = time.monotonic()
+        time.sleep(0.3)
+    raise StackError(
+        f"{service.name} did not answer {service.url}{service.health} within "
+        f"{settings.stack_start_timeout:.0f} s:\n{_tail(folder / 'log')}"
+    )
+
+
+def _healthy(service: Service) -> bool:
+    try:
+        with urllib.request.urlopen(service.url + service.health, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stop(settings: Settings, service: Service) -> bool:
+    folder = service.folder(settings)
+    state = _read_state(folder)
+    (folder / "state.json").unlink(missing_ok=True)
+    pid = state.get("pid") if state else None
+    if not _alive(pid):
+        return False
+    assert pid is not None
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        _signal_group(pid, signal.SIGKILL)
+    return True
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)  # the service and the workers it forked
+
+
+def _status(settings: Settings, service: Service) -> Status:
+    state = _read_state(service.folder(settings))
+    pid = state.get("pid") if state else None
+    if not _alive(pid):
+        return Status(service.name, service.url, False, None, "not running")
+    healthy = _healthy(service)
+    return Status(service.name, service.url, healthy, pid, "" if healthy else "not answering")
+
+
+def _read_state(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return True
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
