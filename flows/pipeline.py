@@ -498,6 +498,10 @@ def _gates_and_register(
         except Exception:
             stages.withdraw(ctx, version)  # a version that cannot ship must not stay registered
             raise
+    else:
+        tags, bundle_path = stages.version_bundle(ctx, version)
+        if not tags.get("image_ref"):  # its first run could not build one (no engine then)
+            _image_and_infra_gate(runner, ctx, version, {"bundle_path": bundle_path}, splits)
     stages.promote_candidate(ctx, version)
     cached = [row["stage"] for row in runner.rows if row["cached"]]
     stages.registry.set_run_tags(

@@ -22,6 +22,7 @@ from mlflow.models import infer_signature
 from modelyard.checks.model import ChampionModel
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings, disable_telemetry
+from modelyard.errors import ModelyardError
 
 CANDIDATE = "candidate"
 MODEL_ARTIFACT = "model"
@@ -245,3 +246,17 @@ def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
         return dict(client.get_run(run_id).data.metrics)
     except MlflowException:
         return {}
+
+
+def bundle_archive(settings: Settings, model: str, version: str, tags: dict[str, str]) -> Path:
+    """The version's signed bundle tarball: from the workspace, else from MLflow."""
+    folder = settings.workspace_dir / "bundles" / model / version
+    local = next(iter(sorted(folder.glob("*.bundle.tar.gz"))), None)
+    if local is not None:
+        return local
+    if not tags.get("bundle_artifact"):
+        raise ModelyardError(
+            f"{model} v{version} has no bundle; it was registered before packaging"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(tags["bundle_artifact"], dst_path=str(folder)))

@@ -23,6 +23,7 @@ import sklearn
 
 import modelyard
 from modelyard import plots, registry
+from modelyard.bundle import from_tarball
 from modelyard.checks.behaviour import run_model_tests
 from modelyard.checks.data import check_data
 from modelyard.checks.model import check_model
@@ -306,6 +307,19 @@ def package(
     }
     registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
     return tags | {"bundle_path": str(verified.path)}
+
+
+def version_bundle(ctx: RunContext, version: str) -> tuple[dict[str, str], str]:
+    """A registered version's tags and its verified bundle folder, unpacked from its tarball
+    (here or in MLflow) when this workspace has no copy: a rerun that reuses a version may
+    still have its image to build."""
+    client = registry.connect(ctx.settings)
+    tags = dict(client.get_model_version(ctx.spec.name, version).tags)
+    folder = ctx.settings.workspace_dir / "bundles" / ctx.spec.name / version / "bundle"
+    if not (folder / "manifest.json").is_file():
+        archive = registry.bundle_archive(ctx.settings, ctx.spec.name, version, tags)
+        from_tarball(archive.read_bytes(), folder)
+    return tags, str(folder)
 
 
 def image_skipped(ctx: RunContext) -> str | None:

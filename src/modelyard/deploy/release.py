@@ -215,7 +215,7 @@ def _extravars(
 ) -> dict[str, Any]:
     """Everything the role needs for one version (the model_service_* variables)."""
     env = where.settings
-    bundle = _bundle_archive(settings, spec.name, version, tags)
+    bundle = registry.bundle_archive(settings, spec.name, version, tags)
     values: dict[str, Any] = {
         "model_service_model": spec.name,
         "model_service_environment": where.environment,
@@ -260,20 +260,6 @@ def _version_tags(settings: Settings, model: str, version: str) -> dict[str, str
         raise DeployFailed(
             f"{model} version {version} is not registered; see `modelyard models`"
         ) from None
-
-
-def _bundle_archive(settings: Settings, model: str, version: str, tags: dict[str, str]) -> Path:
-    """The version's signed bundle tarball: from the workspace, else from MLflow."""
-    folder = settings.workspace_dir / "bundles" / model / version
-    local = next(iter(sorted(folder.glob("*.bundle.tar.gz"))), None)
-    if local is not None:
-        return local
-    if not tags.get("bundle_artifact"):
-        raise DeployFailed(f"{model} v{version} has no bundle; it was registered before packaging")
-    import mlflow
-
-    folder.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(tags["bundle_artifact"], dst_path=str(folder)))
 
 
 def _example(bundle_archive: Path) -> dict[str, Any]:
