@@ -33,9 +33,9 @@ from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
-from flows.pipeline import pipeline, run_name
-from modelyard.config import Settings
+from modelyard.config import Settings, get_settings
 from modelyard.errors import ModelyardError
+from modelyard.lineage import run_name
 from modelyard.spec import load_spec
 
 FLOW = "modelyard-pipeline"
@@ -88,6 +88,8 @@ def ensure_pool(name: str = POOL) -> None:
 
 def apply(specs: list[Path], repository: str | None, pool: str = POOL) -> list[PipelineDeployment]:
     """Create or update one deployment per spec; re-applying changes nothing but what changed."""
+    from flows.pipeline import pipeline  # the whole training stack: only needed here
+
     ensure_pool(pool)
     applied = []
     for spec_file in specs:
@@ -186,7 +188,7 @@ def trigger(
         run: FlowRun = run_deployment(
             name=d.deployment,
             parameters={"commit": commit, "branch": branch, "trigger": source},
-            flow_run_name=run_name(d.spec_path, commit, d.repository),
+            flow_run_name=run_name(d.spec_path, commit, d.repository, get_settings()),
             tags=[f"commit:{commit}", f"branch:{branch}", f"trigger:{source}", f"model:{d.model}"],
             idempotency_key=f"{key}:{d.model}" if key else None,
             timeout=0,

@@ -31,7 +31,7 @@ from modelyard.checks.report import GateReport
 from modelyard.config import Settings, get_settings
 from modelyard.deploy import release
 from modelyard.errors import GateFailed, ModelyardError
-from modelyard.lineage import GitInfo, git_info
+from modelyard.lineage import GitInfo, git_info, run_name
 from modelyard.spec import Spec, load_spec
 
 T = TypeVar("T")
@@ -202,15 +202,9 @@ def _publish_bundle(
 
 def _run_name() -> str:
     params = flow_run.parameters
-    return run_name(params["spec_path"], params.get("commit"), params.get("repository"))
-
-
-def run_name(spec_path: str, commit: str | None, repository: str | None = None) -> str:
-    """`<model folder>@<commit>`: what the Prefect UI lists, so a run is found by its commit."""
-    folder = Path(spec_path) if repository else Path(spec_path).resolve()
-    if not commit:
-        commit = git_info(folder.parent, get_settings()).commit
-    return f"{folder.parent.name}@{commit[:8]}"
+    return run_name(
+        params["spec_path"], params.get("commit"), params.get("repository"), get_settings()
+    )
 
 
 @flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True)

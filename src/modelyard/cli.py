@@ -468,6 +468,41 @@ def worker(
     raise typer.Exit(orchestration.run_worker(get_settings(), pool, name, limit))
 
 
+hooks_app = typer.Typer(help="Git hooks for self-hosted repositories.", no_args_is_help=True)
+app.add_typer(hooks_app, name="hooks")
+RepoArgument = Annotated[Path, typer.Argument(help="The repository (bare or not) pushed to.")]
+
+
+@hooks_app.command("install")
+def hooks_install(
+    repository: RepoArgument,
+    branch: Annotated[
+        list[str] | None, typer.Option(help="Branch whose pushes run the pipeline (repeatable).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace a post-receive hook not ours.")] = False,
+) -> None:
+    """Install the post-receive hook: pushes to the branches start the pipeline deployments."""
+    from modelyard import hooks
+
+    try:
+        hook = hooks.install(get_settings(), repository, branch or ["main"], force)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]✓[/] {hook}: pushes to {', '.join(branch or ['main'])} trigger runs")
+
+
+@hooks_app.command("uninstall")
+def hooks_uninstall(repository: RepoArgument) -> None:
+    """Remove modelyard's post-receive hook (a hook not ours stays)."""
+    from modelyard import hooks
+
+    try:
+        removed = hooks.uninstall(repository)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print("[green]✓[/] removed" if removed else "no modelyard hook there")
+
+
 stack_app = typer.Typer(
     help="The local servers: Prefect, MLflow, a Docker registry and Prometheus on 127.0.0.1.",
     no_args_is_help=True,
