@@ -9,6 +9,7 @@ from. Workers on any number of machines take the runs: each checks out the commi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -160,13 +161,14 @@ def trigger(
     commit: str,
     branch: str,
     source: str,
-    repository: str | None = None,
+    repositories: list[str] | None = None,
     models: list[str] | None = None,
     key: str | None = None,
 ) -> list[TriggeredRun]:
     """A flow run per matching deployment for `commit`.
 
-    `repository` selects the deployments of that repository (the git hook passes its own);
+    `repositories` selects the deployments of that repository, under any of its URLs (the git
+    hook passes its path, a webhook the clone, SSH and web URLs);
     `key` makes the trigger idempotent: the same key never makes a second run (a redelivered
     webhook, a hook run twice).
     """
@@ -174,10 +176,10 @@ def trigger(
         d
         for d in deployments()
         if (not models or d.model in models)
-        and (repository is None or _same_repository(d.repository, repository))
+        and (not repositories or any(_same_repository(d.repository, r) for r in repositories))
     ]
     if not chosen:
-        wanted = f" of {repository}" if repository else ""
+        wanted = f" of {repositories[0]}" if repositories else ""
         raise ModelyardError(
             f"no pipeline deployment{wanted}{' for ' + ', '.join(models) if models else ''}; "
             "create them with `modelyard pipelines apply SPEC...`"
@@ -200,11 +202,20 @@ def trigger(
 
 
 def _same_repository(a: str, b: str) -> bool:
-    def norm(r: str) -> str:
-        path = Path(r)
-        return str(path.resolve()) if path.exists() else r.rstrip("/").removesuffix(".git")
+    return _repository_key(a) == _repository_key(b)
 
-    return norm(a) == norm(b)
+
+def _repository_key(repository: str) -> str:
+    """One spelling per repository: a local path resolved; `git@host:o/r.git`,
+    `ssh://git@host/o/r`, `https://host/o/r.git` all become `host/o/r`."""
+    path = Path(repository)
+    if path.exists():
+        return str(path.resolve())
+    key = re.sub(r"^[a-z+]+://", "", repository.strip())
+    key = re.sub(r"^[^@/]+@", "", key)  # user@
+    key = re.sub(r"^([^/:]+):(?!\d)", r"\1/", key)  # scp-like host:path
+    key = re.sub(r"^([^/:]+):\d+/", r"\1/", key)  # a port
+    return key.rstrip("/").removesuffix(".git").lower()
 
 
 # --- following a run ----------------------------------------------------------------------------

@@ -419,7 +419,9 @@ def trigger(
         raise typer.Exit(2)
     source = source or _ci_name()
     try:
-        runs = orchestration.trigger(commit, branch, source, repository, model, key)
+        runs = orchestration.trigger(
+            commit, branch, source, [repository] if repository else None, model, key
+        )
     except ModelyardError as exc:
         raise _fail(exc) from None
     settings = get_settings()
@@ -466,6 +468,44 @@ def worker(
     """Run pipeline flow runs from the work pool; start one per machine to scale out."""
     orchestration = _orchestration()
     raise typer.Exit(orchestration.run_worker(get_settings(), pool, name, limit))
+
+
+@app.command()
+def webhook(
+    host: Annotated[str, typer.Option(help="Address to bind (TLS: a proxy in front).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8765,
+    branch: Annotated[
+        list[str] | None, typer.Option(help="Branch whose pushes run the pipeline (repeatable).")
+    ] = None,
+) -> None:
+    """Receive GitHub push events at /hooks/github; each verified delivery starts one run."""
+    import uvicorn
+
+    from modelyard.webhook import Deliveries, GitHubWebhook, Push
+
+    settings = get_settings()
+    if not settings.webhook_secret:
+        err.print(
+            "[bold red]error:[/] set MODELYARD_WEBHOOK_SECRET to the secret entered in GitHub's "
+            "webhook settings; deliveries cannot be verified without it"
+        )
+        raise typer.Exit(2)
+    orchestration = _orchestration()
+
+    def on_push(push: Push) -> list[str]:
+        runs = orchestration.trigger(
+            push.commit, push.branch, "github", [push.repository, *push.aliases],
+            key=f"github:{push.delivery}",
+        )  # fmt: skip
+        return [r.name for r in runs]
+
+    deliveries = Deliveries(settings.workspace_dir / "webhook" / "deliveries.db")
+    secret = settings.webhook_secret.get_secret_value()
+    receiver = GitHubWebhook(secret, deliveries, on_push, branch or ["main"])
+    console.print(f"GitHub webhook on http://{host}:{port}/hooks/github")
+    uvicorn.run(receiver, host=host, port=port, log_level="info", proxy_headers=False)
 
 
 hooks_app = typer.Typer(help="Git hooks for self-hosted repositories.", no_args_is_help=True)

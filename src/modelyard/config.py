@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     wheelhouse: Path | None = Field(
         default=None, description="Wheels for the serving image; default <workspace>/wheelhouse."
     )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Shared secret of the GitHub webhook (X-Hub-Signature-256)."
+    )
     stack_host: str = Field(default="127.0.0.1", description="Address the local stack binds.")
     stack_prefect_port: int = Field(default=4200, description="Prefect server (API and UI).")
     stack_mlflow_port: int = Field(default=5000, description="MLflow tracking server and UI.")
