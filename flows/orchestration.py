@@ -190,7 +190,7 @@ def trigger(
         run: FlowRun = run_deployment(
             name=d.deployment,
             parameters={"commit": commit, "branch": branch, "trigger": source},
-            flow_run_name=run_name(d.spec_path, commit, d.repository, get_settings()),
+            flow_run_name=run_name(d.spec_path, commit, d.repository, get_settings(), d.model),
             tags=[f"commit:{commit}", f"branch:{branch}", f"trigger:{source}", f"model:{d.model}"],
             idempotency_key=f"{key}:{d.model}" if key else None,
             timeout=0,

@@ -202,8 +202,10 @@ def _publish_bundle(
 
 def _run_name() -> str:
     params = flow_run.parameters
+    # Triggered runs carry their model in a tag (the deployment's name); others name the folder.
+    model = next((t.split(":", 1)[1] for t in flow_run.tags if t.startswith("model:")), None)
     return run_name(
-        params["spec_path"], params.get("commit"), params.get("repository"), get_settings()
+        params["spec_path"], params.get("commit"), params.get("repository"), get_settings(), model
     )
 
 

@@ -54,12 +54,19 @@ def git_info(folder: Path, settings: Settings) -> GitInfo:
     )
 
 
-def run_name(spec_path: str, commit: str | None, repository: str | None, settings: Settings) -> str:
-    """`<model folder>@<commit>`: what the Prefect UI lists, so a run is found by its commit.
+def run_name(
+    spec_path: str,
+    commit: str | None,
+    repository: str | None,
+    settings: Settings,
+    model: str | None = None,
+) -> str:
+    """`<model>@<commit>`: what the Prefect UI lists, so a run is found by its commit.
 
-    With a repository the spec path is inside it and not on this machine: only its name counts.
+    Without the model's name, its spec's folder. With a repository the spec path is inside it
+    and not on this machine: only its name counts.
     """
     folder = Path(spec_path) if repository else Path(spec_path).resolve()
     if not commit:
         commit = git_info(folder.parent, settings).commit
-    return f"{folder.parent.name}@{commit[:8]}"
+    return f"{model or folder.parent.name}@{commit[:8]}"

@@ -1,0 +1,277 @@
+"""From a push to a run: the local stack, pipeline deployments, workers, the git hook and the
+GitHub webhook, all against the real servers `modelyard stack up` starts on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelyard.config import Settings
+from modelyard.package.validate import free_port
+from modelyard.webhook import sign
+from tests.conftest import Project
+from tests.hosts import free_ports
+from tests.test_deploy import _stop_services, version_at
+
+pytestmark = pytest.mark.docker
+SERVICES = ("prefect", "mlflow", "registry", "prometheus")
+HEALTH = {"prefect": "/api/health", "mlflow": "/health", "registry": "/v2/",
+          "prometheus": "/-/ready"}  # fmt: skip
+# Variables of other tests' servers must not leak into the stack's commands.
+FOREIGN = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MODELYARD_MLFLOW_TRACKING_URI",
+           "MODELYARD_PREFECT_API_URL", "GITHUB_SHA", "GIT_COMMIT", "MODELYARD_GIT_COMMIT")  # fmt: skip
+
+
+class Stack:
+    def __init__(self, workspace: Path, wheelhouse: Path) -> None:
+        self.workspace = workspace
+        self.ports = {name: free_port() for name in SERVICES}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k not in FOREIGN},
+            "MODELYARD_WORKSPACE": str(workspace),
+            "MODELYARD_WHEELHOUSE": str(wheelhouse),
+            "MODELYARD_ACTOR": "trigger-tests",
+            **{f"MODELYARD_STACK_{n.upper()}_PORT": str(p) for n, p in self.ports.items()},
+        }
+
+    def url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}"
+
+    def cli(self, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+        exe = Path(sys.executable).with_name("modelyard")
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd,
+                              env={**self.env, **env}, timeout=600)  # fmt: skip
+
+    def worker(self, pool: str, name: str, log: Path, **env: str) -> subprocess.Popen:
+        exe = Path(sys.executable).with_name("modelyard")
+        return subprocess.Popen(
+            [str(exe), "worker", "--pool", pool, "--name", name, "--limit", "1"],
+            env={**self.env, "PREFECT_WORKER_QUERY_SECONDS": "2", **env},
+            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def flow_runs(self, *tags: str) -> list[dict]:
+        body = {"flow_runs": {"tags": {"all_": list(tags)}}, "sort": "EXPECTED_START_TIME_ASC"}
+        response = httpx.post(f"{self.url('prefect')}/api/flow_runs/filter", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("stack") / "workspace", wheelhouse)
+    up = stack.cli("stack", "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield stack
+    stack.cli("stack", "down")
+    _stop_services(stack.workspace)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, 15)
+    process.wait(timeout=60)
+
+
+def wait_until(what: str, check: object, timeout: float = 600) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()  # type: ignore[operator]
+        if found:
+            return found
+        time.sleep(2)
+    raise TimeoutError(f"{what} within {timeout} s")
+
+
+# --- the stack -----------------------------------------------------------------------------------
+
+
+def test_stack_serves_each_service_and_settings_follow_it(stack, monkeypatch):
+    for name in SERVICES:
+        response = httpx.get(stack.url(name) + HEALTH[name], timeout=10)
+        assert response.status_code == 200, f"{name}: {response.status_code}"
+    shown = stack.cli("stack", "status")
+    assert shown.returncode == 0, shown.stdout
+    assert shown.stdout.count(" up ") == 4 and stack.url("prefect") in shown.stdout
+    # While the stack runs, modelyard in this workspace talks to its servers.
+    for name in FOREIGN:
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(workspace=stack.workspace)
+    assert settings.tracking_uri == stack.url("mlflow")
+    assert settings.api_url == stack.url("prefect") + "/api"
+    # Telemetry that would call out is off in every server's environment.
+    state = json.loads((stack.workspace / "stack" / "prefect" / "state.json").read_text())
+    environ = Path(f"/proc/{state['pid']}/environ").read_bytes().split(b"\0")
+    assert b"PREFECT_SERVER_ANALYTICS_ENABLED=false" in environ
+    assert b"MLFLOW_DISABLE_TELEMETRY=true" in environ
+    # Prometheus discovers deployed servers from files in the stack's folder.
+    config = json.loads((stack.workspace / "stack" / "prometheus" / "prometheus.yml").read_text())
+    assert config["scrape_configs"][1]["file_sd_configs"][0]["files"][0].endswith("targets/*.json")
+
+
+def test_stack_down_and_up_one_service_and_a_taken_port(stack, tmp_path):
+    assert stack.cli("stack", "down", "registry").returncode == 0
+    shown = stack.cli("stack", "status")
+    assert shown.returncode == 1 and "not running" in shown.stdout
+    assert stack.cli("stack", "up", "registry").returncode == 0
+    assert httpx.get(stack.url("registry") + "/v2/", timeout=10).status_code == 200
+    # A port another program holds: a clear error, and nothing left running.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        other = stack.cli("stack", "up", "registry", MODELYARD_WORKSPACE=str(tmp_path / "ws"),
+                          MODELYARD_STACK_REGISTRY_PORT=str(port))  # fmt: skip
+    assert other.returncode == 1
+    assert f"port {port}" in other.stderr and "MODELYARD_STACK_REGISTRY_PORT" in other.stderr
+    assert not (tmp_path / "ws" / "stack" / "registry" / "state.json").exists()
+    unknown = stack.cli("stack", "up", "grafana")
+    assert unknown.returncode == 1 and "unknown stack service" in unknown.stderr
+
+
+# --- a push runs the pipeline ----------------------------------------------------------------
+
+
+def test_push_to_a_hooked_repository_runs_the_pipeline_to_the_approval(stack, tmp_path):
+    project = Project(tmp_path / "work", "ad_clicks", "hook-ads")
+    staging = free_ports(3)
+    environments = {"staging": {"target": "local", "port": staging},
+                    "production": {"target": "local", "port": free_ports(3)}}  # fmt: skip
+    project.write_spec(project.spec() | {"deploy": {"environments": environments}}, "deploy")
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    project.git("remote", "add", "origin", str(origin))
+
+    installed = stack.cli("hooks", "install", str(origin))
+    assert installed.returncode == 0, installed.stderr
+    applied = stack.cli("pipelines", "apply", str(project.spec_path), "--repository", str(origin),
+                        "--pool", "hook-pool")  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    worker = stack.worker("hook-pool", "hook-worker", tmp_path / "worker.log",
+                          MODELYARD_BUILD_IMAGE="always")  # fmt: skip
+    try:
+        project.git("push", "origin", "main")  # the hook runs `modelyard trigger`
+        sha = project.head
+        runs = wait_until(
+            "a run paused for approval",
+            lambda: (
+                [r for r in stack.flow_runs(f"commit:{sha}") if r["state"]["type"] == "PAUSED"]
+                or _fail_fast(stack.flow_runs(f"commit:{sha}"), tmp_path / "worker.log")
+            ),
+        )
+    finally:
+        _stop(worker)
+    run = runs[0]  # type: ignore[index]
+    assert run["name"] == f"hook-ads@{sha[:8]}"
+    assert {"branch:main", "trigger:git-hook", "model:hook-ads"} <= set(run["tags"])
+    assert run["labels"]["prefect.worker.name"] == "hook-worker"
+    assert run["parameters"]["repository"] == str(origin)
+    assert version_at(f"http://127.0.0.1:{staging}") == "1"
+    # The same push delivered twice (a hook run again) starts nothing new.
+    again = stack.cli("trigger", "--commit", sha, "--branch", "main", "--source", "git-hook",
+                      "--repository", str(origin), "--key", f"git-hook:refs/heads/main:{sha}")  # fmt: skip
+    assert again.returncode == 0 and "already started" in again.stdout
+    assert len(stack.flow_runs(f"commit:{sha}")) == 1
+    rejected = stack.cli("reject", run["id"], "--reason", "test over")
+    assert rejected.returncode == 0, rejected.stderr
+
+
+def _all_completed(stack: Stack, model: str, logs: Path) -> list[dict] | None:
+    runs = stack.flow_runs(f"model:{model}")
+    _fail_fast(runs, logs / "worker-a.log")
+    return runs if runs and all(r["state"]["type"] == "COMPLETED" for r in runs) else None
+
+
+def _fail_fast(runs: list[dict], log: Path) -> None:
+    failed = [r for r in runs if r["state"]["type"] in ("FAILED", "CRASHED")]
+    if failed:
+        raise AssertionError(f"{failed[0]['state']['message']}\n{log.read_text()[-3000:]}")
+
+
+def test_two_workers_share_queued_runs(stack, tmp_path):
+    project = Project(tmp_path / "work", "house_prices", "shared-house")
+    applied = stack.cli("pipelines", "apply", str(project.spec_path), "--pool", "shared-pool")
+    assert applied.returncode == 0, applied.stderr
+    commit = project.head
+    for i in range(4):  # queued before any worker runs
+        started = stack.cli("trigger", "--commit", commit, "--branch", "main",
+                            "--model", "shared-house", "--key", f"share-{i}")  # fmt: skip
+        assert started.returncode == 0, started.stderr
+    workers = [stack.worker("shared-pool", name, tmp_path / f"{name}.log",
+                            MODELYARD_BUILD_IMAGE="never") for name in ("worker-a", "worker-b")]  # fmt: skip
+    try:
+        runs = wait_until(
+            "four completed runs", lambda: _all_completed(stack, "shared-house", tmp_path)
+        )
+    finally:
+        for worker in workers:
+            _stop(worker)
+    by = [r["labels"]["prefect.worker.name"] for r in runs]  # type: ignore[union-attr]
+    assert len(by) == 4 and set(by) == {"worker-a", "worker-b"}, by
+
+
+# --- the GitHub webhook --------------------------------------------------------------------------
+
+
+def test_webhook_starts_one_run_per_verified_delivery(stack, tmp_path):
+    project = Project(tmp_path / "work", "house_prices", "webhook-house")
+    # No worker serves this pool: the runs stay queued, and nothing ever clones from GitHub.
+    applied = stack.cli("pipelines", "apply", str(project.spec_path), "--pool", "webhook-pool",
+                        "--repository", "git@github.com:acme/house.git")  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    port, secret = free_port(), "webhook-test-secret"
+    exe = Path(sys.executable).with_name("modelyard")
+    server = subprocess.Popen(
+        [str(exe), "webhook", "--port", str(port)],
+        env={**stack.env, "MODELYARD_WEBHOOK_SECRET": secret},
+        stdout=(tmp_path / "webhook.log").open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/hooks/github"
+    sha = project.head
+    body = json.dumps({
+        "ref": "refs/heads/main", "after": sha, "deleted": False, "pusher": {"name": "octocat"},
+        "repository": {"clone_url": "https://github.com/acme/house.git",
+                       "ssh_url": "git@github.com:acme/house.git"},
+    }).encode()  # fmt: skip
+
+    def deliver(delivery: str, signature: str | None, event: str = "push") -> httpx.Response:
+        headers = {"X-GitHub-Event": event, "X-GitHub-Delivery": delivery,
+                   "Content-Type": "application/json"}  # fmt: skip
+        if signature:
+            headers["X-Hub-Signature-256"] = signature
+        return httpx.post(url, content=body, headers=headers, timeout=30)
+
+    try:
+        wait_until("the webhook listening", lambda: _answers(url), timeout=60)
+        assert deliver("d-unsigned", None).status_code == 401
+        assert deliver("d-forged", sign("not-the-secret", body)).status_code == 401
+        assert stack.flow_runs(f"commit:{sha}") == []
+        first = deliver("d-1", sign(secret, body))
+        assert first.status_code == 200 and first.json()["started"] == [f"webhook-house@{sha[:8]}"]
+        replayed = deliver("d-1", sign(secret, body))
+        assert replayed.status_code == 200 and replayed.json() == {"duplicate": "d-1"}
+        assert len(stack.flow_runs(f"commit:{sha}")) == 1
+        second = deliver("d-2", sign(secret, body))  # a new delivery is a new request to run
+        assert second.status_code == 200
+        assert deliver("d-ping", sign(secret, body), event="ping").status_code == 200
+    finally:
+        _stop(server)
+    runs = stack.flow_runs(f"commit:{sha}")
+    assert len(runs) == 2 and {"trigger:github", "branch:main"} <= set(runs[0]["tags"])
+    assert "webhook-test-secret" not in (tmp_path / "webhook.log").read_text()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 405
+    except httpx.HTTPError:
+        return False
