@@ -24,10 +24,11 @@ demo: install engine hosts ## Both examples end to end: train, gates, register, 
 	@echo
 	@echo "Look at the runs: 'make ui', then open http://127.0.0.1:4200 (Prefect) and http://127.0.0.1:5000 (MLflow)."
 
-lint: install ## ruff, the import-layer contracts and ansible-lint's production profile
+lint: install ## ruff, the import-layer contracts, ansible-lint's production profile, actionlint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	infra/scripts/actionlint.sh '.github/workflows/*.yml'
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/ansible-lint --profile production --offline -q
 
 java:

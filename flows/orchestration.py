@@ -26,6 +26,9 @@ from prefect.client.schemas.filters import (
     FlowFilterName,
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
@@ -216,6 +219,25 @@ def _repository_key(repository: str) -> str:
     key = re.sub(r"^([^/:]+):(?!\d)", r"\1/", key)  # scp-like host:path
     key = re.sub(r"^([^/:]+):\d+/", r"\1/", key)  # a port
     return key.rstrip("/").removesuffix(".git").lower()
+
+
+def paused_runs(commit: str, models: list[str] | None = None) -> list[FlowRun]:
+    """Runs of `commit` waiting for approval: what a tag push or a Jenkins input step answers."""
+
+    async def read() -> list[FlowRun]:
+        async with get_client() as client:
+            return await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[f"commit:{commit}"]),
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
+                )
+            )
+
+    return [r for r in run_coro_as_sync(read()) if not models or model_of(r) in models]
+
+
+def model_of(run: FlowRun) -> str | None:
+    return next((t.removeprefix("model:") for t in run.tags if t.startswith("model:")), None)
 
 
 # --- following a run ----------------------------------------------------------------------------

@@ -180,8 +180,9 @@ def test_push_to_a_hooked_repository_runs_the_pipeline_to_the_approval(stack, tm
                       "--repository", str(origin), "--key", f"git-hook:refs/heads/main:{sha}")  # fmt: skip
     assert again.returncode == 0 and "already started" in again.stdout
     assert len(stack.flow_runs(f"commit:{sha}")) == 1
-    rejected = stack.cli("reject", run["id"], "--reason", "test over")
-    assert rejected.returncode == 0, rejected.stderr
+    # What a Jenkins input step or a tag push does: answer by commit, not by run id.
+    rejected = stack.cli("reject", "--commit", sha, "--model", "hook-ads", "--reason", "test over")
+    assert rejected.returncode == 0 and run["id"] in rejected.stdout, rejected.stderr
 
 
 def _all_completed(stack: Stack, model: str, logs: Path) -> list[dict] | None:

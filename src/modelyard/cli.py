@@ -262,41 +262,68 @@ def history(
     console.print(table)
 
 
-RunArgument = Annotated[str, typer.Argument(help="Prefect flow run id waiting for approval.")]
+RunArgument = Annotated[
+    str | None, typer.Argument(help="Prefect flow run id waiting for approval.")
+]
+CommitOption = Annotated[
+    str | None,
+    typer.Option(help="Instead of a run id: the runs of this commit waiting for approval."),
+]
+ModelOption = Annotated[
+    list[str] | None, typer.Option(help="With --commit: only this model's run (repeatable).")
+]
 
 
 @app.command()
 def approve(
-    run_id: RunArgument,
+    run_id: RunArgument = None,
     comment: Annotated[str, typer.Option(help="Why; goes to the ledger.")] = "",
+    commit: CommitOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Approve a paused run: it deploys its version to the next environment."""
-    _answer(run_id, True, comment)
+    _answer(_waiting_runs(run_id, commit, model), True, comment)
 
 
 @app.command()
 def reject(
-    run_id: RunArgument,
+    run_id: RunArgument = None,
     reason: Annotated[str, typer.Option(help="Why; goes to the ledger.")] = "",
+    commit: CommitOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Reject a paused run: the next environment keeps what it serves."""
-    _answer(run_id, False, reason)
+    _answer(_waiting_runs(run_id, commit, model), False, reason)
 
 
-def _answer(run_id: str, approve: bool, comment: str) -> None:
+def _waiting_runs(run_id: str | None, commit: str | None, models: list[str] | None) -> list[str]:
+    if bool(run_id) == bool(commit):
+        err.print("[bold red]error:[/] name the run: a flow run id, or --commit SHA")
+        raise typer.Exit(2)
+    if run_id:
+        return [run_id]
+    waiting = [str(r.id) for r in _orchestration().paused_runs(commit, models)]
+    if not waiting:
+        err.print(f"[bold red]error:[/] no run of commit {commit} is waiting for approval")
+        raise typer.Exit(1)
+    return waiting
+
+
+def _answer(run_ids: list[str], approve: bool, comment: str) -> None:
     from modelyard.deploy.release import actor_name
 
     settings = get_settings()
     os.environ.update(settings.orchestrator_env())
     from flows.pipeline import answer_approval
 
-    try:
-        actor = actor_name(settings)
-        answer_approval(run_id, approve=approve, approver=actor, comment=comment)
-    except ModelyardError as exc:
-        raise _fail(exc) from None
+    actor = actor_name(settings)
     verb = "approved" if approve else "rejected"
-    console.print(f"[green]✓[/] run {run_id} {verb} by {actor}")
+    for run_id in run_ids:
+        try:
+            answer_approval(run_id, approve=approve, approver=actor, comment=comment)
+        except ModelyardError as exc:
+            raise _fail(exc) from None
+        console.print(f"[green]✓[/] run {run_id} {verb} by {actor}")
 
 
 @app.command()
