@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Install Debian packages the project needs if their command is missing: ensure-packages.sh CMD:PKG...
+# CMD is a command name, or a path pattern for programs off the PATH (/usr/lib/postgresql/*/bin/initdb).
 set -euo pipefail
 missing=()
 for pair in "$@"; do
-    command -v "${pair%%:*}" >/dev/null || missing+=("${pair##*:}")
+    cmd="${pair%%:*}"
+    if [[ "$cmd" == /* ]]; then compgen -G "$cmd" >/dev/null && continue
+    else command -v "$cmd" >/dev/null && continue; fi
+    missing+=("${pair##*:}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then echo "missing: ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2; exit 1; fi

@@ -82,6 +82,8 @@ def up(
     """
     services = _select(settings, names)
     _check_installed(services)
+    if any(s.name == "mlflow" for s in services):
+        ensure_bucket(settings.artifacts_destination)
     waiting: list[Service] = []
     for service in services:
         if _status(settings, service).up:
@@ -242,6 +244,49 @@ def _prometheus(settings: Settings) -> Service:
         ],
         files={"prometheus.yml": json.dumps(config, indent=2), "targets/.keep": ""},
     )
+
+
+def ensure_bucket(destination: str | None) -> None:
+    """An S3 artifact destination's bucket, created on first use with versioning (an
+    overwritten artifact can be recovered) and default server-side encryption on.
+
+    Credentials and endpoint come from the standard AWS chain and `MLFLOW_S3_ENDPOINT_URL`
+    (S3-compatible stores), as the MLflow server will use them.
+    """
+    if not destination or not destination.startswith("s3://"):
+        return
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        raise StackError(
+            "an s3:// artifacts destination needs boto3: pip install 'modelyard[scale-out]'"
+        ) from None
+    bucket = destination.removeprefix("s3://").split("/", 1)[0]
+    s3 = boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None)
+    try:
+        try:
+            s3.head_bucket(Bucket=bucket)
+            return
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                raise
+        region = s3.meta.region_name
+        where = (
+            {}
+            if region in (None, "us-east-1")
+            else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        )
+        s3.create_bucket(Bucket=bucket, **where)
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        s3.put_bucket_encryption(
+            Bucket=bucket,
+            ServerSideEncryptionConfiguration={
+                "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+            },
+        )
+    except (BotoCoreError, ClientError) as exc:
+        raise StackError(f"S3 bucket {bucket} for the artifacts: {exc}") from None
 
 
 # --- processes ----------------------------------------------------------------------------------

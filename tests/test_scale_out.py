@@ -1,0 +1,152 @@
+"""The scale-out set-up by settings alone: `modelyard stack up` with the Prefect and MLflow
+servers on a real PostgreSQL (Debian's) and MLflow's artifacts in S3 (moto in server mode),
+then a pipeline run through them."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from modelyard.package.validate import free_port
+from tests.conftest import Project, wait_for
+from tests.test_triggers import Stack
+
+PASSWORD = "pg-secret-5f2c9a"  # must never show in a log, argv or tag
+BUCKET = "modelyard-scale-out"
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name) or ""]
+    if not found[-1]:
+        pytest.fail(f"PostgreSQL's {name} is missing: `make stack` installs Debian's postgresql")
+    return found[-1]
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root; CI runs the tests as root.
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[tuple[int, Callable[..., str]]]:
+    """A PostgreSQL cluster of its own on a loopback port, with a password-only role."""
+    folder = Path(tempfile.mkdtemp(prefix="modelyard-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "postgres",
+                                 "--auth-local=trust", "--auth-host=scram-sha-256"]),
+                   check=True, capture_output=True)  # fmt: skip
+    server = subprocess.Popen(
+        _as_postgres([_pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
+                      "-c", "listen_addresses=127.0.0.1"]),
+        stdout=(folder / "log").open("w"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def psql(sql: str, database: str = "postgres") -> str:
+        return subprocess.run(
+            _as_postgres([_pg_bin("psql"), "-h", str(folder), "-p", str(port), "-U", "postgres",
+                          "-d", database, "-tAc", sql]),
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+
+    try:
+        for _ in range(100):
+            if subprocess.run(_as_postgres([_pg_bin("pg_isready"), "-h", str(folder), "-p",
+                                            str(port)]), capture_output=True).returncode == 0:  # fmt: skip
+                break
+            time.sleep(0.2)
+        psql(f"CREATE ROLE modelyard LOGIN PASSWORD '{PASSWORD}'")
+        for database in ("prefect", "mlflow"):
+            psql(f"CREATE DATABASE {database} OWNER modelyard")
+        yield port, psql
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/moto-api/", timeout=60)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, s3, tmp_path, wheelhouse):
+    port, psql = postgres
+    stack = Stack(tmp_path / "workspace", wheelhouse)
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": s3}  # fmt: skip
+    stack.env |= aws | {
+        "MODELYARD_PREFECT_DATABASE_URL":
+            f"postgresql+asyncpg://modelyard:{PASSWORD}@127.0.0.1:{port}/prefect",
+        "MODELYARD_MLFLOW_BACKEND_STORE_URI":
+            f"postgresql://modelyard:{PASSWORD}@127.0.0.1:{port}/mlflow",
+        "MODELYARD_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow",
+        "MODELYARD_BUILD_IMAGE": "never",
+    }  # fmt: skip
+    up = stack.cli("stack", "up", "prefect", "mlflow")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        project = Project(tmp_path / "repo", "house_prices", "scale-out-house")
+        run = stack.cli("run", "--no-deploy", "--spec", str(project.spec_path))
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert stack.url("prefect") in run.stdout  # the run went to the stack's Prefect
+
+        # The runs, versions and flow runs live in PostgreSQL ...
+        assert (
+            psql("SELECT count(*) FROM model_versions WHERE name = 'scale-out-house'", "mlflow")
+            == "1"
+        )
+        assert int(psql("SELECT count(*) FROM flow_run", "prefect")) >= 1
+        # ... the artifacts in S3, in a bucket made with versioning and encryption on ...
+        client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET)["Contents"]]
+        assert any(k.startswith("mlflow/") and k.endswith(".bundle.tar.gz") for k in keys)
+        assert client.get_bucket_versioning(Bucket=BUCKET)["Status"] == "Enabled"
+        rules = client.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]
+        assert rules["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+        # ... and they read back through the MLflow server.
+        mlflow = MlflowClient(stack.url("mlflow"))
+        version = mlflow.get_model_version("scale-out-house", "1")
+        bundle = version.tags["bundle_artifact"]
+        run_id = bundle.removeprefix("runs:/").split("/")[0]
+        local = mlflow.download_artifacts(run_id, "bundle", str(tmp_path / "back"))
+        assert any(p.name.endswith(".bundle.tar.gz") for p in Path(local).iterdir())
+        health = httpx.get(stack.url("prefect") + "/api/health", timeout=10)
+        assert health.status_code == 200
+
+        # The database password is in no process's arguments and no stack log.
+        for service in ("prefect", "mlflow"):
+            state = (stack.workspace / "stack" / service / "state.json").read_text()
+            pid = int(state.split('"pid": ')[1].split(",")[0])
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert PASSWORD.encode() not in argv
+            assert PASSWORD not in (stack.workspace / "stack" / service / "log").read_text()
+        assert PASSWORD not in run.stdout + run.stderr
+    finally:
+        stack.cli("stack", "down")
