@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import flow, get_client, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
@@ -262,6 +262,15 @@ def pipeline(
             description=f"{spec.name}@{git.short}: stages, outcomes and cache use",
         )
     return outcome | {"stages": runner.rows}
+
+
+def run_tagged(model: str, commit: str, branch: str, trigger: str, **parameters: Any) -> State:
+    """Run the flow here, tagged like a triggered run: the UI filters and names both alike."""
+    labels = [f"model:{model}", f"commit:{commit}", f"branch:{branch}", f"trigger:{trigger}"]
+    with tags("modelyard", *labels):
+        return pipeline(
+            commit=commit, branch=branch, trigger=trigger, return_state=True, **parameters
+        )
 
 
 class Approval(RunInput):

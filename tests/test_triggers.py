@@ -60,7 +60,9 @@ class Stack:
         )  # fmt: skip
 
     def flow_runs(self, *tags: str) -> list[dict]:
-        body = {"flow_runs": {"tags": {"all_": list(tags)}}, "sort": "EXPECTED_START_TIME_ASC"}
+        body: dict = {"sort": "EXPECTED_START_TIME_ASC"}
+        if tags:
+            body["flow_runs"] = {"tags": {"all_": list(tags)}}
         response = httpx.post(f"{self.url('prefect')}/api/flow_runs/filter", json=body, timeout=10)
         response.raise_for_status()
         return response.json()
@@ -276,3 +278,46 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 405
     except httpx.HTTPError:
         return False
+
+
+# --- the UIs, in a real browser ------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
+
+
+def test_the_prefect_and_mlflow_uis_show_the_run_and_the_model(stack, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    project = Project(tmp_path / "work", "house_prices", "ui-house")
+    run = stack.cli("run", "--no-deploy", "--spec", str(project.spec_path),
+                    MODELYARD_BUILD_IMAGE="never")  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    name = f"ui-house@{project.head[:8]}"  # named, like triggered runs, by model and commit
+    flow_run = next(r for r in stack.flow_runs() if r["name"] == name)
+    screens = tmp_path / "screens"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                             args=CHROMIUM_FLAGS, headless=True)  # fmt: skip
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # Prefect: the runs list names the run by its commit, its page shows the stages.
+        page.goto(f"{stack.url('prefect')}/runs", wait_until="load")
+        page.get_by_text(name).first.wait_for(timeout=60_000)
+        page.screenshot(path=screens / "prefect-runs.png", full_page=True)
+        page.goto(
+            f"{stack.url('prefect')}/runs/flow-run/{flow_run['id']}", wait_until="networkidle"
+        )
+        page.get_by_text("Completed").first.wait_for(timeout=60_000)
+        page.get_by_text("register", exact=False).first.wait_for(timeout=60_000)
+        page.screenshot(path=screens / "prefect-flow-run.png", full_page=True)
+        # MLflow: the registered model, its version and the alias the pipeline set.
+        page.goto(f"{stack.url('mlflow')}/#/models/ui-house", wait_until="load")
+        page.get_by_text("Version 1").first.wait_for(timeout=60_000)
+        page.get_by_text("candidate").first.wait_for(timeout=60_000)
+        page.screenshot(path=screens / "mlflow-model.png", full_page=True)
+        text = page.inner_text("body")
+        browser.close()
+    assert "ui-house" in text and "candidate" in text
+    assert all((screens / f).stat().st_size > 10_000 for f in
+               ("prefect-runs.png", "prefect-flow-run.png", "mlflow-model.png"))  # fmt: skip

@@ -66,17 +66,19 @@ def run(
     except ModelyardError as exc:
         raise _fail(exc) from None
     os.environ.update(settings.orchestrator_env())
-    from flows.pipeline import pipeline  # after the env: Prefect reads settings at import
+    from flows.pipeline import run_tagged  # after the env: Prefect reads settings at import
+    from modelyard.lineage import git_info
 
+    git = git_info(spec.resolve().parent, settings)
     console.print(f"[bold]modelyard[/] running [bold]{loaded.name}[/] from {spec} …")
-    state = pipeline(
+    state = run_tagged(
+        loaded.name,
+        commit or git.commit,
+        branch or git.branch,
+        "cli",
         spec_path=str(spec),
-        commit=commit,
-        branch=branch,
         refresh_cache=no_cache,
         deploy=not no_deploy,
-        trigger="cli",
-        return_state=True,
     )
     flow_run_id = str(state.state_details.flow_run_id)
     outcome = state.result(raise_on_failure=False)

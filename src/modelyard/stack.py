@@ -136,12 +136,19 @@ def _python_tool(module: str) -> list[str]:
 
 
 def _prefect(settings: Settings) -> Service:
-    env = {"PREFECT_HOME": str(settings.workspace_dir / "prefect")}
+    port = settings.stack_prefect_port
+    env = {
+        "PREFECT_HOME": str(settings.workspace_dir / "prefect"),
+        # The UI finds the API through this, not through --port: on any port but 4200 it
+        # would otherwise load and then show nothing.
+        "PREFECT_UI_API_URL": f"{_url(settings, port)}/api",
+        "PREFECT_SERVER_API_HOST": settings.stack_host,
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
     if settings.prefect_database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
             settings.prefect_database_url.get_secret_value()
         )
-    port = settings.stack_prefect_port
     return Service(
         name="prefect",
         url=_url(settings, port),
