@@ -42,9 +42,9 @@ engine: java ## Java (PMML export), a Docker engine (Debian's docker.io, started
 hosts: ## What deploy targets need: nginx, supervisor, and sshd for the SSH-host tests
 	infra/scripts/ensure-packages.sh nginx:nginx supervisord:supervisor sshd:openssh-server ssh-keygen:openssh-client
 
-stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Debian's docker-registry, Prometheus), and PostgreSQL for the scale-out tests
+stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Debian's docker-registry, Prometheus); PostgreSQL and Chromium for the tests
 	infra/scripts/ensure-packages.sh docker-registry:docker-registry prometheus:prometheus promtool:prometheus \
-		'/usr/lib/postgresql/*/bin/initdb:postgresql'
+		'/usr/lib/postgresql/*/bin/initdb:postgresql' chromium:chromium
 
 test: install lint engine hosts stack ## Every test: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest
