@@ -5,7 +5,7 @@ from wrk over loopback with keep-alive at several concurrencies. modelyard runs 
 and Prometheus metrics on. A no-op route (GET /health/live) on modelyard's own HTTP stack is the
 ceiling. Prints a Markdown table; `--write` replaces the serving section of docs/benchmarks.md.
 
-Usage: python bench/serving.py [--seconds 10] [--write]
+Usage: python -m bench.serving [--seconds 10] [--write]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -22,9 +21,9 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.common import replace_section, stamp
 from modelyard.package.validate import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,25 +231,11 @@ def main() -> None:
 
 
 def write_doc(text: str, facts: dict[str, str], seconds: int) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
-        "<!-- serving:start -->\n"
-        f"Measured {stamp} on {os.cpu_count()} cores ({platform.machine()}, {platform.python_version()}), "
-        f"ad_clicks v{facts['version']}, {facts['workers']} worker processes per server, wrk {seconds} s "
-        "per cell, one-row `dataframe_split` requests with keep-alive, both servers running side by "
-        "side. Command: `make bench`.\n\n" + text + "\n<!-- serving:end -->"
-    )
-    current = (
-        doc.read_text()
-        if doc.exists()
-        else "# Benchmarks\n\n## Serving\n\n<!-- serving:start -->\n<!-- serving:end -->\n"
-    )
-    doc.write_text(
-        re.sub(
-            r"<!-- serving:start -->.*<!-- serving:end -->", lambda _: section, current, flags=re.S
-        )
-    )
+    replace_section("serving", (
+        f"{stamp()}, ad_clicks v{facts['version']}, {facts['workers']} worker processes per server, "
+        f"wrk {seconds} s per cell, one-row `dataframe_split` requests with keep-alive, both servers "
+        "running side by side. Command: `make bench`.\n\n" + text
+    ))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ class Stack:
     def worker(self, pool: str, name: str, log: Path, **env: str) -> subprocess.Popen:
         exe = Path(sys.executable).with_name("modelyard")
         return subprocess.Popen(
-            [str(exe), "worker", "--pool", pool, "--name", name, "--limit", "1"],
-            env={**self.env, "PREFECT_WORKER_QUERY_SECONDS": "2", **env},
+            [str(exe), "worker", "--pool", pool, "--name", name, "--limit", "1", "--poll", "1"],
+            env={**self.env, **env},
             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 

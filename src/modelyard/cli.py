@@ -493,10 +493,13 @@ def worker(
     limit: Annotated[
         int | None, typer.Option(help="Most flow runs at once (default: no limit).")
     ] = None,
+    poll: Annotated[
+        float, typer.Option(help="Seconds between looks for queued runs (Prefect's is 10).")
+    ] = 2.0,
 ) -> None:
     """Run pipeline flow runs from the work pool; start one per machine to scale out."""
     orchestration = _orchestration()
-    raise typer.Exit(orchestration.run_worker(get_settings(), pool, name, limit))
+    raise typer.Exit(orchestration.run_worker(get_settings(), pool, name, limit, poll))
 
 
 @app.command()

@@ -7,6 +7,7 @@ a test or another orchestrator, can call them directly in the same order.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import logging
 import tarfile
@@ -17,15 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import great_expectations
 import pandas as pd
 import sklearn
 
 import modelyard
-from modelyard import plots, registry
+from modelyard import registry
 from modelyard.bundle import from_tarball
 from modelyard.checks.behaviour import run_model_tests
-from modelyard.checks.data import check_data
 from modelyard.checks.model import check_model
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings
@@ -106,7 +105,11 @@ def prepare(spec: Spec) -> Prepared:
 def data_gate_key(spec: Spec, data_fingerprint: str) -> str:
     sections = spec.digest("task", "features", "target", "expectations", "split")
     return _sha(
-        "data", data_fingerprint, sections, great_expectations.__version__, modelyard.__version__
+        "data",
+        data_fingerprint,
+        sections,
+        importlib.metadata.version("great-expectations"),
+        modelyard.__version__,
     )
 
 
@@ -167,6 +170,10 @@ def open_run(
 
 
 def data_gate(spec: Spec, splits: Splits) -> DataGateResult:
+    # Great Expectations takes ~3 s to import: only a run whose data gate is not cached pays it,
+    # not every flow process at start.
+    from modelyard.checks.data import check_data
+
     with _scratch("data-gate") as work:
         report = check_data(spec, splits, work)
         return DataGateResult(report=report, docs=_pack(work / "data_docs"))
@@ -186,6 +193,8 @@ def log_training(ctx: RunContext, splits: Splits, trained: TrainResult) -> str:
     """Log the training outcome to the run; returns the logged model's URI."""
     spec = ctx.spec
     with _scratch("plots") as work:
+        from modelyard import plots  # matplotlib: half a second a flow process need not pay
+
         files = plots.render(
             spec.task, splits.eval[spec.target].to_numpy(), trained.eval_scores, work
         )
