@@ -112,3 +112,28 @@ def test_workflows_pass_actionlint():
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Checking {len(WORKFLOWS)} workflow file(s)" in done.stdout
+
+
+def test_compose_describes_the_stack_on_loopback_without_secrets():
+    from modelyard.stack import SERVICES
+
+    folder = ROOT / "infra" / "compose"  # what infra/compose.yaml mounts and builds
+    compose = yaml.safe_load((ROOT / "infra" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {*SERVICES, "postgres"}
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+        for key, value in (service.get("environment") or {}).items():
+            if "PASSWORD" in key or "URI" in key or "URL" in key:
+                assert "${POSTGRES_PASSWORD" in str(value) or "password" not in str(value).lower()
+    assert services["mlflow"]["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert services["prefect"]["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    for name in ("prefect", "mlflow", "postgres"):
+        assert "healthcheck" in services[name]
+    # Files it mounts or builds exist, and Prometheus' configuration is valid.
+    assert (folder / "initdb" / "databases.sql").is_file()
+    assert (folder / services["mlflow"]["build"]["dockerfile"]).is_file()
+    checked = subprocess.run(["promtool", "check", "config", str(folder / "prometheus.yml")],
+                             capture_output=True, text=True)  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
