@@ -22,7 +22,7 @@ demo: install engine hosts ## Both examples end to end: train, gates, register, 
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
 		$(BIN)/python examples/demo.py $(MODELYARD_WORKSPACE)
 	@echo
-	@echo "Look at the runs: 'make ui', then open http://127.0.0.1:4200 (Prefect) and http://127.0.0.1:5000 (MLflow)."
+	@echo "Look at the runs: 'make ui' starts the Prefect UI (http://127.0.0.1:4200) and the MLflow UI (http://127.0.0.1:5000)."
 
 lint: install ## ruff, the import-layer contracts, ansible-lint's production profile, actionlint
 	$(BIN)/ruff check .
@@ -60,15 +60,8 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-ui: install ## The Prefect and MLflow UIs over the workspace the demo filled (Ctrl-C stops both)
-	@mkdir -p $(MODELYARD_WORKSPACE)
-	@trap 'kill 0' INT TERM EXIT; \
-	PREFECT_HOME=$(MODELYARD_WORKSPACE)/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
-	  $(BIN)/prefect server start --host 127.0.0.1 --port 4200 & \
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
-	  --backend-store-uri sqlite:///$(MODELYARD_WORKSPACE)/mlflow.db \
-	  --default-artifact-root $(MODELYARD_WORKSPACE)/artifacts & \
-	wait
+ui: install ## The Prefect and MLflow UIs over the workspace (`modelyard stack up prefect mlflow`; `modelyard stack down` stops them)
+	$(BIN)/modelyard stack up prefect mlflow
 
 constraints: ## Re-pin constraints.txt from a fresh resolve of pyproject.toml's ranges
 	rm -rf .venv-pin && $(PYTHON) -m venv .venv-pin && .venv-pin/bin/pip install --quiet -e '.[dev]'

@@ -120,7 +120,7 @@ def _print_success(outcome: dict[str, Any], settings: Settings, flow_run_id: str
 def _print_where(settings: Settings, flow_run_id: str, outcome: dict[str, Any] | None) -> None:
     api = settings.api_url
     prefect_ui = api.removesuffix("/api") if api else "http://127.0.0.1:4200"
-    local = "" if api else "  (start the UIs with `make ui`)"
+    local = "" if api else "  (start the UIs with `modelyard stack up`)"
     console.print(f"Prefect flow run: {prefect_ui}/runs/flow-run/{flow_run_id}{local}")
     if outcome:
         console.print(f"MLflow version:   {outcome['mlflow_version_url']}")
