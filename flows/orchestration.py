@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ from modelyard.spec import load_spec
 
 FLOW = "modelyard-pipeline"
 POOL = "modelyard"
+RUN_COMMAND = "python -m flows.fork_client"
 Progress = Callable[[str], None]
 
 
@@ -107,6 +111,9 @@ def apply(specs: list[Path], repository: str | None, pool: str = POOL) -> list[P
             description=f"{spec.name}: {spec.description or spec.task} — from {repo}",
             tags=["modelyard", f"model:{spec.name}"],
             work_pool_name=pool,
+            # Under `modelyard worker` the run starts from its pre-imported fork server; under
+            # a plain Prefect worker this command falls back to `python -m prefect.engine`.
+            job_variables={"command": RUN_COMMAND},
             # The flow ships inside the modelyard package, so workers import it by module;
             # only the user's repository is checked out per run.
             entrypoint_type=EntrypointType.MODULE_PATH,
@@ -295,12 +302,42 @@ def worker_command(pool: str, name: str | None, limit: int | None) -> list[str]:
 def run_worker(
     settings: Settings, pool: str, name: str | None, limit: int | None, poll: float = 2.0
 ) -> int:
-    """Serve the pool until stopped; flow runs start as subprocesses with this environment.
+    """Serve the pool until stopped, with a fork server that starts each run pre-imported.
 
-    Polls every `poll` seconds rather than Prefect's 10: a push's run should start at once,
-    and a look is one cheap query.
+    Polls every `poll` seconds rather than Prefect's 10: a push's run should start at once, and
+    a look is one cheap query. Runs inherit this environment.
     """
     require_server(settings)
     ensure_pool(pool)
-    env = {**os.environ, **settings.orchestrator_env(), "PREFECT_WORKER_QUERY_SECONDS": str(poll)}
-    return subprocess.call(worker_command(pool, name, limit), env=env)
+    folder = Path(tempfile.mkdtemp(prefix="modelyard-worker-"))  # 0700; short for a socket path
+    socket_path = folder / "fork.sock"
+    env = {
+        **os.environ,
+        **settings.orchestrator_env(),
+        "PREFECT_WORKER_QUERY_SECONDS": str(poll),
+        "MODELYARD_FORKSERVER": str(socket_path),
+        # Runs' command is `python -m flows.fork_client`: this installation's python.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    # SIGTERM (systemd, kill) must run the clean-up below, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    server = subprocess.Popen([sys.executable, "-m", "flows.forkserver", str(socket_path)], env=env)
+    worker: subprocess.Popen | None = None
+    try:
+        _wait_for_socket(socket_path, server)
+        worker = subprocess.Popen(worker_command(pool, name, limit), env=env)
+        return worker.wait()
+    finally:
+        for process in (worker, server):
+            if process is not None and process.poll() is None:
+                process.terminate()  # the worker lets its running flow runs finish first
+                process.wait(timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_for_socket(path: Path, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise ModelyardError("the worker's fork server did not start; see the lines above")
+        time.sleep(0.1)

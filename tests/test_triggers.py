@@ -219,6 +219,10 @@ def test_two_workers_share_queued_runs(stack, tmp_path):
             _stop(worker)
     by = [r["labels"]["prefect.worker.name"] for r in runs]  # type: ignore[union-attr]
     assert len(by) == 4 and set(by) == {"worker-a", "worker-b"}, by
+    # Each run started from its worker's pre-imported fork server, not a fresh interpreter.
+    log = (tmp_path / "worker-a.log").read_text()
+    assert "fork server ready" in log and "Beginning flow run" in log
+    assert "Downloading flow code" not in log
 
 
 # --- the GitHub webhook --------------------------------------------------------------------------
