@@ -150,7 +150,17 @@ class Bench:
             measured.by_category[category] = sum(measured.stages.get(n, 0.0) for n in names)
         measured.timeline = self._timeline(sha, pushed_at)
         self.cli("reject", "--commit", sha, "--reason", "benchmark: staging only")
+        self._until_final(sha)  # the next push starts with an idle worker, as in steady state
         return measured
+
+    def _until_final(self, sha: str) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            run = self._run(sha)
+            if run and run["state"]["type"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
+                return
+            time.sleep(0.5)
+        raise SystemExit("the rejected run never finished")
 
     def _timeline(self, sha: str, pushed_at: float) -> dict[str, float]:
         """Seconds after the push at which the run was created, started, began its first

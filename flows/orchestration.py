@@ -9,7 +9,6 @@ from. Workers on any number of machines take the runs: each checks out the commi
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -25,8 +23,6 @@ from uuid import UUID
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
-    FlowFilter,
-    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterState,
@@ -34,38 +30,19 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.deployments import run_deployment
 from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
-from modelyard.config import Settings, get_settings
+from modelyard.config import Settings
 from modelyard.errors import ModelyardError
-from modelyard.lineage import run_name
 from modelyard.spec import load_spec
+from modelyard.trigger import PipelineDeployment
 
-FLOW = "modelyard-pipeline"
 POOL = "modelyard"
 RUN_COMMAND = "python -m flows.fork_client"
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class PipelineDeployment:
-    model: str
-    deployment: str  # "<flow>/<name>", what run_deployment takes
-    repository: str
-    spec_path: str
-    pool: str
-
-
-@dataclass(frozen=True)
-class TriggeredRun:
-    model: str
-    flow_run_id: str
-    name: str
-    created: bool  # False when an earlier trigger with the same key already made it
 
 
 def require_server(settings: Settings) -> str:
@@ -118,28 +95,9 @@ def apply(specs: list[Path], repository: str | None, pool: str = POOL) -> list[P
             # only the user's repository is checked out per run.
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
-        deployment.apply(work_pool_name=pool)
-        applied.append(PipelineDeployment(spec.name, f"{FLOW}/{spec.name}", repo, relative, pool))
+        deployment_id = deployment.apply(work_pool_name=pool)
+        applied.append(PipelineDeployment(str(deployment_id), spec.name, repo, relative, pool))
     return applied
-
-
-def deployments() -> list[PipelineDeployment]:
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            return await client.read_deployments(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW]))
-            )
-
-    return [
-        PipelineDeployment(
-            model=d.name,
-            deployment=f"{FLOW}/{d.name}",
-            repository=d.parameters.get("repository") or "",
-            spec_path=d.parameters.get("spec_path") or "",
-            pool=d.work_pool_name or "",
-        )
-        for d in run_coro_as_sync(read())
-    ]
 
 
 def _git_root(spec_file: Path) -> Path:
@@ -164,68 +122,7 @@ def _default_repository(root: Path) -> str:
     return found.stdout.strip() if found.returncode == 0 else str(root)
 
 
-# --- triggers -----------------------------------------------------------------------------------
-
-
-def trigger(
-    commit: str,
-    branch: str,
-    source: str,
-    repositories: list[str] | None = None,
-    models: list[str] | None = None,
-    key: str | None = None,
-) -> list[TriggeredRun]:
-    """A flow run per matching deployment for `commit`.
-
-    `repositories` selects the deployments of that repository, under any of its URLs (the git
-    hook passes its path, a webhook the clone, SSH and web URLs);
-    `key` makes the trigger idempotent: the same key never makes a second run (a redelivered
-    webhook, a hook run twice).
-    """
-    chosen = [
-        d
-        for d in deployments()
-        if (not models or d.model in models)
-        and (not repositories or any(_same_repository(d.repository, r) for r in repositories))
-    ]
-    if not chosen:
-        wanted = f" of {repositories[0]}" if repositories else ""
-        raise ModelyardError(
-            f"no pipeline deployment{wanted}{' for ' + ', '.join(models) if models else ''}; "
-            "create them with `modelyard pipelines apply SPEC...`"
-        )
-    runs = []
-    for d in chosen:
-        before = time.time()
-        run: FlowRun = run_deployment(
-            name=d.deployment,
-            parameters={"commit": commit, "branch": branch, "trigger": source},
-            flow_run_name=run_name(d.spec_path, commit, d.repository, get_settings(), d.model),
-            tags=[f"commit:{commit}", f"branch:{branch}", f"trigger:{source}", f"model:{d.model}"],
-            idempotency_key=f"{key}:{d.model}" if key else None,
-            timeout=0,
-            as_subflow=False,
-        )
-        created = run.created is None or run.created.timestamp() >= before - 1
-        runs.append(TriggeredRun(d.model, str(run.id), run.name, created))
-    return runs
-
-
-def _same_repository(a: str, b: str) -> bool:
-    return _repository_key(a) == _repository_key(b)
-
-
-def _repository_key(repository: str) -> str:
-    """One spelling per repository: a local path resolved; `git@host:o/r.git`,
-    `ssh://git@host/o/r`, `https://host/o/r.git` all become `host/o/r`."""
-    path = Path(repository)
-    if path.exists():
-        return str(path.resolve())
-    key = re.sub(r"^[a-z+]+://", "", repository.strip())
-    key = re.sub(r"^[^@/]+@", "", key)  # user@
-    key = re.sub(r"^([^/:]+):(?!\d)", r"\1/", key)  # scp-like host:path
-    key = re.sub(r"^([^/:]+):\d+/", r"\1/", key)  # a port
-    return key.rstrip("/").removesuffix(".git").lower()
+# --- runs waiting for a person ---------------------------------------------------------------
 
 
 def paused_runs(commit: str, models: list[str] | None = None) -> list[FlowRun]:

@@ -407,12 +407,29 @@ def pipelines_apply(
 @pipelines_app.command("list")
 def pipelines_list() -> None:
     """The pipeline deployments on the Prefect server."""
+    from modelyard.trigger import PrefectApi, deployments
+
     table = Table(title="pipeline deployments")
     for column in ("deployment", "repository", "spec", "pool"):
         table.add_column(column)
-    for d in _orchestration().deployments():
+    try:
+        found = deployments(PrefectApi(_prefect_url()))
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    for d in found:
         table.add_row(d.deployment, d.repository, d.spec_path, d.pool)
     console.print(table)
+
+
+def _prefect_url() -> str:
+    url = get_settings().api_url
+    if not url:
+        err.print(
+            "[bold red]error:[/] this needs a Prefect server: start one with "
+            "`modelyard stack up`, or set MODELYARD_PREFECT_API_URL"
+        )
+        raise typer.Exit(1)
+    return url
 
 
 @app.command()
@@ -438,9 +455,9 @@ def trigger(
     ] = False,
 ) -> None:
     """Start the pipeline deployments for a commit (what CI and git hooks call)."""
+    from modelyard import trigger as triggers  # REST only: a push waits on this command
     from modelyard.lineage import git_info
 
-    orchestration = _orchestration()
     here = git_info(Path.cwd(), get_settings())  # CI variables first, then git
     commit, branch = commit or here.commit, branch or here.branch
     if commit == "unknown":
@@ -448,9 +465,10 @@ def trigger(
         raise typer.Exit(2)
     source = source or _ci_name()
     try:
-        runs = orchestration.trigger(
-            commit, branch, source, [repository] if repository else None, model, key
-        )
+        runs = triggers.trigger(
+            get_settings(), commit, branch, source, [repository] if repository else None,
+            model, key,
+        )  # fmt: skip
     except ModelyardError as exc:
         raise _fail(exc) from None
     settings = get_settings()
@@ -461,6 +479,7 @@ def trigger(
             f"[green]✓[/] {r.model}: run {r.name} {how}: {ui}/runs/flow-run/{r.flow_run_id}"
         )
     if wait:
+        orchestration = _orchestration()
         failed = [r for r in runs if not _follow(orchestration, r)]
         if failed:
             raise typer.Exit(1)
@@ -524,11 +543,13 @@ def webhook(
             "webhook settings; deliveries cannot be verified without it"
         )
         raise typer.Exit(2)
-    orchestration = _orchestration()
+    from modelyard.trigger import trigger as start_runs
+
+    _prefect_url()  # refuse to start without a server to start runs on
 
     def on_push(push: Push) -> list[str]:
-        runs = orchestration.trigger(
-            push.commit, push.branch, "github", [push.repository, *push.aliases],
+        runs = start_runs(
+            settings, push.commit, push.branch, "github", [push.repository, *push.aliases],
             key=f"github:{push.delivery}",
         )  # fmt: skip
         return [r.name for r in runs]
