@@ -131,7 +131,8 @@ def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, s3, tmp_path, wh
         rules = client.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]
         assert rules["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
         # ... and they read back through the MLflow server.
-        mlflow = MlflowClient(stack.url("mlflow"))
+        # Both URIs: an earlier test in this process may have set a global registry URI.
+        mlflow = MlflowClient(stack.url("mlflow"), stack.url("mlflow"))
         version = mlflow.get_model_version("scale-out-house", "1")
         bundle = version.tags["bundle_artifact"]
         run_id = bundle.removeprefix("runs:/").split("/")[0]
