@@ -279,7 +279,7 @@ def table(results: list[Measured]) -> str:
         )
     warm = next(m for m in results if m.label == "warm")
     lines += ["", f"- warm lead time {warm.seconds:.1f} s (target under {TARGETS['warm']:.0f} s); "
-              f"orchestration overhead {warm.overhead / warm.seconds:.0%} of it "
+              f"orchestration overhead {warm.overhead:.1f} s, {warm.overhead / warm.seconds:.1%} of it "
               f"(target under {TARGETS['overhead share']:.0%})"]  # fmt: skip
     return "\n".join(lines)
 

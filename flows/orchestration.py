@@ -197,7 +197,7 @@ def worker_command(pool: str, name: str | None, limit: int | None) -> list[str]:
 
 
 def run_worker(
-    settings: Settings, pool: str, name: str | None, limit: int | None, poll: float = 2.0
+    settings: Settings, pool: str, name: str | None, limit: int | None, poll: float = 1.0
 ) -> int:
     """Serve the pool until stopped, with a fork server that starts each run pre-imported.
 

@@ -514,7 +514,7 @@ def worker(
     ] = None,
     poll: Annotated[
         float, typer.Option(help="Seconds between looks for queued runs (Prefect's is 10).")
-    ] = 2.0,
+    ] = 1.0,
 ) -> None:
     """Run pipeline flow runs from the work pool; start one per machine to scale out."""
     orchestration = _orchestration()
