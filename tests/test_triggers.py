@@ -214,9 +214,15 @@ def test_two_workers_share_queued_runs(stack, tmp_path):
         runs = wait_until(
             "four completed runs", lambda: _all_completed(stack, "shared-house", tmp_path)
         )
+        # --wait follows the stages and says how the run ended in its exit code: a commit the
+        # repository does not have fails at checkout, and the trigger fails with it.
+        missing = stack.cli("trigger", "--commit", "0" * 40, "--branch", "main",
+                            "--model", "shared-house", "--wait")  # fmt: skip
     finally:
         for worker in workers:
             _stop(worker)
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert "checkout: Failed" in missing.stdout and "is not in" in missing.stdout
     by = [r["labels"]["prefect.worker.name"] for r in runs]  # type: ignore[union-attr]
     assert len(by) == 4 and set(by) == {"worker-a", "worker-b"}, by
     # Each run started from its worker's pre-imported fork server, not a fresh interpreter.
