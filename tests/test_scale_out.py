@@ -111,14 +111,14 @@ def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, s3, tmp_path, wh
     up = stack.cli("stack", "up", "prefect", "mlflow")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        project = Project(tmp_path / "repo", "house_prices", "scale-out-house")
+        project = Project(tmp_path / "repo", "ad_clicks", "scale-out-ads")
         run = stack.cli("run", "--no-deploy", "--spec", str(project.spec_path))
         assert run.returncode == 0, run.stdout + run.stderr
         assert stack.url("prefect") in run.stdout  # the run went to the stack's Prefect
 
         # The runs, versions and flow runs live in PostgreSQL ...
         assert (
-            psql("SELECT count(*) FROM model_versions WHERE name = 'scale-out-house'", "mlflow")
+            psql("SELECT count(*) FROM model_versions WHERE name = 'scale-out-ads'", "mlflow")
             == "1"
         )
         assert int(psql("SELECT count(*) FROM flow_run", "prefect")) >= 1
@@ -133,7 +133,7 @@ def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, s3, tmp_path, wh
         # ... and they read back through the MLflow server.
         # Both URIs: an earlier test in this process may have set a global registry URI.
         mlflow = MlflowClient(stack.url("mlflow"), stack.url("mlflow"))
-        version = mlflow.get_model_version("scale-out-house", "1")
+        version = mlflow.get_model_version("scale-out-ads", "1")
         bundle = version.tags["bundle_artifact"]
         run_id = bundle.removeprefix("runs:/").split("/")[0]
         local = mlflow.download_artifacts(run_id, "bundle", str(tmp_path / "back"))

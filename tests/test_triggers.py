@@ -200,24 +200,24 @@ def _fail_fast(runs: list[dict], log: Path) -> None:
 
 
 def test_two_workers_share_queued_runs(stack, tmp_path):
-    project = Project(tmp_path / "work", "house_prices", "shared-house")
+    project = Project(tmp_path / "work", "ad_clicks", "shared-ads")  # no PMML export: quicker
     applied = stack.cli("pipelines", "apply", str(project.spec_path), "--pool", "shared-pool")
     assert applied.returncode == 0, applied.stderr
     commit = project.head
     for i in range(4):  # queued before any worker runs
         started = stack.cli("trigger", "--commit", commit, "--branch", "main",
-                            "--model", "shared-house", "--key", f"share-{i}")  # fmt: skip
+                            "--model", "shared-ads", "--key", f"share-{i}")  # fmt: skip
         assert started.returncode == 0, started.stderr
     workers = [stack.worker("shared-pool", name, tmp_path / f"{name}.log",
                             MODELYARD_BUILD_IMAGE="never") for name in ("worker-a", "worker-b")]  # fmt: skip
     try:
         runs = wait_until(
-            "four completed runs", lambda: _all_completed(stack, "shared-house", tmp_path)
+            "four completed runs", lambda: _all_completed(stack, "shared-ads", tmp_path)
         )
         # --wait follows the stages and says how the run ended in its exit code: a commit the
         # repository does not have fails at checkout, and the trigger fails with it.
         missing = stack.cli("trigger", "--commit", "0" * 40, "--branch", "main",
-                            "--model", "shared-house", "--wait")  # fmt: skip
+                            "--model", "shared-ads", "--wait")  # fmt: skip
     finally:
         for worker in workers:
             _stop(worker)
@@ -300,11 +300,11 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 def test_the_prefect_and_mlflow_uis_show_the_run_and_the_model(stack, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    project = Project(tmp_path / "work", "house_prices", "ui-house")
+    project = Project(tmp_path / "work", "ad_clicks", "ui-ads")
     run = stack.cli("run", "--no-deploy", "--spec", str(project.spec_path),
                     MODELYARD_BUILD_IMAGE="never")  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    name = f"ui-house@{project.head[:8]}"  # named, like triggered runs, by model and commit
+    name = f"ui-ads@{project.head[:8]}"  # named, like triggered runs, by model and commit
     flow_run = next(r for r in stack.flow_runs() if r["name"] == name)
     screens = tmp_path / "screens"
     with sync_playwright() as playwright:
@@ -322,12 +322,12 @@ def test_the_prefect_and_mlflow_uis_show_the_run_and_the_model(stack, tmp_path):
         page.get_by_text("register", exact=False).first.wait_for(timeout=60_000)
         page.screenshot(path=screens / "prefect-flow-run.png", full_page=True)
         # MLflow: the registered model, its version and the alias the pipeline set.
-        page.goto(f"{stack.url('mlflow')}/#/models/ui-house", wait_until="load")
+        page.goto(f"{stack.url('mlflow')}/#/models/ui-ads", wait_until="load")
         page.get_by_text("Version 1").first.wait_for(timeout=60_000)
         page.get_by_text("candidate").first.wait_for(timeout=60_000)
         page.screenshot(path=screens / "mlflow-model.png", full_page=True)
         text = page.inner_text("body")
         browser.close()
-    assert "ui-house" in text and "candidate" in text
+    assert "ui-ads" in text and "candidate" in text
     assert all((screens / f).stat().st_size > 10_000 for f in
                ("prefect-runs.png", "prefect-flow-run.png", "mlflow-model.png"))  # fmt: skip
