@@ -84,22 +84,27 @@ def up(
     _check_installed(services)
     if any(s.name == "mlflow" for s in services):
         ensure_bucket(settings.artifacts_destination)
-    waiting: list[Service] = []
+    waiting: list[Service] = []  # ours, not answering yet: started now, or still starting
+    to_start: list[Service] = []
     for service in services:
-        if _status(settings, service).up:
+        current = _status(settings, service)
+        if current.up:
             progress(f"{service.name}: already up at {service.url}")
+        elif current.pid:  # its process lives (an earlier `up` still starting): wait for it
+            waiting.append(service)
         else:
             _check_port_free(service)
-            waiting.append(service)
+            to_start.append(service)
+    waiting += to_start
     try:
-        for service in waiting:  # all start at once: Prefect and MLflow take seconds each
+        for service in to_start:  # all start at once: Prefect and MLflow take seconds each
             progress(f"{service.name}: starting on {service.url} …")
             _start(settings, service)
         for service in waiting:
             _wait_healthy(settings, service, progress)
             progress(f"{service.name}: up at {service.url}")
     except StackError:
-        for service in waiting:
+        for service in to_start:
             _stop(settings, service)
         raise
     return [_status(settings, s) for s in services]
