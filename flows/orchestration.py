@@ -37,21 +37,13 @@ from prefect.workers.process import ProcessWorker
 
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
+from modelyard.lineage import git, model_from_tags
 from modelyard.spec import load_spec
-from modelyard.trigger import PipelineDeployment
+from modelyard.trigger import PipelineDeployment, require_server
 
 POOL = "modelyard"
 RUN_COMMAND = "python -m flows.fork_client"
 Progress = Callable[[str], None]
-
-
-def require_server(settings: Settings) -> str:
-    if not settings.api_url:
-        raise ModelyardError(
-            "deployments, workers and triggers need a Prefect server: start one with "
-            "`modelyard stack up`, or set MODELYARD_PREFECT_API_URL"
-        )
-    return settings.api_url
 
 
 # --- the work pool and the deployments -----------------------------------------------------------
@@ -101,25 +93,18 @@ def apply(specs: list[Path], repository: str | None, pool: str = POOL) -> list[P
 
 
 def _git_root(spec_file: Path) -> Path:
-    found = subprocess.run(
-        ["git", "-C", str(spec_file.resolve().parent), "rev-parse", "--show-toplevel"],
-        capture_output=True,
-        text=True,
-    )
-    if found.returncode != 0:
+    root = git(spec_file.resolve().parent, "rev-parse", "--show-toplevel")
+    if root is None:
         raise ModelyardError(
             f"{spec_file} is not in a git repository; a pipeline deployment trains commits, so "
             "the spec must be committed to one"
         )
-    return Path(found.stdout.strip())
+    return Path(root)
 
 
 def _default_repository(root: Path) -> str:
     """The checkout's `origin` when it has one (what other machines can reach), else its path."""
-    found = subprocess.run(
-        ["git", "-C", str(root), "remote", "get-url", "origin"], capture_output=True, text=True
-    )
-    return found.stdout.strip() if found.returncode == 0 else str(root)
+    return git(root, "remote", "get-url", "origin") or str(root)
 
 
 # --- runs waiting for a person ---------------------------------------------------------------
@@ -137,11 +122,8 @@ def paused_runs(commit: str, models: list[str] | None = None) -> list[FlowRun]:
                 )
             )
 
-    return [r for r in run_coro_as_sync(read()) if not models or model_of(r) in models]
-
-
-def model_of(run: FlowRun) -> str | None:
-    return next((t.removeprefix("model:") for t in run.tags if t.startswith("model:")), None)
+    runs = run_coro_as_sync(read())
+    return [r for r in runs if not models or model_from_tags(r.tags) in models]
 
 
 # --- following a run ----------------------------------------------------------------------------

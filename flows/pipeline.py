@@ -31,7 +31,7 @@ from modelyard.checks.report import GateReport
 from modelyard.config import Settings, get_settings
 from modelyard.deploy import release
 from modelyard.errors import GateFailed, ModelyardError
-from modelyard.lineage import GitInfo, git_info, run_name
+from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_tags
 from modelyard.spec import Spec, load_spec
 
 T = TypeVar("T")
@@ -203,9 +203,12 @@ def _publish_bundle(
 def _run_name() -> str:
     params = flow_run.parameters
     # Triggered runs carry their model in a tag (the deployment's name); others name the folder.
-    model = next((t.split(":", 1)[1] for t in flow_run.tags if t.startswith("model:")), None)
     return run_name(
-        params["spec_path"], params.get("commit"), params.get("repository"), get_settings(), model
+        params["spec_path"],
+        params.get("commit"),
+        params.get("repository"),
+        get_settings(),
+        model_from_tags(flow_run.tags),
     )
 
 
@@ -266,8 +269,7 @@ def pipeline(
 
 def run_tagged(model: str, commit: str, branch: str, trigger: str, **parameters: Any) -> State:
     """Run the flow here, tagged like a triggered run: the UI filters and names both alike."""
-    labels = [f"model:{model}", f"commit:{commit}", f"branch:{branch}", f"trigger:{trigger}"]
-    with tags("modelyard", *labels):
+    with tags("modelyard", *run_tags(model, commit, branch, trigger)):
         return pipeline(
             commit=commit, branch=branch, trigger=trigger, return_state=True, **parameters
         )

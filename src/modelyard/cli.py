@@ -376,10 +376,7 @@ def _orchestration() -> Any:
     os.environ.update(settings.orchestrator_env())
     from flows import orchestration  # after the env: Prefect reads its settings at import
 
-    try:
-        orchestration.require_server(settings)
-    except ModelyardError as exc:
-        raise _fail(exc) from None
+    _prefect_url()
     return orchestration
 
 
@@ -422,14 +419,12 @@ def pipelines_list() -> None:
 
 
 def _prefect_url() -> str:
-    url = get_settings().api_url
-    if not url:
-        err.print(
-            "[bold red]error:[/] this needs a Prefect server: start one with "
-            "`modelyard stack up`, or set MODELYARD_PREFECT_API_URL"
-        )
-        raise typer.Exit(1)
-    return url
+    from modelyard.trigger import require_server
+
+    try:
+        return require_server(get_settings())
+    except ModelyardError as exc:
+        raise _fail(exc) from None
 
 
 @app.command()

@@ -20,8 +20,8 @@ from modelyard.errors import ModelyardError
 
 MARKER = "# modelyard post-receive hook"
 # Not secrets: where the state is and which server to ask. Credentials stay out of the hook.
-CARRIED = ("MODELYARD_WORKSPACE", "MODELYARD_PREFECT_API_URL", "PREFECT_API_URL",
-           "MODELYARD_STACK_PREFECT_PORT", "MODELYARD_STACK_HOST")  # fmt: skip
+# A running stack's URL is read from the workspace, so its port settings need no carrying.
+CARRIED = ("MODELYARD_WORKSPACE", "MODELYARD_PREFECT_API_URL", "PREFECT_API_URL")
 
 
 class HookError(ModelyardError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ class GitInfo:
         return self.commit[:8]
 
 
-def _git(folder: Path, *args: str) -> str | None:
+def git(folder: Path, *args: str) -> str | None:
+    """`git ARGS` in `folder`: its output, or None when git fails or is missing."""
     try:
         done = subprocess.run(
             ["git", *args], cwd=folder, capture_output=True, text=True, timeout=30, check=True
@@ -40,13 +42,13 @@ def _first_env(names: tuple[str, ...]) -> str | None:
 
 
 def git_info(folder: Path, settings: Settings) -> GitInfo:
-    commit = settings.git_commit or _first_env(_COMMIT_VARS) or _git(folder, "rev-parse", "HEAD")
+    commit = settings.git_commit or _first_env(_COMMIT_VARS) or git(folder, "rev-parse", "HEAD")
     branch = (
         settings.git_branch
         or _first_env(_BRANCH_VARS)
-        or _git(folder, "rev-parse", "--abbrev-ref", "HEAD")
+        or git(folder, "rev-parse", "--abbrev-ref", "HEAD")
     )
-    status = _git(folder, "status", "--porcelain", "--untracked-files=no")
+    status = git(folder, "status", "--porcelain", "--untracked-files=no")
     return GitInfo(
         commit=commit or "unknown",
         branch=branch or "unknown",
@@ -70,3 +72,12 @@ def run_name(
     if not commit:
         commit = git_info(folder.parent, settings).commit
     return f"{model or folder.parent.name}@{commit[:8]}"
+
+
+def run_tags(model: str, commit: str, branch: str, trigger: str) -> list[str]:
+    """The Prefect tags of a pipeline run, however it was started: the UI filters by them."""
+    return [f"model:{model}", f"commit:{commit}", f"branch:{branch}", f"trigger:{trigger}"]
+
+
+def model_from_tags(tags: Iterable[str]) -> str | None:
+    return next((t.removeprefix("model:") for t in tags if t.startswith("model:")), None)

@@ -248,9 +248,14 @@ def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
         return {}
 
 
+def bundle_folder(settings: Settings, model: str, version: str) -> Path:
+    """Where this workspace keeps a version's bundle: `bundle/` unpacked, and its tarball."""
+    return settings.workspace_dir / "bundles" / model / version
+
+
 def bundle_archive(settings: Settings, model: str, version: str, tags: dict[str, str]) -> Path:
     """The version's signed bundle tarball: from the workspace, else from MLflow."""
-    folder = settings.workspace_dir / "bundles" / model / version
+    folder = bundle_folder(settings, model, version)
     local = next(iter(sorted(folder.glob("*.bundle.tar.gz"))), None)
     if local is not None:
         return local

@@ -293,7 +293,7 @@ def package(
 
     The exports inside are the bytes `export` proved, so the proof is carried, not repeated.
     """
-    out = ctx.settings.workspace_dir / "bundles" / ctx.spec.name / version
+    out = registry.bundle_folder(ctx.settings, ctx.spec.name, version)
     metadata = {
         "model_version": version,
         "git_commit": ctx.git.commit,
@@ -324,7 +324,7 @@ def version_bundle(ctx: RunContext, version: str) -> tuple[dict[str, str], str]:
     still have its image to build."""
     client = registry.connect(ctx.settings)
     tags = dict(client.get_model_version(ctx.spec.name, version).tags)
-    folder = ctx.settings.workspace_dir / "bundles" / ctx.spec.name / version / "bundle"
+    folder = registry.bundle_folder(ctx.settings, ctx.spec.name, version) / "bundle"
     if not (folder / "manifest.json").is_file():
         archive = registry.bundle_archive(ctx.settings, ctx.spec.name, version, tags)
         from_tarball(archive.read_bytes(), folder)

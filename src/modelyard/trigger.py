@@ -20,7 +20,7 @@ import httpx
 
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
-from modelyard.lineage import run_name
+from modelyard.lineage import run_name, run_tags
 
 FLOW = "modelyard-pipeline"
 
@@ -45,6 +45,16 @@ class TriggeredRun:
     flow_run_id: str
     name: str
     created: bool  # False when an earlier trigger with the same key already made it
+
+
+def require_server(settings: Settings) -> str:
+    """The Prefect API URL; deployments, workers and triggers have no embedded fallback."""
+    if not settings.api_url:
+        raise ModelyardError(
+            "this needs a Prefect server: start one with `modelyard stack up`, or set "
+            "MODELYARD_PREFECT_API_URL"
+        )
+    return settings.api_url
 
 
 class PrefectApi:
@@ -101,12 +111,7 @@ def trigger(
     hook passes its path, a webhook the clone, SSH and web URLs); `key` makes the trigger
     idempotent: the same key never makes a second run (a redelivered webhook, a hook run twice).
     """
-    if not settings.api_url:
-        raise ModelyardError(
-            "triggers need a Prefect server: start one with `modelyard stack up`, or set "
-            "MODELYARD_PREFECT_API_URL"
-        )
-    api = PrefectApi(settings.api_url)
+    api = PrefectApi(require_server(settings))
     chosen = [
         d
         for d in deployments(api)
@@ -125,12 +130,7 @@ def trigger(
         body = {
             "name": name,
             "parameters": {"commit": commit, "branch": branch, "trigger": source},
-            "tags": [
-                f"commit:{commit}",
-                f"branch:{branch}",
-                f"trigger:{source}",
-                f"model:{d.model}",
-            ],
+            "tags": run_tags(d.model, commit, branch, source),
             "state": {"type": "SCHEDULED", "name": "Scheduled"},
             "idempotency_key": f"{key}:{d.model}" if key else None,
         }
