@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     stack_registry_port: int = Field(default=5001, description="Docker registry.")
     stack_prometheus_port: int = Field(default=9090, description="Prometheus.")
     stack_start_timeout: float = Field(default=120, description="Seconds a service may take.")
+    prometheus_interval: int = Field(
+        default=15, ge=1, description="Seconds between the stack Prometheus's scrapes and rule runs."
+    )
+    prometheus_url: str | None = Field(
+        default=None,
+        description="Prometheus the monitor flow queries; default: the stack's when it runs.",
+    )
     prefect_database_url: SecretStr | None = Field(
         default=None,
         description="Scale-out: the Prefect server's database, "
@@ -108,6 +115,11 @@ class Settings(BaseSettings):
         return (
             explicit or self._stack_url("mlflow") or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
         )
+
+    @property
+    def prometheus(self) -> str | None:
+        """The Prometheus to query: configured, else the running stack's, else none."""
+        return self.prometheus_url or self._stack_url("prometheus")
 
     def _stack_url(self, service: str) -> str | None:
         from modelyard.stack import running_url  # the stack module reads these settings

@@ -279,6 +279,35 @@ class Deploy(_Strict):
     )
 
 
+class Monitoring(_Strict):
+    """How a deployed version is watched, and when drift sends the model back to training."""
+
+    drift_threshold: float = Field(
+        default=0.25, gt=0.0,
+        description="PSI above which an input or the prediction counts as drifted (0.1 is a "
+        "moderate shift, 0.25 a large one).",
+    )  # fmt: skip
+    window: int = Field(
+        default=3600, ge=60, description="Seconds of live traffic each drift check compares."
+    )
+    min_rows: int = Field(
+        default=200, ge=1, description="Fewer live rows than this in the window: no verdict."
+    )
+    interval: int = Field(
+        default=900, ge=60, description="Seconds between scheduled drift checks."
+    )
+    cooldown: int = Field(
+        default=86400, ge=0,
+        description="Seconds after a drift-triggered retraining before drift may trigger another.",
+    )  # fmt: skip
+    retrain: bool = Field(default=True, description="Start the pipeline when drift is found.")
+    latency_budget_ms: float | None = Field(
+        default=None, gt=0.0,
+        description="p99 serving latency that raises an alert; default: behaviour.latency."
+        "budget_ms.",
+    )  # fmt: skip
+
+
 class Spec(_Strict):
     """A whole `modelyard.yaml`."""
 
@@ -295,6 +324,7 @@ class Spec(_Strict):
     behaviour: Behaviour = Field(default_factory=Behaviour)
     package: Package = Field(default_factory=Package)
     deploy: Deploy = Field(default_factory=Deploy)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
     # Folder of the spec file; relative paths in the spec resolve against it. Not part of hashes.
     source_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -63,6 +63,12 @@ class Status:
     detail: str = ""
 
 
+_RULES_FILES = (
+    Path(__file__).parent / "monitor" / "prometheus" / "rules.yml",
+    Path(__file__).resolve().parents[2] / "infra" / "prometheus" / "rules.yml",
+)
+
+
 def stack_dir(settings: Settings) -> Path:
     return settings.workspace_dir / "stack"
 
@@ -228,8 +234,11 @@ def _registry(settings: Settings) -> Service:
 def _prometheus(settings: Settings) -> Service:
     folder = stack_dir(settings) / "prometheus"
     port = settings.stack_prometheus_port
+    interval = f"{settings.prometheus_interval}s"
     config = {
-        "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        # Alerts and the drift recording rules (PSI per feature and of the predictions).
+        "rule_files": [str(rules_file())],
         "scrape_configs": [
             {
                 "job_name": "prometheus",
@@ -256,6 +265,14 @@ def _prometheus(settings: Settings) -> Service:
         ],
         files={"prometheus.yml": json.dumps(config, indent=2), "targets/.keep": ""},
     )
+
+
+def rules_file() -> Path:
+    """infra/prometheus/rules.yml, from the wheel or the source checkout."""
+    for candidate in _RULES_FILES:
+        if candidate.is_file():
+            return candidate
+    raise ModelyardError("modelyard's Prometheus rules (infra/prometheus/rules.yml) are missing")
 
 
 def ensure_bucket(destination: str | None) -> None:

@@ -42,6 +42,7 @@ class PlaybookResult:
     rc: int
     failures: dict[str, str] = field(default_factory=dict)  # host -> why
     touched: list[str] = field(default_factory=list)  # hosts a task ran on
+    scrape: dict[str, str] = field(default_factory=dict)  # host -> host:port of its /metrics
     stdout: Path | None = None
     events: Path | None = None
 
@@ -128,6 +129,9 @@ def run_playbook(
 def _note_event(event: dict[str, Any], result: PlaybookResult, progress: Progress) -> None:
     kind = event.get("event", "")
     data = event.get("event_data", {})
+    if kind == "playbook_on_stats":  # the role's set_stats: where each host is scraped
+        result.scrape.update((data.get("artifact_data") or {}).get("model_service_scrape") or {})
+        return
     if kind == "playbook_on_play_start":
         progress(f"ansible: {data.get('play', '')}")
         return

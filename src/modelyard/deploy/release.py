@@ -29,6 +29,7 @@ from modelyard.deploy import ledger
 from modelyard.deploy.ledger import Release
 from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, run_playbook
 from modelyard.errors import DeployFailed, SpecError
+from modelyard.monitor.targets import write_targets
 from modelyard.package.build import trusted_keys
 from modelyard.package.image import flat_wheels, prepare_wheelhouse
 from modelyard.spec import Environment, Spec
@@ -138,6 +139,8 @@ def deploy(
         ledger.append(settings, replace(record, outcome="failed", reason=why), files)
         raise DeployFailed(f"{action} of {spec.name} v{version} to {environment} failed: {why}")
     registry.set_alias(registry.connect(settings), spec.name, environment, version)
+    if result.scrape:
+        write_targets(settings, spec.name, environment, version, result.scrape)
     done = ledger.append(settings, record, files)
     progress(f"{action}: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
     return done

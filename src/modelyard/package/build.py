@@ -28,6 +28,7 @@ from modelyard.package.parity import ParityError, ParityReport, compare
 from modelyard.package.pmml import export_pmml, prove_pmml
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Runtime
+from modelyard.monitor import bins as drift_bins
 from modelyard.spec import Spec
 
 EXAMPLE_ROWS = 5
@@ -81,7 +82,38 @@ def schema_of(spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray) -> 
         + (["predict_proba"] if spec.task == "binary_classification" else []),
         "prediction_buckets": sorted({float(q) for q in quantiles}),
         "example": frame_columns(eval_frame.loc[:, spec.feature_names].dropna().head(EXAMPLE_ROWS)),
+        "reference": reference_of(spec, eval_frame, eval_scores),
+        "monitoring": {
+            "drift_threshold": spec.monitoring.drift_threshold,
+            "drift_min_rows": spec.monitoring.min_rows,
+            "latency_budget_seconds": (
+                spec.monitoring.latency_budget_ms or spec.behaviour.latency.budget_ms
+            )
+            / 1000,
+        },
     }
+
+
+def reference_of(
+    spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray
+) -> dict[str, Any]:
+    """Drift bins with the evaluation split's shares: what live traffic is compared against.
+
+    The evaluation split is held out of fitting but drawn from the training data, and it is
+    the split the predictions' reference (the model's scores on it) comes from.
+    """
+    features = {}
+    for f in spec.features:
+        values = eval_frame[f.name].tolist()
+        features[f.name] = (
+            drift_bins.numeric_bins(values)
+            if f.type == "numeric"
+            else drift_bins.categorical_bins(values, f.categories)
+        ).to_json()
+    scores = [float(s) for s in eval_scores]
+    edges = drift_bins.PROBABILITY_EDGES if spec.task == "binary_classification" else None
+    prediction = drift_bins.numeric_bins(scores, edges)
+    return {"features": features, "prediction": prediction.to_json()}
 
 
 def frame_columns(frame: pd.DataFrame) -> dict[str, list[Any]]:

@@ -43,7 +43,10 @@ class ServingApp:
         buckets = runtime.schema.get("prediction_buckets") or list(PROBABILITY_BUCKETS)
         if runtime.task == "binary_classification":
             buckets = list(PROBABILITY_BUCKETS)
-        self.metrics = Metrics(runtime.name, runtime.version, runtime.digest, buckets)
+        self.metrics = Metrics(
+            runtime.name, runtime.version, runtime.digest, buckets,
+            runtime.schema.get("reference"), runtime.schema.get("monitoring"),
+        )  # fmt: skip
         self.batcher = Batcher(runtime)
         self.ready = False
 
@@ -156,6 +159,7 @@ class ServingApp:
     async def _predict(self, columns: codecs.Columns) -> Prediction:
         values, rows = codecs.validate(columns, self.runtime.columns, self.max_rows)
         prediction = await self.batcher.predict(values, rows)
+        self.metrics.observe_inputs(values)
         observed = (
             prediction.probabilities if prediction.probabilities is not None else prediction.values
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from typing import Any
 
@@ -24,6 +24,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from modelyard.monitor.bins import MISSING, OTHER, Bins
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 PROBABILITY_BUCKETS = tuple(round(i / 10, 1) for i in range(1, 11))
@@ -55,11 +57,47 @@ class _Tally:
         self.total = 0.0
 
 
+class _BinTally:
+    """Live rows per drift bin of one signal, as a list indexed like `bins.labels`."""
+
+    __slots__ = ("bins", "counts", "index", "missing")
+
+    def __init__(self, bins: Bins) -> None:
+        self.bins = bins
+        self.counts = [0] * len(bins.labels)
+        self.missing = bins.labels.index(MISSING)
+        # Categorical: value -> slot; the validator turns a missing category into "".
+        self.index = {label: i for i, label in enumerate(bins.labels)} | {"": self.missing}
+
+    def add(self, values: list[Any]) -> None:
+        counts = self.counts
+        if self.bins.kind == "numeric":
+            edges, missing = self.bins.edges, self.missing
+            for v in values:
+                counts[missing if v != v else bisect_right(edges, v)] += 1  # v != v: NaN
+        else:
+            index, other = self.index, self.index[OTHER]
+            for v in values:
+                counts[index.get(v, other)] += 1
+
+    def drain_into(self, counter: Any, *labels: str) -> None:
+        for label, count in zip(self.bins.labels, self.counts, strict=True):
+            if count:
+                counter.labels(*labels, label).inc(count)
+        self.counts = [0] * len(self.counts)
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(
-        self, model: str, version: str, digest: str, prediction_buckets: list[float]
+        self,
+        model: str,
+        version: str,
+        digest: str,
+        prediction_buckets: list[float],
+        reference: dict[str, Any] | None = None,
+        monitoring: dict[str, float] | None = None,
     ) -> None:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
@@ -93,6 +131,11 @@ class Metrics:
             multiprocess_mode="max",
         )
         info.labels(model, version, digest[:16]).set(1)
+        self._monitoring_gauges(monitoring or {})
+        self._inputs: dict[str, _BinTally] = {}
+        self._prediction_bins: _BinTally | None = None
+        if reference:
+            self._drift_metrics(reference)
         self._requests: dict[tuple[str, int], int] = defaultdict(int)
         self._latency: dict[str, _Tally] = {}
         self._predictions = _Tally(self.prediction_bounds)
@@ -109,8 +152,60 @@ class Metrics:
 
     def observe_predictions(self, values: Any) -> None:
         self._rows += len(values)
-        for value in values.tolist() if hasattr(values, "tolist") else values:
+        values = values.tolist() if hasattr(values, "tolist") else values
+        for value in values:
             self._predictions.add(value)
+        if self._prediction_bins is not None:
+            self._prediction_bins.add(values)
+
+    def observe_inputs(self, columns: dict[str, list[Any]]) -> None:
+        """One request's validated columns, counted into the drift bins."""
+        for name, tally in self._inputs.items():
+            tally.add(columns[name])
+
+    def _monitoring_gauges(self, monitoring: dict[str, float]) -> None:
+        """The bundle's alert thresholds, so alert rules read them per model."""
+        for name, key, help_text in (
+            ("modelyard_latency_budget_seconds", "latency_budget_seconds",
+             "p99 latency above which the model's latency alert fires"),
+            ("modelyard_drift_threshold", "drift_threshold",
+             "PSI above which an input or the prediction counts as drifted"),
+            ("modelyard_drift_min_rows", "drift_min_rows",
+             "Live rows a drift window needs before PSI is computed"),
+        ):  # fmt: skip
+            if key in monitoring:
+                gauge = Gauge(name, help_text, registry=self.registry, multiprocess_mode="max")
+                gauge.set(float(monitoring[key]))
+
+    def _drift_metrics(self, reference: dict[str, Any]) -> None:
+        """Live counts per drift bin and the reference's shares, for PSI in PromQL and the
+        monitor flow. Every bin's counter exists from the start at 0: `increase()` needs the
+        series before its first increment, and PSI needs the bins no live row fell into."""
+        registry = self.registry
+        self.input_bins = Counter("modelyard_input_bin", "Live input rows per drift bin",
+                                  ["feature", "bin"], registry=registry)  # fmt: skip
+        input_reference = Gauge("modelyard_input_reference_ratio",
+                                "Share of the reference rows per drift bin", ["feature", "bin"],
+                                registry=registry, multiprocess_mode="max")  # fmt: skip
+        for name, data in reference.get("features", {}).items():
+            bins = Bins.from_json(data)
+            self._inputs[name] = _BinTally(bins)
+            for label, share in zip(bins.labels, bins.reference, strict=True):
+                self.input_bins.labels(name, label).inc(0)
+                input_reference.labels(name, label).set(share)
+        if "prediction" in reference:
+            bins = Bins.from_json(reference["prediction"])
+            self._prediction_bins = _BinTally(bins)
+            self.prediction_bins = Counter("modelyard_prediction_bin",
+                                           "Live predictions per drift bin", ["bin"],
+                                           registry=registry)  # fmt: skip
+            prediction_reference = Gauge("modelyard_prediction_reference_ratio",
+                                         "Share of the reference predictions per drift bin",
+                                         ["bin"], registry=registry,
+                                         multiprocess_mode="max")  # fmt: skip
+            for label, share in zip(bins.labels, bins.reference, strict=True):
+                self.prediction_bins.labels(label).inc(0)
+                prediction_reference.labels(label).set(share)
 
     def _schedule_flush(self) -> None:
         if self._flusher is None:
@@ -132,6 +227,10 @@ class Metrics:
         if self._rows:
             self.rows.inc(self._rows)
             self._rows = 0
+        for name, tally in self._inputs.items():
+            tally.drain_into(self.input_bins, name)
+        if self._prediction_bins is not None:
+            self._prediction_bins.drain_into(self.prediction_bins)
 
     def render(self) -> bytes:
         self.flush()

@@ -1,0 +1,1 @@
+"""Watching deployed versions: drift bins (`bins`), PSI from Prometheus (`drift`)."""

@@ -1,0 +1,127 @@
+"""Fixed bins for drift: built once from the reference data, shared by the bundle, the server's
+counters and the PSI computation, so every side speaks of the same bins by the same labels.
+
+No pandas here: the serving app imports this module to count live inputs.
+
+- numeric inputs: up to `NUMERIC_BINS` bins cut at the reference's quantiles (so each holds about
+  the same share of the reference), plus `missing`;
+- categorical inputs: one bin per known category, `other` (a value the model never saw) and
+  `missing`;
+- predictions: the classifier's probability in tenths, or a regression's reference quantiles.
+
+PSI is Σ (live − reference) · ln(live / reference) over the bins, with both shares floored at
+`PSI_FLOOR` so an empty bin counts as rare rather than infinitely surprising. The same floor is
+used by the Prometheus recording rules (infra/prometheus/rules.yml), so both agree.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+NUMERIC_BINS = 10
+PSI_FLOOR = 1e-4
+MISSING = "missing"
+OTHER = "other"
+PROBABILITY_EDGES = tuple(round(i / 10, 1) for i in range(1, 10))
+
+
+@dataclass(frozen=True)
+class Bins:
+    """How one signal (an input column or the prediction) is binned, and its reference shares."""
+
+    kind: str  # "numeric" | "categorical"
+    labels: tuple[str, ...]
+    edges: tuple[float, ...] = ()  # numeric: inner cut points, ascending
+    reference: tuple[float, ...] = ()  # share of the reference rows per label
+
+    def label_of(self, value: Any) -> str:
+        """The bin of one validated value (None/NaN missing; an unknown category `other`)."""
+        if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+            return MISSING
+        if self.kind == "numeric":
+            return self.labels[bisect_right(self.edges, value)]
+        return value if value in self._known else OTHER
+
+    @property
+    def _known(self) -> frozenset[str]:
+        return frozenset(self.labels[:-2])  # all but other, missing
+
+    def shares(self, values: Iterable[Any]) -> tuple[float, ...]:
+        counts = dict.fromkeys(self.labels, 0)
+        for value in values:
+            counts[self.label_of(value)] += 1
+        total = sum(counts.values()) or 1
+        return tuple(round(counts[label] / total, 6) for label in self.labels)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "labels": list(self.labels),
+            "edges": list(self.edges),
+            "reference": list(self.reference),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Bins:
+        return cls(
+            kind=data["kind"],
+            labels=tuple(data["labels"]),
+            edges=tuple(float(e) for e in data["edges"]),
+            reference=tuple(float(r) for r in data["reference"]),
+        )
+
+
+def numeric_bins(values: Sequence[float], edges: Sequence[float] | None = None) -> Bins:
+    """Bins cut at the reference's deciles (or at given `edges`), with the reference's shares."""
+    present = sorted(v for v in values if v is not None and not math.isnan(v))
+    if edges is None:
+        edges = _quantile_edges(present)
+    cuts = tuple(sorted({float(e) for e in edges}))
+    bins = Bins("numeric", (*_range_labels(cuts), MISSING), cuts)
+    return _with_reference(bins, values)
+
+
+def categorical_bins(values: Sequence[Any], categories: Sequence[str] | None) -> Bins:
+    """A bin per known category (the spec's, else those seen in the reference)."""
+    known = list(categories) if categories else sorted({v for v in values if isinstance(v, str)})
+    return _with_reference(Bins("categorical", (*known, OTHER, MISSING)), values)
+
+
+def psi(live: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """Population stability index of live counts (or shares) against reference shares.
+
+    Rules of thumb: < 0.1 stable, 0.1–0.25 a moderate shift, > 0.25 a large one.
+    """
+    total = sum(live.values())
+    if total <= 0:
+        return 0.0
+    score = 0.0
+    for label, expected in reference.items():
+        actual = max(live.get(label, 0.0) / total, PSI_FLOOR)
+        expected = max(expected, PSI_FLOOR)
+        score += (actual - expected) * math.log(actual / expected)
+    return score
+
+
+def _with_reference(bins: Bins, values: Iterable[Any]) -> Bins:
+    return Bins(bins.kind, bins.labels, bins.edges, bins.shares(values))
+
+
+def _quantile_edges(ordered: list[float]) -> list[float]:
+    if not ordered:
+        return []
+    n = len(ordered)
+    return [ordered[min(n - 1, (n * i) // NUMERIC_BINS)] for i in range(1, NUMERIC_BINS)]
+
+
+def _range_labels(cuts: tuple[float, ...]) -> list[str]:
+    """`<24`, `24–31`, …, `≥80`: readable on a dashboard, unique per bin."""
+    if not cuts:
+        return ["all"]
+    text = [f"{c:.4g}" for c in cuts]
+    middle = [f"{a}–{b}" for a, b in zip(text, text[1:], strict=False)]
+    return [f"<{text[0]}", *middle, f"≥{text[-1]}"]

@@ -1,0 +1,46 @@
+"""Prometheus file-based discovery of deployed model services, written by every deploy.
+
+One file per model and environment (`<workspace>/stack/prometheus/targets/<model>-<env>.json`)
+lists the hosts that serve it with the labels dashboards and alerts group by. Prometheus
+re-reads the folder on its own, so a new host is scraped and a removed one dropped without a
+restart or reload. Each file is replaced whole (write, then rename): Prometheus never reads
+half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from modelyard.config import Settings
+from modelyard.stack import stack_dir
+
+
+def targets_dir(settings: Settings) -> Path:
+    return stack_dir(settings) / "prometheus" / "targets"
+
+
+def write_targets(
+    settings: Settings, model: str, environment: str, version: str, scrape: dict[str, str]
+) -> Path:
+    """`scrape`: host name -> the host:port Prometheus reads /metrics from."""
+    groups = [
+        {
+            "targets": [address],
+            "labels": {
+                "model": model,
+                "environment": environment,
+                "version": version,
+                "host": host,
+            },
+        }
+        for host, address in sorted(scrape.items())
+    ]
+    folder = targets_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model}-{environment}.json"
+    partial = path.with_suffix(".json.partial")  # not matched by the *.json glob
+    partial.write_text(json.dumps(groups, indent=2) + "\n")
+    os.replace(partial, path)
+    return path
