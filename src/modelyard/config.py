@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     stack_prometheus_port: int = Field(default=9090, description="Prometheus.")
     stack_start_timeout: float = Field(default=120, description="Seconds a service may take.")
     prometheus_interval: int = Field(
-        default=15, ge=1, description="Seconds between the stack Prometheus's scrapes and rule runs."
+        default=15, ge=1, description="Seconds between the stack Prometheus scrapes and rule runs."
     )
     prometheus_url: str | None = Field(
         default=None,

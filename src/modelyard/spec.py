@@ -293,9 +293,7 @@ class Monitoring(_Strict):
     min_rows: int = Field(
         default=200, ge=1, description="Fewer live rows than this in the window: no verdict."
     )
-    interval: int = Field(
-        default=900, ge=60, description="Seconds between scheduled drift checks."
-    )
+    interval: int = Field(default=900, ge=60, description="Seconds between scheduled drift checks.")
     cooldown: int = Field(
         default=86400, ge=0,
         description="Seconds after a drift-triggered retraining before drift may trigger another.",

@@ -20,6 +20,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 NUMERIC_BINS = 10
@@ -123,5 +124,5 @@ def _range_labels(cuts: tuple[float, ...]) -> list[str]:
     if not cuts:
         return ["all"]
     text = [f"{c:.4g}" for c in cuts]
-    middle = [f"{a}–{b}" for a, b in zip(text, text[1:], strict=False)]
+    middle = [f"{a}–{b}" for a, b in pairwise(text)]
     return [f"<{text[0]}", *middle, f"≥{text[-1]}"]

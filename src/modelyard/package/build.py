@@ -23,12 +23,12 @@ from modelyard import bundle as bundles
 from modelyard.config import Settings
 from modelyard.data import features_of
 from modelyard.evaluation import scores
+from modelyard.monitor import bins as drift_bins
 from modelyard.package.onnx import export_onnx
 from modelyard.package.parity import ParityError, ParityReport, compare
 from modelyard.package.pmml import export_pmml, prove_pmml
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Runtime
-from modelyard.monitor import bins as drift_bins
 from modelyard.spec import Spec
 
 EXAMPLE_ROWS = 5
@@ -94,9 +94,7 @@ def schema_of(spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray) -> 
     }
 
 
-def reference_of(
-    spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray
-) -> dict[str, Any]:
+def reference_of(spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray) -> dict[str, Any]:
     """Drift bins with the evaluation split's shares: what live traffic is compared against.
 
     The evaluation split is held out of fitting but drawn from the training data, and it is
