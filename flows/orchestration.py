@@ -92,6 +92,37 @@ def apply(specs: list[Path], repository: str | None, pool: str = POOL) -> list[P
     return applied
 
 
+def apply_monitors(specs: list[Path], pool: str = POOL) -> list[str]:
+    """A scheduled drift check per spec and monitored environment (`monitoring.interval`);
+    returns the deployments' names."""
+    from flows.monitor import monitor
+
+    ensure_pool(pool)
+    applied = []
+    for spec_file in specs:
+        spec = load_spec(spec_file)
+        for environment in spec.monitored_environments:
+            name = f"{spec.name}-{environment}"
+            deployment = monitor.to_deployment(
+                name=name,
+                interval=spec.monitoring.interval,
+                parameters={
+                    "model": spec.name,
+                    "environment": environment,
+                    "monitoring": spec.monitoring.model_dump(mode="json"),
+                },
+                description=f"Drift of {spec.name} in {environment}, every "
+                f"{spec.monitoring.interval} s",
+                tags=["modelyard", f"model:{spec.name}", "monitor"],
+                work_pool_name=pool,
+                job_variables={"command": RUN_COMMAND},
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+            deployment.apply(work_pool_name=pool)
+            applied.append(f"{deployment.flow_name}/{name}")
+    return applied
+
+
 def _git_root(spec_file: Path) -> Path:
     root = git(spec_file.resolve().parent, "rev-parse", "--show-toplevel")
     if root is None:

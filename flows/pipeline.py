@@ -10,7 +10,6 @@ champion it compares against can change between runs.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +30,7 @@ from modelyard.checks.report import GateReport
 from modelyard.config import Settings, get_settings
 from modelyard.deploy import release
 from modelyard.errors import GateFailed, ModelyardError
-from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_tags
+from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_tags, slug
 from modelyard.spec import Spec, load_spec
 
 T = TypeVar("T")
@@ -172,14 +171,10 @@ class _Stages:
         return result
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-
-
 def _publish_gate(spec: Spec, report: GateReport) -> None:
     create_markdown_artifact(
         report.to_markdown(),
-        key=f"{_slug(spec.name)}-{report.gate}-gate",
+        key=f"{slug(spec.name)}-{report.gate}-gate",
         description=f"{spec.name}: {report.gate} gate {report.verdict}",
     )
 
@@ -195,7 +190,7 @@ def _publish_bundle(
         f"max |diff| {parity['max_abs_diff']:.3g} "
         f"(atol {parity['atol']:g}, rtol {parity['rtol']:g})\n"
         f"- artifact `{bundle['bundle_artifact']}`\n",
-        key=f"{_slug(spec.name)}-bundle",
+        key=f"{slug(spec.name)}-bundle",
         description=f"{spec.name} v{version}: signed bundle",
     )
 
@@ -261,7 +256,7 @@ def pipeline(
     finally:
         create_table_artifact(
             runner.rows,
-            key=f"{_slug(spec.name)}-stages",
+            key=f"{slug(spec.name)}-stages",
             description=f"{spec.name}@{git.short}: stages, outcomes and cache use",
         )
     return outcome | {"stages": runner.rows}

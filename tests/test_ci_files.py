@@ -120,13 +120,14 @@ def test_compose_describes_the_stack_on_loopback_without_secrets():
     folder = ROOT / "infra" / "compose"  # what infra/compose.yaml mounts and builds
     compose = yaml.safe_load((ROOT / "infra" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {*SERVICES, "postgres"}
+    assert set(services) == {*SERVICES, "postgres", "grafana"}
     for name, service in services.items():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
         for key, value in (service.get("environment") or {}).items():
             if "PASSWORD" in key or "URI" in key or "URL" in key:
-                assert "${POSTGRES_PASSWORD" in str(value) or "password" not in str(value).lower()
+                # Secrets only as ${VARIABLE} references, never as literals.
+                assert "${" in str(value) or "password" not in str(value).lower()
     assert services["mlflow"]["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert services["prefect"]["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     for name in ("prefect", "mlflow", "postgres"):
@@ -137,3 +138,8 @@ def test_compose_describes_the_stack_on_loopback_without_secrets():
     checked = subprocess.run(["promtool", "check", "config", str(folder / "prometheus.yml")],
                              capture_output=True, text=True)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "1 rule files found" in checked.stdout  # infra/prometheus/rules.yml, as mounted
+    mounted = {(ROOT / "infra" / v.split(":")[0]).resolve()
+               for v in services["grafana"]["volumes"] if v.startswith("./")}  # fmt: skip
+    grafana = ROOT / "infra" / "grafana"
+    assert {grafana / "provisioning", grafana / "dashboards"} <= mounted

@@ -363,6 +363,46 @@ def serve(
     raise typer.Exit(run_server(config))
 
 
+@app.command()
+def monitor(
+    environment: Annotated[
+        list[str] | None,
+        typer.Option(help="Environment to check (repeatable; default: monitoring.environments)."),
+    ] = None,
+    spec: SpecOption = Path("modelyard.yaml"),
+) -> None:
+    """Check drift of the serving version now: PSI against its bundle's reference, recorded
+    in MLflow and Prefect, and a retraining run if it drifted (once per cooldown)."""
+    settings = get_settings()
+    try:
+        loaded = load_spec(spec)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    os.environ.update(settings.orchestrator_env())
+    from flows.monitor import monitor as check  # after the env: Prefect reads it at import
+
+    failed = False
+    for env in environment or loaded.monitored_environments:
+        state = check(
+            loaded.name, env, loaded.monitoring.model_dump(mode="json"), return_state=True
+        )
+        outcome = state.result(raise_on_failure=False)
+        if not state.is_completed():
+            err.print(f"[bold red]error:[/] {loaded.name} {env}: {state.message or outcome}")
+            failed = True
+            continue
+        verdict = ", ".join(outcome["drifted"]) or "no drift"
+        worst = max(outcome["psi"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+        console.print(
+            f"{loaded.name} v{outcome['version']} in {env}: {outcome['rows']} rows, "
+            f"worst PSI {worst[1]:.3f} ({worst[0]}); {verdict}"
+        )
+        if outcome["retrain"] != "none":
+            console.print(f"  retraining: {outcome['retrain']}: {outcome['retrain_detail']}")
+    if failed:
+        raise typer.Exit(1)
+
+
 pipelines_app = typer.Typer(
     help="Prefect deployments of the pipeline, one per model, that pushes trigger.",
     no_args_is_help=True,
@@ -395,10 +435,13 @@ def pipelines_apply(
     orchestration = _orchestration()
     try:
         applied = orchestration.apply(specs, repository, pool)
+        monitors = orchestration.apply_monitors(specs, pool)
     except ModelyardError as exc:
         raise _fail(exc) from None
     for d in applied:
         console.print(f"[green]✓[/] {d.deployment}: {d.spec_path} of {d.repository}, pool {d.pool}")
+    for name in monitors:
+        console.print(f"[green]✓[/] {name}: scheduled drift check")
 
 
 @pipelines_app.command("list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -77,6 +78,11 @@ def run_name(
 def run_tags(model: str, commit: str, branch: str, trigger: str) -> list[str]:
     """The Prefect tags of a pipeline run, however it was started: the UI filters by them."""
     return [f"model:{model}", f"commit:{commit}", f"branch:{branch}", f"trigger:{trigger}"]
+
+
+def slug(text: str) -> str:
+    """Lower-case letters, digits and dashes: Prefect artifact keys allow nothing else."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
 def model_from_tags(tags: Iterable[str]) -> str | None:

@@ -25,7 +25,7 @@ def render(task: str, y_true: np.ndarray, score: np.ndarray, out_dir: Path) -> l
     ]
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -43,7 +43,7 @@ def _residuals(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
     # Targets like prices run to six digits; 250k reads better than overlapping 250000s.
     for axis in (left.xaxis, left.yaxis, right.xaxis):
         axis.set_major_formatter(EngFormatter())
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _roc(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
@@ -53,7 +53,7 @@ def _roc(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _calibration(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
@@ -65,4 +65,4 @@ def _calibration(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
         xlabel="mean predicted probability", ylabel="observed positive rate", title="Calibration"
     )
     ax.legend(loc="upper left")
-    return _save(fig, path)
+    return save(fig, path)

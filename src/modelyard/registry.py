@@ -189,6 +189,11 @@ def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
         client.log_artifact(run_id, str(file), artifact_path=artifact_path)
 
 
+def quoted(value: str) -> str:
+    """A value for a single-quoted string in an MLflow search filter."""
+    return value.replace("'", "\\'")
+
+
 def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
     client.set_registered_model_alias(name, alias, version)
 

@@ -299,6 +299,11 @@ class Monitoring(_Strict):
         description="Seconds after a drift-triggered retraining before drift may trigger another.",
     )  # fmt: skip
     retrain: bool = Field(default=True, description="Start the pipeline when drift is found.")
+    environments: list[str] | None = Field(
+        default=None,
+        description="Environments checked on a schedule; default: the last in rollout order "
+        "(production).",
+    )
     latency_budget_ms: float | None = Field(
         default=None, gt=0.0,
         description="p99 serving latency that raises an alert; default: behaviour.latency."
@@ -345,6 +350,12 @@ class Spec(_Strict):
             _check_metric(f"gates.metrics.{metric}", metric, self.task)
         for i, sl in enumerate(self.behaviour.slices):
             _check_metric(f"behaviour.slices[{i}].metric", sl.metric, self.task)
+        for env in self.monitoring.environments or []:
+            if env not in self.deploy.environments:
+                raise ValueError(
+                    f"monitoring.environments: {env!r} is not under deploy.environments "
+                    f"({list(self.deploy.environments)})"
+                )
         known = set(names)
         for kind in ("invariance", "directional"):
             for i, rule in enumerate(getattr(self.behaviour, kind)):
@@ -377,6 +388,12 @@ class Spec(_Strict):
             data = {key: data[key] for key in sections}
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def monitored_environments(self) -> list[str]:
+        if self.monitoring.environments is not None:
+            return list(self.monitoring.environments)
+        return list(self.deploy.environments)[-1:]
 
     @property
     def training_digest(self) -> str:

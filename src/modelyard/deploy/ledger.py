@@ -79,9 +79,9 @@ def history(
         return []
     clauses = ["tags.`modelyard.release` = '1'"]
     if model:
-        clauses.append(f"tags.model = '{_quote(model)}'")
+        clauses.append(f"tags.model = '{registry.quoted(model)}'")
     if environment:
-        clauses.append(f"tags.environment = '{_quote(environment)}'")
+        clauses.append(f"tags.environment = '{registry.quoted(environment)}'")
     return [_from_run(run) for run in _all_runs(client, found.experiment_id, " and ".join(clauses))]
 
 
@@ -128,7 +128,3 @@ def _from_run(run: object) -> Release:
     tags = run.data.tags  # type: ignore[attr-defined]
     values = {f.name: tags.get(f.name, "") for f in fields(Release) if f.name != "record_id"}
     return Release(**values, record_id=run.info.run_id)  # type: ignore[attr-defined]
-
-
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
