@@ -50,7 +50,7 @@ class DriftReport:
     min_rows: int
     features: list[Signal]
     prediction: Signal | None
-    checked_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat("seconds"))
+    checked_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
     def enough_rows(self) -> bool:
