@@ -47,7 +47,7 @@ class ServingApp:
             runtime.name, runtime.version, runtime.digest, buckets,
             runtime.schema.get("reference"), runtime.schema.get("monitoring"),
         )  # fmt: skip
-        self.batcher = Batcher(runtime)
+        self.batcher = Batcher(runtime, self.metrics.observe_batch)
         self.ready = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -158,13 +158,7 @@ class ServingApp:
 
     async def _predict(self, columns: codecs.Columns) -> Prediction:
         values, rows = codecs.validate(columns, self.runtime.columns, self.max_rows)
-        prediction = await self.batcher.predict(values, rows)
-        self.metrics.observe_inputs(values)
-        observed = (
-            prediction.probabilities if prediction.probabilities is not None else prediction.values
-        )
-        self.metrics.observe_predictions(observed)
-        return prediction
+        return await self.batcher.predict(values, rows)
 
     # --- handlers: (scope, receive) -> (status, body, headers) ---------------------------------
 

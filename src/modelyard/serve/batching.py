@@ -11,6 +11,7 @@ joins, so a bad request can never fail its neighbours.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from modelyard.serve.codecs import Values, to_arrays
@@ -27,8 +28,13 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self, runtime: Runtime, observe: Callable[[Values, Prediction], None] | None = None
+    ) -> None:
+        """`observe`: called with each batch's inputs and predictions (metrics count a batch
+        at a time, not a request at a time)."""
         self.runtime = runtime
+        self.observe = observe
         self._pending: list[_Pending] = []
         self._scheduled = False
 
@@ -59,9 +65,11 @@ class Batcher:
         try:
             schema = self.runtime.columns
             if len(batch) == 1:
-                results = [self.runtime.predict(to_arrays(batch[0].values, schema))]
+                joined = batch[0].values
+                prediction = self.runtime.predict(to_arrays(joined, schema))
+                results = [prediction]
             else:
-                joined: Values = {c.name: [] for c in schema}
+                joined = {c.name: [] for c in schema}
                 for item in batch:
                     for name, column in joined.items():
                         column.extend(item.values[name])
@@ -75,6 +83,8 @@ class Batcher:
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():  # the client may have gone away meanwhile
                 item.future.set_result(result)
+        if self.observe is not None:  # after the answers: a metrics bug never fails a request
+            self.observe(joined, prediction)
 
 
 def _split(prediction: Prediction, sizes: list[int]) -> list[Prediction]:

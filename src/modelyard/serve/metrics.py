@@ -150,6 +150,12 @@ class Metrics:
         tally.add(seconds)
         self._schedule_flush()
 
+    def observe_batch(self, columns: dict[str, list[Any]], prediction: Any) -> None:
+        """A batch's validated inputs and its Prediction: rows, distribution, drift bins."""
+        probabilities = prediction.probabilities
+        self.observe_predictions(probabilities if probabilities is not None else prediction.values)
+        self.observe_inputs(columns)
+
     def observe_predictions(self, values: Any) -> None:
         self._rows += len(values)
         values = values.tolist() if hasattr(values, "tolist") else values
