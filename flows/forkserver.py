@@ -32,6 +32,7 @@ def serve(path: Path) -> None:
     import prefect.engine
     import prefect.flow_engine  # noqa: F401
 
+    import flows.monitor
     import flows.pipeline  # noqa: F401
 
     _die_with_parent()
