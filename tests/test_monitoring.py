@@ -95,6 +95,10 @@ def test_drift_fires_the_alert_and_retrains_once(stack, tmp_path):
     applied = stack.cli("pipelines", "apply", spec, "--pool", "drift-pool")
     assert applied.returncode == 0, applied.stderr
     assert f"modelyard-monitor/{model}-staging: scheduled drift check" in applied.stdout
+    scheduled = httpx.post(f"{stack.url('prefect')}/api/deployments/filter", timeout=10,
+                           json={"deployments": {"name": {"any_": [f"{model}-staging"]}}}).json()  # fmt: skip
+    assert scheduled[0]["schedules"][0]["schedule"]["interval"] == 900.0
+    assert scheduled[0]["parameters"]["monitoring"]["drift_threshold"] == 0.25
     trained = stack.cli("run", "--spec", spec, "--no-deploy", MODELYARD_BUILD_IMAGE="always")
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     deployed = stack.cli("deploy", "staging", "--version", "1", "--spec", spec)
