@@ -47,7 +47,7 @@ stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Deb
 		'/usr/lib/postgresql/*/bin/initdb:postgresql' chromium:chromium
 
 test: install lint engine hosts stack ## Every test: real MLflow, Prefect, Docker, sshd and nginx on loopback
-	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest
+	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest --durations=15
 
 bench: install engine hosts ## Serving vs `mlflow models serve`, and lead time push → staging; updates docs/benchmarks.md
 	infra/scripts/ensure-packages.sh wrk:wrk

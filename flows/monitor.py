@@ -26,15 +26,16 @@ FLOW = "modelyard-monitor"
 RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}
 
 
-@task(name="live-version", cache_policy=NONE, persist_result=False, **RETRIES)
+@task(name="live-version", cache_policy=NONE, persist_result=False)
 def live_version_task(model: str, environment: str) -> str:
     return drift.live_version(get_settings(), model, environment)
 
 
 @task(name="measure-drift", cache_policy=NONE, persist_result=False, **RETRIES)
-def measure_task(model: str, environment: str, version: str, rules: Monitoring) -> DriftReport:
-    prometheus = drift.prometheus_for(get_settings())
-    return drift.measure(prometheus, model, environment, version, rules)
+def measure_task(
+    prometheus: str, model: str, environment: str, version: str, rules: Monitoring
+) -> DriftReport:
+    return drift.measure(drift.Prometheus(prometheus), model, environment, version, rules)
 
 
 @task(name="record-drift", cache_policy=NONE, persist_result=False, **RETRIES)
@@ -68,8 +69,9 @@ def monitor(
     """
     logger = get_run_logger()
     rules = Monitoring(**(monitoring or {}))
+    prometheus = drift.prometheus_for(get_settings()).url  # none configured: fail before tasks
     version = live_version_task(model, environment)
-    report = measure_task(model, environment, version, rules)
+    report = measure_task(prometheus, model, environment, version, rules)
     run_id = record_task(report)
     worst = report.worst
     logger.info(

@@ -388,7 +388,8 @@ def monitor(
         )
         outcome = state.result(raise_on_failure=False)
         if not state.is_completed():
-            err.print(f"[bold red]error:[/] {loaded.name} {env}: {state.message or outcome}")
+            why = outcome if isinstance(outcome, ModelyardError) else state.message or outcome
+            err.print(f"[bold red]error:[/] {loaded.name} {env}: {why}")
             failed = True
             continue
         verdict = ", ".join(outcome["drifted"]) or "no drift"
