@@ -129,6 +129,19 @@ def build_image_task(ctx: stages.RunContext, version: str, bundle_path: str) -> 
     return stages.build_image(ctx, version, bundle_path)
 
 
+@task(
+    name="push-image",
+    cache_policy=NONE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[5, 15],
+)
+def push_image_task(
+    ctx: stages.RunContext, version: str, built: stages.ImageResult
+) -> dict[str, str]:
+    return stages.push_image(ctx, version, built)
+
+
 @task(name="validate-infra", cache_policy=NONE, persist_result=False)
 def infra_gate_task(
     ctx: stages.RunContext,
@@ -445,6 +458,8 @@ def _image_and_infra_gate(
     _publish_gate(ctx.spec, report)
     if not report.passed:
         raise GateFailed("infra", report.failures)
+    if ctx.settings.image_registry:  # only a validated image reaches the registry
+        runner.run("push-image", push_image_task, ctx, version, built)
 
 
 def _gates_and_register(

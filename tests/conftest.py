@@ -174,3 +174,20 @@ def run_cli(
         cwd=cwd,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[str]:
+    """moto in server mode on loopback: the one stand-in, for AWS's APIs (S3, ECR, EC2, IAM)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/moto-api/", timeout=60)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

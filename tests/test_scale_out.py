@@ -8,7 +8,6 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from modelyard.package.validate import free_port
-from tests.conftest import Project, wait_for
+from tests.conftest import Project
 from tests.test_triggers import Stack
 
 PASSWORD = "pg-secret-5f2c9a"  # must never show in a log, argv or tag
@@ -79,23 +78,8 @@ def postgres() -> Iterator[tuple[int, Callable[..., str]]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/moto-api/", timeout=60)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, s3, tmp_path, wheelhouse):
+def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, moto, tmp_path, wheelhouse):
+    s3 = moto
     port, psql = postgres
     stack = Stack(tmp_path / "workspace", wheelhouse)
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     )
     base_image: str = Field(default="python:3.11-slim", description="Base of the serving image.")
     docker_host: str | None = Field(default=None, description="Docker engine; else DOCKER_HOST.")
+    image_registry: str | None = Field(
+        default=None,
+        description="Where serving images are pushed and hosts pull them from, by digest: "
+        "`stack` (the local stack's registry), `ecr` (Amazon ECR of the AWS account and "
+        "region), or a registry host[:port]. Unset: images stay on the building engine.",
+    )
+    image_push_host: str | None = Field(
+        default=None,
+        description="Registry host[:port] to push to and pull from instead of the one "
+        "`image_registry` names (a mirror or proxy in front of ECR).",
+    )
     wheelhouse: Path | None = Field(
         default=None, description="Wheels for the serving image; default <workspace>/wheelhouse."
     )

@@ -30,7 +30,7 @@ from modelyard.checks.report import GateReport
 from modelyard.config import Settings
 from modelyard.data import Splits, features_of, fingerprint, load_dataset, split
 from modelyard.lineage import GitInfo
-from modelyard.package import image
+from modelyard.package import image, push
 from modelyard.package.build import (
     assemble,
     frame_columns,
@@ -343,6 +343,20 @@ def build_image(ctx: RunContext, version: str, bundle_path: str) -> ImageResult:
             "image_size_mb": f"{built.size_bytes / 1e6:.0f}"}  # fmt: skip
     registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
     return built
+
+
+def push_image(ctx: RunContext, version: str, built: ImageResult) -> dict[str, str]:
+    """Push the validated image to the configured registry; the version's `image_ref`
+    becomes its reference by digest, which is what every host pulls."""
+    bundle_digest = built.labels.get("io.modelyard.bundle.digest", "")
+    pushed = push.push_image(
+        ctx.settings, built.ref, ctx.spec.name, version, bundle_digest, _log
+    )  # fmt: skip
+    tags = {"image_ref": pushed.ref, "image_local_ref": built.ref,
+            "image_repository": pushed.repository, "image_tag": pushed.tag,
+            "image_digest": pushed.digest}  # fmt: skip
+    registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
+    return tags
 
 
 def note_image_skipped(ctx: RunContext, version: str, reason: str) -> None:

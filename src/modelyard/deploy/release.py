@@ -32,6 +32,7 @@ from modelyard.errors import DeployFailed, SpecError
 from modelyard.monitor.targets import write_targets
 from modelyard.package.build import trusted_keys
 from modelyard.package.image import flat_wheels, prepare_wheelhouse
+from modelyard.package.push import registry_pull_vars
 from modelyard.spec import Environment, Spec
 
 Progress = Callable[[str], None]
@@ -244,6 +245,7 @@ def _extravars(
                 "to process"
             )
         values["model_service_image"] = tags["image_ref"]
+        values |= registry_pull_vars(tags["image_ref"])
     else:
         archive, digest = _wheelhouse_archive(settings, progress)
         values |= {
