@@ -698,3 +698,56 @@ def _print_stack(statuses: list[Any]) -> None:
 
 if __name__ == "__main__":
     app()
+
+
+aws_app = typer.Typer(help="The AWS target: EC2 hosts found by tags.", no_args_is_help=True)
+app.add_typer(aws_app, name="aws")
+
+
+@aws_app.command("plan")
+def aws_plan(
+    environment: EnvArgument,
+    spec: SpecOption = Path("modelyard.yaml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Which EC2 instances a deploy to ENVIRONMENT would touch (changes nothing)."""
+    from modelyard.deploy import aws
+
+    settings = get_settings()
+    try:
+        loaded = load_spec(spec)
+        if loaded.deploy.environments.get(environment) is None or (
+            loaded.deploy.environments[environment].target != "aws"
+        ):
+            raise ModelyardError(
+                f"deploy.environments.{environment}: not an aws environment of {loaded.name}"
+            )
+        hosts = aws.plan(settings, loaded, environment, _progress)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(aws.describe(hosts))
+        return
+    table = Table(title=f"{loaded.name} → {environment}: {len(hosts)} host(s)")
+    for column in ("instance", "address", "type", "zone", "Name"):
+        table.add_column(column)
+    for h in hosts:
+        table.add_row(h.name, h.address, h.instance_type, h.zone, h.tags.get("Name", ""))
+    console.print(table)
+    if not hosts:
+        err.print(
+            f"[yellow]no running instance is tagged modelyard:model={loaded.name} and "
+            f"modelyard:environment={environment}[/]"
+        )
+
+
+@aws_app.command("collection")
+def aws_collection() -> None:
+    """Install the amazon.aws Ansible collection the EC2 inventory needs (once)."""
+    from modelyard.deploy.collections import AMAZON_AWS, ensure_amazon_aws
+
+    try:
+        path = ensure_amazon_aws(get_settings(), _progress)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]✓[/] amazon.aws {AMAZON_AWS} in {path}")

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         description="Registry host[:port] to push to and pull from instead of the one "
         "`image_registry` names (a mirror or proxy in front of ECR).",
     )
+    ansible_collections: Path | None = Field(
+        default=None,
+        description="Where the amazon.aws collection is installed for the AWS target; "
+        "default <workspace>/ansible/collections.",
+    )
     wheelhouse: Path | None = Field(
         default=None, description="Wheels for the serving image; default <workspace>/wheelhouse."
     )

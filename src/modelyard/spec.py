@@ -225,11 +225,40 @@ class Package(_Strict):
     )
 
 
+class AwsHosts(_Strict):
+    """EC2 hosts of an `aws` environment, found by tags with the amazon.aws.aws_ec2 inventory."""
+
+    region: str | None = Field(
+        default=None, description="AWS region of the hosts; default: the AWS chain's region."
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="Instance tags a host must also carry, beside modelyard:model and "
+        "modelyard:environment.",
+    )
+    address: str = Field(
+        default="private_ip_address",
+        description="Instance attribute Ansible connects to: private_ip_address (from inside "
+        "the VPC), public_ip_address, public_dns_name or private_dns_name.",
+    )
+    compose: dict[str, str] = Field(
+        default_factory=dict,
+        description="Host variables from instance attributes (the plugin's `compose`: Jinja "
+        "expressions such as \"tags['ssh_user']\").",
+    )
+    vars: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Variables for every host (ansible_user, model_service_port, ...).",
+    )
+
+
 class Environment(_Strict):
     """Where and how one environment (staging, production, ...) serves the model."""
 
     target: Literal["local", "ssh", "aws"] = Field(
-        default="local", description="local: this machine; ssh: the hosts of `inventory`."
+        default="local",
+        description="local: this machine; ssh: the hosts of `inventory`; aws: EC2 instances "
+        "tagged for the model and environment (see `aws`).",
     )
     inventory: str | None = Field(
         default=None,
@@ -261,11 +290,16 @@ class Environment(_Strict):
     approvers: list[str] = Field(
         default_factory=list, description="Who may approve; empty: anyone with access."
     )
+    aws: AwsHosts | None = Field(
+        default=None, description="For `target: aws`: which EC2 instances serve, by tags."
+    )
 
     @model_validator(mode="after")
     def _inventory_for_ssh(self) -> Environment:
         if self.target == "ssh" and not self.inventory:
             raise ValueError("an ssh target needs `inventory`: the path of an Ansible inventory")
+        if self.aws is not None and self.target != "aws":
+            raise ValueError("`aws` applies to `target: aws` only")
         return self
 
 

@@ -63,6 +63,24 @@ def ansible_dir() -> Path:
     raise PlaybookError("modelyard's ansible/ folder is missing from this installation")
 
 
+def ansible_env(collections: Path | None = None) -> dict[str, str]:
+    """The environment every Ansible command of modelyard runs with."""
+    project = ansible_dir()
+    env = {
+        "ANSIBLE_CONFIG": str(project / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(project / "roles"),
+        "ANSIBLE_NOCOLOR": "1",
+        # ansible-runner turns host key checking off by default; an unknown host must not
+        # receive a model and a token.
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        # The ansible-playbook beside this Python, also when its bin/ is not on PATH.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    if collections is not None:
+        env["ANSIBLE_COLLECTIONS_PATH"] = str(collections)
+    return env
+
+
 def run_playbook(
     playbook: str,
     inventory: Path,
@@ -70,6 +88,7 @@ def run_playbook(
     workdir: Path,
     progress: Progress,
     secrets: tuple[str, ...] = (),
+    collections: Path | None = None,
 ) -> PlaybookResult:
     """Run `playbook` from ansible/ against `inventory`; never raises for a failed host."""
     import ansible_runner
@@ -90,18 +109,7 @@ def run_playbook(
             playbook=playbook,
             inventory=str(inventory),
             extravars=extravars,
-            envvars={
-                "ANSIBLE_CONFIG": str(project / "ansible.cfg"),
-                "ANSIBLE_ROLES_PATH": str(project / "roles"),
-                "ANSIBLE_NOCOLOR": "1",
-                # ansible-runner turns host key checking off by default; an unknown host must
-                # not receive a model and a token.
-                "ANSIBLE_HOST_KEY_CHECKING": "True",
-                # The ansible-playbook beside this Python, also when its bin/ is not on PATH.
-                "PATH": os.pathsep.join(
-                    [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
-                ),
-            },
+            envvars=ansible_env(collections),
             event_handler=on_event,
             quiet=True,
             ident="run",

@@ -25,7 +25,8 @@ from mlflow.exceptions import MlflowException
 
 from modelyard import registry
 from modelyard.config import Settings
-from modelyard.deploy import ledger
+from modelyard.deploy import aws, ledger
+from modelyard.deploy.collections import ensure_amazon_aws
 from modelyard.deploy.ledger import Release
 from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, run_playbook
 from modelyard.errors import DeployFailed, SpecError
@@ -44,9 +45,14 @@ class Target:
     environment: str
     settings: Environment
     inventory: Path
+    collections: Path | None = None  # amazon.aws, for EC2 inventories
 
 
-def target(spec: Spec, environment: str) -> Target:
+def target(
+    spec: Spec, environment: str, settings: Settings | None = None, progress: Progress | None = None
+) -> Target:
+    """Where `environment` deploys. EC2 inventories (target aws) are written, and their
+    collection installed, only with `settings`: checking a spec needs neither."""
     envs = spec.deploy.environments
     if environment not in envs:
         known = ", ".join(envs) or "none"
@@ -56,10 +62,10 @@ def target(spec: Spec, environment: str) -> Target:
         )
     env = envs[environment]
     if env.target == "aws":
-        raise SpecError(
-            f"deploy.environments.{environment}.target: 'aws' is not supported yet; use local "
-            "or ssh"
-        )
+        if settings is None:
+            return Target(environment, env, Path())
+        collections = ensure_amazon_aws(settings, progress or (lambda _: None))
+        return Target(environment, env, aws.inventory(settings, spec, environment), collections)
     if env.target == "local":
         return Target(environment, env, ansible_dir() / "inventories" / "local" / "hosts.yml")
     inventory = (spec.source_dir / str(env.inventory)).resolve()
@@ -116,7 +122,7 @@ def deploy(
 
     `actor` is who asked for it (an approver); by default whoever runs this.
     """
-    where = target(spec, environment)
+    where = target(spec, environment, settings, progress)
     actor = actor or actor_name(settings)
     live = ledger.live(settings, spec.name, environment)
     workdir = _workdir(settings, spec.name, environment, action)
@@ -206,7 +212,8 @@ def _run(
     progress: Progress,
 ) -> PlaybookResult:
     token = str(extravars["model_service_token"])
-    return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=(token,))
+    return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=(token,),
+                        collections=where.collections)  # fmt: skip
 
 
 def _extravars(
