@@ -6,6 +6,8 @@ the tests know, and its instances' private addresses are never connected to."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import Project
-from tests.hosts import free_ports
+from tests.hosts import SshHosts, free_ports, start_ssh_hosts, stop_ssh_hosts
 from tests.test_deploy import _stop_services, version_at
 from tests.test_triggers import Stack
 
@@ -49,6 +51,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, aws: dict)
     _stop_services(stack.workspace)
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """ad_clicks with a local staging and an EC2 production (its hosts described below)."""
+    return Project(tmp_path_factory.mktemp("aws-repo"), "ad_clicks", "aws-ads")
+
+
+@pytest.fixture(scope="module")
+def registered(stack: Stack, project: Project) -> tuple[subprocess.CompletedProcess, int]:
+    """Version 1 run through the pipeline (image built, validated, pushed); a local staging."""
+    port = free_ports(3)
+    project.write_spec(project.spec() | {"deploy": {"environments": {
+        "staging": {"target": "local", "port": port}}}}, "deploy")  # fmt: skip
+    run = stack.cli("run", "--no-deploy", "--spec", str(project.spec_path),
+                    MODELYARD_BUILD_IMAGE="always")  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run, port
+
+
 def client(service: str, aws: dict) -> object:
     return boto3.client(service, endpoint_url=aws["AWS_ENDPOINT_URL"], region_name=REGION,
                         aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
@@ -56,16 +76,11 @@ def client(service: str, aws: dict) -> object:
 
 
 def test_pipeline_keeps_artifacts_in_s3_and_images_in_ecr_and_deploy_pulls_by_digest(
-    stack, aws, tmp_path
+    stack, aws, project, registered, tmp_path
 ):
-    model = "aws-ads"
-    project = Project(tmp_path / "repo", "ad_clicks", model)
-    port = free_ports(3)
-    project.write_spec(project.spec() | {"deploy": {"environments": {
-        "staging": {"target": "local", "port": port}}}}, "deploy")  # fmt: skip
+    model = project.spec()["name"]
+    run, port = registered
     spec = str(project.spec_path)
-    run = stack.cli("run", "--no-deploy", "--spec", spec, MODELYARD_BUILD_IMAGE="always")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     # S3: the bundle and every artifact, in a bucket with versioning and encryption, readable
     # back through the MLflow server.
@@ -127,3 +142,76 @@ def _remove_image(tags: dict[str, str]) -> None:
 def _image_config(ref: str) -> str:
     return subprocess.run(["docker", "image", "inspect", ref], capture_output=True,
                           text=True).stdout  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshHosts]:
+    hosts = start_ssh_hosts(tmp_path_factory.mktemp("ssh"), 2)
+    yield hosts
+    stop_ssh_hosts(hosts)
+
+
+def test_ec2_hosts_found_by_tags_receive_the_deploy(
+    stack, aws, project, registered, ssh_hosts, tmp_path
+):
+    """Test fixture, not a product feature: moto's instances have private addresses that exist
+    nowhere, so each instance carries `test:*` tags naming a loopback sshd and a front-door
+    port, and the environment's `aws.compose` maps them to ansible_host/ansible_port. The
+    product's default connects to `private_ip_address`; nothing here ever does."""
+    model = project.spec()["name"]
+    ec2 = client("ec2", aws)
+    fronts = {h.name: free_ports(3) for h in ssh_hosts.hosts}
+    chosen = {}
+    for host in ssh_hosts.hosts:
+        chosen[host.name] = _instance(ec2, model, "production", {
+            "Name": f"{model}-{host.name}", "test:ssh_port": str(host.port),
+            "test:front_port": str(fronts[host.name]), "test:root": str(tmp_path / host.name)})  # fmt: skip
+    other_environment = _instance(ec2, model, "staging", {})
+    other_model = _instance(ec2, "someone-else", "production", {})
+    stopped = _instance(ec2, model, "production", {})
+    ec2.stop_instances(InstanceIds=[stopped])
+    mapping = {"ansible_host": "'127.0.0.1'", "ansible_port": "tags['test:ssh_port'] | int",
+               "model_service_port": "tags['test:front_port'] | int",
+               "model_service_root": "tags['test:root']"}  # fmt: skip
+    connection = {
+        "ansible_user": ssh_hosts.user,
+        "ansible_ssh_private_key_file": str(ssh_hosts.key),
+        "ansible_ssh_common_args": f"-o UserKnownHostsFile={ssh_hosts.known_hosts} -o IdentitiesOnly=yes",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "model_service_docker_host": os.environ.get("DOCKER_HOST", ""),
+    }  # fmt: skip
+    spec = project.spec()
+    spec["deploy"]["environments"]["production"] = {
+        "target": "aws", "approval": False,
+        "aws": {"region": REGION, "compose": mapping, "vars": connection},
+    }  # fmt: skip
+    project.write_spec(spec, "production on EC2")
+
+    planned = stack.cli("aws", "plan", "production", "--json", "--spec", str(project.spec_path))
+    assert planned.returncode == 0, planned.stderr
+    hosts = {h["name"]: h for h in json.loads(planned.stdout)}
+    assert set(hosts) == set(chosen.values())
+    assert not {other_environment, other_model, stopped} & set(hosts)
+    by_port = {h["tags"]["test:ssh_port"]: h for h in hosts.values()}
+    for host in ssh_hosts.hosts:
+        assert by_port[str(host.port)]["address"] == f"127.0.0.1:{host.port}"
+
+    deployed = stack.cli("deploy", "production", "--version", "1", "--spec", str(project.spec_path))
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    for host in ssh_hosts.hosts:
+        assert version_at(f"http://127.0.0.1:{fronts[host.name]}") == "1"
+    history = json.loads(stack.cli("history", model, "--env", "production", "--json").stdout)
+    assert set(history[0]["hosts"].split(",")) == set(chosen.values())
+    assert SECRET not in deployed.stdout + deployed.stderr
+    inventory = stack.workspace / "inventories" / f"{model}-production"
+    assert SECRET not in "".join(p.read_text() for p in inventory.rglob("*.yml"))
+
+
+def _instance(ec2: object, model: str, environment: str, tags: dict[str, str]) -> str:
+    tags = {"modelyard:model": model, "modelyard:environment": environment, **tags}
+    made = ec2.run_instances(  # type: ignore[attr-defined]
+        ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.small",
+        TagSpecifications=[{"ResourceType": "instance",
+                            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+    )  # fmt: skip
+    return made["Instances"][0]["InstanceId"]

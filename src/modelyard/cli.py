@@ -722,7 +722,8 @@ def aws_plan(
             raise ModelyardError(
                 f"deploy.environments.{environment}: not an aws environment of {loaded.name}"
             )
-        hosts = aws.plan(settings, loaded, environment, _progress)
+        # Progress to stderr: with --json, stdout carries the JSON alone.
+        hosts = aws.plan(settings, loaded, environment, lambda m: err.print(f"  {m}"))
     except ModelyardError as exc:
         raise _fail(exc) from None
     if as_json:
