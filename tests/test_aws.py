@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import Project
+from tests.conftest import ROOT, Project
 from tests.hosts import SshHosts, free_ports, start_ssh_hosts, stop_ssh_hosts
 from tests.test_deploy import _stop_services, version_at
 from tests.test_triggers import Stack
@@ -215,3 +216,85 @@ def _instance(ec2: object, model: str, environment: str, tags: dict[str, str]) -
                             "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
     )  # fmt: skip
     return made["Instances"][0]["InstanceId"]
+
+
+# --- least-privilege IAM -------------------------------------------------------------------------
+
+POLICIES = ROOT / "infra" / "aws"
+PLACEHOLDERS = {"${ACCOUNT_ID}": "123456789012", "${REGION}": REGION, "${BUCKET}": BUCKET,
+                "${GITHUB_REPOSITORY}": "acme/models"}  # fmt: skip
+# IAM actions whose names differ from the API operation they authorise.
+ACTION_OF = {
+    "s3:HeadBucket": "s3:ListBucket",
+    "s3:PutBucketEncryption": "s3:PutEncryptionConfiguration",
+}
+# Calls made by other programs on modelyard's behalf: MLflow's S3 artifact store, a Docker push
+# to ECR, the aws_ec2 inventory plugin; and the tag ECR's CreateRepository sets.
+CALLED_ELSEWHERE = {
+    "pipeline": {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                 "ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload",
+                 "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage",
+                 "ecr:TagResource", "ec2:DescribeInstances"},
+    "host": {"ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+             "ecr:BatchCheckLayerAvailability"},
+}  # fmt: skip
+
+
+def _policy(name: str) -> dict:
+    text = (POLICIES / name).read_text()
+    for placeholder, value in PLACEHOLDERS.items():
+        text = text.replace(placeholder, value)
+    assert "${" not in text, f"{name} has a placeholder docs/aws.md does not list"
+    return json.loads(text)
+
+
+def _actions(policy: dict) -> set[str]:
+    found = set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and "NotAction" not in statement
+        actions = statement["Action"]
+        found |= {actions} if isinstance(actions, str) else set(actions)
+    return found
+
+
+def _calls_in_code() -> set[str]:
+    """Every AWS API operation modelyard's own code calls, as IAM actions (each module talks
+    to one service; EC2 is read by the inventory plugin, listed in CALLED_ELSEWHERE)."""
+    actions = set()
+    for module, service in (("stack.py", "s3"), ("package/push.py", "ecr")):
+        called = set(re.findall(r"\.([a-z_]+)\(", (ROOT / "src/modelyard" / module).read_text()))
+        mapping = boto3.client(service, region_name=REGION).meta.method_to_api_mapping
+        for method in called & set(mapping):
+            action = f"{service}:{mapping[method]}"
+            actions.add(ACTION_OF.get(action, action))
+    return actions
+
+
+def test_policies_grant_exactly_what_modelyard_calls_and_load_in_iam(aws):
+    pipeline, host = _policy("pipeline-policy.json"), _policy("host-policy.json")
+    needed = _calls_in_code() | CALLED_ELSEWHERE["pipeline"]
+    assert "ecr:CreateRepository" in needed and "s3:PutBucketVersioning" in needed  # the scan works
+    granted = _actions(pipeline)
+    assert needed <= granted, f"the pipeline policy lacks {sorted(needed - granted)}"
+    assert granted <= needed | {"s3:GetBucketLocation", "s3:GetBucketVersioning",
+                                "s3:GetEncryptionConfiguration", "ecr:BatchGetImage",
+                                "ecr:GetDownloadUrlForLayer"}, "the policy grants more than is used"  # fmt: skip
+    assert _actions(host) == CALLED_ELSEWHERE["host"]
+    for policy in (pipeline, host):  # no wildcard actions; "*" resources only where IAM has no ARN
+        for statement in policy["Statement"]:
+            actions = (
+                statement["Action"]
+                if isinstance(statement["Action"], list)
+                else [statement["Action"]]
+            )
+            assert not any("*" in a for a in actions)
+            if statement["Resource"] == "*":
+                assert set(actions) <= {"ecr:GetAuthorizationToken", "ec2:DescribeInstances"}
+    iam = client("iam", aws)
+    for role, trust, policy in (("modelyard-pipeline", "pipeline-trust-github.json", pipeline),
+                                ("modelyard-host", "host-trust.json", host)):  # fmt: skip
+        iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(_policy(trust)))
+        arn = iam.create_policy(PolicyName=role, PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
+        iam.attach_role_policy(RoleName=role, PolicyArn=arn)
+        attached = iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]
+        assert [p["PolicyArn"] for p in attached] == [arn]
