@@ -183,7 +183,7 @@ def test_ec2_hosts_found_by_tags_receive_the_deploy(
     }  # fmt: skip
     spec = project.spec()
     spec["deploy"]["environments"]["production"] = {
-        "target": "aws", "approval": False,
+        "target": "aws", "approval": False, "batch": 2,  # both hosts at once
         "aws": {"region": REGION, "compose": mapping, "vars": connection},
     }  # fmt: skip
     project.write_spec(spec, "production on EC2")

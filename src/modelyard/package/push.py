@@ -65,6 +65,8 @@ def push_image(
     tag = f"{version}-{bundle_digest[:12]}"
     client = docker_client(settings)
     try:
+        if target.auth is not None:  # kept in this client's memory only, never in a config file
+            _login(client, target.host, target.auth)
         client.images.get(local_ref).tag(repository, tag)
         progress(f"push: {repository}:{tag}")
         digest = _push(client, repository, tag, target.auth, progress)
@@ -149,6 +151,13 @@ def ensure_repository(ecr: Any, name: str) -> dict[str, Any]:
             repositoryName=name, imageScanningConfiguration={"scanOnPush": True}
         )
     return ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
+
+
+def _login(client: Any, host: str, auth: dict[str, str]) -> None:
+    try:
+        client.login(registry=host, reauth=True, **auth)
+    except Exception as exc:  # docker.errors.APIError: the registry refused the token
+        raise ImageError(f"logging in to {host} failed: {exc}") from None
 
 
 def _push(
