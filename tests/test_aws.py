@@ -18,6 +18,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
+from modelyard.config import Settings
+from modelyard.package.push import push_image
 from tests.conftest import ROOT, Project
 from tests.hosts import SshHosts, free_ports, start_ssh_hosts, stop_ssh_hosts
 from tests.test_deploy import _stop_services, version_at
@@ -124,6 +126,11 @@ def test_pipeline_keeps_artifacts_in_s3_and_images_in_ecr_and_deploy_pulls_by_di
     started = subprocess.run(["docker", "inspect", "--format", "{{.Config.Image}}", *ids],
                              capture_output=True, text=True).stdout.split()  # fmt: skip
     assert started == [tags["image_ref"]]  # the live slot runs the image by digest
+
+    # The stack's own registry, chosen by name, receives the same image under the same digest.
+    settings = Settings(workspace=stack.workspace, image_registry="stack")
+    again = push_image(settings, tags["image_ref"], model, "1", tags["bundle_digest"], print)
+    assert again.ref == tags["image_ref"]
 
     # The AWS secret shows in no output, version tag or ledger record, nor in the image.
     history = stack.cli("history", model, "--json")

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from modelyard.serve import codecs
+from modelyard.serve import codecs, openapi
 from modelyard.serve.batching import Batcher
 from modelyard.serve.codecs import ClientError
 from modelyard.serve.metrics import PROBABILITY_BUCKETS, Metrics
@@ -49,6 +49,7 @@ class ServingApp:
         )  # fmt: skip
         self.batcher = Batcher(runtime, self.metrics.observe_batch)
         self.ready = False
+        self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -237,6 +238,13 @@ class ServingApp:
         }
         return 200, orjson.dumps(body), JSON
 
+    async def openapi_route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        if self._openapi is None:  # built once: the schema never changes while serving
+            self._openapi = orjson.dumps(
+                openapi.document(self.runtime, bool(self.tokens), self.max_rows)
+            )
+        return 200, self._openapi, JSON
+
     async def metrics_route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
         return 200, self.metrics.render(), [(b"content-type", self.metrics.content_type.encode())]
 
@@ -256,6 +264,7 @@ _ROUTES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("GET", "/health"): ("/health", "readiness", False),
     ("GET", "/version"): ("/version", "version_route", False),
     ("GET", "/metrics"): ("/metrics", "metrics_route", False),
+    ("GET", "/openapi.json"): ("/openapi.json", "openapi_route", False),
     ("GET", "/v2"): ("/v2", "v2_server_metadata", False),
     ("GET", "/v2/health/live"): ("/v2/health/live", "v2_live", False),
     ("GET", "/v2/health/ready"): ("/v2/health/ready", "v2_ready", False),

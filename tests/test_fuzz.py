@@ -1,0 +1,179 @@
+"""Bad input, generated: schemathesis drives the live serving app from its own OpenAPI document,
+and hypothesis throws mutated specs at the spec loader and arbitrary JSON at the codecs. None of
+it may produce a 500, a crash or an exception other than the clear, field-naming error."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from modelyard.errors import SpecError
+from modelyard.serve import codecs
+from modelyard.serve.codecs import ClientError
+from modelyard.serve.runtime import Column
+from modelyard.spec import load_spec
+from tests.conftest import ROOT
+from tests.serving import TOKEN, Built, Server, build_example
+
+EXAMPLE = yaml.safe_load((ROOT / "examples" / "ad_clicks" / "modelyard.yaml").read_text())
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+# --- the serving app, from its OpenAPI document --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ads(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_example("ad_clicks", tmp_path_factory.mktemp("fuzz-ads"))
+
+
+@pytest.fixture(scope="module")
+def server(ads: Built) -> Iterator[Server]:
+    server = Server(ads.bundle.path, ads.public_key, workers=1,
+                    MODELYARD_SERVE_MAX_ROWS="200").start()  # fmt: skip
+    yield server
+    log = server.stop()
+    assert "Traceback" not in log, log[-3000:]  # nothing the fuzzer sent crashed a handler
+
+
+@pytest.mark.parametrize("mode", list(schemathesis.GenerationMode), ids=lambda m: m.value)
+def test_no_request_gets_a_server_error(server: Server, mode: Any) -> None:
+    """Every operation of the document, with bodies that fit it (positive) and bodies that
+    break it (negative), with the token: a 2xx or a documented 4xx with a JSON error, never a
+    5xx, and every response as the document describes it. (Schema-valid bodies may still get a
+    400 where JSON Schema cannot state the rule, such as equal column lengths or a CSV header,
+    so schemathesis's positive-data check is off; invalid bodies must be rejected.)"""
+    api = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert len(operations) == 13  # both infer routes, MLflow, health, metadata, metrics
+    for operation in operations:
+        if mode is schemathesis.GenerationMode.NEGATIVE and not len(operation.body):
+            continue  # a GET without parameters has no invalid form
+
+        @settings(max_examples=25, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case: Any) -> None:
+            case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance],
+                                   headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+
+        check()
+
+
+def test_openapi_document_describes_the_model(server: Server, ads: Built) -> None:
+    import httpx
+
+    document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    name = ads.spec.name
+    assert f"/v2/models/{name}/infer" in document["paths"]
+    split = document["paths"]["/invocations"]["post"]["requestBody"]["content"]["application/json"]
+    row = split["schema"]["oneOf"][0]["properties"]["dataframe_split"]["properties"]["data"]
+    columns = row["items"]["prefixItems"]
+    assert len(columns) == len(ads.spec.features)
+    device = next(c for c in columns if "enum" in c and "tablet" in c["enum"])
+    assert None in device["enum"]  # device may be missing: the schema says so
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+# --- the codecs -----------------------------------------------------------------------------------
+
+SCHEMA = [Column("age", "numeric", True, None), Column("device", "categorical", False,
+                                                         frozenset({"desktop", "mobile"}))]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=JSON_VALUES, key=st.sampled_from([*codecs.MLFLOW_KEYS, "other"]))
+def test_codecs_answer_any_json_with_columns_or_a_client_error(payload: Any, key: str) -> None:
+    for body in (json.dumps({key: payload}).encode(), json.dumps(payload).encode()):
+        try:
+            columns = codecs.mlflow_columns(body, "application/json", SCHEMA)
+            codecs.validate(columns, SCHEMA, max_rows=100)
+        except ClientError as exc:
+            assert exc.status in (400, 413, 415) and exc.message
+        try:
+            columns, _, _ = codecs.v2_columns(body)
+            codecs.validate(columns, SCHEMA, max_rows=100)
+        except ClientError as exc:
+            assert exc.status in (400, 413) and exc.message
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    body=st.binary(max_size=64),
+    content_type=st.sampled_from(["text/csv", "application/json", "text/plain", ""]),
+)
+def test_codecs_answer_any_bytes_with_columns_or_a_client_error(
+    body: bytes, content_type: str
+) -> None:
+    try:
+        codecs.validate(codecs.mlflow_columns(body, content_type, SCHEMA), SCHEMA, max_rows=100)
+    except ClientError as exc:
+        assert exc.status in (400, 413, 415) and exc.message
+
+
+# --- the spec loader ------------------------------------------------------------------------------
+
+
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path into a nested spec, so a mutation can land anywhere."""
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            found += _paths(inner, (*prefix, key))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found += _paths(inner, (*prefix, index))
+    return found
+
+
+PATHS = _paths(EXAMPLE)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(where=st.sampled_from(PATHS), value=JSON_VALUES, drop=st.booleans())
+def test_spec_loader_reports_any_mutation_as_a_field_error(where: tuple, value: Any, drop: bool,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    spec = copy.deepcopy(EXAMPLE)
+    parent = spec
+    for step in where[:-1]:
+        parent = parent[step]
+    if drop and isinstance(parent, dict):
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = value
+    path = tmp_path / "modelyard.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp_path / "data.py").write_text((ROOT / "examples/ad_clicks/data.py").read_text())
+    try:
+        load_spec(path)
+    except SpecError as exc:
+        message = str(exc)
+        assert "problem(s)" in message or "not valid YAML" in message, message
+        assert "Traceback" not in message
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.text(max_size=200))
+def test_spec_loader_reports_any_text_as_a_spec_error(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "modelyard.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError):
+        load_spec(path)
