@@ -71,6 +71,13 @@ def test_conform_names_missing_and_mistyped_columns():
         conform(frame, spec)
 
 
+def test_an_empty_dataset_is_named_before_any_work():
+    spec = load_spec(ROOT / "examples" / "house_prices" / "modelyard.yaml")
+    empty = load_dataset(spec).head(0)
+    with pytest.raises(DataError, match="the dataset has no rows.*min_rows"):
+        conform(empty, spec)
+
+
 def test_data_gate_passes_clean_data_and_names_each_violation(house):
     spec, prepared = house
     assert stages.data_gate(spec, prepared.splits).report.passed

@@ -37,6 +37,11 @@ def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
         raise DataError(
             f"dataset lacks column(s) {missing} named in the spec; it has {list(frame.columns)}"
         )
+    if frame.empty:
+        raise DataError(
+            f"the dataset has no rows ({spec.dataset.path or spec.dataset.generator}); "
+            f"training needs at least expectations.min_rows ({spec.expectations.min_rows})"
+        )
     out = frame.loc[:, wanted].reset_index(drop=True)
     for feature in spec.features:
         out[feature.name] = _cast(out[feature.name], feature.type, feature.name)
