@@ -16,6 +16,8 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mlflow import MlflowClient
 
 from modelyard.config import Settings
@@ -29,6 +31,14 @@ pytestmark = pytest.mark.docker
 REGION = "eu-west-1"
 SECRET = "aws-secret-7c1e4b9d2a"  # the access key's secret: must show nowhere
 BUCKET = "modelyard-aws-artifacts"
+SERVE_TOKEN = "serve-token-5d8a1f0e9c7b"
+SIGNING_KEY = (
+    Ed25519PrivateKey.generate()
+    .private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    .decode()
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +52,8 @@ def aws(moto: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, aws: dict) -> Iterator[Stack]:
     stack = Stack(tmp_path_factory.mktemp("aws") / "workspace", wheelhouse)
-    stack.env |= aws | {"MODELYARD_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow"}
+    stack.env |= aws | {"MODELYARD_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow",
+                        "MODELYARD_SERVE_TOKEN": SERVE_TOKEN, "MODELYARD_SIGNING_KEY": SIGNING_KEY}  # fmt: skip
     up = stack.cli("stack", "up", "prefect", "mlflow", "registry")
     assert up.returncode == 0, up.stdout + up.stderr
     # Images go to ECR's API for the repository and the token, and to the real local registry
@@ -305,3 +316,48 @@ def test_policies_grant_exactly_what_modelyard_calls_and_load_in_iam(aws):
         iam.attach_role_policy(RoleName=role, PolicyArn=arn)
         attached = iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]
         assert [p["PolicyArn"] for p in attached] == [arn]
+
+
+# --- secrets ----------------------------------------------------------------------------------------
+
+
+def test_no_configured_secret_appears_anywhere(stack, aws, registered, tmp_path):
+    """The AWS secret key, the serving token and the signing key (its PEM body), searched for in
+    every place a run leaves something: the workspace's files and logs (stack servers, Ansible
+    runs, bundles, databases), MLflow tags, params and artifacts of every run and version (the
+    release ledger included), Prefect's flow runs and artifacts, and the image's layers."""
+    secrets = {"AWS secret key": SECRET, "serving token": SERVE_TOKEN,
+               "signing key": "".join(SIGNING_KEY.splitlines()[1:-1])}  # fmt: skip
+    places: dict[str, bytes] = {}
+    for path in stack.workspace.rglob("*"):
+        if path.is_file() and path.suffix != ".whl" and path.stat().st_size < 200_000_000:
+            places[f"file {path.relative_to(stack.workspace)}"] = path.read_bytes()
+    mlflow = MlflowClient(stack.url("mlflow"), stack.url("mlflow"))
+    for experiment in mlflow.search_experiments():
+        for run in mlflow.search_runs([experiment.experiment_id]):
+            places[f"MLflow run {run.info.run_id}"] = repr(
+                (run.data.tags, run.data.params)
+            ).encode()
+            folder = Path(
+                mlflow.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id))
+            )
+            for artifact in folder.rglob("*"):
+                if artifact.is_file():
+                    places[f"artifact {artifact.relative_to(tmp_path)}"] = artifact.read_bytes()
+    for model in mlflow.search_registered_models():
+        for version in mlflow.search_model_versions(f"name = '{model.name}'"):
+            places[f"version {model.name}/{version.version}"] = repr(version.tags).encode()
+    prefect = stack.url("prefect") + "/api"
+    for route in ("flow_runs/filter", "artifacts/filter", "task_runs/filter"):
+        places[f"Prefect {route}"] = httpx.post(f"{prefect}/{route}", json={}, timeout=30).content
+    image = MlflowClient(stack.url("mlflow")).get_model_version("aws-ads", "1").tags["image_ref"]
+    places[f"image {image}"] = subprocess.run(["docker", "save", image], capture_output=True,
+                                              check=True).stdout  # fmt: skip
+    assert len(places) > 50 and any(k.startswith("artifact") for k in places)
+
+    def leaks(where: dict[str, bytes]) -> list[str]:
+        return [f"{name} in {place}" for place, data in where.items()
+                for name, secret in secrets.items() if secret.encode() in data]  # fmt: skip
+
+    assert leaks({"planted": f"token={SERVE_TOKEN}".encode()}) == ["serving token in planted"]
+    assert not leaks(places), leaks(places)
