@@ -373,9 +373,12 @@ def _wait_for_approval(
         if not decision.approve or not allowed or decision.approver in allowed:
             return decision
         get_run_logger().warning(
-            "%s may not approve %s (allowed: %s); asking again",
+            "%s may not approve %s (allowed: %s); recorded in the ledger, asking again",
             decision.approver, environment, ", ".join(allowed),
         )  # fmt: skip
+        release.refuse_approval(
+            ctx.settings, spec, environment, outcome["version"], decision.approver
+        )
     return None
 
 

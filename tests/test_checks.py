@@ -74,7 +74,7 @@ def test_conform_names_missing_and_mistyped_columns():
 def test_an_empty_dataset_is_named_before_any_work():
     spec = load_spec(ROOT / "examples" / "house_prices" / "modelyard.yaml")
     empty = load_dataset(spec).head(0)
-    with pytest.raises(DataError, match="the dataset has no rows.*min_rows"):
+    with pytest.raises(DataError, match=r"the dataset has no rows.*min_rows"):
         conform(empty, spec)
 
 

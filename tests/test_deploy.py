@@ -344,8 +344,11 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
     outcome = first.result()
     assert [r["environment"] for r in outcome["releases"]] == ["staging", "production"]
     assert version_at(production_url) == "1"
-    promoted = ledger.history(settings, "approval-ads", "production")[0]
+    promoted, refused = ledger.history(settings, "approval-ads", "production")[:2]
     assert (promoted.action, promoted.actor, promoted.reason) == ("promote", "alice", "lgtm")
+    # mallory's attempt is on record: who, what, and that it moved nothing.
+    assert (refused.action, refused.outcome, refused.actor) == ("approve", "refused", "mallory")
+    assert "not an approver of production (approvers: alice)" in refused.reason
 
     project.commit("second version")
     second = FlowInThread(project)

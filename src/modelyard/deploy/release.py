@@ -157,10 +157,27 @@ def reject(
     settings: Settings, spec: Spec, environment: str, version: str, actor: str, reason: str
 ) -> Release:
     """Record that a person (or a timeout) kept `version` out of `environment`."""
+    return _decision(settings, spec, environment, version, actor, reason, "reject", "rejected")
+
+
+def refuse_approval(
+    settings: Settings, spec: Spec, environment: str, version: str, actor: str
+) -> Release:
+    """Record an approval by someone the spec does not list for `environment`: it moved
+    nothing, and the ledger says who tried."""
+    allowed = ", ".join(spec.deploy.environments[environment].approvers)
+    reason = f"{actor} is not an approver of {environment} (approvers: {allowed})"
+    return _decision(settings, spec, environment, version, actor, reason, "approve", "refused")
+
+
+def _decision(
+    settings: Settings, spec: Spec, environment: str, version: str, actor: str, reason: str,
+    action: str, outcome: str,
+) -> Release:  # fmt: skip
     live = ledger.live(settings, spec.name, environment)
     record = Release(
-        model=spec.name, environment=environment, action="reject", version=version,
-        outcome="rejected", actor=actor, previous_version=live.version if live else "",
+        model=spec.name, environment=environment, action=action, version=version,
+        outcome=outcome, actor=actor, previous_version=live.version if live else "",
         reason=reason,
     )  # fmt: skip
     return ledger.append(settings, record)
