@@ -700,6 +700,44 @@ if __name__ == "__main__":
     app()
 
 
+@app.command()
+def doctor(
+    models: Annotated[
+        list[str] | None, typer.Argument(help="Models to examine (default: the spec's).")
+    ] = None,
+    spec: SpecOption = Path("modelyard.yaml"),
+    fix: Annotated[bool, typer.Option("--fix", help="Repair what is found.")] = False,
+) -> None:
+    """Find half-finished operations (a version never packaged, an alias the ledger disagrees
+    with) and, with --fix, repair them; exit 1 when something is left to fix."""
+    from modelyard import doctor as checks
+    from modelyard.deploy.release import actor_name
+
+    settings = get_settings()
+    try:
+        names = models or [load_spec(spec).name]
+        findings = [f for name in names for f in checks.examine(settings, name)]
+        seen = list(findings)
+        while fix and findings:  # a repair can uncover the next problem (see doctor.examine)
+            for finding in findings:
+                console.print(f"[yellow]![/] {finding.problem}\n  fix: {finding.fix}")
+                checks.repair(settings, finding, actor_name(settings))
+                console.print("  [green]repaired[/] (recorded in the ledger)")
+            findings = [f for name in names for f in checks.examine(settings, name)]
+            if any(f.problem in {s.problem for s in seen} for f in findings):
+                raise ModelyardError("a repair did not hold; see `modelyard history`")
+            seen += findings
+        for finding in findings:
+            console.print(f"[yellow]![/] {finding.problem}\n  fix: {finding.fix}")
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    if not seen:
+        console.print(f"[green]✓[/] nothing half-finished for {', '.join(names)}")
+    elif findings:
+        err.print("run `modelyard doctor --fix` to repair")
+        raise typer.Exit(1)
+
+
 aws_app = typer.Typer(help="The AWS target: EC2 hosts found by tags.", no_args_is_help=True)
 app.add_typer(aws_app, name="aws")
 

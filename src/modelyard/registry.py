@@ -151,12 +151,16 @@ def end_run(run_id: str, failure: str | None = None) -> None:
 def existing_version(
     client: MlflowClient, name: str, lineage: dict[str, str]
 ) -> VersionInfo | None:
-    """A version already registered from the same commit, spec and data, if there is one."""
+    """A finished version already registered from the same commit, spec and data, if any.
+
+    One without a bundle is the leftover of a run that died before packaging: never reused
+    (`modelyard doctor` withdraws it)."""
     keys = ("git_commit", "spec_hash", "data_fingerprint")
     for info in list_versions(client, name):
         if (
             all(info.tags.get(k) == lineage.get(k) for k in keys)
             and lineage.get("git_dirty") == "false"
+            and info.tags.get("bundle_digest")
         ):
             return info
     return None

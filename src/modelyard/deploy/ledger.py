@@ -24,6 +24,7 @@ EXPERIMENT = "modelyard-releases"
 SUCCEEDED = "succeeded"
 # Actions after which the version named in the record serves the environment.
 _SERVING_ACTIONS = ("deploy", "promote", "rollback")
+WITHDRAW = "withdraw"  # modelyard doctor removed a version that was never packaged
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,10 @@ def append(settings: Settings, release: Release, files: list[Path] | None = None
         registry.log_files(run_id, [f for f in files if f.exists()], "ansible")
     status = RunStatus.FINISHED if record.outcome != "failed" else RunStatus.FAILED
     client.set_terminated(run_id, RunStatus.to_string(status), end_time=int(time.time() * 1000))
-    summary = f"{record.action} {record.outcome} {when} by {record.actor}"
-    tag = {f"release.{record.environment}": summary}
-    registry.tag_version(client, record.model, record.version, tag)
+    if record.action != WITHDRAW:  # a withdrawn version has no tags left to set
+        summary = f"{record.action} {record.outcome} {when} by {record.actor}"
+        tag = {f"release.{record.environment}": summary}
+        registry.tag_version(client, record.model, record.version, tag)
     return replace(record, record_id=run_id)
 
 

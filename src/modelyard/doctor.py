@@ -1,0 +1,88 @@
+"""Find and repair what a killed process left half done.
+
+Every step that can be interrupted leaves a trace this module knows how to read:
+
+- a version registered whose packaging never finished (the run died after `register`, before
+  `package` tagged the bundle): it has no `bundle_digest` and no alias, can never deploy, and
+  a rerun of the same commit would otherwise keep finding it. Repair: withdraw it.
+- an environment's alias that disagrees with the release ledger (a deploy died after the hosts
+  switched but before the alias moved, or someone moved the alias by hand). The ledger records
+  what the hosts were last successfully given, so the alias follows the ledger.
+
+Each repair is recorded in the ledger (action `withdraw` or `realias`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from modelyard import registry
+from modelyard.config import Settings
+from modelyard.deploy import ledger
+from modelyard.deploy.ledger import Release
+
+
+@dataclass
+class Finding:
+    model: str
+    problem: str
+    fix: str
+    version: str
+    action: str  # how the repair is recorded in the ledger
+    environment: str = ""
+    repair: Callable[[], None] = field(repr=False, default=lambda: None)
+
+
+def examine(settings: Settings, model: str) -> list[Finding]:
+    # Aliases first: a leftover version someone pointed an alias at becomes unaliased (and
+    # so withdrawable) once the alias follows the ledger again.
+    return _aliases_off_the_ledger(settings, model) + _unfinished_versions(settings, model)
+
+
+def repair(settings: Settings, finding: Finding, actor: str) -> Release:
+    finding.repair()
+    record = Release(
+        model=finding.model, environment=finding.environment or "-", action=finding.action,
+        version=finding.version, outcome="succeeded", actor=actor,
+        reason=f"{finding.problem}; {finding.fix}",
+    )  # fmt: skip
+    return ledger.append(settings, record)
+
+
+def _unfinished_versions(settings: Settings, model: str) -> list[Finding]:
+    client = registry.connect(settings)
+    aliased = set(registry.aliases(client, model).values())
+    found = []
+    for info in registry.list_versions(client, model):
+        if info.tags.get("bundle_digest") or info.version in aliased:
+            continue
+        found.append(Finding(
+            model=model, version=info.version, action=ledger.WITHDRAW,
+            problem=f"{model} v{info.version} was registered but never packaged (the run "
+            "stopped between register and package)",
+            fix=f"withdraw v{info.version}; rerun the pipeline for its commit",
+            repair=lambda v=info.version: registry.withdraw(client, model, v),
+        ))  # fmt: skip
+    return found
+
+
+def _aliases_off_the_ledger(settings: Settings, model: str) -> list[Finding]:
+    client = registry.connect(settings)
+    aliases = registry.aliases(client, model)
+    environments = {r.environment for r in ledger.history(settings, model) if r.serving}
+    found = []
+    for environment in sorted(environments):
+        live = ledger.live(settings, model, environment)
+        if live is None or aliases.get(environment) == live.version:
+            continue
+        pointed = aliases.get(environment)
+        found.append(Finding(
+            model=model, version=live.version, environment=environment, action="realias",
+            problem=f"alias '{environment}' points at "
+            f"{'v' + pointed if pointed else 'nothing'} but the ledger says v{live.version} "
+            f"serves {environment}",
+            fix=f"move alias '{environment}' to v{live.version}",
+            repair=lambda e=environment, v=live.version: registry.set_alias(client, model, e, v),
+        ))  # fmt: skip
+    return found
