@@ -49,12 +49,14 @@ stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Deb
 test: install lint engine hosts stack ## Every test: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest --durations=15
 
-bench: install engine hosts ## Serving vs `mlflow models serve`, and lead time push → staging; updates docs/benchmarks.md
+bench: install engine hosts ## Serving vs `mlflow models serve`, lead time push → staging, a soak under load; updates docs/benchmarks.md
 	infra/scripts/ensure-packages.sh wrk:wrk
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
 	  $(BIN)/python -m bench.serving --seconds $${BENCH_SECONDS:-10} --write
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
 	  $(BIN)/python -m bench.lead_time --write
+	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
+	  $(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-5} --write
 
 format: install
 	$(BIN)/ruff format .

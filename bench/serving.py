@@ -66,7 +66,8 @@ def train(workspace: Path) -> tuple[str, Path]:
     env = {**os.environ, "MODELYARD_WORKSPACE": str(workspace), "MODELYARD_BUILD_IMAGE": "auto"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([str(BIN / "modelyard"), "run", "--spec", str(ROOT / "examples/ad_clicks/modelyard.yaml")],
+    # --no-deploy: the benchmarks serve the bundle themselves, on ports of their own.
+    done = subprocess.run([str(BIN / "modelyard"), "run", "--no-deploy", "--spec", str(ROOT / "examples/ad_clicks/modelyard.yaml")],
                           env=env, capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         sys.exit(done.stdout[-3000:] + done.stderr[-3000:])

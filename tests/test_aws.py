@@ -215,10 +215,14 @@ def test_ec2_hosts_found_by_tags_receive_the_deploy(
     for host in ssh_hosts.hosts:
         assert by_port[str(host.port)]["address"] == f"127.0.0.1:{host.port}"
 
-    deployed = stack.cli("deploy", "production", "--version", "1", "--spec", str(project.spec_path))
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-    for host in ssh_hosts.hosts:
-        assert version_at(f"http://127.0.0.1:{fronts[host.name]}") == "1"
+    try:
+        deployed = stack.cli("deploy", "production", "--version", "1", "--spec",
+                             str(project.spec_path))  # fmt: skip
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        for host in ssh_hosts.hosts:
+            assert version_at(f"http://127.0.0.1:{fronts[host.name]}") == "1"
+    finally:
+        _stop_services(tmp_path)  # the hosts' services live under the test's folder
     history = json.loads(stack.cli("history", model, "--env", "production", "--json").stdout)
     assert set(history[0]["hosts"].split(",")) == set(chosen.values())
     assert SECRET not in deployed.stdout + deployed.stderr
