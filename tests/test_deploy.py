@@ -32,7 +32,7 @@ from modelyard.deploy import ledger, release
 from modelyard.errors import DeployFailed, SpecError
 from modelyard.spec import Spec, load_spec
 from tests.conftest import Project, run_cli
-from tests.hosts import LoadLoop, SshHosts, free_ports, start_ssh_hosts, stop_ssh_hosts
+from tests.hosts import V2_ROW, LoadLoop, SshHosts, free_ports, start_ssh_hosts, stop_ssh_hosts
 
 pytestmark = pytest.mark.docker
 TOKEN = "deploy-test-token-0123456789abcdef"
@@ -366,6 +366,40 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
     assert rejected.reason == "not on a Friday" and rejected.previous_version == "1"
     again = run_cli("approve", run_id, env=env)
     assert again.returncode == 1 and "not waiting for approval" in again.stderr
+
+
+def test_token_rotation_moves_traffic_without_a_failed_request(registered):
+    """Rotate the serving token with the same version: old → old,new → new. Each step starts
+    the version again in the idle slot (its settings changed) and switches; clients on the old
+    token keep working until the last step, clients on the new one from the second."""
+    from pydantic import SecretStr
+
+    old, new = "rotate-old-" + "a" * 20, "rotate-new-" + "b" * 20
+    port = free_ports(3)
+    spec = env_spec(registered, "rotation", {"staging": {"target": "local", "port": port}})
+    front = f"http://127.0.0.1:{port}"
+
+    def deploy(tokens: str) -> None:
+        settings = get_settings().model_copy(update={"serve_token": SecretStr(tokens)})
+        release.deploy(settings, spec, "staging", "1", print)
+
+    def predicts(token: str) -> int:
+        response = httpx.post(f"{front}/v2/models/{spec.name}/infer", json=V2_ROW, timeout=10,
+                              headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        return response.status_code
+
+    deploy(old)
+    assert (predicts(old), predicts(new)) == (200, 401)
+    with LoadLoop([front], spec.name, old) as on_old:
+        deploy(f"{old},{new}")  # the same version: not a no-op, its token list changed
+    assert on_old.failures == [] and sum(on_old.versions[front].values()) > 0
+    assert (predicts(old), predicts(new)) == (200, 200)
+    with LoadLoop([front], spec.name, new) as on_new:
+        deploy(new)
+    assert on_new.failures == [] and sum(on_new.versions[front].values()) > 0
+    assert (predicts(old), predicts(new)) == (401, 200)
+    switches = ledger.history(get_settings(), spec.name, "staging")
+    assert [r.outcome for r in switches] == ["succeeded"] * 3
 
 
 def test_an_inventory_without_hosts_is_a_failure_not_a_silent_success(tmp_path):

@@ -229,7 +229,9 @@ def _run(
     progress: Progress,
 ) -> PlaybookResult:
     token = str(extravars["model_service_token"])
-    return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=(token,),
+    # Each token of a rotation list on its own, too: any of them alone is a secret.
+    secrets = (token, *(t.strip() for t in token.split(",") if t.strip()))
+    return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=secrets,
                         collections=where.collections)  # fmt: skip
 
 
