@@ -354,7 +354,7 @@ def test_no_configured_secret_appears_anywhere(stack, aws, registered, tmp_path)
     prefect = stack.url("prefect") + "/api"
     for route in ("flow_runs/filter", "artifacts/filter", "task_runs/filter"):
         places[f"Prefect {route}"] = httpx.post(f"{prefect}/{route}", json={}, timeout=30).content
-    image = MlflowClient(stack.url("mlflow")).get_model_version("aws-ads", "1").tags["image_ref"]
+    image = mlflow.get_model_version("aws-ads", "1").tags["image_ref"]
     places[f"image {image}"] = subprocess.run(["docker", "save", image], capture_output=True,
                                               check=True).stdout  # fmt: skip
     assert len(places) > 50 and any(k.startswith("artifact") for k in places)

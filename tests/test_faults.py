@@ -48,7 +48,7 @@ def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=30)
 
-    client = MlflowClient(servers["mlflow"])
+    client = MlflowClient(servers["mlflow"], servers["mlflow"])  # not a global registry URI
     left = client.get_model_version(model, "1")
     assert "bundle_digest" not in left.tags, "the kill came too late to test anything"
     assert not client.get_registered_model(model).aliases
