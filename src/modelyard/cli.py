@@ -717,25 +717,25 @@ def doctor(
     try:
         names = models or [load_spec(spec).name]
         findings = [f for name in names for f in checks.examine(settings, name)]
-        seen = list(findings)
-        while fix and findings:  # a repair can uncover the next problem (see doctor.examine)
+        healthy, repaired = not findings, set()
+        while findings:
             for finding in findings:
                 console.print(f"[yellow]![/] {finding.problem}\n  fix: {finding.fix}")
-                checks.repair(settings, finding, actor_name(settings))
-                console.print("  [green]repaired[/] (recorded in the ledger)")
-            findings = [f for name in names for f in checks.examine(settings, name)]
-            if any(f.problem in {s.problem for s in seen} for f in findings):
+            if not fix:
+                err.print("run `modelyard doctor --fix` to repair")
+                raise typer.Exit(1)
+            if any(f.problem in repaired for f in findings):
                 raise ModelyardError("a repair did not hold; see `modelyard history`")
-            seen += findings
-        for finding in findings:
-            console.print(f"[yellow]![/] {finding.problem}\n  fix: {finding.fix}")
+            for finding in findings:
+                checks.repair(settings, finding, actor_name(settings))
+                repaired.add(finding.problem)
+                console.print(f"  [green]repaired[/] {finding.fix} (recorded in the ledger)")
+            # A repair can uncover the next problem (see modelyard.doctor.examine).
+            findings = [f for name in names for f in checks.examine(settings, name)]
     except ModelyardError as exc:
         raise _fail(exc) from None
-    if not seen:
+    if healthy:
         console.print(f"[green]✓[/] nothing half-finished for {', '.join(names)}")
-    elif findings:
-        err.print("run `modelyard doctor --fix` to repair")
-        raise typer.Exit(1)
 
 
 aws_app = typer.Typer(help="The AWS target: EC2 hosts found by tags.", no_args_is_help=True)

@@ -73,6 +73,11 @@ def stack_dir(settings: Settings) -> Path:
     return settings.workspace_dir / "stack"
 
 
+def prometheus_targets_dir(settings: Settings) -> Path:
+    """Where deploys write file-based discovery and the stack's Prometheus reads it."""
+    return stack_dir(settings) / "prometheus" / "targets"
+
+
 def plan(settings: Settings) -> list[Service]:
     """What `up` starts, in order: the registry and Prometheus first, they are fastest."""
     return [_registry(settings), _prometheus(settings), _mlflow(settings), _prefect(settings)]
@@ -233,6 +238,7 @@ def _registry(settings: Settings) -> Service:
 
 def _prometheus(settings: Settings) -> Service:
     folder = stack_dir(settings) / "prometheus"
+    targets = prometheus_targets_dir(settings)
     port = settings.stack_prometheus_port
     interval = f"{settings.prometheus_interval}s"
     config = {
@@ -248,7 +254,7 @@ def _prometheus(settings: Settings) -> Service:
             # Prometheus picks files up and drops them without a restart.
             {
                 "job_name": "modelyard",
-                "file_sd_configs": [{"files": [str(folder / "targets" / "*.json")]}],
+                "file_sd_configs": [{"files": [str(targets / "*.json")]}],
             },
         ],
     }
@@ -263,7 +269,10 @@ def _prometheus(settings: Settings) -> Service:
             f"--web.listen-address={settings.stack_host}:{port}",
             "--web.enable-lifecycle",
         ],
-        files={"prometheus.yml": json.dumps(config, indent=2), "targets/.keep": ""},
+        files={
+            "prometheus.yml": json.dumps(config, indent=2),
+            str(targets.relative_to(folder) / ".keep"): "",
+        },
     )
 
 

@@ -20,6 +20,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import pairwise
 from typing import Any
 
@@ -39,24 +40,37 @@ class Bins:
     edges: tuple[float, ...] = ()  # numeric: inner cut points, ascending
     reference: tuple[float, ...] = ()  # share of the reference rows per label
 
-    def label_of(self, value: Any) -> str:
-        """The bin of one validated value (None/NaN missing; an unknown category `other`)."""
-        if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-            return MISSING
+    def count(self, values: Iterable[Any], counts: list[int]) -> None:
+        """Add each value to `counts` (indexed like `labels`): None, NaN and "" (a missing
+        category after validation) are `missing`; an unknown category is `other`. The one
+        binning both the bundle's reference and the server's live counters use; the server
+        calls it once per batch, so it stays a plain loop."""
+        missing = len(self.labels) - 1  # labels end with `missing`
         if self.kind == "numeric":
-            return self.labels[bisect_right(self.edges, value)]
-        return value if value in self._known else OTHER
+            edges = self.edges
+            for v in values:
+                counts[missing if v is None or v != v else bisect_right(edges, v)] += 1
+        else:
+            slots, other = self._slots, missing - 1  # ... `other`, `missing`
+            for v in values:
+                counts[missing if v is None or v != v else slots.get(v, other)] += 1
 
-    @property
-    def _known(self) -> frozenset[str]:
-        return frozenset(self.labels[:-2])  # all but other, missing
+    @cached_property
+    def _slots(self) -> dict[str, int]:
+        """Category -> its position; "" (what validation makes of a missing one) -> missing."""
+        known = {label: i for i, label in enumerate(self.labels[:-2])}
+        return known | {"": len(self.labels) - 1}
+
+    def label_of(self, value: Any) -> str:
+        counts = [0] * len(self.labels)
+        self.count([value], counts)
+        return self.labels[counts.index(1)]
 
     def shares(self, values: Iterable[Any]) -> tuple[float, ...]:
-        counts = dict.fromkeys(self.labels, 0)
-        for value in values:
-            counts[self.label_of(value)] += 1
-        total = sum(counts.values()) or 1
-        return tuple(round(counts[label] / total, 6) for label in self.labels)
+        counts = [0] * len(self.labels)
+        self.count(values, counts)
+        total = sum(counts) or 1
+        return tuple(round(c / total, 6) for c in counts)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -8,7 +8,6 @@ drifted. `retrain` then starts the model's pipeline deployment, at most once per
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,6 +67,12 @@ class DriftReport:
         return [s.name for s in self.signals if s.psi > self.threshold]
 
     @property
+    def verdict(self) -> str:
+        if not self.enough_rows:
+            return "no verdict"
+        return "drifted" if self.drifted else "stable"
+
+    @property
     def worst(self) -> Signal | None:
         return max(self.signals, key=lambda s: s.psi, default=None)
 
@@ -76,12 +81,10 @@ class DriftReport:
 
     def markdown(self) -> str:
         """The Prefect artifact: a verdict line and PSI per signal, worst first."""
-        if not self.enough_rows:
-            verdict = f"no verdict: {self.rows} live rows, {self.min_rows} needed"
-        elif self.drifted:
-            verdict = f"**drifted**: {', '.join(self.drifted)}"
-        else:
-            verdict = "stable"
+        verdict = {
+            "no verdict": f"no verdict: {self.rows} live rows, {self.min_rows} needed",
+            "drifted": f"**drifted**: {', '.join(self.drifted)}",
+        }.get(self.verdict, self.verdict)
         lines = [
             f"### {self.model} v{self.version} in {self.environment}: {verdict}",
             "",
@@ -153,13 +156,7 @@ def measure(
     )
     window = f"[{monitoring.window}s]"
     rows = prometheus.values(f"sum(increase(modelyard_predicted_rows_total{{{selector}}}{window}))")
-    live = prometheus.values(
-        f"sum by (feature, bin) (increase(modelyard_input_bin_total{{{selector}}}{window}))",
-        "feature", "bin",
-    )  # fmt: skip
-    reference = prometheus.values(
-        f"max by (feature, bin) (modelyard_input_reference_ratio{{{selector}}})", "feature", "bin"
-    )
+    live, reference = _bin_series(prometheus, "input", selector, window, "feature", "bin")
     if not reference:
         raise ModelyardError(
             f"Prometheus has no drift reference for {model} v{version} in {environment}: is the "
@@ -170,21 +167,13 @@ def measure(
         _signal(name, _by_bin(live, name), _by_bin(reference, name))
         for name in sorted({feature for feature, _ in reference})
     ]
-    prediction_live = prometheus.values(
-        f"sum by (bin) (increase(modelyard_prediction_bin_total{{{selector}}}{window}))", "bin"
-    )
-    prediction_reference = prometheus.values(
-        f"max by (bin) (modelyard_prediction_reference_ratio{{{selector}}})", "bin"
-    )
+    live, reference = _bin_series(prometheus, "prediction", selector, window, "bin")
     prediction = (
-        _signal(
-            PREDICTION,
-            {b: v for (b,), v in prediction_live.items()},
-            {b: v for (b,), v in prediction_reference.items()},
-        )
-        if prediction_reference
+        _signal(PREDICTION, {b: v for (b,), v in live.items()},
+                {b: v for (b,), v in reference.items()})
+        if reference
         else None
-    )
+    )  # fmt: skip
     return DriftReport(
         model=model,
         environment=environment,
@@ -208,7 +197,7 @@ def record(settings: Settings, report: DriftReport, plots: list[Path]) -> tuple[
         "environment": report.environment,
         "version": report.version,
         "drifted": ",".join(report.drifted),
-        "verdict": _verdict(report),
+        "verdict": report.verdict,
     }
     name = f"drift {report.model} v{report.version} in {report.environment}"
     run_id = registry.start_run(client, experiment, name, tags)
@@ -270,11 +259,19 @@ def retrain(settings: Settings, report: DriftReport, cooldown: int, run_id: str)
     return "started", f"pipeline run {started.name} ({started.flow_run_id})"
 
 
-def write_report(report: DriftReport, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "report.json"
-    path.write_text(json.dumps(report.to_dict(), indent=2))
-    return path
+def _bin_series(
+    prometheus: Prometheus, signal: str, selector: str, window: str, *by: str
+) -> tuple[dict[tuple[str, ...], float], dict[tuple[str, ...], float]]:
+    """Live rows per bin over the window, and the reference shares, of `input` or
+    `prediction`, keyed by the `by` labels."""
+    group = ", ".join(by)
+    live = prometheus.values(
+        f"sum by ({group}) (increase(modelyard_{signal}_bin_total{{{selector}}}{window}))", *by
+    )
+    reference = prometheus.values(
+        f"max by ({group}) (modelyard_{signal}_reference_ratio{{{selector}}})", *by
+    )
+    return live, reference
 
 
 def _signal(name: str, live: dict[str, float], reference: dict[str, float]) -> Signal:
@@ -312,12 +309,6 @@ def ordered_bins(labels: list[str]) -> list[str]:
         return (0 if prefix == "<" else 1, float(number) + (1e-9 if prefix == "≥" else 0), label)
 
     return sorted(labels, key=key)
-
-
-def _verdict(report: DriftReport) -> str:
-    if not report.enough_rows:
-        return "no verdict"
-    return "drifted" if report.drifted else "stable"
 
 
 def _metric_key(name: str) -> str:

@@ -14,11 +14,7 @@ import os
 from pathlib import Path
 
 from modelyard.config import Settings
-from modelyard.stack import stack_dir
-
-
-def targets_dir(settings: Settings) -> Path:
-    return stack_dir(settings) / "prometheus" / "targets"
+from modelyard.stack import prometheus_targets_dir
 
 
 def write_targets(
@@ -37,7 +33,7 @@ def write_targets(
         }
         for host, address in sorted(scrape.items())
     ]
-    folder = targets_dir(settings)
+    folder = prometheus_targets_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model}-{environment}.json"
     partial = path.with_suffix(".json.partial")  # not matched by the *.json glob

@@ -47,10 +47,6 @@ class _Target:
     auth: dict[str, str] | None  # username/password for the Docker SDK, never logged
 
 
-def registry_configured(settings: Settings) -> bool:
-    return bool(settings.image_registry)
-
-
 def repository_name(model: str) -> str:
     return f"{REPOSITORY_PREFIX}/{model.lower()}"
 
@@ -129,19 +125,20 @@ def ecr_login(model: str) -> tuple[str, str, str]:
     return username, password, data["proxyEndpoint"].split("://", 1)[-1].rstrip("/")
 
 
-def ensure_repository(ecr: Any, name: str) -> dict[str, Any]:
+def ensure_repository(ecr: Any, name: str) -> None:
     """The repository, created or brought to modelyard's settings: every pushed image is
     scanned, and no tag can be moved to other bytes."""
     try:
         found = ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
     except ecr.exceptions.RepositoryNotFoundException:
-        return ecr.create_repository(
+        ecr.create_repository(
             repositoryName=name,
             imageTagMutability="IMMUTABLE",
             imageScanningConfiguration={"scanOnPush": True},
             encryptionConfiguration={"encryptionType": "AES256"},
             tags=[{"Key": "managed-by", "Value": "modelyard"}],
-        )["repository"]
+        )
+        return
     except Exception as exc:
         raise ModelyardError(f"ECR: cannot read repository {name}: {_why(exc)}") from None
     if found.get("imageTagMutability") != "IMMUTABLE":
@@ -150,7 +147,6 @@ def ensure_repository(ecr: Any, name: str) -> dict[str, Any]:
         ecr.put_image_scanning_configuration(
             repositoryName=name, imageScanningConfiguration={"scanOnPush": True}
         )
-    return ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
 
 
 def _login(client: Any, host: str, auth: dict[str, str]) -> None:

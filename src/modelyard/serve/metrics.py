@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import defaultdict
 from typing import Any
 
@@ -25,7 +25,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from modelyard.monitor.bins import MISSING, OTHER, Bins
+from modelyard.monitor.bins import Bins
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 PROBABILITY_BUCKETS = tuple(round(i / 10, 1) for i in range(1, 11))
@@ -60,25 +60,14 @@ class _Tally:
 class _BinTally:
     """Live rows per drift bin of one signal, as a list indexed like `bins.labels`."""
 
-    __slots__ = ("bins", "counts", "index", "missing")
+    __slots__ = ("bins", "counts")
 
     def __init__(self, bins: Bins) -> None:
         self.bins = bins
         self.counts = [0] * len(bins.labels)
-        self.missing = bins.labels.index(MISSING)
-        # Categorical: value -> slot; the validator turns a missing category into "".
-        self.index = {label: i for i, label in enumerate(bins.labels)} | {"": self.missing}
 
     def add(self, values: list[Any]) -> None:
-        counts = self.counts
-        if self.bins.kind == "numeric":
-            edges, missing = self.bins.edges, self.missing
-            for v in values:
-                counts[missing if v != v else bisect_right(edges, v)] += 1  # v != v: NaN
-        else:
-            index, other = self.index, self.index[OTHER]
-            for v in values:
-                counts[index.get(v, other)] += 1
+        self.bins.count(values, self.counts)
 
     def drain_into(self, counter: Any, *labels: str) -> None:
         for label, count in zip(self.bins.labels, self.counts, strict=True):
@@ -165,7 +154,7 @@ class Metrics:
             self._prediction_bins.add(values)
 
     def observe_inputs(self, columns: dict[str, list[Any]]) -> None:
-        """One request's validated columns, counted into the drift bins."""
+        """A batch's validated columns, counted into the drift bins."""
         for name, tally in self._inputs.items():
             tally.add(columns[name])
 
@@ -194,14 +183,10 @@ class Metrics:
                                 "Share of the reference rows per drift bin", ["feature", "bin"],
                                 registry=registry, multiprocess_mode="max")  # fmt: skip
         for name, data in reference.get("features", {}).items():
-            bins = Bins.from_json(data)
-            self._inputs[name] = _BinTally(bins)
-            for label, share in zip(bins.labels, bins.reference, strict=True):
-                self.input_bins.labels(name, label).inc(0)
-                input_reference.labels(name, label).set(share)
+            self._inputs[name] = _BinTally(Bins.from_json(data))
+            _start_bins(self._inputs[name].bins, self.input_bins, input_reference, name)
         if "prediction" in reference:
-            bins = Bins.from_json(reference["prediction"])
-            self._prediction_bins = _BinTally(bins)
+            self._prediction_bins = _BinTally(Bins.from_json(reference["prediction"]))
             self.prediction_bins = Counter("modelyard_prediction_bin",
                                            "Live predictions per drift bin", ["bin"],
                                            registry=registry)  # fmt: skip
@@ -209,9 +194,7 @@ class Metrics:
                                          "Share of the reference predictions per drift bin",
                                          ["bin"], registry=registry,
                                          multiprocess_mode="max")  # fmt: skip
-            for label, share in zip(bins.labels, bins.reference, strict=True):
-                self.prediction_bins.labels(label).inc(0)
-                prediction_reference.labels(label).set(share)
+            _start_bins(self._prediction_bins.bins, self.prediction_bins, prediction_reference)
 
     def _schedule_flush(self) -> None:
         if self._flusher is None:
@@ -245,3 +228,10 @@ class Metrics:
             MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _start_bins(bins: Bins, counter: Any, reference: Any, *labels: str) -> None:
+    """Every bin's live counter at 0 and its reference share, before the first request."""
+    for label, share in zip(bins.labels, bins.reference, strict=True):
+        counter.labels(*labels, label).inc(0)
+        reference.labels(*labels, label).set(share)
