@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import Field
 
+from flows.locks import release_lock
 from modelyard import source, stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings, get_settings
@@ -124,7 +125,14 @@ def package_task(
     return stages.package(ctx, version, splits, trained, exported)
 
 
-@task(name="build-image", cache_policy=NONE, persist_result=False, retries=1, retry_delay_seconds=5)
+# An engine restart mid-build drops the build; the retry waits for the engine to come back.
+@task(
+    name="build-image",
+    cache_policy=NONE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[10, 30],
+)
 def build_image_task(ctx: stages.RunContext, version: str, bundle_path: str) -> stages.ImageResult:
     return stages.build_image(ctx, version, bundle_path)
 
@@ -253,6 +261,9 @@ def pipeline(
     git = git_info(spec.source_dir, overrides)
     prepared: stages.Prepared = runner.run("load-data", load_data_task, spec)
     tags = {"trigger": trigger, "prefect_flow_run_id": str(flow_run.id)}
+    # What serves now: the champion this run is judged against and what an approver is asked to
+    # replace. A release moves an environment only if it still serves the same version.
+    serving = release.serving_versions(settings, spec) if deploy else {}
     ctx: stages.RunContext = runner.run(
         "open-mlflow-run", open_run_task, spec, spec_path, settings, git, prepared.fingerprint, tags
     )
@@ -265,7 +276,7 @@ def pipeline(
             raise
         # The training run is done either way; a failed rollout fails the flow run, not it.
         stages.registry.end_run(ctx.run_id)
-        outcome["releases"] = _release(runner, ctx, outcome) if deploy else []
+        outcome["releases"] = _release(runner, ctx, outcome, serving) if deploy else []
     finally:
         create_table_artifact(
             runner.rows,
@@ -293,19 +304,26 @@ class Approval(RunInput):
 
 @task(name="deploy", cache_policy=NONE, persist_result=False)
 def deploy_task(
-    spec: Spec, environment: str, version: str, action: str, approval: Approval | None
+    spec: Spec,
+    environment: str,
+    version: str,
+    action: str,
+    approval: Approval | None,
+    expected: str,
 ) -> dict[str, str]:
     logger = get_run_logger()
+    settings = get_settings()
     record = release.deploy(
-        get_settings(), spec, environment, version, logger.info, action,
+        settings, spec, environment, version, logger.info, action,
         reason=approval.comment if approval else "",
         actor=approval.approver if approval else None,
+        expected=expected, lock=release_lock(settings),
     )  # fmt: skip
     return {"environment": environment, "version": version, "outcome": record.outcome}
 
 
 def _release(
-    runner: _Stages, ctx: stages.RunContext, outcome: dict[str, Any]
+    runner: _Stages, ctx: stages.RunContext, outcome: dict[str, Any], serving: dict[str, str]
 ) -> list[dict[str, str]]:
     """Deploy through the spec's environments in order, asking a person where the spec says."""
     spec, version = ctx.spec, outcome["version"]
@@ -320,11 +338,8 @@ def _release(
             label = f"approved by {approval.approver}"
             runner.rows.append(stages.summary_row(f"approve-{environment}", label, 0.0, False))
         action = "deploy" if index == 0 else "promote"
-        done.append(
-            runner.run(
-                f"deploy-{environment}", deploy_task, spec, environment, version, action, approval
-            )
-        )
+        step = (spec, environment, version, action, approval, serving[environment])
+        done.append(runner.run(f"deploy-{environment}", deploy_task, *step))
     return done
 
 

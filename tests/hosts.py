@@ -7,8 +7,10 @@ on). Hosts share this machine's Docker engine; each gets its own service root an
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -95,6 +97,25 @@ def start_ssh_hosts(folder: Path, count: int) -> SshHosts:
     for host in hosts:
         _wait_port(host.port)
     return SshHosts(folder, hosts, client_key, folder / "known_hosts")
+
+
+def lose_host(host: SshHost) -> None:
+    """The host drops off the network: its sshd and every session it serves (an Ansible
+    ControlPersist master included) die at once; the services it runs keep running."""
+    children = subprocess.run(["pgrep", "-P", str(host.process.pid)], capture_output=True,
+                              text=True).stdout.split()  # fmt: skip
+    host.process.kill()
+    host.process.wait(timeout=10)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def restore_host(hosts: SshHosts, host: SshHost) -> None:
+    config = hosts.folder / f"sshd-{host.port}.conf"
+    host.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
+                                    stderr=subprocess.DEVNULL)  # fmt: skip
+    _wait_port(host.port)
 
 
 def stop_ssh_hosts(hosts: SshHosts) -> None:

@@ -7,6 +7,7 @@ under supervisord, each behind its own nginx front door.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import subprocess
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -32,7 +34,16 @@ from modelyard.deploy import ledger, release
 from modelyard.errors import DeployFailed, SpecError
 from modelyard.spec import Spec, load_spec
 from tests.conftest import Project, run_cli
-from tests.hosts import V2_ROW, LoadLoop, SshHosts, free_ports, start_ssh_hosts, stop_ssh_hosts
+from tests.hosts import (
+    V2_ROW,
+    LoadLoop,
+    SshHosts,
+    free_ports,
+    lose_host,
+    restore_host,
+    start_ssh_hosts,
+    stop_ssh_hosts,
+)
 
 pytestmark = pytest.mark.docker
 TOKEN = "deploy-test-token-0123456789abcdef"
@@ -201,7 +212,10 @@ class _NotReady(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_failed_health_check_on_second_host_puts_every_host_back(registered, ssh_hosts, tmp_path):
+def test_a_failure_on_the_second_host_puts_every_host_back(registered, ssh_hosts, tmp_path):
+    """Two failures on host-b after host-a switched: a failed health check, then host-b lost
+    (its sshd and sessions killed) mid-rollout. Each time host-a goes back to v1 and the alias
+    and the ledger's idea of what serves stay on v1."""
     env = ssh_env(ssh_hosts, tmp_path, model_service_ready_timeout=8)
     spec = env_spec(registered, "failing", {"fragile": _environment(env)})
     settings = get_settings()
@@ -230,6 +244,36 @@ def test_failed_health_check_on_second_host_puts_every_host_back(registered, ssh
     assert (latest.action, latest.version, latest.outcome) == ("deploy", "2", "failed")
     assert "host-b" in latest.reason and latest.previous_version == "1"
     assert ledger.live(settings, spec.name, "fragile").version == "1"
+
+    # host-b drops off the network the moment host-a serves v2.
+    host_b = next(h for h in ssh_hosts.hosts if h.name == "host-b")
+    lost = threading.Event()
+
+    def lose_host_b_after_host_a_switches() -> None:
+        while not lost.is_set():
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                if version_at(env["fronts"][0]) == "2":
+                    lose_host(host_b)
+                    lost.set()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=lose_host_b_after_host_a_switches, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(DeployFailed) as failed:
+            release.deploy(settings, spec, "fragile", "2", lambda _: None)
+    finally:
+        lost.set()
+        watcher.join(10)
+        if host_b.process.poll() is not None:
+            restore_host(ssh_hosts, host_b)
+    message = str(failed.value)
+    assert "host-b" in message and "UNREACHABLE" in message.upper(), message
+    assert "every host is back on v1" in message
+    assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
+    assert MlflowClient().get_model_version_by_alias(spec.name, "fragile").version == "1"
+    assert ledger.live(settings, spec.name, "fragile").version == "1"
+    assert ledger.history(settings, spec.name, "fragile")[0].outcome == "failed"
 
 
 def test_process_runtime_on_this_machine_and_an_ssh_host(registered, ssh_hosts, tmp_path):
@@ -291,10 +335,13 @@ class FlowInThread:
         )
         self.thread.start()
 
-    def result(self, timeout: float = 300) -> dict:
+    def state(self, timeout: float = 300) -> Any:
         self.thread.join(timeout)
         assert self.states, "the flow run did not finish"
-        state = self.states[0]
+        return self.states[0]
+
+    def result(self, timeout: float = 300) -> dict:
+        state = self.state(timeout)
         assert state.is_completed(), state.message
         return state.result()
 
@@ -367,6 +414,23 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
     again = run_cli("approve", run_id, env=env)
     assert again.returncode == 1 and "not waiting for approval" in again.stderr
 
+    # Two releases racing for production: a run of the same commit waits for approval (it saw
+    # v1 serving production), meanwhile an operator deploys v2 there by hand. The approval
+    # comes too late: the run moves nothing and says why, production keeps the operator's v2.
+    third = FlowInThread(project)
+    run_id = paused_run(after={pause}).split(":")[0]
+    manual = run_cli("deploy", "production", "--version", "2", "--spec", str(project.spec_path),
+                     env=env)  # fmt: skip
+    assert manual.returncode == 0, manual.stdout[-2000:] + manual.stderr[-2000:]
+    resume_flow_run(UUID(run_id), run_input={"approve": True, "approver": "alice", "comment": ""})
+    state = third.state()
+    assert state.is_failed()
+    assert "approval-ads/production moved from v1 to v2 (deploy by bob" in state.message
+    assert version_at(production_url) == "2"
+    assert client.get_model_version_by_alias("approval-ads", "production").version == "2"
+    newest = ledger.history(settings, "approval-ads", "production")[0]
+    assert (newest.action, newest.version, newest.actor) == ("deploy", "2", "bob")
+
 
 def test_token_rotation_moves_traffic_without_a_failed_request(registered):
     """Rotate the serving token with the same version: old → old,new → new. Each step starts
@@ -400,6 +464,46 @@ def test_token_rotation_moves_traffic_without_a_failed_request(registered):
     assert (predicts(old), predicts(new)) == (401, 200)
     switches = ledger.history(get_settings(), spec.name, "staging")
     assert [r.outcome for r in switches] == ["succeeded"] * 3
+
+
+def test_two_releases_at_once_move_the_alias_once(registered):
+    """v1 and v2 released to one environment at the same moment, both by callers that saw
+    nothing serving: one rolls out, the other is refused at once and changes nothing; asked
+    again later, it is refused for the move it missed. The ledger holds one record."""
+    from modelyard.deploy.locks import ReleaseConflict
+
+    port = free_ports(3)
+    spec = env_spec(registered, "race", {"staging": {"target": "local", "port": port}})
+    settings = get_settings()
+    started = threading.Barrier(2)
+    outcomes: dict[str, object] = {}
+
+    def release_version(version: str) -> None:
+        started.wait()
+        try:
+            outcomes[version] = release.deploy(settings, spec, "staging", version, print,
+                                               expected="")  # fmt: skip
+        except ReleaseConflict as exc:
+            outcomes[version] = exc
+
+    racers = [threading.Thread(target=release_version, args=(v,)) for v in ("1", "2")]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(300)
+    conflicts = {v: o for v, o in outcomes.items() if isinstance(o, ReleaseConflict)}
+    assert len(outcomes) == 2 and len(conflicts) == 1, outcomes
+    (loser, refusal), winner = next(iter(conflicts.items())), ({"1", "2"} - set(conflicts)).pop()
+    assert f"another release of {spec.name}/staging is in progress" in str(refusal)
+    assert f"v{winner} by deploy-tests" in str(refusal)  # who holds it
+    assert version_at(f"http://127.0.0.1:{port}") == winner
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(spec.name, "staging").version == winner
+    # The loser tries again, still believing nothing serves: the move it missed is named.
+    with pytest.raises(ReleaseConflict, match=f"moved from nothing to v{winner}"):
+        release.deploy(settings, spec, "staging", loser, print, expected="")
+    records = ledger.history(settings, spec.name, "staging")
+    assert [(r.version, r.outcome) for r in records] == [(winner, "succeeded")]
 
 
 def test_an_inventory_without_hosts_is_a_failure_not_a_silent_success(tmp_path):

@@ -1,5 +1,14 @@
-"""Faults injected for real, and what they leave behind: a run killed between register and
-alias, found and repaired by `modelyard doctor`; an alias that disagrees with the ledger."""
+"""Faults injected for real, and what they leave behind.
+
+- A run SIGKILLed between register and alias, found and repaired by `modelyard doctor`; an
+  alias that disagrees with the ledger.
+- The Docker engine restarted during a build, the image registry down at push, the MLflow
+  server killed mid-run: what is transient is retried, what stays broken fails the run with a
+  clear message and leaves no version, alias, ledger record or image behind.
+- The workspace's disk full mid-run (a small tmpfs filled up).
+
+An SSH host lost mid-rollout is in test_deploy.py, beside the other rollouts.
+"""
 
 from __future__ import annotations
 
@@ -80,3 +89,148 @@ def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
     assert "alias 'staging' points at nothing but the ledger says v2 serves staging" in drift.stdout
     assert run_cli("doctor", "--spec", spec, "--fix").returncode == 0
     assert client.get_model_version_by_alias(model, "staging").version == "2"
+
+
+ENGINE_PIDFILE = Path("/var/lib/modelyard-docker/dockerd.pid")  # infra/scripts/docker-engine.sh
+
+
+class WatchedRun:
+    """`modelyard run` in the background, its output in a file the test watches for stages."""
+
+    def __init__(self, spec: str, log: Path, *args: str) -> None:
+        self.log = log
+        exe = Path(sys.executable).with_name("modelyard")
+        self.process = subprocess.Popen([str(exe), "run", "--spec", spec, *args],
+                                        stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # fmt: skip
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def reaches(self, marker: str, timeout: float = 400) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in self.text():
+            assert self.process.poll() is None, f"ended before {marker!r}:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {marker!r} within {timeout} s"
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        return self.process.wait(timeout=timeout), self.text()
+
+
+def restart_engine() -> None:
+    """Stop this project's dockerd as `systemctl restart` would (SIGTERM) and start it again."""
+    pid = int(ENGINE_PIDFILE.read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    script = Path(__file__).resolve().parents[1] / "infra" / "scripts" / "docker-engine.sh"
+    subprocess.run([str(script)], check=True, capture_output=True, timeout=120)
+
+
+def _our_engine() -> None:
+    ours = os.environ.get("DOCKER_HOST", "") == "unix:///run/modelyard-docker.sock"
+    if not (ours and ENGINE_PIDFILE.is_file()):
+        pytest.skip("restarts only the engine infra/scripts/docker-engine.sh started (CI's)")
+
+
+def test_engine_restart_registry_down_and_mlflow_lost_mid_run(servers, ads, tmp_path, monkeypatch):
+    from modelyard import stack
+    from modelyard.config import Settings
+    from modelyard.package.validate import free_port
+    from tests.conftest import MlflowServer
+
+    _our_engine()
+    (tmp_path / "mlflow").mkdir()
+    mlflow = MlflowServer(tmp_path / "mlflow").start()
+    registry = Settings(workspace=tmp_path / "registry", stack_registry_port=free_port())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow.url)
+    monkeypatch.setenv("MODELYARD_IMAGE_REGISTRY", f"127.0.0.1:{registry.stack_registry_port}")
+    model, spec = ads.spec()["name"], str(ads.spec_path)
+    client = MlflowClient(mlflow.url, mlflow.url)
+    try:
+        # 1. The engine restarts while the image builds: the build is retried and passes. The
+        # registry is down for good: the push fails after its retries, and the version that
+        # cannot ship is withdrawn. Nothing is left that says otherwise.
+        run = WatchedRun(spec, tmp_path / "run1.log", "--no-deploy")
+        run.reaches("image: Step 1/")
+        restart_engine()
+        code, log = run.finish()
+        assert code != 0, log[-3000:]
+        assert log.count("image: Step 1/") >= 2, "the build was not retried"
+        assert "the registry does not answer: is it running?" in log, log[-3000:]
+        assert client.search_model_versions(f"name = '{model}'") == []
+        assert not client.get_registered_model(model).aliases
+        assert ledger.history(get_settings(), model) == []
+        assert run_cli("doctor", "--spec", spec).returncode == 0  # nothing half-finished
+
+        # 2. MLflow is killed just after the run opened its MLflow run and is back 8 s later;
+        # the registry comes up between two push attempts. The run rides both out.
+        run = WatchedRun(spec, tmp_path / "run2.log", "--no-deploy")
+        run.reaches("MLflow run: ")
+        mlflow.stop()
+        time.sleep(8)
+        mlflow.start()
+        run.reaches("push: 127.0.0.1")
+        stack.up(registry, ["registry"], progress=lambda _: None)
+        code, log = run.finish()
+        assert code == 0, log[-3000:]
+        version = client.get_model_version_by_alias(model, "candidate")
+        listed = client.search_model_versions(f"name = '{model}'")
+        assert [v.version for v in listed] == [version.version]  # the failed one stays gone
+        ref, digest = version.tags["image_ref"], version.tags["image_digest"]
+        assert ref == f"{version.tags['image_repository']}@{digest}"
+        repository = version.tags["image_repository"].split("/", 1)[1]
+        manifest = httpx.head(
+            f"http://127.0.0.1:{registry.stack_registry_port}/v2/{repository}/manifests/{digest}",
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+        )
+        assert manifest.status_code == 200
+        assert run_cli("doctor", "--spec", spec).returncode == 0
+    finally:
+        stack.down(registry, ["registry"], progress=lambda _: None)
+        mlflow.stop()
+
+
+def _fill(path: Path) -> None:
+    """Write `path` until its disk is full."""
+    chunk = b"\0" * (1 << 20)
+    with path.open("wb") as filler:
+        try:
+            while True:
+                filler.write(chunk)
+                filler.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_workspace_disk_fails_the_run_clearly_and_loses_nothing(
+    servers, ads, tmp_path, monkeypatch
+):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    workspace = tmp_path / "small-disk"
+    workspace.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(workspace)], check=True)
+    monkeypatch.setenv("MODELYARD_WORKSPACE", str(workspace))
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")
+    monkeypatch.setenv("PREFECT_API_URL", servers["prefect"])  # only modelyard's files here
+    model, spec = ads.spec()["name"], str(ads.spec_path)
+    client = MlflowClient(servers["mlflow"], servers["mlflow"])
+    try:
+        run = WatchedRun(spec, tmp_path / "run.log", "--no-deploy")
+        run.reaches("MLflow run: ")
+        _fill(workspace / "filler")
+        code, log = run.finish()
+        assert code != 0, log[-3000:]
+        assert f"the disk holding {workspace}" in log and "is full" in log, log[-3000:]
+        assert client.search_model_versions(f"name = '{model}'") == []
+        assert ledger.history(get_settings(), model) == []
+        (workspace / "filler").unlink()
+        assert run_cli("doctor", "--spec", spec).returncode == 0
+        again = run_cli("run", "--no-deploy", "--spec", spec)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert client.get_model_version_by_alias(model, "candidate")
+    finally:
+        subprocess.run(["umount", "--lazy", str(workspace)], check=True)

@@ -13,7 +13,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from modelyard.atomic import create_private
 
 FORMAT = "modelyard-bundle/1"
 MANIFEST = "manifest.json"
@@ -169,13 +170,11 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     if path.is_file():
         return load_private_key(path.read_bytes())
     key = Ed25519PrivateKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+    if not create_private(path, pem):  # another process created it first: use that one
+        return load_private_key(path.read_bytes())
     return key
 
 

@@ -7,15 +7,18 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from modelyard.config import Settings, get_settings
-from modelyard.errors import ModelyardError
+from modelyard.errors import ModelyardError, disk_full
 from modelyard.spec import load_spec
+
+if TYPE_CHECKING:
+    from modelyard.deploy.locks import Lock
 
 app = typer.Typer(
     help="ML CI/CD as code: train, validate, register and ship scikit-learn models.",
@@ -86,6 +89,8 @@ def run(
         _print_success(outcome, settings, flow_run_id)
         return
     _print_where(settings, flow_run_id, outcome=None)
+    if isinstance(outcome, BaseException) and (full := disk_full(outcome, settings.workspace_dir)):
+        raise _fail(full)
     if isinstance(outcome, ModelyardError):
         raise _fail(outcome)
     err.print(f"[bold red]error:[/] pipeline failed: {state.message or outcome}")
@@ -212,10 +217,18 @@ def deploy(
         )
         if not chosen:
             raise ModelyardError(f"{loaded.name} has no 'candidate' version; pass --version")
-        done = release.deploy(settings, loaded, environment, chosen, _progress)
+        done = release.deploy(settings, loaded, environment, chosen, _progress,
+                              lock=_release_lock(settings))  # fmt: skip
     except ModelyardError as exc:
         raise _fail(exc) from None
     console.print(f"[green]✓[/] {done.model} v{done.version} serves {environment}")
+
+
+def _release_lock(settings: Settings) -> Lock:
+    """The lock the pipeline's releases take too, so a person and a run never overlap."""
+    from flows.locks import release_lock
+
+    return release_lock(settings)
 
 
 @app.command()
@@ -225,7 +238,9 @@ def rollback(environment: EnvArgument, spec: SpecOption = Path("modelyard.yaml")
 
     settings = get_settings()
     try:
-        done = release.rollback(settings, load_spec(spec), environment, _progress)
+        done = release.rollback(
+            settings, load_spec(spec), environment, _progress, lock=_release_lock(settings)
+        )
     except ModelyardError as exc:
         raise _fail(exc) from None
     console.print(

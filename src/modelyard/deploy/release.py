@@ -24,10 +24,12 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from modelyard import registry
+from modelyard.atomic import create_private
 from modelyard.config import Settings
 from modelyard.deploy import aws, ledger
 from modelyard.deploy.collections import ensure_amazon_aws
 from modelyard.deploy.ledger import Release
+from modelyard.deploy.locks import Lock, check_unmoved, workspace_lock
 from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, run_playbook
 from modelyard.errors import DeployFailed, SpecError
 from modelyard.monitor.targets import write_targets
@@ -77,6 +79,15 @@ def target(
     return Target(environment, env, inventory)
 
 
+def serving_versions(settings: Settings, spec: Spec) -> dict[str, str]:
+    """Which version serves each environment now ("" for none), per the ledger: what a run
+    compares against, so its releases can refuse to move an environment that moved meanwhile."""
+    return {
+        environment: live.version if (live := ledger.live(settings, spec.name, environment)) else ""
+        for environment in spec.deploy.environments
+    }
+
+
 def needs_approval(spec: Spec, environment: str) -> bool:
     env = spec.deploy.environments[environment]
     if env.approval is not None:
@@ -102,10 +113,12 @@ def service_token(settings: Settings) -> str:
         return settings.serve_token.get_secret_value()
     path = settings.workspace_dir / "serve-token"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+        create_private(path, secrets.token_urlsafe(32).encode())
+    token = path.read_text().strip()
+    if not token:  # an empty token would mean no auth at all
+        raise DeployFailed(f"{path} is empty: delete it (a new token is made) or set "
+                           "MODELYARD_SERVE_TOKEN")  # fmt: skip
+    return token
 
 
 def deploy(
@@ -117,14 +130,30 @@ def deploy(
     action: str = "deploy",
     reason: str = "",
     actor: str | None = None,
+    expected: str | None = None,
+    lock: Lock | None = None,
 ) -> Release:
     """Roll `version` out to `environment`; raises DeployFailed after putting hosts back.
 
-    `actor` is who asked for it (an approver); by default whoever runs this.
+    `actor` is who asked for it (an approver); by default whoever runs this. `expected` is the
+    version the caller saw serving ("" for none): if another release has moved the environment
+    since, ReleaseConflict and nothing changes. One release per model and environment at a time
+    (`lock`, default the workspace's); a second one gets ReleaseConflict at once.
     """
     where = target(spec, environment, settings, progress)
     actor = actor or actor_name(settings)
-    live = ledger.live(settings, spec.name, environment)
+    key = f"{spec.name}/{environment}"
+    with (lock or workspace_lock(settings))(key, f"{action} v{version} by {actor}"):
+        live = ledger.live(settings, spec.name, environment)
+        check_unmoved(key, expected, live)
+        return _move(settings, spec, where, version, progress, action, reason, actor, live)
+
+
+def _move(
+    settings: Settings, spec: Spec, where: Target, version: str, progress: Progress,
+    action: str, reason: str, actor: str, live: Release | None,
+) -> Release:  # fmt: skip
+    environment = where.environment
     workdir = _workdir(settings, spec.name, environment, action)
     playbook = "rollback.yml" if action == "rollback" else "deploy.yml"
     tags = _version_tags(settings, spec.name, version)
@@ -183,17 +212,21 @@ def _decision(
     return ledger.append(settings, record)
 
 
-def rollback(settings: Settings, spec: Spec, environment: str, progress: Progress) -> Release:
+def rollback(
+    settings: Settings, spec: Spec, environment: str, progress: Progress, lock: Lock | None = None
+) -> Release:
     """Put the previous good version back in front of traffic and move the alias back."""
+    current = ledger.live(settings, spec.name, environment)
     earlier = ledger.previous_good(settings, spec.name, environment)
-    if earlier is None:
+    if current is None or earlier is None:
         raise DeployFailed(
             f"nothing to roll back to: the ledger has no earlier good version of {spec.name} in "
             f"{environment} (see `modelyard history {spec.name}`)"
         )
+    # Away from the version just looked at: a release that lands meanwhile is a conflict.
     return deploy(
         settings, spec, environment, earlier.version, progress, action="rollback",
-        reason=f"roll back to v{earlier.version}",
+        reason=f"roll back to v{earlier.version}", expected=current.version, lock=lock,
     )  # fmt: skip
 
 

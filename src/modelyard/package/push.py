@@ -167,13 +167,20 @@ def _push(
             message = str(event["error"])
             if "already exists" in message and "immutable" in message.lower():
                 return None
-            raise ImageError(f"pushing {repository}:{tag} failed: {message}")
+            raise ImageError(f"pushing {repository}:{tag} failed: {message}{_hint(message)}")
         layer, status = event.get("id"), event.get("status", "")
         if layer and status in ("Pushed", "Layer already exists") and layer not in done:
             done.add(layer)
             progress(f"push: layer {layer} {status.lower()}")
         digest = (event.get("aux") or {}).get("Digest", digest)
     return digest
+
+
+def _hint(message: str) -> str:
+    if "connection refused" in message or "no such host" in message or "timeout" in message:
+        return (" (the registry does not answer: is it running? `modelyard stack up registry` "
+                "starts the stack's; MODELYARD_IMAGE_REGISTRY names the one used)")  # fmt: skip
+    return ""
 
 
 def _ecr_digest(model: str, tag: str) -> str:
