@@ -10,6 +10,7 @@ champion it compares against can change between runs.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +36,9 @@ from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_
 from modelyard.spec import Spec, load_spec
 
 T = TypeVar("T")
+# The core's progress (wheelhouse, image steps, pushed layers) is INFO on the `modelyard` logger;
+# Prefect's root logger is at WARNING, which would drop it before the UI or the console saw it.
+logging.getLogger("modelyard").setLevel(logging.INFO)
 MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}
 
 

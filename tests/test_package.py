@@ -64,14 +64,27 @@ def test_verify_refuses_any_change(house: Built, tmp_path, mutate, message):
         bundles.verify(copy, bundles.parse_public_keys(house.public_key))
 
 
-def test_key_rotation_accepts_old_and_new(house: Built, tmp_path):
+def test_key_rotation_window_then_the_old_key_is_refused(house: Built, tmp_path):
+    """Rotate the signing key: before, only the old key is trusted; during the window both
+    (bundles of either verify, so every version stays deployable and rollback-able); after,
+    only the new one, and a bundle the old key signed is refused, as a revoked key must be."""
+    old_public = house.public_key
     new_key = bundles.load_or_create_key(tmp_path / "new.pem")
-    both = bundles.parse_public_keys(
-        f"{bundles.public_key_text(new_key.public_key())},{house.public_key}"
-    )
-    assert bundles.verify(house.bundle.path, both).key_id == json.loads(
-        (house.bundle.path / "manifest.json").read_text())["key_id"]  # fmt: skip
+    new_public = bundles.public_key_text(new_key.public_key())
     assert (tmp_path / "new.pem").stat().st_mode & 0o777 == 0o600
+    resigned = tmp_path / "resigned"
+    shutil.copytree(house.bundle.path, resigned)
+    bundles.seal(resigned, new_key)
+    before, window, after = (bundles.parse_public_keys(k) for k in
+                             (old_public, f"{old_public},{new_public}", new_public))  # fmt: skip
+    with pytest.raises(bundles.BundleError, match="does not verify with any trusted key"):
+        bundles.verify(resigned, before)
+    for bundle in (house.bundle.path, resigned):
+        assert bundles.verify(bundle, window).key_id == json.loads(
+            (bundle / "manifest.json").read_text())["key_id"]  # fmt: skip
+    assert bundles.verify(resigned, after)
+    with pytest.raises(bundles.BundleError, match="does not verify with any trusted key"):
+        bundles.verify(house.bundle.path, after)
 
 
 def test_perturbed_export_fails_parity_with_the_worst_rows(house: Built, tmp_path):

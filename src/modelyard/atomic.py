@@ -19,13 +19,15 @@ def create_private(path: Path, data: bytes) -> bool:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            try:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            except OSError as exc:  # name the file: a write error alone does not
-                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        try:  # unbuffered: no close-time flush can fail after the error below is raised
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError as exc:  # name the file: a write error alone does not
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        finally:
+            os.close(fd)
         try:
             os.link(partial, path)  # fails if it exists: never replaces another's file
         except FileExistsError:

@@ -328,12 +328,16 @@ def _waiting_runs(run_id: str | None, commit: str | None, models: list[str] | No
 
 def _answer(run_ids: list[str], approve: bool, comment: str) -> None:
     from modelyard.deploy.release import actor_name
+    from modelyard.registry import signed_in_user
 
     settings = get_settings()
     os.environ.update(settings.orchestrator_env())
     from flows.pipeline import answer_approval
 
-    actor = actor_name(settings)
+    try:  # signed in to MLflow: that identity, checked by its server, not a name from settings
+        actor = signed_in_user(settings) or actor_name(settings)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
     verb = "approved" if approve else "rejected"
     for run_id in run_ids:
         try:

@@ -97,6 +97,21 @@ class Settings(BaseSettings):
         default=None,
         description="Prometheus the monitor flow queries; default: the stack's when it runs.",
     )
+    mlflow_username: str | None = Field(
+        default=None,
+        description="MLflow user modelyard signs in as (basic auth); the admin the stack's "
+        "MLflow server is created with. Else MLFLOW_TRACKING_USERNAME.",
+    )
+    mlflow_password: SecretStr | None = Field(
+        default=None,
+        description="That user's password. With it set, `stack up` starts MLflow with its "
+        "basic-auth app. Else MLFLOW_TRACKING_PASSWORD.",
+    )
+    prefect_auth_string: SecretStr | None = Field(
+        default=None,
+        description="'user:password' for the Prefect API. With it set, `stack up` starts the "
+        "Prefect server requiring it. Else PREFECT_API_AUTH_STRING.",
+    )
     prefect_database_url: SecretStr | None = Field(
         default=None,
         description="Scale-out: the Prefect server's database, "
@@ -171,8 +186,19 @@ class Settings(BaseSettings):
             # PREFECT_HOME later shows every run in the UI.
             env["PREFECT_HOME"] = str(self.workspace_dir / "prefect")
         # Cached task results live in the workspace, next to the runs they belong to.
+        if self.prefect_auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.prefect_auth_string.get_secret_value()
         env["PREFECT_LOGGING_EXTRA_LOGGERS"] = "modelyard"  # core progress shows in the UI
         env["PREFECT_LOCAL_STORAGE_PATH"] = str(self.workspace_dir / "prefect" / "storage")
+        return env
+
+    def mlflow_credentials_env(self) -> dict[str, str]:
+        """The MLflow client reads basic-auth credentials from these variables only."""
+        env = {}
+        if self.mlflow_username:
+            env["MLFLOW_TRACKING_USERNAME"] = self.mlflow_username
+        if self.mlflow_password:
+            env["MLFLOW_TRACKING_PASSWORD"] = self.mlflow_password.get_secret_value()
         return env
 
 

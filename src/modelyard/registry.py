@@ -7,10 +7,12 @@ so stages can run in any thread or process the orchestrator chooses.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlflow
 import mlflow.sklearn
 import pandas as pd
@@ -41,9 +43,37 @@ class VersionInfo:
 
 def connect(settings: Settings) -> MlflowClient:
     disable_telemetry()
+    os.environ.update(settings.mlflow_credentials_env())
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
     return MlflowClient(settings.tracking_uri, settings.tracking_uri)
+
+
+def signed_in_user(settings: Settings) -> str | None:
+    """Who the MLflow server says we are, when it has its basic-auth app; else None.
+
+    Approvals use this rather than a name anyone can type: the server checked the password."""
+    uri = settings.tracking_uri
+    credentials = settings.mlflow_credentials_env()
+    user = credentials.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = credentials.get("MLFLOW_TRACKING_PASSWORD") or os.environ.get(
+        "MLFLOW_TRACKING_PASSWORD"
+    )
+    if not uri.startswith(("http://", "https://")) or not (user and password):
+        return None
+    try:
+        response = httpx.get(f"{uri.rstrip('/')}/api/2.0/mlflow/users/current",
+                             auth=(user, password), timeout=10)  # fmt: skip
+    except httpx.HTTPError as exc:
+        raise ModelyardError(f"MLflow at {uri} is unreachable: {exc}") from None
+    if response.status_code == 404:  # no auth app: nobody is signed in
+        return None
+    if response.status_code in (401, 403):
+        raise ModelyardError(
+            f"MLflow at {uri} refused the password of {user}: fix MODELYARD_MLFLOW_PASSWORD"
+        )
+    response.raise_for_status()
+    return str(response.json()["user"]["username"])
 
 
 def ensure_experiment(client: MlflowClient, name: str, settings: Settings) -> str:

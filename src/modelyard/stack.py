@@ -14,6 +14,7 @@ PostgreSQL and S3 are the scale-out settings (`MODELYARD_PREFECT_DATABASE_URL`,
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -93,6 +94,7 @@ def up(
     """
     services = _select(settings, names)
     _check_installed(services)
+    _check_auth(settings, services)
     if any(s.name == "mlflow" for s in services):
         ensure_bucket(settings.artifacts_destination)
     waiting: list[Service] = []  # ours, not answering yet: started now, or still starting
@@ -165,6 +167,8 @@ def _prefect(settings: Settings) -> Service:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
             settings.prefect_database_url.get_secret_value()
         )
+    if settings.prefect_auth_string:  # every API call then needs it; the UI asks for it once
+        env["PREFECT_SERVER_API_AUTH_STRING"] = settings.prefect_auth_string.get_secret_value()
     return Service(
         name="prefect",
         url=_url(settings, port),
@@ -190,26 +194,36 @@ def _mlflow(settings: Settings) -> Service:
     )
     artifacts = settings.artifacts_destination or str(settings.workspace_dir / "artifacts")
     port = settings.stack_mlflow_port
+    command = [
+        *_python_tool("mlflow"), "server", "--host", settings.stack_host, "--port", str(port),
+        "--artifacts-destination", artifacts, "--workers", "2",
+    ]  # fmt: skip
+    # The backend URI goes in the environment, not argv: a PostgreSQL password in argv would
+    # show in `ps` to every user of the machine. So do the auth app's credentials.
+    env = {"MLFLOW_BACKEND_STORE_URI": backend}
+    files = {}
+    if settings.mlflow_password:
+        command += ["--app-name", "basic-auth"]
+        config = stack_dir(settings) / "mlflow" / "auth.ini"
+        env |= {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            # Read when the user store is empty: the first start creates this admin.
+            "MLFLOW_AUTH_ADMIN_USERNAME": settings.mlflow_username or "admin",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": settings.mlflow_password.get_secret_value(),
+        }
+        files["auth.ini"] = _MLFLOW_AUTH.format(database=config.with_name("auth.db"))
     return Service(
-        name="mlflow",
-        url=_url(settings, port),
-        health="/health",
-        # The backend URI goes in the environment, not argv: a PostgreSQL password in argv
-        # would show in `ps` to every user of the machine.
-        command=[
-            *_python_tool("mlflow"),
-            "server",
-            "--host",
-            settings.stack_host,
-            "--port",
-            str(port),
-            "--artifacts-destination",
-            artifacts,
-            "--workers",
-            "2",
-        ],
-        env={"MLFLOW_BACKEND_STORE_URI": backend},
-    )
+        name="mlflow", url=_url(settings, port), health="/health", command=command, env=env,
+        files=files,
+    )  # fmt: skip
+
+
+# Teammates read every experiment and model; writing needs a grant (`mlflow` auth REST API).
+_MLFLOW_AUTH = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{database}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
 
 
 def _registry(settings: Settings) -> Service:
@@ -345,6 +359,29 @@ def _check_installed(services: list[Service]) -> None:
             f"not installed: {', '.join(s.command[0] for s in missing)}; install with "
             f"`make stack` or `apt-get install {packages}`"
         )
+
+
+def _check_auth(settings: Settings, services: list[Service]) -> None:
+    """Beyond loopback, anyone on the network reaches the stack: MLflow and Prefect then
+    must require sign-in."""
+    if ipaddress.ip_address(_resolved(settings.stack_host)).is_loopback:
+        return
+    needed = {"mlflow": "MODELYARD_MLFLOW_PASSWORD", "prefect": "MODELYARD_PREFECT_AUTH_STRING"}
+    configured = {"mlflow": settings.mlflow_password, "prefect": settings.prefect_auth_string}
+    missing = [needed[s.name] for s in services if s.name in needed and not configured[s.name]]
+    if missing:
+        raise StackError(
+            f"the stack would listen on {settings.stack_host} without sign-in: set "
+            f"{' and '.join(missing)} (see docs/security.md), or keep MODELYARD_STACK_HOST "
+            "on 127.0.0.1"
+        )
+
+
+def _resolved(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:  # unknown (an IPv6 literal too): count it as reachable from the network
+        return "0.0.0.0"
 
 
 def _check_port_free(service: Service) -> None:
