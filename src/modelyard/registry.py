@@ -89,7 +89,17 @@ def ensure_experiment(client: MlflowClient, name: str, settings: Settings) -> st
 
 
 def start_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
-    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    try:
+        return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    except MlflowException as exc:
+        if "error code 403" in str(exc) or "PERMISSION_DENIED" in str(exc):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+            raise ModelyardError(
+                f"MLflow refused {user} to write to experiment {experiment_id} (permission "
+                "denied): an MLflow admin grants EDIT on it, or sign in as a user who has it "
+                "(MODELYARD_MLFLOW_USERNAME)"
+            ) from None
+        raise
 
 
 def run_url(settings: Settings, experiment_id: str, run_id: str) -> str:

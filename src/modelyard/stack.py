@@ -14,6 +14,8 @@ PostgreSQL and S3 are the scale-out settings (`MODELYARD_PREFECT_DATABASE_URL`,
 from __future__ import annotations
 
 import contextlib
+import hmac
+import importlib.util
 import ipaddress
 import json
 import os
@@ -210,6 +212,11 @@ def _mlflow(settings: Settings) -> Service:
             # Read when the user store is empty: the first start creates this admin.
             "MLFLOW_AUTH_ADMIN_USERNAME": settings.mlflow_username or "admin",
             "MLFLOW_AUTH_ADMIN_PASSWORD": settings.mlflow_password.get_secret_value(),
+            # CSRF tokens must verify on every worker and across restarts: a stable key, derived
+            # (one-way) from the admin password so there is no extra secret to keep.
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": hmac.new(
+                settings.mlflow_password.get_secret_value().encode(), b"mlflow-csrf", "sha256"
+            ).hexdigest(),
         }
         files["auth.ini"] = _MLFLOW_AUTH.format(database=config.with_name("auth.db"))
     return Service(
@@ -352,6 +359,9 @@ def _select(settings: Settings, names: list[str] | None) -> list[Service]:
 
 
 def _check_installed(services: list[Service]) -> None:
+    signs_in = any("basic-auth" in s.command for s in services)
+    if signs_in and importlib.util.find_spec("flask_wtf") is None:
+        raise StackError("MLflow's sign-in needs Flask-WTF: pip install 'modelyard[team]'")
     missing = [s for s in services if shutil.which(s.command[0]) is None]
     if missing:
         packages = " ".join(PACKAGES[s.name] for s in missing)
