@@ -41,7 +41,7 @@ class PlaybookResult:
     status: str  # successful | failed | timeout | canceled
     rc: int
     failures: dict[str, str] = field(default_factory=dict)  # host -> why
-    touched: list[str] = field(default_factory=list)  # hosts a task ran on
+    touched: list[str] = field(default_factory=list)  # hosts a task ran on (reached hosts)
     scrape: dict[str, str] = field(default_factory=dict)  # host -> host:port of its /metrics
     stdout: Path | None = None
     events: Path | None = None
@@ -89,8 +89,10 @@ def run_playbook(
     progress: Progress,
     secrets: tuple[str, ...] = (),
     collections: Path | None = None,
+    limit: list[str] | None = None,
 ) -> PlaybookResult:
-    """Run `playbook` from ansible/ against `inventory`; never raises for a failed host."""
+    """Run `playbook` from ansible/ against `inventory` (only the `limit` hosts, if given);
+    never raises for a failed host."""
     import ansible_runner
     from ansible_runner.exceptions import AnsibleRunnerException
 
@@ -111,6 +113,7 @@ def run_playbook(
             extravars=extravars,
             envvars=ansible_env(collections),
             event_handler=on_event,
+            limit=",".join(limit) if limit else None,
             quiet=True,
             ident="run",
         )
@@ -127,7 +130,7 @@ def run_playbook(
     if result.status != "successful" and not result.failures:
         # Failed before any host did (bad inventory, syntax): say what Ansible said.
         result.failures["ansible"] = _tail(result.stdout)
-    elif not result.touched:
+    elif not result.touched and not result.failures:
         # Ansible calls a play with no hosts a success; a deploy to nowhere is not one.
         result.failures["ansible"] = f"no host in group model_hosts of {inventory}"
     _scrub(result, secrets)
@@ -148,15 +151,25 @@ def _note_event(event: dict[str, Any], result: PlaybookResult, progress: Progres
         return
     host, task = data.get("host", "?"), data.get("task", "")
     res = data.get("res", {}) or {}
-    if host not in result.touched:
-        result.touched.append(host)
+    if label != "UNREACHABLE" and host not in result.touched:
+        result.touched.append(host)  # an unreachable host was not changed by this task
     if kind == "runner_on_failed" and data.get("ignore_errors"):
         return
     if label != "ok":
-        result.failures[host] = str(res.get("msg") or res.get("stderr") or task)[:2000]
+        why = _why(res, task)
+        result.failures[host] = (f"unreachable: {why}" if label == "UNREACHABLE" else why)[:2000]
     elif not res.get("changed"):
         return  # unchanged checks would drown the changes
     progress(f"ansible: {host}: {task} → {label if label != 'ok' else 'changed'}")
+
+
+def _why(res: dict[str, Any], task: str) -> str:
+    """What went wrong; for a loop, the first item that went wrong (the loop's own message is
+    only 'All items completed')."""
+    for item in res.get("results") or []:
+        if isinstance(item, dict) and (item.get("failed") or item.get("unreachable")):
+            return str(item.get("msg") or item.get("stderr") or task)
+    return str(res.get("msg") or res.get("stderr") or task)
 
 
 def _tail(stdout: Path, lines: int = 6) -> str:

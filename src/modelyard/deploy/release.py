@@ -245,7 +245,13 @@ def _put_back(
     progress(f"rollout failed; putting {', '.join(failed.touched)} back on v{live.version}")
     tags = _version_tags(settings, spec.name, live.version)
     extravars = _extravars(settings, spec, where, live.version, tags, progress)
-    back = _run("rollback.yml", where, extravars, workdir / "revert", progress)
+    # Only the hosts the rollout reached: an unreachable one was not changed, and would fail
+    # the put-back of the others.
+    back = _run("rollback.yml", where, extravars, workdir / "revert", progress, failed.touched)
+    unreached = [h for h in failed.failures if h not in failed.touched and h != "ansible"]
+    if back.ok and unreached:
+        return (f" (every host it changed is back on v{live.version}; {', '.join(unreached)} "
+                "was not reached and not changed)")  # fmt: skip
     if back.ok:
         return f" (every host is back on v{live.version})"
     return (
@@ -260,12 +266,13 @@ def _run(
     extravars: dict[str, Any],
     workdir: Path,
     progress: Progress,
+    limit: list[str] | None = None,
 ) -> PlaybookResult:
     token = str(extravars["model_service_token"])
     # Each token of a rotation list on its own, too: any of them alone is a secret.
     secrets = (token, *(t.strip() for t in token.split(",") if t.strip()))
     return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=secrets,
-                        collections=where.collections)  # fmt: skip
+                        collections=where.collections, limit=limit)  # fmt: skip
 
 
 def _extravars(
