@@ -269,7 +269,9 @@ def test_a_failure_on_the_second_host_puts_every_host_back(registered, ssh_hosts
             restore_host(ssh_hosts, host_b)
     message = str(failed.value)
     assert "host-b: unreachable: " in message, message
-    assert "every host it changed is back on v1; host-b was not reached" in message, message
+    # Lost before its batch, host-b was never changed; lost during it, it could not be put back
+    # but never switched either. host-a is back on v1 either way.
+    assert "every host it changed is back on v1" in message or "host-a back on v1" in message
     assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
     assert MlflowClient().get_model_version_by_alias(spec.name, "fragile").version == "1"
     assert ledger.live(settings, spec.name, "fragile").version == "1"

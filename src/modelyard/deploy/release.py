@@ -254,6 +254,10 @@ def _put_back(
                 "was not reached and not changed)")  # fmt: skip
     if back.ok:
         return f" (every host is back on v{live.version})"
+    restored = [h for h in back.touched if h not in back.failures]
+    if restored:  # e.g. a host lost after the rollout reached it: the others are back
+        return (f" ({', '.join(restored)} back on v{live.version}; putting back failed for "
+                f"{back.reason()}; see docs/operations.md)")  # fmt: skip
     return (
         f" (putting hosts back on v{live.version} failed too: {back.reason()}; "
         "see docs/operations.md)"
