@@ -63,6 +63,16 @@ def test_a_team_stack_requires_sign_in_and_modelyard_signs_in(ads, tmp_path, whe
                              timeout=10).json()["model_versions"]  # fmt: skip
         assert [v["version"] for v in versions] == ["1"]
 
+        # Deployments and triggers sign in to Prefect with the settings' auth string too.
+        applied = _cli(signed_in, "pipelines", "apply", spec, "--pool", "team-pool")
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        started = _cli(signed_in, "trigger", "--commit", ads.head, "--branch", "main")
+        assert started.returncode == 0, started.stdout + started.stderr
+        queued = httpx.post(f"{prefect}/api/flow_runs/filter", headers=headers, timeout=10,
+                            json={"flow_runs": {"tags": {"all_": [f"commit:{ads.head}"]}}})  # fmt: skip
+        deployed = [r for r in queued.json() if r["deployment_id"]]  # not the CLI's own run
+        assert [r["parameters"]["commit"] for r in deployed] == [ads.head]
+
         # A teammate who may read but not write: the run stops at once, nothing is added.
         created = httpx.post(f"{mlflow}/api/2.0/mlflow/users/create", auth=(ADMIN, PASSWORD),
                              json={"username": "viewer", "password": SECRETS[2]}, timeout=10)  # fmt: skip

@@ -473,7 +473,7 @@ def pipelines_list() -> None:
     for column in ("deployment", "repository", "spec", "pool"):
         table.add_column(column)
     try:
-        found = deployments(PrefectApi(_prefect_url()))
+        found = deployments(PrefectApi(_prefect_url(), get_settings()))
     except ModelyardError as exc:
         raise _fail(exc) from None
     for d in found:

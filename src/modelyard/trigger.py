@@ -60,13 +60,15 @@ def require_server(settings: Settings) -> str:
 class PrefectApi:
     """The few REST calls triggers need, with Prefect's own auth settings."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, settings: Settings | None = None) -> None:
         headers = {}
+        configured = settings.prefect_auth_string if settings else None
+        auth = configured.get_secret_value() if configured else None
+        auth = auth or os.environ.get("PREFECT_API_AUTH_STRING")
         if os.environ.get("PREFECT_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['PREFECT_API_KEY']}"
-        elif os.environ.get("PREFECT_API_AUTH_STRING"):
-            token = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+        elif auth:
+            headers["Authorization"] = f"Basic {base64.b64encode(auth.encode()).decode()}"
         self.client = httpx.Client(base_url=url.rstrip("/") + "/", headers=headers, timeout=30)
 
     def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -111,7 +113,7 @@ def trigger(
     hook passes its path, a webhook the clone, SSH and web URLs); `key` makes the trigger
     idempotent: the same key never makes a second run (a redelivered webhook, a hook run twice).
     """
-    api = PrefectApi(require_server(settings))
+    api = PrefectApi(require_server(settings), settings)
     chosen = [
         d
         for d in deployments(api)
