@@ -469,13 +469,14 @@ def test_token_rotation_moves_traffic_without_a_failed_request(registered):
 
 
 def test_two_releases_at_once_move_the_alias_once(registered):
-    """v1 and v2 released to one environment at the same moment, both by callers that saw
+    """v1 and v2 released to one environment (its own: the module's other tests use staging)
+    at the same moment, both by callers that saw
     nothing serving: one rolls out, the other is refused at once and changes nothing; asked
     again later, it is refused for the move it missed. The ledger holds one record."""
     from modelyard.deploy.locks import ReleaseConflict
 
     port = free_ports(3)
-    spec = env_spec(registered, "race", {"staging": {"target": "local", "port": port}})
+    spec = env_spec(registered, "race", {"race": {"target": "local", "port": port}})
     settings = get_settings()
     started = threading.Barrier(2)
     outcomes: dict[str, object] = {}
@@ -483,7 +484,7 @@ def test_two_releases_at_once_move_the_alias_once(registered):
     def release_version(version: str) -> None:
         started.wait()
         try:
-            outcomes[version] = release.deploy(settings, spec, "staging", version, print,
+            outcomes[version] = release.deploy(settings, spec, "race", version, print,
                                                expected="")  # fmt: skip
         except ReleaseConflict as exc:
             outcomes[version] = exc
@@ -496,15 +497,15 @@ def test_two_releases_at_once_move_the_alias_once(registered):
     conflicts = {v: o for v, o in outcomes.items() if isinstance(o, ReleaseConflict)}
     assert len(outcomes) == 2 and len(conflicts) == 1, outcomes
     (loser, refusal), winner = next(iter(conflicts.items())), ({"1", "2"} - set(conflicts)).pop()
-    assert f"another release of {spec.name}/staging is in progress" in str(refusal)
+    assert f"another release of {spec.name}/race is in progress" in str(refusal)
     assert f"v{winner} by deploy-tests" in str(refusal)  # who holds it
     assert version_at(f"http://127.0.0.1:{port}") == winner
     client = MlflowClient()
-    assert client.get_model_version_by_alias(spec.name, "staging").version == winner
+    assert client.get_model_version_by_alias(spec.name, "race").version == winner
     # The loser tries again, still believing nothing serves: the move it missed is named.
     with pytest.raises(ReleaseConflict, match=f"moved from nothing to v{winner}"):
-        release.deploy(settings, spec, "staging", loser, print, expected="")
-    records = ledger.history(settings, spec.name, "staging")
+        release.deploy(settings, spec, "race", loser, print, expected="")
+    records = ledger.history(settings, spec.name, "race")
     assert [(r.version, r.outcome) for r in records] == [(winner, "succeeded")]
 
 
