@@ -141,7 +141,9 @@ def _environment(env: dict) -> dict:
 
 def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_path):
     env = ssh_env(ssh_hosts, tmp_path)
-    spec = env_spec(registered, "rollout", {"production": _environment(env)})
+    # Both hosts per batch: the other SSH tests cover one at a time (the default), and this one
+    # shows a batch of several switches without a dropped request too.
+    spec = env_spec(registered, "rollout", {"production": _environment(env) | {"batch": 2}})
     settings, progress = get_settings(), []
 
     first = release.deploy(settings, spec, "production", "1", progress.append)
