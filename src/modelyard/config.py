@@ -192,6 +192,22 @@ class Settings(BaseSettings):
         env["PREFECT_LOCAL_STORAGE_PATH"] = str(self.workspace_dir / "prefect" / "storage")
         return env
 
+    @property
+    def mlflow_credentials(self) -> tuple[str, str] | None:
+        """MLflow basic-auth user and password: the settings, else MLflow's own variables."""
+        user = self.mlflow_username or os.environ.get("MLFLOW_TRACKING_USERNAME")
+        configured = self.mlflow_password.get_secret_value() if self.mlflow_password else None
+        password = configured or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        return (user, password) if user and password else None
+
+    @property
+    def prefect_auth(self) -> str | None:
+        """'user:password' for the Prefect API: the setting, else PREFECT_API_AUTH_STRING."""
+        configured = (
+            self.prefect_auth_string.get_secret_value() if self.prefect_auth_string else None
+        )
+        return configured or os.environ.get("PREFECT_API_AUTH_STRING")
+
     def mlflow_credentials_env(self) -> dict[str, str]:
         """The MLflow client reads basic-auth credentials from these variables only."""
         env = {}

@@ -53,14 +53,10 @@ def signed_in_user(settings: Settings) -> str | None:
     """Who the MLflow server says we are, when it has its basic-auth app; else None.
 
     Approvals use this rather than a name anyone can type: the server checked the password."""
-    uri = settings.tracking_uri
-    credentials = settings.mlflow_credentials_env()
-    user = credentials.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = credentials.get("MLFLOW_TRACKING_PASSWORD") or os.environ.get(
-        "MLFLOW_TRACKING_PASSWORD"
-    )
-    if not uri.startswith(("http://", "https://")) or not (user and password):
+    uri, credentials = settings.tracking_uri, settings.mlflow_credentials
+    if not uri.startswith(("http://", "https://")) or credentials is None:
         return None
+    user, password = credentials
     try:
         response = httpx.get(f"{uri.rstrip('/')}/api/2.0/mlflow/users/current",
                              auth=(user, password), timeout=10)  # fmt: skip

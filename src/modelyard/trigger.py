@@ -60,11 +60,9 @@ def require_server(settings: Settings) -> str:
 class PrefectApi:
     """The few REST calls triggers need, with Prefect's own auth settings."""
 
-    def __init__(self, url: str, settings: Settings | None = None) -> None:
+    def __init__(self, url: str, settings: Settings) -> None:
         headers = {}
-        configured = settings.prefect_auth_string if settings else None
-        auth = configured.get_secret_value() if configured else None
-        auth = auth or os.environ.get("PREFECT_API_AUTH_STRING")
+        auth = settings.prefect_auth
         if os.environ.get("PREFECT_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['PREFECT_API_KEY']}"
         elif auth:
