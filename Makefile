@@ -8,7 +8,7 @@ export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
 BASE_IMAGE ?= modelyard/base:bookworm-py311
 DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo test lint format ui clean constraints engine bench java hosts stack
+.PHONY: install demo test fuzz lint format ui clean constraints engine bench java hosts stack
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Deb
 
 test: install lint engine hosts stack ## Every test: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest --durations=15
+
+# Property and schemathesis tests with FUZZ_SCALE times CI's example budgets and a fresh seed.
+FUZZ_SCALE ?= 20
+fuzz: install ## The fuzz tests, explored harder than CI does (a failure prints its seed)
+	MODELYARD_FUZZ_SCALE=$(FUZZ_SCALE) CI= $(BIN)/python -m pytest tests/test_fuzz.py
 
 bench: install engine hosts ## Serving vs `mlflow models serve`, lead time push → staging, a soak under load; updates docs/benchmarks.md
 	infra/scripts/ensure-packages.sh wrk:wrk

@@ -36,7 +36,7 @@ import httpx
 import yaml
 
 from bench.common import replace_section, stamp
-from modelyard.package.validate import free_port
+from modelyard.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).with_name("modelyard"))

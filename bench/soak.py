@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.common import replace_section, stamp
 from bench.serving import BIN, ROW, TOKEN, start, train, wait_ready, wrk
-from modelyard.package.validate import free_port
+from modelyard.ports import free_port
 from modelyard.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

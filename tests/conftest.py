@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -14,12 +15,55 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
 from modelyard.config import disable_telemetry
-from modelyard.package.validate import free_port
+from modelyard.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 disable_telemetry()
+
+# --- property tests: one verdict per commit in CI, exploration elsewhere ------------------------
+# CI (CI=true) derandomizes: every run of a commit draws the same examples, so a red build is the
+# commit's fault and a rerun reproduces it (`CI=true pytest ...`). Elsewhere each session draws a
+# fresh seed and prints it; `--hypothesis-seed=N` replays it. `make fuzz` multiplies budgets.
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],  # wall-clock: must not decide a verdict
+)  # fmt: skip
+settings.register_profile("explore", print_blob=True)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+settings.load_profile("ci" if IN_CI else "explore")
+FUZZ_SCALE = int(os.environ.get("MODELYARD_FUZZ_SCALE", "1"))
+
+
+def examples(ci_budget: int) -> int:
+    """A property's example budget: what CI affords, times MODELYARD_FUZZ_SCALE (`make fuzz`)."""
+    return ci_budget * FUZZ_SCALE
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Outside CI, a session seed chosen here (Hypothesis's plugin applies it), so that a
+    failure can name the seed that found it."""
+    if not IN_CI and config.getoption("hypothesis_seed") is None:
+        config.option.hypothesis_seed = str(random.SystemRandom().getrandbits(64))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if IN_CI:
+        return "hypothesis: derandomized (CI=true): every run draws the same examples"
+    return f"hypothesis: --hypothesis-seed={config.getoption('hypothesis_seed')}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and not IN_CI and item.get_closest_marker("hypothesis") is not None:
+        seed = item.config.getoption("hypothesis_seed")
+        report.sections.append(("hypothesis seed", f"Reproduce: pytest {item.nodeid} "
+                                                   f"--hypothesis-seed={seed}"))  # fmt: skip
 
 
 def wait_for(url: str, timeout: float = 90.0) -> None:

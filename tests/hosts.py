@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from modelyard.package.validate import free_port
+from modelyard.ports import free_port
 
 SSHD = "/usr/sbin/sshd"
 
@@ -132,31 +132,6 @@ def _wait_port(port: int, timeout: float = 15) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"sshd on port {port} did not start")
-
-
-_handed_out: set[int] = set()
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free loopback ports (a front door and its two slots).
-
-    Blocks handed out earlier are never handed out again, even before anything listens on them.
-    """
-    for _ in range(100):
-        block = range(first := free_port(), first + count)
-        if _handed_out.isdisjoint(block) and all(_free(p) for p in block[1:]):
-            _handed_out.update(block)
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 V2_ROW = {"inputs": [

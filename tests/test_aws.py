@@ -22,8 +22,9 @@ from mlflow import MlflowClient
 
 from modelyard.config import Settings
 from modelyard.package.push import push_image
+from modelyard.ports import free_ports
 from tests.conftest import ROOT, Project
-from tests.hosts import SshHosts, free_ports, start_ssh_hosts, stop_ssh_hosts
+from tests.hosts import SshHosts, start_ssh_hosts, stop_ssh_hosts
 from tests.test_deploy import _stop_services, version_at
 from tests.test_triggers import Stack
 

@@ -32,13 +32,13 @@ from flows.pipeline import pipeline
 from modelyard.config import get_settings
 from modelyard.deploy import ledger, release
 from modelyard.errors import DeployFailed, SpecError
+from modelyard.ports import free_ports
 from modelyard.spec import Spec, load_spec
 from tests.conftest import Project, run_cli
 from tests.hosts import (
     V2_ROW,
     LoadLoop,
     SshHosts,
-    free_ports,
     lose_host,
     restore_host,
     start_ssh_hosts,

@@ -138,7 +138,7 @@ def _our_engine() -> None:
 def test_engine_restart_registry_down_and_mlflow_lost_mid_run(servers, ads, tmp_path, monkeypatch):
     from modelyard import stack
     from modelyard.config import Settings
-    from modelyard.package.validate import free_port
+    from modelyard.ports import free_port
     from tests.conftest import MlflowServer
 
     _our_engine()

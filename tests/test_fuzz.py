@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from modelyard.errors import SpecError
@@ -22,9 +24,10 @@ from modelyard.serve import codecs
 from modelyard.serve.codecs import ClientError
 from modelyard.serve.runtime import Column
 from modelyard.spec import load_spec
-from tests.conftest import ROOT
+from tests.conftest import ROOT, examples
 from tests.serving import TOKEN, Built, Server, build_example
 
+MAX_ROWS, MAX_BODY_BYTES = 20, 8192
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "ad_clicks" / "modelyard.yaml").read_text())
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
@@ -43,40 +46,106 @@ def ads(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def server(ads: Built) -> Iterator[Server]:
+    # Limits low enough that generated bodies cross them, in both modes.
     server = Server(ads.bundle.path, ads.public_key, workers=1,
-                    MODELYARD_SERVE_MAX_ROWS="200").start()  # fmt: skip
+                    MODELYARD_SERVE_MAX_ROWS=str(MAX_ROWS),
+                    MODELYARD_SERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES)).start()  # fmt: skip
     yield server
     log = server.stop()
     assert "Traceback" not in log, log[-3000:]  # nothing the fuzzer sent crashed a handler
 
 
+def fuzz_config(document: dict[str, Any]) -> SchemathesisConfig:
+    """Schemathesis told what the document promises. Every request carries the valid token
+    through the security scheme, and no Authorization header is generated: a generated header
+    that the test then overwrote was once counted as the invalid part of a request that was sent
+    valid. (Schemathesis's `ignored_auth` check still sends each operation without the token and
+    expects the declared 401.) Per operation, invalid data must get one of the 4xx statuses that
+    operation declares."""
+    operations = [
+        {"include-path": path, "include-method": method.upper(),
+         "checks": {"negative_data_rejection": {"expected-statuses": declared_rejections(op)}}}
+        for path, methods in document["paths"].items() for method, op in methods.items()
+    ]  # fmt: skip
+    return SchemathesisConfig.from_dict(
+        {
+            "auth": {"openapi": {"bearer": {"bearer": TOKEN}}},
+            "operations": operations,
+            "generation": {"with-security-parameters": False},
+        }
+    )
+
+
+def declared_rejections(operation: dict[str, Any]) -> list[str]:
+    return sorted(status for status in operation["responses"] if status.startswith("4"))
+
+
+@pytest.mark.hypothesis  # its @given is inside: marked so a failure names the session's seed
 @pytest.mark.parametrize("mode", list(schemathesis.GenerationMode), ids=lambda m: m.value)
 def test_no_request_gets_a_server_error(server: Server, mode: Any) -> None:
     """Every operation of the document, with bodies that fit it (positive) and bodies that
-    break it (negative), with the token: a 2xx or a documented 4xx with a JSON error, never a
+    break it (negative): a 2xx or a 4xx the operation declares, with a JSON error, never a
     5xx, and every response as the document describes it. (Schema-valid bodies may still get a
     400 where JSON Schema cannot state the rule, such as equal column lengths or a CSV header,
     so schemathesis's positive-data check is off; invalid bodies must be rejected.)"""
-    api = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    api = schemathesis.openapi.from_dict(document, config=fuzz_config(document))
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) == 13  # both infer routes, MLflow, health, metadata, metrics
     for operation in operations:
         if mode is schemathesis.GenerationMode.NEGATIVE and not len(operation.body):
             continue  # a GET without parameters has no invalid form
 
-        @settings(max_examples=25, deadline=None, database=None,
+        @settings(max_examples=examples(25), deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case: Any) -> None:
-            case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance],
-                                   headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+            case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance])
 
         check()
 
 
-def test_openapi_document_describes_the_model(server: Server, ads: Built) -> None:
-    import httpx
+def test_row_and_byte_limits_are_declared_for_every_operation_that_enforces_them(
+    server: Server,
+) -> None:
+    """The limits the fuzzer checks against are the document's: every operation with a body
+    declares 413 and names both limits, and `dataframe_split`/`dataframe_records` carry the row
+    limit as `maxItems`."""
+    document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    with_body = {path: op["post"] for path, op in document["paths"].items() if "post" in op}
+    assert len(with_body) == 3
+    for path, operation in with_body.items():
+        assert "413" in declared_rejections(operation), path
+        description = operation["responses"]["413"]["description"]
+        assert f"{MAX_ROWS} rows" in description and f"{MAX_BODY_BYTES} bytes" in description, (
+            path,
+            description,
+        )
+    body = document["paths"]["/invocations"]["post"]["requestBody"]["content"]["application/json"]
+    shapes = body["schema"]["oneOf"]
+    assert shapes[0]["properties"]["dataframe_split"]["properties"]["data"]["maxItems"] == MAX_ROWS
+    assert all(shape["properties"][key]["maxItems"] == MAX_ROWS for shape in shapes[1:]
+               for key in shape["properties"])  # fmt: skip
 
+
+def test_a_request_over_either_limit_gets_the_documented_413(server: Server) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    row = [30.0, "female", 1.0, 2.0, 3.0, "mobile"]
+    rows = httpx.post(f"{server.url}/invocations", headers=auth, timeout=30,
+                      json={"dataframe_split": {"data": [row] * (MAX_ROWS + 1)}})  # fmt: skip
+    assert rows.status_code == 413, rows.text
+    assert rows.json()["error_code"] == "TOO_MANY_ROWS"
+    assert (
+        rows.json()["message"]
+        == f"{MAX_ROWS + 1} rows is more than the {MAX_ROWS} allowed per request"
+    )
+    big = httpx.post(f"{server.url}/invocations", headers=auth, timeout=30,
+                     content=b"[" + b" " * MAX_BODY_BYTES + b"]")  # fmt: skip
+    assert big.status_code == 413, big.text
+    assert big.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+
+
+def test_openapi_document_describes_the_model(server: Server, ads: Built) -> None:
     document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     name = ads.spec.name
     assert f"/v2/models/{name}/infer" in document["paths"]
@@ -95,7 +164,7 @@ SCHEMA = [Column("age", "numeric", True, None), Column("device", "categorical", 
                                                          frozenset({"desktop", "mobile"}))]  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(payload=JSON_VALUES, key=st.sampled_from([*codecs.MLFLOW_KEYS, "other"]))
 def test_codecs_answer_any_json_with_columns_or_a_client_error(payload: Any, key: str) -> None:
     for body in (json.dumps({key: payload}).encode(), json.dumps(payload).encode()):
@@ -121,7 +190,7 @@ SHAPED = st.one_of(
 )  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(payload=SHAPED)
 def test_codecs_validate_any_values_in_the_right_columns(payload: dict) -> None:
     """Bodies shaped like real requests, with arbitrary values where the schema's go: every
@@ -135,7 +204,7 @@ def test_codecs_validate_any_values_in_the_right_columns(payload: dict) -> None:
         assert exc.status in (400, 413) and exc.message
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(
     body=st.binary(max_size=64),
     content_type=st.sampled_from(["text/csv", "application/json", "text/plain", ""]),
@@ -168,7 +237,9 @@ PATHS = _paths(EXAMPLE)
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(where=st.sampled_from(PATHS), value=JSON_VALUES, drop=st.booleans())
 def test_spec_loader_reports_any_mutation_as_a_field_error(where: tuple, value: Any, drop: bool,
@@ -193,7 +264,9 @@ def test_spec_loader_reports_any_mutation_as_a_field_error(where: tuple, value: 
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(text=st.text(max_size=200))
 def test_spec_loader_reports_any_text_as_a_spec_error(text: str, tmp_path: Path) -> None:

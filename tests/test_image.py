@@ -12,7 +12,8 @@ import pytest
 from modelyard.config import Settings
 from modelyard.package.build import frame_columns
 from modelyard.package.image import build_image, docker_client
-from modelyard.package.validate import free_port, infra_validate
+from modelyard.package.validate import infra_validate
+from modelyard.ports import free_port
 from tests.serving import TOKEN, Built, build_example
 from tests.test_serve import AUTH, BAD, expected_values, sample, v2_request
 

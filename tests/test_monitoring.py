@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from modelyard.monitor.bins import categorical_bins, numeric_bins, psi
 from modelyard.monitor.drift import ordered_bins
+from modelyard.ports import free_ports
 from tests.conftest import ROOT, Project
-from tests.hosts import free_ports
 from tests.test_deploy import _stop_services
 from tests.test_triggers import Stack, wait_until
 

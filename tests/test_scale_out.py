@@ -18,7 +18,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from modelyard.package.validate import free_port
+from modelyard.ports import free_port
 from tests.conftest import Project
 from tests.test_triggers import Stack
 

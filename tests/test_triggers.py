@@ -16,10 +16,9 @@ import httpx
 import pytest
 
 from modelyard.config import Settings
-from modelyard.package.validate import free_port
+from modelyard.ports import free_port, free_ports
 from modelyard.webhook import sign
 from tests.conftest import Project
-from tests.hosts import free_ports
 from tests.test_deploy import _stop_services, version_at
 
 pytestmark = pytest.mark.docker

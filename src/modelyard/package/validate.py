@@ -9,7 +9,6 @@ as the bundle computes them on the host.
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -22,17 +21,12 @@ from modelyard.bundle import parse_public_keys, verify
 from modelyard.checks.report import Check, GateReport
 from modelyard.config import Settings
 from modelyard.package.image import Progress, docker_client
+from modelyard.ports import free_port
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Runtime
 
 READY_SECONDS = 60
 _RTOL = 1e-6  # same ONNX Runtime build on both sides: only float formatting may differ
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def infra_validate(

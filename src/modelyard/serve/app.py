@@ -241,7 +241,7 @@ class ServingApp:
     async def openapi_route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
         if self._openapi is None:  # built once: the schema never changes while serving
             self._openapi = orjson.dumps(
-                openapi.document(self.runtime, bool(self.tokens), self.max_rows)
+                openapi.document(self.runtime, bool(self.tokens), self.max_rows, self.max_body)
             )
         return 200, self._openapi, JSON
 

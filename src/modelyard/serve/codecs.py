@@ -22,15 +22,17 @@ MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
 class ClientError(Exception):
-    def __init__(self, message: str, field: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, field: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.status = status
+        self.code = code or _ERROR_CODES.get(status, "BAD_REQUEST")
 
     def body(self) -> bytes:
-        code = _ERROR_CODES.get(self.status, "BAD_REQUEST")
-        return orjson.dumps({"error_code": code, "message": self.message, "field": self.field})
+        return orjson.dumps({"error_code": self.code, "message": self.message, "field": self.field})
 
 
 _ERROR_CODES = {
@@ -244,7 +246,9 @@ def validate(columns: Columns, schema: list[Column], max_rows: int) -> tuple[Val
     if uneven:
         raise ClientError(f"columns differ in length: {lengths}", field=next(iter(uneven)))
     if n > max_rows:
-        raise ClientError(f"{n} rows is more than the {max_rows} allowed per request", status=413)
+        # 413 like an oversized body (the client must send less), told apart by its code.
+        raise ClientError(f"{n} rows is more than the {max_rows} allowed per request",
+                          status=413, code="TOO_MANY_ROWS")  # fmt: skip
     values = {
         c.name: (_numeric if c.kind == "numeric" else _categorical)(c, columns[c.name])
         for c in schema

@@ -4,7 +4,9 @@
 schemathesis from it. Input columns appear with their types, allowed categories, nullability
 and float32 range, exactly what the codecs enforce; couplings JSON Schema cannot state (columns
 of one request having equal lengths, a V2 tensor's shape matching its data) are in the
-descriptions and answered with a 400 naming the field.
+descriptions and answered with a 400 naming the field. Both request limits answer 413: the row
+limit is each row list's `maxItems`, the byte limit (which JSON Schema cannot state) is in the
+413 response's description.
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ JSON = "application/json"
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
-def document(runtime: Runtime, auth: bool, max_rows: int) -> dict[str, Any]:
+def document(runtime: Runtime, auth: bool, max_rows: int, max_body_bytes: int) -> dict[str, Any]:
     name = runtime.name
     columns = runtime.columns
     secured = [{"bearer": []}] if auth else []
+    rejections = _errors(max_rows, max_body_bytes)
+    infer = _v2_infer(columns, max_rows, secured, rejections)
     paths: dict[str, Any] = {
-        "/invocations": {"post": _invocations(columns, max_rows, secured)},
-        f"/v2/models/{name}/infer": {"post": _v2_infer(columns, secured)},
-        f"/v2/models/{name}/versions/{runtime.version}/infer": {
-            "post": _v2_infer(columns, secured)
-        },
+        "/invocations": {"post": _invocations(columns, max_rows, secured, rejections)},
+        f"/v2/models/{name}/infer": {"post": infer},
+        f"/v2/models/{name}/versions/{runtime.version}/infer": {"post": infer},
         "/health/live": {"get": _simple("The process is up", {"status": {"type": "string"}})},
         "/health/ready": {"get": _ready("The model is loaded and warmed up")},
         "/ping": {"get": _ready("MLflow's readiness route")},
@@ -91,7 +93,9 @@ def _value_schema(column: Column) -> dict[str, Any]:
     return schema
 
 
-def _invocations(columns: list[Column], max_rows: int, secured: list) -> dict[str, Any]:
+def _invocations(
+    columns: list[Column], max_rows: int, secured: list, rejections: dict[int, Any]
+) -> dict[str, Any]:
     names = [c.name for c in columns]
     record = {
         "type": "object",
@@ -137,12 +141,14 @@ def _invocations(columns: list[Column], max_rows: int, secured: list) -> dict[st
                 "type": "object", "required": ["predictions"],
                 "properties": {"predictions": {"type": "array", "items": {"type": "number"}}},
             }}}},
-            **_errors(400, 401, 413, 415),
+            **_pick(rejections, 400, 401, 413, 415),
         },
     }  # fmt: skip
 
 
-def _v2_infer(columns: list[Column], secured: list) -> dict[str, Any]:
+def _v2_infer(
+    columns: list[Column], max_rows: int, secured: list, rejections: dict[int, Any]
+) -> dict[str, Any]:
     tensor = {
         "type": "object",
         "required": ["name", "shape", "datatype", "data"],
@@ -151,7 +157,8 @@ def _v2_infer(columns: list[Column], secured: list) -> dict[str, Any]:
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
                       "minItems": 1, "maxItems": 2},
             "datatype": {"enum": ["FP32", "FP64", "INT32", "INT64", "BYTES"]},
-            "data": {"type": "array", "description": "shape's product of values"},
+            "data": {"type": "array", "maxItems": max_rows,
+                     "description": "shape's product of values, one per row"},
         },
     }  # fmt: skip
     request = {
@@ -181,7 +188,7 @@ def _v2_infer(columns: list[Column], secured: list) -> dict[str, Any]:
         "responses": {
             "200": {"description": "Named output tensors",
                     "content": {JSON: {"schema": response}}},
-            **_errors(400, 401, 413),
+            **_pick(rejections, 400, 401, 413),
         },
     }  # fmt: skip
 
@@ -200,9 +207,17 @@ def _ready(summary: str) -> dict[str, Any]:
     return operation
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    why = {400: "Bad input; `field` names it", 401: "Missing or wrong bearer token",
-           413: "Body or rows over the limit", 415: "Unsupported Content-Type"}  # fmt: skip
-    return {
-        str(s): {"description": why[s], "content": {JSON: {"schema": _ERROR}}} for s in statuses
+def _errors(max_rows: int, max_body_bytes: int) -> dict[int, Any]:
+    """Every client error the prediction routes answer, with the limits as configured."""
+    why = {
+        400: "Bad input; `field` names it",
+        401: "Missing or wrong bearer token",
+        413: f"More than {max_rows} rows (`TOO_MANY_ROWS`) or a body over {max_body_bytes} "
+        "bytes (`PAYLOAD_TOO_LARGE`): send fewer rows per request",
+        415: "Unsupported Content-Type",
     }
+    return {s: {"description": d, "content": {JSON: {"schema": _ERROR}}} for s, d in why.items()}
+
+
+def _pick(rejections: dict[int, Any], *statuses: int) -> dict[str, Any]:
+    return {str(s): rejections[s] for s in statuses}
