@@ -1,0 +1,25 @@
+"""Ports handed to servers: never the same one twice, never one an outgoing connection can take."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+from modelyard.ports import _ephemeral_start, free_port, free_ports
+
+
+def _draw(count: int) -> list[int]:
+    return [free_port() for _ in range(count)]
+
+
+def test_processes_drawing_at_once_never_share_a_port() -> None:
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        drawn = [port for batch in pool.map(_draw, [150] * 4) for port in batch]
+    assert len(set(drawn)) == len(drawn) == 600  # unreserved: a collision, p > 0.999
+    assert all(1024 < port < _ephemeral_start() for port in drawn)
+
+
+def test_a_block_is_consecutive_and_not_handed_out_again() -> None:
+    first = free_ports(3)
+    block = set(range(first, first + 3))
+    later = {start + offset for start in [free_ports(3) for _ in range(200)] for offset in range(3)}
+    assert block.isdisjoint(later)
