@@ -66,6 +66,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
                                                    f"--hypothesis-seed={seed}"))  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _process_state_put_back() -> Iterator[None]:
+    """What library code still writes process-wide (environment variables, MLflow's global
+    tracking and registry URIs) is put back after every test, so that no verdict depends on
+    which test ran before (two such leaks failed CI before: 52ee26b, af031e6)."""
+    from mlflow.tracking._model_registry import utils as registry_uri
+    from mlflow.tracking._tracking_service import utils as tracking_uri
+
+    environ = dict(os.environ)
+    uris = tracking_uri._tracking_uri, registry_uri._registry_uri
+    yield
+    if dict(os.environ) != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    tracking_uri._tracking_uri, registry_uri._registry_uri = uris
+
+
 def wait_for(url: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

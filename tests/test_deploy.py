@@ -218,7 +218,9 @@ def test_a_failure_on_the_second_host_puts_every_host_back(registered, ssh_hosts
     """Two failures on host-b after host-a switched: a failed health check, then host-b lost
     (its sshd and sessions killed) mid-rollout. Each time host-a goes back to v1 and the alias
     and the ledger's idea of what serves stay on v1."""
-    env = ssh_env(ssh_hosts, tmp_path, model_service_ready_timeout=8)
+    # Short enough that the blocked slot fails quickly, long enough that a healthy container
+    # on a busy machine is never taken for a failure.
+    env = ssh_env(ssh_hosts, tmp_path, model_service_ready_timeout=20)
     spec = env_spec(registered, "failing", {"fragile": _environment(env)})
     settings = get_settings()
     release.deploy(settings, spec, "fragile", "1", lambda _: None)

@@ -234,12 +234,14 @@ def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 PATHS = _paths(EXAMPLE)
+# The loaded profile's suppressions (too_slow under CI) kept where a test adds its own.
+PROFILE_SUPPRESSED = list(settings().suppress_health_check)
 
 
 @settings(
     max_examples=examples(150),
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=[*PROFILE_SUPPRESSED, HealthCheck.function_scoped_fixture],
 )
 @given(where=st.sampled_from(PATHS), value=JSON_VALUES, drop=st.booleans())
 def test_spec_loader_reports_any_mutation_as_a_field_error(where: tuple, value: Any, drop: bool,
@@ -266,7 +268,7 @@ def test_spec_loader_reports_any_mutation_as_a_field_error(where: tuple, value: 
 @settings(
     max_examples=examples(60),
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=[*PROFILE_SUPPRESSED, HealthCheck.function_scoped_fixture],
 )
 @given(text=st.text(max_size=200))
 def test_spec_loader_reports_any_text_as_a_spec_error(text: str, tmp_path: Path) -> None:

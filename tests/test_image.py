@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import httpx
 import pytest
@@ -14,6 +13,7 @@ from modelyard.package.build import frame_columns
 from modelyard.package.image import build_image, docker_client
 from modelyard.package.validate import infra_validate
 from modelyard.ports import free_port
+from tests.conftest import wait_for
 from tests.serving import TOKEN, Built, build_example
 from tests.test_serve import AUTH, BAD, expected_values, sample, v2_request
 
@@ -46,13 +46,13 @@ def container_url(settings: Settings, image):
                      "MODELYARD_SERVE_MAX_BODY_BYTES": "65536", "MODELYARD_SERVE_MAX_ROWS": "500"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    try:
+        wait_for(f"{url}/health/ready", timeout=120)
+    except TimeoutError:
+        container.reload()
+        logs = container.logs().decode(errors="replace")[-3000:]
+        container.remove(force=True)
+        pytest.fail(f"the container never became ready ({container.status}):\n{logs}")
     yield url
     container.remove(force=True)
 

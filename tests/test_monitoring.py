@@ -10,6 +10,7 @@ import json
 import math
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,8 +120,16 @@ def test_drift_fires_the_alert_and_retrains_once(stack, tmp_path):
     client.predict(reference[:1000])
     client.bad_requests()
     psi_now = f"max(modelyard:input_psi:15m{{{selector}}})"
-    calm = wait_until("a drift score for reference traffic",
-                      lambda: prometheus.values(psi_now), timeout=60)  # fmt: skip
+    # The score over all 1,000 rows, not over a scrape that landed mid-way (a PSI from a few
+    # hundred rows is noisy enough to cross 0.1 now and then).
+    rows = f"sum(modelyard_predicted_rows_total{{{selector}}})"
+    wait_until("Prometheus to scrape all reference rows",
+               lambda: (prometheus.values(rows) or [0.0])[0] >= 1000, timeout=60)  # fmt: skip
+    scraped = time.time()
+    scored = f"min(timestamp(modelyard:input_psi:15m{{{selector}}}))"
+    wait_until("a drift score over all of them",
+               lambda: (prometheus.values(scored) or [0.0])[0] > scraped, timeout=60)  # fmt: skip
+    calm = prometheus.values(psi_now)
     assert calm[0] < 0.1, f"reference traffic scored PSI {calm}"
     quiet = stack.cli("monitor", "--spec", spec, "--environment", "staging")
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr

@@ -63,10 +63,11 @@ def postgres() -> Iterator[tuple[int, Callable[..., str]]]:
         ).stdout.strip()  # fmt: skip
 
     try:
-        for _ in range(100):
-            if subprocess.run(_as_postgres([_pg_bin("pg_isready"), "-h", str(folder), "-p",
-                                            str(port)]), capture_output=True).returncode == 0:  # fmt: skip
-                break
+        deadline = time.monotonic() + 120
+        while subprocess.run(_as_postgres([_pg_bin("pg_isready"), "-h", str(folder), "-p",
+                                           str(port)]), capture_output=True).returncode != 0:  # fmt: skip
+            assert server.poll() is None, (folder / "log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "PostgreSQL not ready within 120 s"
             time.sleep(0.2)
         psql(f"CREATE ROLE modelyard LOGIN PASSWORD '{PASSWORD}'")
         for database in ("prefect", "mlflow"):

@@ -206,18 +206,51 @@ def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_metrics_count_requests_predictions_and_never_a_500(ads_server):
+COUNTED = ('modelyard_requests_total{route="/invocations",status="200"}',
+           "modelyard_prediction_count", "modelyard_predicted_rows_total",
+           'modelyard_request_duration_seconds_count{route="/invocations"}')  # fmt: skip
+
+
+def metrics_when(url: str, done: object, timeout: float = 60) -> str:
+    """/metrics once `done(text)` holds. A worker folds its tallies in `FLUSH_SECONDS` after its
+    first unflushed request; a fixed sleep would bet that a busy machine runs that timer on time."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics").text
+        if done(text):  # type: ignore[operator]
+            return text
+        time.sleep(0.2)
+    raise TimeoutError(f"/metrics never showed what was expected within {timeout} s")
+
+
+def settled_metrics(url: str) -> str:
+    """/metrics once the request counters stand still over two flush periods."""
     import time
 
     from modelyard.serve.metrics import FLUSH_SECONDS
 
-    ok = 'modelyard_requests_total{route="/invocations",status="200"}'
-    time.sleep(FLUSH_SECONDS + 0.5)  # earlier tests' tallies are folded in before the baseline
-    before = httpx.get(f"{ads_server.url}/metrics").text
+    previous: list[float] = []
+
+    def still(text: str) -> bool:
+        counts = [_metric(text, name) for name in COUNTED]
+        if counts == previous:
+            return True
+        previous[:] = counts
+        time.sleep(2 * FLUSH_SECONDS)
+        return False
+
+    return metrics_when(url, still)
+
+
+def test_metrics_count_requests_predictions_and_never_a_500(ads_server):
+    ok = COUNTED[0]
+    before = settled_metrics(ads_server.url)  # earlier tests' tallies are in the baseline
     for _ in range(7):
         httpx.post(f"{ads_server.url}/invocations", json=_record(), headers=AUTH)
-    time.sleep(FLUSH_SECONDS + 0.5)  # both workers have folded their tallies in by now
-    text = httpx.get(f"{ads_server.url}/metrics").text
+    metrics_when(ads_server.url, lambda text: _metric(text, ok) - _metric(before, ok) >= 7)
+    text = settled_metrics(ads_server.url)  # both workers have folded this test's tallies in
     assert _metric(text, ok) - _metric(before, ok) == 7
     assert (
         _metric(text, "modelyard_prediction_count") - _metric(before, "modelyard_prediction_count")
@@ -228,7 +261,7 @@ def test_metrics_count_requests_predictions_and_never_a_500(ads_server):
         - _metric(before, "modelyard_predicted_rows_total")
         == 7
     )
-    latency = 'modelyard_request_duration_seconds_count{route="/invocations"}'
+    latency = COUNTED[3]
     assert _metric(text, latency) - _metric(before, latency) >= 7
     assert (
         'modelyard_model_info{bundle_digest="' in text and 'model="ad_clicks",version="7"' in text
