@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import re
 from pathlib import Path
@@ -98,7 +99,7 @@ class Estimator(_Strict):
     def _importable_with_params(self) -> Estimator:
         cls = resolve_estimator(self.class_)
         unknown = sorted(set(self.params) - set(cls().get_params(deep=False)))
-        if unknown:
+        if unknown and not _takes_any_keyword(cls):  # LightGBM and XGBoost pass extras on
             allowed = ", ".join(sorted(cls().get_params(deep=False)))
             raise ValueError(f"{self.class_} has no parameter(s) {unknown}; it accepts: {allowed}")
         try:
@@ -380,6 +381,7 @@ class Spec(_Strict):
             raise ValueError(f"features: duplicate names {duplicates}")
         if self.target in names:
             raise ValueError(f"target {self.target!r} is also listed as a feature; remove it there")
+        _check_estimator_task(self.estimator, self.task)
         for metric in self.gates.metrics:
             _check_metric(f"gates.metrics.{metric}", metric, self.task)
         for i, sl in enumerate(self.behaviour.slices):
@@ -433,6 +435,28 @@ class Spec(_Strict):
     def training_digest(self) -> str:
         """What the fitted model depends on; the train stage's cache is keyed on it."""
         return self.digest("task", "dataset", "features", "target", "estimator", "split")
+
+
+def _takes_any_keyword(cls: type) -> bool:
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _check_estimator_task(estimator: Estimator, task: str) -> None:
+    from sklearn.base import is_classifier, is_regressor
+
+    instance = resolve_estimator(estimator.class_)(**estimator.params)
+    name = estimator.class_.rpartition(".")[2]
+    if task == "regression" and not is_regressor(instance):
+        raise ValueError(f"estimator.class: {name} is not a regressor; task is {task}")
+    if task != "regression" and not is_classifier(instance):
+        raise ValueError(f"estimator.class: {name} is not a classifier; task is {task}")
+    if task != "regression" and not hasattr(instance, "predict_proba"):
+        raise ValueError(
+            f"estimator: {name} with these params gives no probabilities (predict_proba), which "
+            "the gates and serving need; for SVC set params.probability: true, for "
+            "SGDClassifier params.loss: log_loss or modified_huber"
+        )
 
 
 def _check_metric(field: str, metric: str, task: str) -> None:

@@ -11,6 +11,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from modelyard import estimators
 from modelyard.data import Splits, features_of
 from modelyard.evaluation import compute_metrics, scores
 from modelyard.spec import Spec, resolve_estimator
@@ -26,20 +27,16 @@ class TrainResult:
 
 
 def build_pipeline(spec: Spec) -> Pipeline:
-    """Impute, scale numerics and one-hot categoricals (unknown levels ignored), then estimate."""
+    """Impute (and, where the estimator needs it, scale) numerics and one-hot categoricals
+    (unknown levels ignored), then estimate."""
     numeric = [f.name for f in spec.features if f.type == "numeric"]
     categorical = [f.name for f in spec.features if f.type == "categorical"]
     transformers = []
     if numeric:
-        transformers.append(
-            (
-                "numeric",
-                Pipeline(
-                    [("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]
-                ),
-                numeric,
-            )
-        )
+        steps = [("impute", SimpleImputer(strategy="median"))]
+        if estimators.scaled(spec.estimator.class_):  # trees compare raw values (see estimators)
+            steps.append(("scale", StandardScaler()))
+        transformers.append(("numeric", Pipeline(steps), numeric))
     if categorical:
         transformers.append(
             (
@@ -55,6 +52,7 @@ def build_pipeline(spec: Spec) -> Pipeline:
 
 
 def fit_and_evaluate(spec: Spec, splits: Splits) -> TrainResult:
+    estimators.require_exportable(spec.estimator.class_, spec.task)
     model = build_pipeline(spec)
     started = time.perf_counter()
     model.fit(features_of(splits.train, spec), splits.train[spec.target].to_numpy())

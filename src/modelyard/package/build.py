@@ -24,7 +24,7 @@ from modelyard.config import Settings
 from modelyard.data import features_of
 from modelyard.evaluation import scores
 from modelyard.monitor import bins as drift_bins
-from modelyard.package.onnx import export_onnx
+from modelyard.package.onnx import export_onnx, onnx_input_names
 from modelyard.package.parity import ParityError, ParityReport, compare
 from modelyard.package.pmml import export_pmml, prove_pmml
 from modelyard.serve import codecs
@@ -59,17 +59,20 @@ def trusted_keys(settings: Settings) -> str:
     return ",".join(k for k in (settings.trusted_keys, own) if k)
 
 
-def schema_of(spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray) -> dict[str, Any]:
+def schema_of(
+    spec: Spec, onnx_names: list[str], eval_frame: pd.DataFrame, eval_scores: np.ndarray
+) -> dict[str, Any]:
     inputs = [
         {
             "name": f.name,
+            "onnx_name": onnx_name,
             "type": f.type,
             "nullable": f.max_missing > 0,
             "categories": f.categories,
             "min": f.min,
             "max": f.max,
         }
-        for f in spec.features
+        for f, onnx_name in zip(spec.features, onnx_names, strict=True)
     ]
     quantiles = (
         np.quantile(eval_scores, np.linspace(0.05, 0.95, 10)) if spec.task == "regression" else []
@@ -152,7 +155,10 @@ def seal_bundle(
     (folder / "model.onnx").write_bytes(onnx_bytes)
     if pmml_bytes is not None:
         (folder / "model.pmml").write_bytes(pmml_bytes)
-    _write_json(folder / "schema.json", schema_of(spec, eval_frame, expected))
+    _write_json(
+        folder / "schema.json",
+        schema_of(spec, onnx_input_names(onnx_bytes), eval_frame, expected),
+    )
     _write_json(
         folder / "metadata.json",
         {

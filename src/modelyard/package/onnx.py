@@ -1,15 +1,22 @@
 """Export the fitted Pipeline to ONNX with skl2onnx.
 
-Numeric inputs are float32 (ONNX Runtime's ML operators, the imputer among them, run in float32);
-categorical inputs are strings. Classifiers export labels and a plain probability matrix
-(no ZipMap), which is what the serving runtime reads.
+Numeric inputs are float64 and categorical inputs strings, one (n, 1) input per feature, in the
+spec's order. `package.precision` then makes the graph compute as scikit-learn does (float64
+throughout, trees comparing as the estimator compares). ONNX names must be identifiers, so
+skl2onnx renames a column such as `mean radius`; the bundle's schema maps every column to its
+graph input (`onnx_input_names`), and requests keep the column's own name. Classifiers export
+labels and a plain probability matrix (no ZipMap), which is what the serving runtime reads.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import onnx
+
 from modelyard.errors import ModelyardError
+from modelyard.package import converters
+from modelyard.package.precision import compares_in_float32, in_float64
 from modelyard.spec import Spec
 
 TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
@@ -21,25 +28,28 @@ class ExportError(ModelyardError):
 
 def export_onnx(model: Any, spec: Spec) -> bytes:
     from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+    from skl2onnx.common.data_types import DoubleTensorType, StringTensorType
 
-    inputs = [
-        (f.name, FloatTensorType([None, 1]) if f.type == "numeric" else StringTensorType([None, 1]))
-        for f in spec.features
-    ]
+    kinds = {"numeric": DoubleTensorType, "categorical": StringTensorType}
+    inputs = [(f.name, kinds[f.type]([None, 1])) for f in spec.features]
+    converters.register()
     estimator = model.steps[-1][1]
-    options = {id(estimator): {"zipmap": False}} if spec.task == "binary_classification" else None
+    options = {id(estimator): {"zipmap": False}} if spec.task != "regression" else None
     try:
         graph = convert_sklearn(
             model, initial_types=inputs, options=options, target_opset=TARGET_OPSET
         )
-    except (
-        Exception
-    ) as exc:  # skl2onnx raises RuntimeError, NotImplementedError, MissingShapeCalculator...
+    except Exception as exc:  # skl2onnx raises RuntimeError, NotImplementedError, MissingShape...
         raise ExportError(
             f"cannot export estimator {spec.estimator.class_} to ONNX "
             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}). "
-            "Serving needs ONNX: pick an estimator skl2onnx supports "
-            "(https://onnx.ai/sklearn-onnx/supported.html) or register a converter for it."
+            "Serving needs ONNX: pick an estimator from docs/models.md or register a converter "
+            "for it with skl2onnx."
         ) from exc
-    return graph.SerializeToString()
+    exact = in_float64(graph, compares_in_float32(estimator), converters.fitted_trees(estimator))
+    return exact.SerializeToString()
+
+
+def onnx_input_names(onnx_bytes: bytes) -> list[str]:
+    """The graph's inputs in order: one per feature, in the spec's order."""
+    return [i.name for i in onnx.load_from_string(onnx_bytes).graph.input]

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 import orjson
 
 from modelyard.serve import codecs, openapi
@@ -26,6 +27,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 log = logging.getLogger("modelyard.serve")
 JSON = [(b"content-type", b"application/json")]
+_V2_TYPES = {"float32": "FP32", "float64": "FP64"}
 
 
 class ServingApp:
@@ -215,7 +217,7 @@ class ServingApp:
         inputs = [
             {
                 "name": c.name,
-                "datatype": "FP32" if c.kind == "numeric" else "BYTES",
+                "datatype": _V2_TYPES.get(np.dtype(c.dtype).name, "BYTES"),
                 "shape": [-1, 1],
             }
             for c in self.runtime.columns

@@ -258,12 +258,7 @@ def validate(columns: Columns, schema: list[Column], max_rows: int) -> tuple[Val
 
 def to_arrays(values: Values, schema: list[Column]) -> dict[str, np.ndarray]:
     """ONNX Runtime's feeds: an (n, 1) array per input, built once per batch, not per request."""
-    return {
-        c.name: np.asarray(
-            values[c.name], dtype=np.float32 if c.kind == "numeric" else object
-        ).reshape(-1, 1)
-        for c in schema
-    }
+    return {c.feed: np.asarray(values[c.name], dtype=c.dtype).reshape(-1, 1) for c in schema}
 
 
 def _missing(column: Column, row: int) -> ClientError:

@@ -13,10 +13,20 @@ from modelyard.bundle import VerifiedBundle
 
 @dataclass(frozen=True)
 class Column:
-    name: str
+    name: str  # as requests name it: the dataset's column name, whatever characters it has
     kind: str  # "numeric" | "categorical"
     nullable: bool
     categories: frozenset[str] | None
+    onnx_name: str = ""  # the graph input it feeds (ONNX names are sanitised); "" means `name`
+    number_type: Any = np.float32  # a numeric input's element type, as the graph declares it
+
+    @property
+    def feed(self) -> str:
+        return self.onnx_name or self.name
+
+    @property
+    def dtype(self) -> Any:
+        return self.number_type if self.kind == "numeric" else object
 
 
 class Prediction(NamedTuple):
@@ -33,18 +43,11 @@ class Runtime:
         self.metadata = bundle.read_json("metadata.json")
         self.digest = bundle.digest
         self.task: str = self.schema["task"]
-        self.columns = [
-            Column(
-                name=c["name"],
-                kind=c["type"],
-                nullable=c["nullable"],
-                categories=frozenset(c["categories"]) if c.get("categories") else None,
-            )
-            for c in self.schema["inputs"]
-        ]
         self.session = ort.InferenceSession(
             str(bundle.path / "model.onnx"), _session_options(), providers=["CPUExecutionProvider"]
         )
+        graph_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.columns = [_column(entry, graph_types) for entry in self.schema["inputs"]]
 
     @property
     def name(self) -> str:
@@ -55,7 +58,8 @@ class Runtime:
         return str(self.metadata["model_version"])
 
     def predict(self, feeds: dict[str, np.ndarray]) -> Prediction:
-        """`feeds`: an (n, 1) array per input: float32 for numeric, str objects for categorical."""
+        """`feeds`: an (n, 1) array per graph input: numbers as the graph declares them (float64
+        in current bundles, float32 in older ones), str objects for categorical."""
         outputs = self.session.run(None, feeds)
         if self.task == "regression":
             return Prediction(values=outputs[0].reshape(-1).astype(np.float64), probabilities=None)
@@ -63,6 +67,21 @@ class Runtime:
         return Prediction(
             values=outputs[0].reshape(-1).astype(np.int64), probabilities=probabilities
         )
+
+
+_NUMBER_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}
+
+
+def _column(entry: dict[str, Any], graph_types: dict[str, str]) -> Column:
+    feed = entry.get("onnx_name", entry["name"])  # older bundles named inputs as columns
+    return Column(
+        name=entry["name"],
+        kind=entry["type"],
+        nullable=entry["nullable"],
+        categories=frozenset(entry["categories"]) if entry.get("categories") else None,
+        onnx_name=feed,
+        number_type=_NUMBER_TYPES.get(graph_types.get(feed, ""), np.float32),
+    )
 
 
 def _session_options() -> Any:

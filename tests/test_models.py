@@ -1,0 +1,127 @@
+"""Conformance: every estimator of the matrix, for every task it takes, on generated data whose
+column names are as awkward as real datasets' (spaces, dots, dashes, unicode, leading digits,
+Python keywords, names that collide once sanitised): fit, export to ONNX, seal a signed bundle,
+prove parity on the whole evaluation split through the serving code, and answer both protocols
+from the real ASGI app. In-process: no Docker, no servers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from modelyard import estimators
+from modelyard.bundle import load_or_create_key, parse_public_keys, verify
+from modelyard.data import Splits, split
+from modelyard.package.build import build_bundle, frame_columns
+from modelyard.serve.app import ServingApp
+from modelyard.serve.runtime import Runtime
+from modelyard.spec import Spec
+from modelyard.train import fit_and_evaluate
+
+# Two pairs collide once sanitised ('a b'/'a_b', 'x-y'/'x.y'); 'narrow band' holds values closer
+# together than float32 can tell apart, where a tree's thresholds must be compared exactly.
+NUMERIC = ["mean radius", "a b", "a_b", "x-y", "x.y", "1st", "class", "narrow band", "naïve é"]
+CATEGORICAL = ["lambda", "Ünïcode 名前"]
+SMALL = {"n_estimators": 15}  # ensembles: enough trees to matter, few enough to stay quick
+PARAMS: dict[str, dict[str, Any]] = {
+    "RandomForestRegressor": SMALL, "RandomForestClassifier": SMALL,
+    "ExtraTreesRegressor": SMALL, "ExtraTreesClassifier": SMALL,
+    "GradientBoostingRegressor": SMALL, "GradientBoostingClassifier": SMALL,
+    "HistGradientBoostingRegressor": {"max_iter": 15},
+    "HistGradientBoostingClassifier": {"max_iter": 15},
+    "XGBRegressor": SMALL, "XGBClassifier": SMALL, "LGBMRegressor": SMALL | {"verbose": -1},
+    "LGBMClassifier": SMALL | {"verbose": -1},
+    "SVC": {"probability": True, "random_state": 0}, "SGDClassifier": {"loss": "log_loss"},
+    "MLPRegressor": {"max_iter": 300, "random_state": 0},
+    "MLPClassifier": {"max_iter": 300, "random_state": 0},
+}  # fmt: skip
+CASES = [(s, task) for s in estimators.MATRIX for task in s.tasks]
+
+
+def generate(rows: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({name: rng.normal(0, 1, rows) * 10 ** (i % 4) for i, name in
+                          enumerate(NUMERIC)})  # fmt: skip
+    frame["narrow band"] = 1000 + rng.random(rows) * 1e-3  # 6e-5 apart in float32
+    frame.loc[rng.random(rows) < 0.05, "mean radius"] = np.nan
+    frame["lambda"] = rng.choice(["red", "green", "blue"], rows)
+    frame["Ünïcode 名前"] = rng.choice(["α", "β"], rows)
+    signal = (
+        frame["mean radius"].fillna(0) + 0.5 * frame["a b"] - 0.01 * frame["x.y"]
+        + (frame["narrow band"] - 1000) * 2000 + (frame["lambda"] == "red")
+    )  # fmt: skip
+    frame["target"] = signal + rng.normal(0, 0.3, rows)
+    return frame
+
+
+def spec_for(supported: estimators.Supported, task: str) -> Spec:
+    features = [{"name": n, "type": "numeric", "max_missing": 0.1} for n in NUMERIC]
+    features += [{"name": n, "type": "categorical"} for n in CATEGORICAL]
+    return Spec.model_validate({
+        "name": f"conformance-{supported.name.lower()}", "task": task,
+        "dataset": {"generator": "data:generate"}, "features": features, "target": "target",
+        "estimator": {"class": supported.path, "params": PARAMS.get(supported.name, {})},
+        "gates": {"champion": {"enabled": False}},
+    })  # fmt: skip
+
+
+def splits_for(spec: Spec) -> Splits:
+    frame = generate(600, seed=7)
+    if spec.task != "regression":
+        frame["target"] = (frame["target"] > frame["target"].median()).astype(float)
+    return split(frame, spec)
+
+
+@pytest.mark.parametrize(("supported", "task"), CASES, ids=[f"{s.name}-{t}" for s, t in CASES])
+def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) -> None:
+    if supported.extra:
+        pytest.importorskip(supported.path.partition(".")[0])
+    spec = spec_for(supported, task)
+    splits = splits_for(spec)
+    trained = fit_and_evaluate(spec, splits)
+    key = load_or_create_key(tmp_path / "signing.pem")
+    built = build_bundle(spec, trained.model, splits.eval, tmp_path, key,
+                         {"model_version": "1", "git_commit": "0" * 40})  # fmt: skip
+    assert built.parity.passed and built.parity.rows == len(splits.eval)
+    runtime = Runtime(verify(built.path, parse_public_keys(_public(key))))
+    assert [c.name for c in runtime.columns] == spec.feature_names  # requests keep the names
+    rows = splits.eval.loc[:, spec.feature_names].head(20)
+    mlflow, v2 = asyncio.run(_ask(ServingApp(runtime), rows))
+    expected = trained.eval_scores[:20]
+    if task == "regression":
+        np.testing.assert_allclose(mlflow["predictions"], expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert mlflow["predictions"] == [int(p >= 0.5) for p in expected] or _near_half(expected)
+        proba = next(o for o in v2["outputs"] if o["name"] == "predict_proba")["data"]
+        np.testing.assert_allclose(proba[1::2], expected, rtol=1e-5, atol=1e-5)
+
+
+async def _ask(app: ServingApp, rows: pd.DataFrame) -> tuple[dict, dict]:
+    columns = frame_columns(rows)
+    v2_inputs = [{"name": name, "shape": [len(values)], "data": values,
+                  "datatype": "BYTES" if name in CATEGORICAL else "FP64"}
+                 for name, values in columns.items()]  # fmt: skip
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        mlflow = await client.post("/invocations", json={"dataframe_records": rows.replace(
+            {np.nan: None}).to_dict("records")})  # fmt: skip
+        v2 = await client.post(f"/v2/models/{app.runtime.name}/infer", json={"inputs": v2_inputs})
+    assert mlflow.status_code == 200, mlflow.text
+    assert v2.status_code == 200, v2.text
+    return mlflow.json(), v2.json()
+
+
+def _near_half(probabilities: np.ndarray) -> bool:
+    return bool(np.any(np.abs(probabilities - 0.5) < 1e-6))
+
+
+def _public(key: Any) -> str:
+    from modelyard.bundle import public_key_text
+
+    return public_key_text(key.public_key())
