@@ -19,6 +19,8 @@ from modelyard import estimators
 from modelyard.bundle import load_or_create_key, parse_public_keys, verify
 from modelyard.data import Splits, split
 from modelyard.package.build import build_bundle, frame_columns
+from modelyard.package.onnx import ExportError
+from modelyard.package.pmml import export_pmml, pmml_for, prove_pmml
 from modelyard.serve.app import ServingApp
 from modelyard.serve.runtime import Runtime
 from modelyard.spec import Spec
@@ -100,6 +102,27 @@ def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) ->
         assert mlflow["predictions"] == [int(p >= 0.5) for p in expected] or _near_half(expected)
         proba = next(o for o in v2["outputs"] if o["name"] == "predict_proba")["data"]
         np.testing.assert_allclose(proba[1::2], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("supported", "task"), CASES, ids=[f"{s.name}-{t}" for s, t in CASES])
+def test_pmml_reproduces_the_scores_or_is_skipped_for_a_stated_reason(supported, task) -> None:
+    """Where JPMML cannot reproduce an estimator's scores the matrix says why, and that is
+    checked too: a stale reason (JPMML learnt it since) fails here."""
+    if supported.extra:
+        pytest.importorskip(supported.path.partition(".")[0])
+    spec = spec_for(supported, task)
+    spec = spec.model_copy(update={"package": spec.package.model_copy(update={"pmml": True})})
+    splits = splits_for(spec)
+    trained = fit_and_evaluate(spec, splits)
+    pmml, skipped = pmml_for(trained.model, spec)
+    if supported.no_pmml is None:
+        assert skipped is None and pmml is not None
+        report = prove_pmml(pmml, spec, splits.eval, trained.eval_scores)
+        assert report.passed, report.describe()
+        return
+    assert pmml is None and skipped is not None and supported.no_pmml in skipped
+    with pytest.raises(ExportError, match="gives no probability of class 1"):
+        prove_pmml(export_pmml(trained.model, spec), spec, splits.eval, trained.eval_scores)
 
 
 async def _ask(app: ServingApp, rows: pd.DataFrame) -> tuple[dict, dict]:

@@ -26,6 +26,7 @@ class Supported:
     tasks: tuple[str, ...]
     family: str  # linear | tree | boosting | kernel | neighbours | neural
     extra: str | None = None  # the pip extra that installs it
+    no_pmml: str | None = None  # why a PMML export cannot reproduce its scores, if it cannot
 
     @property
     def scaled(self) -> bool:
@@ -56,8 +57,23 @@ MATRIX: tuple[Supported, ...] = (
     *_pair("sklearn.ensemble", "GradientBoosting", "boosting"),
     *_pair("sklearn.ensemble", "HistGradientBoosting", "boosting"),
     Supported("sklearn.svm.SVR", REGRESSION, "kernel"),
-    Supported("sklearn.svm.SVC", CLASSIFICATION, "kernel"),
-    *_pair("sklearn.neighbors", "KNeighbors", "neighbours"),
+    Supported(
+        "sklearn.svm.SVC",
+        CLASSIFICATION,
+        "kernel",
+        no_pmml=(
+            "JPMML scores an SVC's labels, not the Platt-scaled probabilities modelyard serves"
+        ),
+    ),
+    Supported("sklearn.neighbors.KNeighborsRegressor", REGRESSION, "neighbours"),
+    Supported(
+        "sklearn.neighbors.KNeighborsClassifier",
+        CLASSIFICATION,
+        "neighbours",
+        no_pmml=(
+            "JPMML gives a neighbours classifier's label and neighbours, not class probabilities"
+        ),
+    ),
     *_pair("sklearn.neural_network", "MLP", "neural"),
     *_pair("xgboost", "XGB", "boosting", extra="boosting"),
     *_pair("lightgbm", "LGBM", "boosting", extra="boosting"),
@@ -98,3 +114,9 @@ def require_exportable(path: str, task: str) -> None:
 
 def names_for(task: str) -> list[str]:
     return [s.name for s in MATRIX if task in s.tasks]
+
+
+def pmml_gap(path: str) -> str | None:
+    """Why PMML cannot reproduce this estimator's scores (None: it can, or it is untested)."""
+    found = support(path)
+    return None if found is None else found.no_pmml

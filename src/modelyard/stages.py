@@ -43,7 +43,7 @@ from modelyard.package.build import (
 from modelyard.package.image import ImageResult, image_build_skipped
 from modelyard.package.onnx import export_onnx
 from modelyard.package.parity import ParityError
-from modelyard.package.pmml import export_pmml
+from modelyard.package.pmml import pmml_for
 from modelyard.package.validate import infra_validate
 from modelyard.spec import Spec
 from modelyard.train import TrainResult, fit_and_evaluate
@@ -271,7 +271,7 @@ class Export:
 def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
     """Export to ONNX (and PMML) and prove it, before anything is registered."""
     onnx = export_onnx(trained.model, ctx.spec)
-    pmml = export_pmml(trained.model, ctx.spec) if ctx.spec.package.pmml else None
+    pmml, pmml_skipped = pmml_for(trained.model, ctx.spec)
     with _scratch("export") as work:
         try:
             built = assemble(
@@ -282,6 +282,8 @@ def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
             registry.log_files(ctx.run_id, [work / "parity.json"], "package")  # the worst rows
             raise
     parity = {r.export: r.to_dict() for r in (built.parity, built.pmml_parity) if r}
+    if pmml_skipped:
+        parity["pmml"] = {"skipped": pmml_skipped}
     registry.log_json(ctx.run_id, parity, "package/parity.json")
     return Export(onnx=onnx, parity=parity, pmml=pmml)
 

@@ -26,7 +26,7 @@ from modelyard.evaluation import scores
 from modelyard.monitor import bins as drift_bins
 from modelyard.package.onnx import export_onnx, onnx_input_names
 from modelyard.package.parity import ParityError, ParityReport, compare
-from modelyard.package.pmml import export_pmml, prove_pmml
+from modelyard.package.pmml import pmml_for, prove_pmml
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Runtime
 from modelyard.spec import Spec
@@ -228,7 +228,7 @@ def build_bundle(
     key: Ed25519PrivateKey,
     metadata: dict[str, Any],
 ) -> BuiltBundle:
-    pmml = export_pmml(model, spec) if spec.package.pmml else None
+    pmml, _ = pmml_for(model, spec)
     expected = scores(model, features_of(eval_frame, spec), spec.task)
     return assemble(
         spec, export_onnx(model, spec), eval_frame, expected, out_dir, key, metadata, pmml

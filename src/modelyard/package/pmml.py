@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from modelyard import estimators
 from modelyard.data import features_of
 from modelyard.package.onnx import ExportError
 from modelyard.package.parity import ParityReport, compare
@@ -27,6 +28,17 @@ def _require_java() -> None:
             "package.pmml is on but no Java runtime is installed; install one "
             "(apt-get install default-jre-headless) or set package.pmml: false"
         )
+
+
+def pmml_for(model: Any, spec: Spec) -> tuple[bytes | None, str | None]:
+    """The PMML export the spec asks for, or why there is none: not asked for, or an estimator
+    whose scores PMML cannot reproduce (then skipped, the reason recorded with the parity)."""
+    if not spec.package.pmml:
+        return None, None
+    gap = estimators.pmml_gap(spec.estimator.class_)
+    if gap is not None:
+        return None, f"PMML skipped for {spec.estimator.class_}: {gap}"
+    return export_pmml(model, spec), None
 
 
 def export_pmml(model: Any, spec: Spec) -> bytes:
@@ -74,7 +86,10 @@ def prove_pmml(
 def _scores_of(result: pd.DataFrame, spec: Spec) -> np.ndarray:
     if spec.task == "regression":
         return result[spec.target].to_numpy(dtype=float)
-    positive = next(
-        c for c in result.columns if c.startswith("probability(") and float(c[12:-1]) == 1.0
-    )
-    return result[positive].to_numpy(dtype=float)
+    positive = [c for c in result.columns if c.startswith("probability(") and float(c[12:-1]) == 1]
+    if not positive:
+        raise ExportError(
+            f"the PMML of {spec.estimator.class_} gives no probability of class 1 (it gives "
+            f"{list(result.columns)}), so it cannot be proven; set package.pmml: false"
+        )
+    return result[positive[0]].to_numpy(dtype=float)
