@@ -331,6 +331,8 @@ def _release(
 ) -> list[dict[str, str]]:
     """Deploy through the spec's environments in order, asking a person where the spec says."""
     spec, version = ctx.spec, outcome["version"]
+    if not spec.deploy.environments:
+        runner.logger.info("no deploy.environments in the spec: v%s stays the candidate", version)
     done: list[dict[str, str]] = []
     for index, environment in enumerate(spec.deploy.environments):
         approval = None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -18,6 +20,7 @@ from modelyard import bundle as bundles
 from modelyard.config import get_settings
 from modelyard.data import fingerprint, load_dataset
 from modelyard.package.build import trusted_keys
+from modelyard.registry import bundle_folder
 from modelyard.spec import load_spec
 from tests.conftest import Project, run_cli
 
@@ -238,3 +241,42 @@ def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers):
 
     forced = run_pipeline(house, refresh_cache=True)[1]
     assert forced["cached_stages"] == []
+
+
+def test_a_users_csv_with_awkward_columns_and_a_tree_ensemble_runs_end_to_end(servers, tmp_path):
+    """What a new user writes: a CSV of their own (column names with spaces, dots, unicode and
+    collisions once sanitised) and a spec with only name, task, dataset, features, target and
+    estimator. The run registers a proven candidate and says why nothing was deployed."""
+    from tests.test_models import CATEGORICAL, NUMERIC, generate
+
+    project = tmp_path / "churn"
+    project.mkdir()
+    frame = generate(800, seed=11)
+    frame["target"] = (frame["target"] > frame["target"].median()).astype(int)
+    frame.to_csv(project / "customers.csv", index=False)
+    spec = {
+        "name": "churn-forest", "task": "binary_classification",
+        "dataset": {"path": "customers.csv"}, "target": "target",
+        "features": [{"name": n, "type": "numeric", "max_missing": 0.1} for n in NUMERIC]
+        + [{"name": n, "type": "categorical"} for n in CATEGORICAL],
+        "estimator": {"class": "sklearn.ensemble.RandomForestClassifier",
+                      "params": {"n_estimators": 40, "random_state": 0}},
+    }  # fmt: skip
+    (project / "modelyard.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@example.invalid", "-c",
+                 "user.name=CI", "commit", "-qm", "data"]):  # fmt: skip
+        subprocess.run(["git", *args], cwd=project, check=True)
+
+    done = run_cli("run", "--spec", str(project / "modelyard.yaml"),
+                   env={"MODELYARD_BUILD_IMAGE": "never"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (
+        "The spec has no deploy.environments, so the run stopped after registering" in done.stdout
+    )
+    client = MlflowClient(servers["mlflow"], servers["mlflow"])
+    candidate = client.get_model_version_by_alias("churn-forest", "candidate")
+    assert candidate.version == "1" and candidate.tags["bundle_digest"]
+    bundle = bundle_folder(get_settings(), "churn-forest", "1") / "bundle"
+    schema = json.loads((bundle / "schema.json").read_text())
+    assert [i["name"] for i in schema["inputs"]] == NUMERIC + CATEGORICAL
+    assert len({i["onnx_name"] for i in schema["inputs"]}) == len(schema["inputs"])

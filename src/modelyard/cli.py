@@ -87,6 +87,8 @@ def run(
     outcome = state.result(raise_on_failure=False)
     if state.is_completed():
         _print_success(outcome, settings, flow_run_id)
+        if not no_deploy and not loaded.deploy.environments:
+            console.print(NOTHING_TO_DEPLOY.format(version=outcome["version"]))
         return
     _print_where(settings, flow_run_id, outcome=None)
     if isinstance(outcome, BaseException) and (full := disk_full(outcome, settings.workspace_dir)):
@@ -95,6 +97,13 @@ def run(
         raise _fail(outcome)
     err.print(f"[bold red]error:[/] pipeline failed: {state.message or outcome}")
     raise typer.Exit(1)
+
+
+NOTHING_TO_DEPLOY = (
+    "The spec has no deploy.environments, so the run stopped after registering: add one "
+    "(docs/spec.md, `deploy`) and release this version with `modelyard deploy ENV --version "
+    "{version}`."
+)
 
 
 def _print_success(outcome: dict[str, Any], settings: Settings, flow_run_id: str) -> None:

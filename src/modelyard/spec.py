@@ -203,7 +203,11 @@ class Latency(_Strict):
 
 
 class Behaviour(_Strict):
-    tests: str = Field(default="model_tests", description="pytest folder, relative to the spec.")
+    tests: str | None = Field(
+        default=None,
+        description="Your own pytest folder (relative to the spec), run with the built-in "
+        "behaviour tests; unset: the built-in tests alone.",
+    )
     invariance: list[Invariance] = Field(default_factory=list)
     directional: list[Directional] = Field(default_factory=list)
     slices: list[Slice] = Field(default_factory=list)

@@ -24,6 +24,7 @@ import sklearn
 import modelyard
 from modelyard import registry
 from modelyard.bundle import from_tarball
+from modelyard.checks.behaviour import BUILTIN as BUILTIN_TESTS
 from modelyard.checks.behaviour import run_model_tests
 from modelyard.checks.model import check_model
 from modelyard.checks.report import GateReport
@@ -127,8 +128,9 @@ def train_key(spec: Spec, data_fingerprint: str, git: GitInfo) -> str:
 
 
 def behaviour_key(spec: Spec, trained_key: str) -> str:
-    tests = spec.resolve(spec.behaviour.tests)
-    return _sha("behaviour", trained_key, spec.digest("behaviour"), _folder_digest(tests))
+    own = spec.behaviour.tests
+    folders = [BUILTIN_TESTS, *([spec.resolve(own)] if own is not None else [])]
+    return _sha("behaviour", trained_key, spec.digest("behaviour"), *map(_folder_digest, folders))
 
 
 def _folder_digest(folder: Path) -> str:

@@ -1,4 +1,5 @@
-"""The behaviour gate: run the project's `model_tests/` (pytest) against the candidate.
+"""The behaviour gate: run the built-in behaviour tests, and the project's own folder of them
+(`behaviour.tests`), with pytest against the candidate.
 
 The candidate is handed to a separate pytest process through a work folder (model, evaluation
 rows, spec), so user tests run with a clean interpreter and cannot disturb the pipeline process.
@@ -22,6 +23,7 @@ from modelyard.checks.report import Check, GateReport
 from modelyard.spec import Spec
 
 PLUGIN = "modelyard.checks.model_tests_plugin"
+BUILTIN = Path(__file__).with_name("builtin_tests")
 _TIMEOUT_SECONDS = 900
 
 
@@ -37,16 +39,20 @@ def write_candidate(work_dir: Path, spec: Spec, model: Any, eval_frame: pd.DataF
 
 def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: Path) -> GateReport:
     report = GateReport(gate="behaviour")
-    tests_dir = spec.resolve(spec.behaviour.tests)
-    if not tests_dir.is_dir():
-        report.checks.append(
-            Check(
-                name="model_tests folder",
-                passed=False,
-                detail=f"behaviour.tests: {tests_dir} does not exist; create it or fix the path",
+    folders = [BUILTIN]
+    if spec.behaviour.tests is not None:
+        own = spec.resolve(spec.behaviour.tests)
+        if not own.is_dir():
+            report.checks.append(
+                Check(
+                    name="model_tests folder",
+                    passed=False,
+                    detail=f"behaviour.tests: {own} does not exist; create it, fix the path or "
+                    "remove behaviour.tests to run the built-in tests alone",
+                )
             )
-        )
-        return report
+            return report
+        folders.append(own)
     write_candidate(work_dir, spec, model, eval_frame)
     junit = work_dir / "junit.xml"
     completed = subprocess.run(
@@ -54,12 +60,14 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
             sys.executable,
             "-m",
             "pytest",
-            str(tests_dir),
+            *map(str, folders),
             "-p",
             PLUGIN,
             f"--modelyard-candidate={work_dir}",
             f"--junitxml={junit}",
-            f"--rootdir={tests_dir}",
+            f"--rootdir={folders[-1]}",
+            # A project's test may share a file name with a built-in one.
+            "--import-mode=importlib",
             "-o",
             "addopts=",
             "-p",
@@ -70,7 +78,7 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
         capture_output=True,
         text=True,
         timeout=_TIMEOUT_SECONDS,
-        cwd=tests_dir,
+        cwd=folders[-1],
         env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"},
     )
     (work_dir / "pytest.log").write_text(completed.stdout + completed.stderr)

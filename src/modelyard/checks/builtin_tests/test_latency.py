@@ -4,8 +4,10 @@ import time
 
 import numpy as np
 
+from modelyard.checks.model_tests_plugin import Candidate
 
-def test_single_row_latency(candidate):
+
+def test_single_row_latency(candidate: Candidate) -> None:
     budget = candidate.spec.behaviour.latency
     rows = candidate.features
     for i in range(5):  # warm caches and lazy imports before measuring

@@ -2,8 +2,11 @@
 
 import numpy as np
 
+from modelyard.checks.model_tests_plugin import Candidate
+from modelyard.spec import Directional
 
-def test_direction_of(candidate, directional_rule):
+
+def test_direction_of(candidate: Candidate, directional_rule: Directional) -> None:
     rule = directional_rule
     frame = candidate.features.copy()
     frame = frame[frame[rule.feature].notna()]

@@ -2,8 +2,11 @@
 
 import numpy as np
 
+from modelyard.checks.model_tests_plugin import Candidate
+from modelyard.spec import Invariance
 
-def test_invariant_to(candidate, invariance_rule):
+
+def test_invariant_to(candidate: Candidate, invariance_rule: Invariance) -> None:
     frame = candidate.features.copy()
     baseline = candidate.predict(frame)
     column = invariance_rule.feature

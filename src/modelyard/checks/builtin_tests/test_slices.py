@@ -1,9 +1,11 @@
 """Named slices of the evaluation data must each meet their own metric bound."""
 
+from modelyard.checks.model_tests_plugin import Candidate
 from modelyard.evaluation import compute_metrics, passes
+from modelyard.spec import Slice
 
 
-def test_slice_meets_bound(candidate, slice_rule):
+def test_slice_meets_bound(candidate: Candidate, slice_rule: Slice) -> None:
     rows = candidate.eval_frame.query(slice_rule.where)
     assert len(rows) >= 20, (
         f"slice {slice_rule.name!r} ({slice_rule.where}) has only {len(rows)} rows"
