@@ -16,11 +16,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from flows import logs
 from modelyard.config import get_settings
 from modelyard.lineage import slug
 from modelyard.monitor import drift
 from modelyard.monitor.drift import DriftReport
 from modelyard.spec import Monitoring
+
+logs.install()
 
 FLOW = "modelyard-monitor"
 RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}

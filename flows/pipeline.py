@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import Field
 
+from flows import logs
 from flows.locks import release_lock
 from modelyard import source, stages
 from modelyard.checks.report import GateReport
@@ -39,6 +40,7 @@ T = TypeVar("T")
 # The core's progress (wheelhouse, image steps, pushed layers) is INFO on the `modelyard` logger;
 # Prefect's root logger is at WARNING, which would drop it before the UI or the console saw it.
 logging.getLogger("modelyard").setLevel(logging.INFO)
+logs.install()
 MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}
 
 

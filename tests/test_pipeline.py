@@ -243,32 +243,42 @@ def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers):
     assert forced["cached_stages"] == []
 
 
-def test_a_users_csv_with_awkward_columns_and_a_tree_ensemble_runs_end_to_end(servers, tmp_path):
+def user_project(root: Path, estimator: dict, **extra: object) -> Path:
     """What a new user writes: a CSV of their own (column names with spaces, dots, unicode and
     collisions once sanitised) and a spec with only name, task, dataset, features, target and
-    estimator. The run registers a proven candidate and says why nothing was deployed."""
+    estimator, in a git repository. Returns the spec's path."""
     from tests.test_models import CATEGORICAL, NUMERIC, generate
 
-    project = tmp_path / "churn"
-    project.mkdir()
+    root.mkdir()
     frame = generate(800, seed=11)
     frame["target"] = (frame["target"] > frame["target"].median()).astype(int)
-    frame.to_csv(project / "customers.csv", index=False)
+    frame.to_csv(root / "customers.csv", index=False)
     spec = {
-        "name": "churn-forest", "task": "binary_classification",
+        "name": root.name, "task": "binary_classification",
         "dataset": {"path": "customers.csv"}, "target": "target",
         "features": [{"name": n, "type": "numeric", "max_missing": 0.1} for n in NUMERIC]
         + [{"name": n, "type": "categorical"} for n in CATEGORICAL],
-        "estimator": {"class": "sklearn.ensemble.RandomForestClassifier",
-                      "params": {"n_estimators": 40, "random_state": 0}},
+        "estimator": estimator, **extra,
     }  # fmt: skip
-    (project / "modelyard.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
+    (root / "modelyard.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@example.invalid", "-c",
                  "user.name=CI", "commit", "-qm", "data"]):  # fmt: skip
-        subprocess.run(["git", *args], cwd=project, check=True)
+        subprocess.run(["git", *args], cwd=root, check=True)
+    return root / "modelyard.yaml"
 
-    done = run_cli("run", "--spec", str(project / "modelyard.yaml"),
-                   env={"MODELYARD_BUILD_IMAGE": "never"})  # fmt: skip
+
+def run_user_project(spec: Path, servers: dict[str, str]) -> subprocess.CompletedProcess:
+    return run_cli("run", "--spec", str(spec), env={"MODELYARD_BUILD_IMAGE": "never",
+                                                    "PREFECT_API_URL": servers["prefect"]})  # fmt: skip
+
+
+def test_a_users_csv_with_awkward_columns_and_a_tree_ensemble_runs_end_to_end(servers, tmp_path):
+    """The run registers a proven candidate and says why nothing was deployed."""
+    from tests.test_models import CATEGORICAL, NUMERIC
+
+    forest = {"class": "sklearn.ensemble.RandomForestClassifier",
+              "params": {"n_estimators": 40, "random_state": 0}}  # fmt: skip
+    done = run_user_project(user_project(tmp_path / "churn-forest", forest), servers)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (
         "The spec has no deploy.environments, so the run stopped after registering" in done.stdout
@@ -280,3 +290,30 @@ def test_a_users_csv_with_awkward_columns_and_a_tree_ensemble_runs_end_to_end(se
     schema = json.loads((bundle / "schema.json").read_text())
     assert [i["name"] for i in schema["inputs"]] == NUMERIC + CATEGORICAL
     assert len({i["onnx_name"] for i in schema["inputs"]}) == len(schema["inputs"])
+
+
+LOGISTIC = {"class": "sklearn.linear_model.LogisticRegression"}
+EXPECTED_FAILURES = [
+    ("gate", LOGISTIC, {"gates": {"metrics": {"roc_auc": {"min": 0.9999}}}}, 3,
+     "model gate failed: metric roc_auc: roc_auc = "),
+    ("no-converter", {"class": "sklearn.semi_supervised.LabelSpreading"}, {}, 2,
+     "LabelSpreading cannot be exported to ONNX"),
+    ("unproven", LOGISTIC, {"package": {"tolerance": {"rtol": 0, "atol": 0}}}, 6,
+     "onnx export: "),
+    ("bad-spec", {"class": "sklearn.svm.SVC"}, {}, 2, "gives no probabilities (predict_proba)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "estimator", "extra", "code", "line"), EXPECTED_FAILURES,
+                         ids=[c[0] for c in EXPECTED_FAILURES])  # fmt: skip
+def test_an_expected_failure_is_one_line_and_its_exit_code(case, estimator, extra, code, line,
+                                                           servers, tmp_path):  # fmt: skip
+    """A failed gate, an unsupported estimator, an export that cannot be proven and an invalid
+    spec: the documented exit code, one `error:` line, no traceback anywhere (Prefect's logs of
+    the failed task and flow included)."""
+    done = run_user_project(user_project(tmp_path / f"fails-{case}", estimator, **extra), servers)
+    output = done.stdout + done.stderr
+    assert done.returncode == code, output[-3000:]
+    errors = [text for text in done.stderr.splitlines() if text.startswith("error:")]
+    assert len(errors) == 1 and line in errors[0], output[-3000:]
+    assert "Traceback" not in output, output[-3000:]

@@ -39,6 +39,13 @@ class DeployFailed(ModelyardError):
     exit_code = 4
 
 
+class ExportFailed(ModelyardError):
+    """A model cannot be exported, or its export does not reproduce scikit-learn's scores;
+    nothing was registered."""
+
+    exit_code = 6
+
+
 class DiskFull(ModelyardError):
     """A write failed for lack of space; what was half-done has been undone."""
 

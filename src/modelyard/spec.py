@@ -505,18 +505,25 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def format_validation_error(file: Path, exc: ValidationError) -> str:
-    lines = [f"{file} is invalid ({exc.error_count()} problem(s)):"]
-    for err in exc.errors(include_url=False):
-        field = _field_path(err["loc"]) or "(top level)"
-        message = err["msg"].removeprefix("Value error, ")
-        given = err.get("input")
-        shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
-        if err["type"] == "missing":
-            shown = ""
-        if err["type"] == "extra_forbidden":
-            message = "unknown field; check the spelling against docs/spec.md"
-        lines.append(f"  - {field}: {message}{shown}")
-    return "\n".join(lines)
+    """One line for one problem; a list, one problem a line, for more."""
+    problems = [_problem(err) for err in exc.errors(include_url=False)]
+    head = f"{file} is invalid ({len(problems)} problem(s)):"
+    if len(problems) == 1:
+        return f"{head} {problems[0]}"
+    return "\n".join([head, *(f"  - {p}" for p in problems)])
+
+
+def _problem(err: Any) -> str:
+    message = err["msg"].removeprefix("Value error, ")
+    given = err.get("input")
+    shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+    if err["type"] == "missing":
+        shown = ""
+    if err["type"] == "extra_forbidden":
+        message = "unknown field; check the spelling against docs/spec.md"
+    field = _field_path(err["loc"])
+    # A whole-spec check names its fields in the message (`estimator.class: ...`).
+    return f"{field}: {message}{shown}" if field else f"{message}{shown}"
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

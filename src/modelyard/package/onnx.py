@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from modelyard.errors import ModelyardError
+from modelyard.errors import ExportFailed
 from modelyard.package import converters
 from modelyard.package.precision import compares_in_float32, in_float64
 from modelyard.spec import Spec
@@ -22,7 +22,7 @@ from modelyard.spec import Spec
 TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
 
 
-class ExportError(ModelyardError):
+class ExportError(ExportFailed):
     """The estimator cannot be exported; the message names it and what to do."""
 
 

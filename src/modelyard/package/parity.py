@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from modelyard.errors import ModelyardError
+from modelyard.errors import ExportFailed
 
 
-class ParityError(ModelyardError):
+class ParityError(ExportFailed):
     """An export's predictions differ from scikit-learn's; the worst rows are in the message."""
 
 
