@@ -50,6 +50,40 @@ def test_workspace_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_pat
         pass
 
 
+_NOTE_LATE = """
+import fcntl, json, os, socket, sys, time
+with open(sys.argv[1], "a+") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(0.5)  # the holder's note comes just after its lock, as in workspace_lock
+    note = {"holder": "deploy v7 by carol", "pid": os.getpid(), "host": socket.gethostname(),
+            "since": "2026-11-30T10:00:00Z"}
+    handle.write(json.dumps(note))
+    handle.flush()
+    time.sleep(600)
+"""
+
+
+def test_an_asker_that_loses_by_a_hair_still_names_the_holder(tmp_path: Path) -> None:
+    """Two releases at the same instant: the loser may look before the winner wrote its note."""
+    settings = Settings(workspace=tmp_path / "ws")
+    path = settings.workspace_dir / "locks" / "ads--staging.lock"
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _NOTE_LATE, str(path)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with (
+            pytest.raises(ReleaseConflict) as refused,
+            workspace_lock(settings)("ads/staging", "deploy v8 by dave"),
+        ):
+            pytest.fail("two holders of one lock")
+        assert f"deploy v7 by carol, pid {holder.pid}" in str(refused.value)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+
+
 def test_prefect_lock_is_one_slot_per_model_and_environment(prefect_api: str) -> None:
     lock = release_lock(Settings(prefect_api_url=prefect_api))
     held, release = threading.Event(), threading.Event()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,38 @@ class PrefectApi:
         self.client = httpx.Client(base_url=url.rstrip("/") + "/", headers=headers, timeout=30)
 
     def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        try:
-            response = self.client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            where = self.client.base_url
-            raise ModelyardError(f"Prefect at {where} is unreachable: {exc}") from None
+        """POST, retried on what a busy server answers (429, 502-504: its SQLite database was
+        locked, say) and on a dropped connection. Every call here is safe to repeat: a filter
+        reads, and a flow run is created under an idempotency key."""
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                response = self.client.post(path, json=body)
+            except httpx.TransportError as exc:
+                if delay is None:
+                    where = self.client.base_url
+                    raise ModelyardError(f"Prefect at {where} is unreachable: {exc}") from None
+            else:
+                if response.status_code not in TRANSIENT or delay is None:
+                    break
+                delay = _retry_after(response, delay)
+            time.sleep(delay)
         if response.status_code >= 400:
             raise ModelyardError(
                 f"Prefect refused {path}: {response.status_code} {response.text[:300]}"
             )
         return response
+
+
+TRANSIENT = {429, 502, 503, 504}
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)  # about 15 s in all, then the error stands
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    """The server's Retry-After (seconds), capped; else the backoff's own delay."""
+    try:
+        return min(float(response.headers.get("retry-after", default)), 30.0)
+    except ValueError:
+        return default
 
 
 def deployments(api: PrefectApi) -> list[PipelineDeployment]:

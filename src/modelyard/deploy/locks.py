@@ -92,9 +92,16 @@ def _note(handle: TextIO, holder: str) -> None:
     handle.flush()
 
 
-def _holder_of(path: Path) -> str:
-    try:
-        note = json.loads(path.read_text())
-        return f"{note['holder']}, pid {note['pid']} on {note['host']} since {note['since']}"
-    except (OSError, ValueError, KeyError):
-        return "holder unknown"
+def _holder_of(path: Path, patience: float = 2.0) -> str:
+    """Who holds the lock, from its note. The holder writes the note just after taking the
+    lock, so an asker that lost by microseconds may find it empty or half-written: it reads
+    again for up to `patience` seconds before giving up."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            note = json.loads(path.read_text())
+            return f"{note['holder']}, pid {note['pid']} on {note['host']} since {note['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "holder unknown"
+            time.sleep(0.02)
