@@ -43,15 +43,11 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
     if spec.behaviour.tests is not None:
         own = spec.resolve(spec.behaviour.tests)
         if not own.is_dir():
-            report.checks.append(
-                Check(
-                    name="model_tests folder",
-                    passed=False,
-                    detail=f"behaviour.tests: {own} does not exist; create it, fix the path or "
-                    "remove behaviour.tests to run the built-in tests alone",
-                )
+            return report.fail(
+                "model_tests folder",
+                f"behaviour.tests: {own} does not exist; create it, fix the path or remove "
+                "behaviour.tests to run the built-in tests alone",
             )
-            return report
         folders.append(own)
     write_candidate(work_dir, spec, model, eval_frame)
     junit = work_dir / "junit.xml"
@@ -83,15 +79,11 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
     )
     (work_dir / "pytest.log").write_text(completed.stdout + completed.stderr)
     if not junit.is_file():
-        report.checks.append(
-            Check(
-                name="pytest run",
-                passed=False,
-                detail=f"pytest exited {completed.returncode} before writing results: "
-                + _tail(completed.stdout + completed.stderr),
-            )
+        return report.fail(
+            "pytest run",
+            f"pytest exited {completed.returncode} before writing results: "
+            + _tail(completed.stdout + completed.stderr),
         )
-        return report
     report.checks.extend(parse_junit(junit))
     skipped = report.data["skipped"] = _skipped(junit)
     if not report.checks:
@@ -99,11 +91,7 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
             "no behaviour test ran" + (f" ({len(skipped)} skipped)" if skipped else "")
         )
     if completed.returncode not in (0, 1, 5):  # 5: nothing collected; 2-4: usage/internal errors
-        report.checks.append(
-            Check(
-                name="pytest run", passed=False, detail=_tail(completed.stdout + completed.stderr)
-            )
-        )
+        report.fail("pytest run", _tail(completed.stdout + completed.stderr))
     return report
 
 

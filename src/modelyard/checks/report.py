@@ -26,6 +26,11 @@ class GateReport:
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
+    def fail(self, name: str, detail: str) -> GateReport:
+        """Record a failed check; returns the report, for `return report.fail(...)`."""
+        self.checks.append(Check(name=name, passed=False, detail=detail))
+        return self
+
     @property
     def failures(self) -> list[str]:
         return [
