@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 import yaml
@@ -20,9 +24,10 @@ from modelyard import bundle as bundles
 from modelyard.config import get_settings
 from modelyard.data import fingerprint, load_dataset
 from modelyard.package.build import trusted_keys
+from modelyard.ports import free_port
 from modelyard.registry import bundle_folder
 from modelyard.spec import load_spec
-from tests.conftest import Project, run_cli
+from tests.conftest import Project, run_cli, wait_for
 
 GATES = ("gate.data", "gate.model", "gate.behaviour")
 
@@ -273,8 +278,9 @@ def run_user_project(spec: Path, servers: dict[str, str]) -> subprocess.Complete
 
 
 def test_a_users_csv_with_awkward_columns_and_a_tree_ensemble_runs_end_to_end(servers, tmp_path):
-    """The run registers a proven candidate and says why nothing was deployed."""
-    from tests.test_models import CATEGORICAL, NUMERIC
+    """The run registers a proven candidate and says why nothing was deployed; the candidate
+    is then served straight from the registry."""
+    from tests.test_models import CATEGORICAL, NUMERIC, generate
 
     forest = {"class": "sklearn.ensemble.RandomForestClassifier",
               "params": {"n_estimators": 40, "random_state": 0}}  # fmt: skip
@@ -290,6 +296,30 @@ def test_a_users_csv_with_awkward_columns_and_a_tree_ensemble_runs_end_to_end(se
     schema = json.loads((bundle / "schema.json").read_text())
     assert [i["name"] for i in schema["inputs"]] == NUMERIC + CATEGORICAL
     assert len({i["onnx_name"] for i in schema["inputs"]}) == len(schema["inputs"])
+
+    # Served from the registry by alias, as `mlflow models serve -m` would, and asked in the
+    # columns' own names.
+    rows = generate(3, seed=5).loc[:, NUMERIC + CATEGORICAL].astype(object)
+    records = rows.where(rows.notna(), None).to_dict("records")
+    with served("models:/churn-forest@candidate") as url:
+        answer = httpx.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["predictions"]) == 3
+
+
+@contextlib.contextmanager
+def served(source: str) -> Iterator[str]:
+    """`modelyard serve SOURCE` on a free port, until the block ends."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("modelyard")
+    server = subprocess.Popen([str(exe), "serve", source, "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health/ready", timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
 
 
 LOGISTIC = {"class": "sklearn.linear_model.LogisticRegression"}

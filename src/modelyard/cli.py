@@ -358,7 +358,14 @@ def _answer(run_ids: list[str], approve: bool, comment: str) -> None:
 
 @app.command()
 def serve(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder or .bundle.tar.gz")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A registered version (models:/NAME/VERSION or models:/NAME@ALIAS), a bundle "
+            "folder or a .bundle.tar.gz",
+            metavar="MODEL_OR_BUNDLE",
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
     workers: Annotated[int | None, typer.Option(help="Processes (default: one per core).")] = None,
@@ -370,6 +377,12 @@ def serve(
     from modelyard.serve.server import serve as run_server
 
     settings = get_settings()
+    bundle = Path(source)
+    if source.startswith("models:/"):  # the registry's bundle of that version, as MLflow's -m
+        try:
+            bundle = _registered_bundle(settings, source)
+        except ModelyardError as exc:
+            raise _fail(exc) from None
     if bundle.is_file():
         bundle = from_tarball(bundle.read_bytes(), settings.workspace_dir / "serving" / bundle.stem)
     if not bundle.is_dir():
@@ -389,6 +402,14 @@ def serve(
         f"({config.workers} worker(s), auth {'on' if config.tokens else 'off'})"
     )
     raise typer.Exit(run_server(config))
+
+
+def _registered_bundle(settings: Settings, uri: str) -> Path:
+    """The signed bundle tarball of a registered version: the workspace's copy or MLflow's."""
+    from modelyard import registry
+
+    name, version, tags = registry.resolve_model_uri(registry.connect(settings), uri)
+    return registry.bundle_archive(settings, name, version, tags)
 
 
 @app.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,3 +311,26 @@ def bundle_archive(settings: Settings, model: str, version: str, tags: dict[str,
         )
     folder.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(tags["bundle_artifact"], dst_path=str(folder)))
+
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+def resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str, dict[str, str]]:
+    """`models:/NAME/VERSION` or `models:/NAME@ALIAS`, as `mlflow models serve -m` takes them:
+    the model's name, its version and that version's tags."""
+    found = _MODEL_URI.match(uri)
+    if found is None:
+        raise ModelyardError(
+            f"{uri!r} is not a model URI: write models:/NAME/VERSION or models:/NAME@ALIAS"
+        )
+    name = found["name"]
+    try:
+        if found["alias"]:
+            version = client.get_model_version_by_alias(name, found["alias"])
+        else:
+            version = client.get_model_version(name, found["version"])
+    except MlflowException as exc:
+        listed = f"`modelyard models {name}` lists its versions and aliases"
+        raise ModelyardError(f"{uri}: {exc.message} ({listed})") from None
+    return name, str(version.version), dict(version.tags)
