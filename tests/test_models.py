@@ -17,7 +17,7 @@ import pytest
 
 from modelyard import estimators
 from modelyard.bundle import load_or_create_key, parse_public_keys, verify
-from modelyard.data import Splits, split
+from modelyard.data import Splits, conform, split
 from modelyard.package.build import build_bundle, frame_columns
 from modelyard.package.onnx import ExportError
 from modelyard.package.pmml import export_pmml, pmml_for, prove_pmml
@@ -29,7 +29,7 @@ from modelyard.train import fit_and_evaluate
 # Two pairs collide once sanitised ('a b'/'a_b', 'x-y'/'x.y'); 'narrow band' holds values closer
 # together than float32 can tell apart, where a tree's thresholds must be compared exactly.
 NUMERIC = ["mean radius", "a b", "a_b", "x-y", "x.y", "1st", "class", "narrow band", "naïve é"]
-CATEGORICAL = ["lambda", "Ünïcode 名前"]
+CATEGORICAL = ["lambda", "Ünïcode 名前", "plan code", "is active"]  # the last two: ints, bools
 SMALL = {"n_estimators": 15}  # ensembles: enough trees to matter, few enough to stay quick
 PARAMS: dict[str, dict[str, Any]] = {
     "RandomForestRegressor": SMALL, "RandomForestClassifier": SMALL,
@@ -54,9 +54,12 @@ def generate(rows: int, seed: int) -> pd.DataFrame:
     frame.loc[rng.random(rows) < 0.05, "mean radius"] = np.nan
     frame["lambda"] = rng.choice(["red", "green", "blue"], rows)
     frame["Ünïcode 名前"] = rng.choice(["α", "β"], rows)
+    frame["plan code"] = rng.integers(1, 4, rows)
+    frame["is active"] = rng.random(rows) < 0.7
     signal = (
         frame["mean radius"].fillna(0) + 0.5 * frame["a b"] - 0.01 * frame["x.y"]
         + (frame["narrow band"] - 1000) * 2000 + (frame["lambda"] == "red")
+        + 0.5 * frame["plan code"] - frame["is active"]
     )  # fmt: skip
     frame["target"] = signal + rng.normal(0, 0.3, rows)
     return frame
@@ -64,7 +67,9 @@ def generate(rows: int, seed: int) -> pd.DataFrame:
 
 def spec_for(supported: estimators.Supported, task: str) -> Spec:
     features = [{"name": n, "type": "numeric", "max_missing": 0.1} for n in NUMERIC]
-    features += [{"name": n, "type": "categorical"} for n in CATEGORICAL]
+    features += [{"name": n, "type": "categorical"} for n in CATEGORICAL[:2]]
+    features += [{"name": "plan code", "type": "categorical", "categories": [1, 2, 3]},
+                 {"name": "is active", "type": "categorical", "categories": [True, False]}]  # fmt: skip
     return Spec.model_validate({
         "name": f"conformance-{supported.name.lower()}", "task": task,
         "dataset": {"generator": "data:generate"}, "features": features, "target": "target",
@@ -77,7 +82,7 @@ def splits_for(spec: Spec) -> Splits:
     frame = generate(600, seed=7)
     if spec.task != "regression":
         frame["target"] = (frame["target"] > frame["target"].median()).astype(float)
-    return split(frame, spec)
+    return split(conform(frame, spec), spec)  # as data.load_dataset hands it on
 
 
 @pytest.mark.parametrize(("supported", "task"), CASES, ids=[f"{s.name}-{t}" for s, t in CASES])
@@ -126,9 +131,12 @@ def test_pmml_reproduces_the_scores_or_is_skipped_for_a_stated_reason(supported,
 
 
 async def _ask(app: ServingApp, rows: pd.DataFrame) -> tuple[dict, dict]:
+    # Codes and booleans as a client sends them: JSON numbers and booleans, not their text.
+    rows = rows.astype({"plan code": int}).assign(**{"is active": rows["is active"] == "true"})
     columns = frame_columns(rows)
     v2_inputs = [{"name": name, "shape": [len(values)], "data": values,
-                  "datatype": "BYTES" if name in CATEGORICAL else "FP64"}
+                  "datatype": {"plan code": "INT64", "is active": "BOOL"}.get(
+                      name, "BYTES" if name in CATEGORICAL else "FP64")}
                  for name, values in columns.items()]  # fmt: skip
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:

@@ -15,6 +15,7 @@ from sklearn.model_selection import train_test_split
 
 from modelyard.errors import DataError
 from modelyard.spec import Spec
+from modelyard.values import category_text
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,17 @@ def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
 
 
 def _cast(column: pd.Series, kind: str, name: str) -> pd.Series:
+    if pd.api.types.is_datetime64_any_dtype(column) or _looks_like_dates(column):
+        raise DataError(
+            f"column {name!r} holds dates or times, which modelyard does not expand into "
+            "features: derive numbers from it in your data (day of week, hour, days since an "
+            "event) and declare those instead, or leave it out of features"
+        )
     if kind == "categorical":
         # object dtype with NaN for missing: what scikit-learn's encoders and imputers expect.
         values = [
-            str(v) if known else np.nan for v, known in zip(column, column.notna(), strict=True)
+            category_text(v) if known else np.nan
+            for v, known in zip(column, column.notna(), strict=True)
         ]
         return pd.Series(values, index=column.index, dtype=object, name=column.name)
     converted = pd.to_numeric(column, errors="coerce")
@@ -66,6 +74,16 @@ def _cast(column: pd.Series, kind: str, name: str) -> pd.Series:
             "fix the data or declare the feature categorical"
         )
     return converted.astype("float64")
+
+
+def _looks_like_dates(column: pd.Series) -> bool:
+    """Text that is mostly ISO dates or timestamps (a CSV does not type its columns)."""
+    if not (column.dtype == object or pd.api.types.is_string_dtype(column)):
+        return False
+    sample = column.dropna().astype(str).head(50)
+    if sample.empty or not sample.str.match(r"^\d{4}-\d{2}-\d{2}").all():
+        return False
+    return bool(pd.to_datetime(sample, errors="coerce", format="ISO8601").notna().all())
 
 
 def _read(spec: Spec) -> pd.DataFrame:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelyard.errors import SpecError
+from modelyard.values import category_text
 
 Task = Literal["regression", "binary_classification"]
 
@@ -50,9 +51,18 @@ class Feature(_Strict):
     min: float | None = None
     max: float | None = None
     categories: list[str] | None = Field(
-        default=None, description="Allowed values of a categorical column."
+        default=None,
+        description="Allowed values of a categorical column: text, integer codes or true/false "
+        "(requests may send codes and booleans as JSON numbers and booleans).",
     )
     max_missing: Fraction = Field(default=0.0, description="Largest allowed fraction of nulls.")
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _categories_as_text(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [v if isinstance(v, str) else category_text(v) for v in value]
+        return value
 
     @model_validator(mode="after")
     def _bounds_fit_type(self) -> Feature:

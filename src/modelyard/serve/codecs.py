@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from modelyard.serve.runtime import Column, Prediction
+from modelyard.values import category_text
 
 Columns = dict[str, list[Any]]
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -297,7 +298,11 @@ def _categorical(column: Column, values: list[Any]) -> list[str]:
     append = out.append
     allowed = column.categories
     for i, value in enumerate(values):
-        if type(value) is str:
+        kind = type(value)
+        if kind is int or kind is bool or (kind is float and math.isfinite(value)):
+            value = category_text(value)  # integer codes and booleans, as in training
+            kind = str
+        if kind is str:
             if allowed is not None and value not in allowed:
                 raise ClientError(
                     f"{column.name!r}: {value!r} at row {i} is not one of {sorted(allowed)}",
@@ -310,7 +315,9 @@ def _categorical(column: Column, values: list[Any]) -> list[str]:
             append("")  # the model's level for a missing category
         else:
             raise ClientError(
-                f"{column.name!r} must be a string; row {i} has {value!r}", field=column.name
+                f"{column.name!r} must be a category (text, an integer code or true/false); "
+                f"row {i} has {value!r}",
+                field=column.name,
             )
     return out
 

@@ -1,0 +1,54 @@
+"""Loading a user's columns: codes and booleans as categories, dates refused with the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from modelyard.data import conform
+from modelyard.errors import DataError
+from modelyard.serve import codecs
+from modelyard.serve.runtime import Column
+from modelyard.spec import Spec
+
+
+def spec_with(*features: dict) -> Spec:
+    return Spec.model_validate({
+        "name": "data-test", "task": "regression", "dataset": {"path": "x.csv"},
+        "features": list(features), "target": "y",
+        "estimator": {"class": "sklearn.linear_model.LinearRegression"},
+    })  # fmt: skip
+
+
+def test_codes_and_booleans_are_categories_written_one_way() -> None:
+    spec = spec_with({"name": "plan", "type": "categorical", "categories": [1, 2, 3]},
+                     {"name": "active", "type": "categorical", "categories": [True, False]},
+                     {"name": "size", "type": "numeric", "max_missing": 0.5})  # fmt: skip
+    assert spec.feature("plan").categories == ["1", "2", "3"]
+    assert spec.feature("active").categories == ["true", "false"]
+    # A code column with a gap is read as floats; it is still "2", not "2.0".
+    frame = pd.DataFrame({"plan": [1.0, 2.0, np.nan], "active": [True, False, True],
+                          "size": [1, 2, None], "y": [1.0, 2.0, 3.0]})  # fmt: skip
+    conformed = conform(frame, spec)
+    assert conformed["plan"].tolist()[:2] == ["1", "2"] and np.isnan(conformed["plan"][2])
+    assert conformed["active"].tolist() == ["true", "false", "true"]
+    # A request sends them as JSON numbers and booleans: the same categories.
+    schema = [Column("plan", "categorical", True, frozenset({"1", "2", "3"})),
+              Column("active", "categorical", False, frozenset({"true", "false"}))]  # fmt: skip
+    values, _ = codecs.validate({"plan": [2, "3", None], "active": [True, "false", False]},
+                                schema, max_rows=10)  # fmt: skip
+    assert values == {"plan": ["2", "3", ""], "active": ["true", "false", "false"]}
+    with pytest.raises(codecs.ClientError, match="'plan': '4' at row 0 is not one of"):
+        codecs.validate({"plan": [4], "active": [True]}, schema, max_rows=10)
+
+
+@pytest.mark.parametrize("kind", ["numeric", "categorical"])
+@pytest.mark.parametrize("dates", [pd.to_datetime(["2026-01-05", "2026-02-01"]),
+                                   ["2026-01-05T10:00:00", "2026-02-01T11:30:00"]],
+                         ids=["datetime-dtype", "iso-text"])  # fmt: skip
+def test_a_date_column_is_refused_with_what_to_do_instead(kind: str, dates: object) -> None:
+    spec = spec_with({"name": "signed up", "type": kind})
+    frame = pd.DataFrame({"signed up": dates, "y": [1.0, 2.0]})
+    with pytest.raises(DataError, match=r"'signed up' holds dates or times.*derive numbers"):
+        conform(frame, spec)
