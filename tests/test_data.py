@@ -52,3 +52,37 @@ def test_a_date_column_is_refused_with_what_to_do_instead(kind: str, dates: obje
     frame = pd.DataFrame({"signed up": dates, "y": [1.0, 2.0]})
     with pytest.raises(DataError, match=r"'signed up' holds dates or times.*derive numbers"):
         conform(frame, spec)
+
+
+def test_init_drafts_a_spec_from_the_data(tmp_path) -> None:
+    from modelyard.draft import draft
+    from modelyard.spec import load_spec
+
+    rows = 200
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({
+        "monthly charges": rng.uniform(20, 120, rows), "tenure months": rng.integers(0, 72, rows),
+        "contract": rng.choice(["monthly", "yearly"], rows), "paperless": rng.random(rows) < 0.5,
+        "signed up": [f"2026-01-{i % 28 + 1:02d}" for i in range(rows)],
+        "customer id": [f"c{i:05d}" for i in range(rows)], "country": "NL",
+        "churned": rng.integers(0, 2, rows),
+    })  # fmt: skip
+    frame.loc[:9, "monthly charges"] = np.nan
+    (tmp_path / "data").mkdir()
+    frame.to_csv(tmp_path / "data" / "telco churn.csv", index=False)
+    drafted = draft(tmp_path / "data" / "telco churn.csv", "churned", tmp_path)
+    spec = drafted.spec
+    assert spec["task"] == "binary_classification" and spec["name"] == "telco-churn"
+    assert spec["dataset"] == {"path": "data/telco churn.csv"}
+    by_name = {f["name"]: f for f in spec["features"]}
+    assert list(by_name) == ["monthly charges", "tenure months", "contract", "paperless"]
+    charges = by_name["monthly charges"]
+    assert charges["min"] < frame["monthly charges"].min() and charges["min"] >= 0  # widened
+    assert charges["max"] > frame["monthly charges"].max() and charges["max_missing"] == 0.09
+    assert by_name["paperless"]["categories"] == ["false", "true"]
+    assert set(drafted.left_out) == {"signed up", "customer id", "country"}
+    (tmp_path / "modelyard.yaml").write_text(drafted.to_yaml())
+    assert load_spec(tmp_path / "modelyard.yaml").feature("contract").categories == [
+        "monthly", "yearly"]  # fmt: skip
+    with pytest.raises(DataError, match="target 'contract' has values"):
+        draft(tmp_path / "data" / "telco churn.csv", "contract", tmp_path)

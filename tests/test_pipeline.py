@@ -347,3 +347,31 @@ def test_an_expected_failure_is_one_line_and_its_exit_code(case, estimator, extr
     errors = [text for text in done.stderr.splitlines() if text.startswith("error:")]
     assert len(errors) == 1 and line in errors[0], output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_init_then_run_then_serve_a_users_csv(servers, tmp_path):
+    """The README's 'Bring your own data': `modelyard init` drafts the spec from the file,
+    `modelyard run` passes on the same data, `modelyard serve models:/NAME/1` answers."""
+    from tests.test_models import CATEGORICAL, NUMERIC, generate
+
+    frame = generate(800, seed=13)
+    frame["churned"] = (frame.pop("target") > 0).astype(int)
+    frame["signed up"] = [f"2026-03-{i % 28 + 1:02d}" for i in range(len(frame))]
+    frame.to_csv(tmp_path / "my customers.csv", index=False)
+    spec = tmp_path / "modelyard.yaml"
+    drafted = run_cli("init", str(tmp_path / "my customers.csv"), "--target", "churned",
+                      "--output", str(spec))  # fmt: skip
+    assert drafted.returncode == 0, drafted.stdout + drafted.stderr
+    assert "left out 'signed up': dates or times" in drafted.stdout
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@example.invalid", "-c",
+                 "user.name=CI", "commit", "-qm", "data"]):  # fmt: skip
+        subprocess.run(["git", *args], cwd=tmp_path, check=True)
+    done = run_user_project(spec, servers)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = frame.loc[:4, NUMERIC + CATEGORICAL].astype(object)
+    with served("models:/my-customers/1") as url:
+        answer = httpx.post(f"{url}/invocations", timeout=30,
+                            json={"dataframe_records": rows.where(rows.notna(), None)
+                                  .to_dict("records")})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert set(answer.json()["predictions"]) <= {0, 1}

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelyard.config import Settings, get_settings
-from modelyard.errors import ModelyardError, disk_full
+from modelyard.errors import ModelyardError, SpecError, disk_full
 from modelyard.spec import load_spec
 
 if TYPE_CHECKING:
@@ -48,6 +48,38 @@ def validate_spec(spec: SpecOption = Path("modelyard.yaml")) -> None:
         f"[green]ok[/] {spec}: model [bold]{loaded.name}[/] ({loaded.task}), "
         f"{len(loaded.features)} features, estimator {loaded.estimator.class_}"
     )
+
+
+@app.command()
+def init(
+    data: Annotated[Path, typer.Argument(help="A CSV or Parquet file to profile.")],
+    target: Annotated[str, typer.Option(help="The column to predict.")],
+    task: Annotated[
+        str | None,
+        typer.Option(help="regression or binary_classification (default: from the target)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Model name (default: from the file).")] = None,
+    output: Annotated[Path, typer.Option(help="Where to write the spec.")] = Path("modelyard.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing spec.")] = False,
+) -> None:
+    """Draft a spec from the data: feature types, ranges, categories, gaps, an estimator, gates."""
+    from modelyard.draft import draft
+
+    if output.exists() and not force:
+        raise _fail(SpecError(f"{output} exists; pass --force to replace it, or --output PATH"))
+    try:
+        drafted = draft(data, target, output.resolve().parent, task, name)
+        output.write_text(drafted.to_yaml())
+        loaded = load_spec(output)  # what `run` will read must be valid
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"[green]✓[/] wrote {output}: {loaded.task}, {len(loaded.features)} features, "
+        f"estimator {loaded.estimator.class_.rpartition('.')[2]}"
+    )
+    for column, why in drafted.left_out.items():
+        console.print(f"  left out {column!r}: {why}")
+    console.print(f"Next: `modelyard run --spec {output}`")
 
 
 @app.command()

@@ -52,7 +52,7 @@ def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
 
 
 def _cast(column: pd.Series, kind: str, name: str) -> pd.Series:
-    if pd.api.types.is_datetime64_any_dtype(column) or _looks_like_dates(column):
+    if pd.api.types.is_datetime64_any_dtype(column) or looks_like_dates(column):
         raise DataError(
             f"column {name!r} holds dates or times, which modelyard does not expand into "
             "features: derive numbers from it in your data (day of week, hour, days since an "
@@ -76,7 +76,7 @@ def _cast(column: pd.Series, kind: str, name: str) -> pd.Series:
     return converted.astype("float64")
 
 
-def _looks_like_dates(column: pd.Series) -> bool:
+def looks_like_dates(column: pd.Series) -> bool:
     """Text that is mostly ISO dates or timestamps (a CSV does not type its columns)."""
     if not (column.dtype == object or pd.api.types.is_string_dtype(column)):
         return False
@@ -90,6 +90,11 @@ def _read(spec: Spec) -> pd.DataFrame:
     path = spec.resolve(spec.dataset.path or "")
     if not path.is_file():
         raise DataError(f"dataset.path {path} does not exist; fix dataset.path in the spec")
+    return read_table(path)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet file as a DataFrame, or a DataError that names the file."""
     try:
         if path.suffix.lower() == ".parquet":
             return pd.read_parquet(path)

@@ -1,0 +1,154 @@
+"""`modelyard init`: a starting spec drafted from a look at the data.
+
+Every column but the target becomes a feature with its type, its range (widened by a margin, so
+next month's data is not refused for a new maximum), its categories and the share of gaps it may
+have. Columns a model cannot use as they are (dates, identifiers, constants) are left out, each
+with the reason, as a comment at the top of the spec. The estimator is a histogram gradient
+boosting model, which copes with any mix of columns; the gates only demand that the model beats
+guessing, so a first run passes on data with any signal in it. Tighten them once you know what
+the model can do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from modelyard.data import looks_like_dates, read_table
+from modelyard.errors import DataError
+from modelyard.values import category_text
+
+MARGIN = 0.1  # of the observed range, added on each side
+MAX_CATEGORIES = 50  # more distinct texts than this, and a column looks like an identifier
+ESTIMATORS = {
+    "regression": "sklearn.ensemble.HistGradientBoostingRegressor",
+    "binary_classification": "sklearn.ensemble.HistGradientBoostingClassifier",
+}
+GATES = {  # beats guessing: the mean (regression) or a coin (classification)
+    "regression": {"r2": {"min": 0.0}},
+    "binary_classification": {"roc_auc": {"min": 0.55}},
+}
+
+
+@dataclass
+class Draft:
+    spec: dict[str, Any]
+    left_out: dict[str, str] = field(default_factory=dict)  # column -> why
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        head = [
+            "# Drafted by `modelyard init` from the data; every field is in docs/spec.md.",
+            "# The gates only ask the model to beat guessing: tighten them once you know it.",
+        ]
+        head += [f"# Left out: {name!r}: {why}" for name, why in self.left_out.items()]
+        body = yaml.safe_dump(self.spec, sort_keys=False, allow_unicode=True, width=100)
+        return "\n".join(head) + "\n" + body
+
+
+def draft(data: Path, target: str, spec_folder: Path, task: str | None = None,
+          name: str | None = None) -> Draft:  # fmt: skip
+    frame = read_table(data)
+    if target not in frame.columns:
+        raise DataError(f"--target {target!r} is not a column of {data}; it has {list(frame)}")
+    chosen = task or _task_of(frame[target], target)
+    features, left_out = [], {}
+    for column in frame.columns.drop(target):
+        feature, why = _feature(column, frame[column])
+        if feature is not None:
+            features.append(feature)
+        else:
+            left_out[str(column)] = why
+    if not features:
+        raise DataError(f"{data} has no column modelyard can use as a feature: {left_out}")
+    spec: dict[str, Any] = {
+        "name": name or _model_name(data),
+        "task": chosen,
+        "dataset": {"path": _relative(data, spec_folder)},
+        "features": features,
+        "target": target,
+        "estimator": {"class": ESTIMATORS[chosen], "params": {"random_state": 0}},
+        "expectations": {"min_rows": max(1, len(frame) // 2)},
+        "gates": {"metrics": GATES[chosen]},
+    }
+    if chosen == "regression":
+        low, high = _widened(frame[target].dropna())
+        spec["expectations"] |= {"target_min": low, "target_max": high}
+    return Draft(spec, left_out)
+
+
+def _task_of(target: pd.Series, name: str) -> str:
+    values = set(target.dropna().unique().tolist())
+    if values <= {0, 1} and len(values) == 2:
+        return "binary_classification"
+    if pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target):
+        return "regression"
+    raise DataError(
+        f"target {name!r} has values {sorted(map(str, values))[:10]}: modelyard takes a numeric "
+        "target (regression) or a 0/1 one (binary_classification); recode it, or pass --task"
+    )
+
+
+def _feature(name: Any, column: pd.Series) -> tuple[dict[str, Any] | None, str]:
+    present = column.dropna()
+    if present.empty or present.nunique() == 1:
+        return None, "the same value in every row (or none): it cannot inform a prediction"
+    if pd.api.types.is_datetime64_any_dtype(column) or looks_like_dates(present):
+        return None, "dates or times: derive numbers from it (day of week, age in days)"
+    missing = _allowed_missing(column)
+    if pd.api.types.is_bool_dtype(column) or set(present.unique().tolist()) <= {True, False}:
+        return _categorical(name, present, missing), ""
+    if pd.api.types.is_numeric_dtype(column):
+        low, high = _widened(present)
+        return {"name": str(name), "type": "numeric", "min": low, "max": high,
+                "max_missing": missing}, ""  # fmt: skip
+    if present.nunique() > MAX_CATEGORIES:
+        return None, (f"{present.nunique()} distinct texts: an identifier or free text, not a "
+                      "category")  # fmt: skip
+    return _categorical(name, present, missing), ""
+
+
+def _categorical(name: Any, present: pd.Series, missing: float) -> dict[str, Any]:
+    categories = sorted({category_text(v) for v in present})
+    return {"name": str(name), "type": "categorical", "categories": categories,
+            "max_missing": missing}  # fmt: skip
+
+
+def _widened(values: pd.Series) -> tuple[float, float]:
+    """The observed range with MARGIN of it on each side; a non-negative column stays so."""
+    low, high = float(values.min()), float(values.max())
+    pad = (high - low) * MARGIN or abs(high) * MARGIN or 1.0
+    widened_low = low - pad if low < 0 else max(0.0, low - pad)
+    return _round(widened_low, down=True), _round(high + pad, down=False)
+
+
+def _round(value: float, down: bool) -> float:
+    """Four significant digits, rounded outwards, so the spec reads well and stays wide."""
+    if value == 0:
+        return 0.0
+    exponent = math.floor(math.log10(abs(value))) - 3
+    steps = (math.floor if down else math.ceil)(value / 10.0**exponent)
+    return round(steps * 10.0**exponent, max(0, -exponent))
+
+
+def _allowed_missing(column: pd.Series) -> float:
+    """Half as many gaps again as now, and at least one in a hundred, to two decimals."""
+    share = float(column.isna().mean())
+    return min(1.0, math.ceil((share * 1.5 + 0.01) * 100) / 100)
+
+
+def _model_name(data: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", data.stem).strip("-.") or "model"
+    return stem if stem[0].isalpha() else f"model-{stem}"
+
+
+def _relative(data: Path, folder: Path) -> str:
+    import os
+
+    return os.path.relpath(data.resolve(), folder.resolve())
