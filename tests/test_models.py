@@ -130,6 +130,16 @@ def test_pmml_reproduces_the_scores_or_is_skipped_for_a_stated_reason(supported,
         prove_pmml(export_pmml(trained.model, spec), spec, splits.eval, trained.eval_scores)
 
 
+def test_an_unseeded_estimator_trains_the_same_model_twice() -> None:
+    """No `random_state` in the spec: the split's seed stands in, so reruns agree."""
+    forest = next(s for s in estimators.MATRIX if s.name == "RandomForestClassifier")
+    spec = spec_for(forest, "binary_classification")
+    assert "random_state" not in spec.estimator.params
+    first, second = (fit_and_evaluate(spec, splits_for(spec)) for _ in range(2))
+    np.testing.assert_array_equal(first.eval_scores, second.eval_scores)
+    assert first.params["estimator.random_state"] == str(spec.split.seed)
+
+
 async def _ask(app: ServingApp, rows: pd.DataFrame) -> tuple[dict, dict]:
     # Codes and booleans as a client sends them: JSON numbers and booleans, not their text.
     rows = rows.astype({"plan code": int}).assign(**{"is active": rows["is active"] == "true"})

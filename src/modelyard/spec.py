@@ -103,7 +103,11 @@ class Estimator(_Strict):
     """Any scikit-learn estimator by import path; modelyard wraps it in a preprocessing Pipeline."""
 
     class_: str = Field(alias="class", description="Import path, e.g. sklearn.linear_model.Ridge")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Constructor arguments; `random_state`, where the estimator takes one and "
+        "it is left out, is `split.seed`, so a rerun trains the same model.",
+    )
 
     @model_validator(mode="after")
     def _importable_with_params(self) -> Estimator:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sklearn.compose import ColumnTransformer
@@ -47,8 +48,18 @@ def build_pipeline(spec: Spec) -> Pipeline:
                 categorical,
             )
         )
-    estimator = resolve_estimator(spec.estimator.class_)(**spec.estimator.params)
+    estimator = resolve_estimator(spec.estimator.class_)(**estimator_params(spec))
     return Pipeline([("preprocess", ColumnTransformer(transformers)), ("estimator", estimator)])
+
+
+def estimator_params(spec: Spec) -> dict[str, Any]:
+    """The spec's parameters, with `random_state` set to `split.seed` where the estimator takes
+    one and the spec leaves it out: the same commit and data train the same model."""
+    params = dict(spec.estimator.params)
+    takes = resolve_estimator(spec.estimator.class_)().get_params(deep=False)
+    if "random_state" in takes and "random_state" not in params:
+        params["random_state"] = spec.split.seed
+    return params
 
 
 def fit_and_evaluate(spec: Spec, splits: Splits) -> TrainResult:
@@ -69,7 +80,7 @@ def fit_and_evaluate(spec: Spec, splits: Splits) -> TrainResult:
 
 
 def training_params(spec: Spec, splits: Splits) -> dict[str, str]:
-    params = {f"estimator.{k}": str(v) for k, v in sorted(spec.estimator.params.items())}
+    params = {f"estimator.{k}": str(v) for k, v in sorted(estimator_params(spec).items())}
     params.update(
         {
             "estimator": spec.estimator.class_,
