@@ -86,3 +86,38 @@ def test_init_drafts_a_spec_from_the_data(tmp_path) -> None:
         "monthly", "yearly"]  # fmt: skip
     with pytest.raises(DataError, match="target 'contract' has values"):
         draft(tmp_path / "data" / "telco churn.csv", "contract", tmp_path)
+
+
+def test_a_target_of_text_labels_is_drafted_as_multiclass(tmp_path) -> None:
+    from modelyard.draft import draft
+
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"size": rng.normal(size=90), "tier": ["gold", "silver", "bronze"] * 30})
+    frame.to_csv(tmp_path / "tiers.csv", index=False)
+    spec = draft(tmp_path / "tiers.csv", "tier", tmp_path).spec
+    assert spec["task"] == "multiclass_classification"
+    assert spec["gates"]["metrics"] == {"roc_auc_ovr": {"min": 0.55}}
+
+
+RULE = {"feature": "size", "delta": 1, "expect": "increase"}
+
+
+@pytest.mark.parametrize(("task", "rule", "ok"), [
+    ("multiclass_classification", RULE | {"class": "gold"}, True),
+    ("multiclass_classification", RULE, False),
+    ("binary_classification", RULE | {"class": 1}, False),
+])  # fmt: skip
+def test_a_multiclass_directional_rule_names_its_class_and_only_there(task, rule, ok) -> None:
+    from pydantic import ValidationError
+
+    spec = {
+        "name": "tiers", "task": task, "dataset": {"path": "x.csv"}, "target": "tier",
+        "features": [{"name": "size", "type": "numeric"}],
+        "estimator": {"class": "sklearn.linear_model.LogisticRegression"},
+        "behaviour": {"directional": [rule]},
+    }  # fmt: skip
+    if ok:
+        assert Spec.model_validate(spec).behaviour.directional[0].class_ == "gold"
+        return
+    with pytest.raises(ValidationError, match=r"directional\[0\]\.class"):
+        Spec.model_validate(spec)

@@ -23,7 +23,7 @@ from modelyard.package.onnx import ExportError
 from modelyard.package.pmml import export_pmml, pmml_for, prove_pmml
 from modelyard.serve.app import ServingApp
 from modelyard.serve.runtime import Runtime
-from modelyard.spec import Spec
+from modelyard.spec import Behaviour, Gates, Spec
 from modelyard.train import fit_and_evaluate
 
 # Two pairs collide once sanitised ('a b'/'a_b', 'x-y'/'x.y'); 'narrow band' holds values closer
@@ -78,10 +78,14 @@ def spec_for(supported: estimators.Supported, task: str) -> Spec:
     })  # fmt: skip
 
 
-def splits_for(spec: Spec) -> Splits:
+def splits_for(spec: Spec, coded: bool = False) -> Splits:
+    """`coded`: multiclass labels 0, 1, 2 (what XGBoost takes) instead of text."""
     frame = generate(600, seed=7)
-    if spec.task != "regression":
+    if spec.task == "binary_classification":
         frame["target"] = (frame["target"] > frame["target"].median()).astype(float)
+    elif spec.task == "multiclass_classification":  # text labels, in no sorted order
+        labels = [0, 1, 2] if coded else ["low", "mid", "high"]
+        frame["target"] = pd.qcut(frame["target"], 3, labels=labels).astype(object)
     return split(conform(frame, spec), spec)  # as data.load_dataset hands it on
 
 
@@ -90,7 +94,7 @@ def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) ->
     if supported.extra:
         pytest.importorskip(supported.path.partition(".")[0])
     spec = spec_for(supported, task)
-    splits = splits_for(spec)
+    splits = splits_for(spec, coded=supported.coded_labels)
     trained = fit_and_evaluate(spec, splits)
     key = load_or_create_key(tmp_path / "signing.pem")
     built = build_bundle(spec, trained.model, splits.eval, tmp_path, key,
@@ -103,10 +107,22 @@ def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) ->
     expected = trained.eval_scores[:20]
     if task == "regression":
         np.testing.assert_allclose(mlflow["predictions"], expected, rtol=1e-5, atol=1e-5)
-    else:
+        return
+    proba = np.asarray(next(o for o in v2["outputs"] if o["name"] == "predict_proba")["data"])
+    if task == "binary_classification":
         assert mlflow["predictions"] == [int(p >= 0.5) for p in expected] or _near_half(expected)
-        proba = next(o for o in v2["outputs"] if o["name"] == "predict_proba")["data"]
         np.testing.assert_allclose(proba[1::2], expected, rtol=1e-5, atol=1e-5)
+    else:
+        coded = supported.coded_labels
+        assert (
+            runtime.classes == trained.classes == ([0, 1, 2] if coded else ["high", "low", "mid"])
+        )
+        labels = [trained.classes[i] for i in expected.argmax(axis=1)]
+        assert mlflow["predictions"] == labels or _near_tie(expected)
+        np.testing.assert_allclose(proba.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+        predict = next(o for o in v2["outputs"] if o["name"] == "predict")
+        assert predict["datatype"] == ("INT64" if coded else "BYTES")
+        assert predict["data"] == mlflow["predictions"]
 
 
 @pytest.mark.parametrize(("supported", "task"), CASES, ids=[f"{s.name}-{t}" for s, t in CASES])
@@ -117,17 +133,18 @@ def test_pmml_reproduces_the_scores_or_is_skipped_for_a_stated_reason(supported,
         pytest.importorskip(supported.path.partition(".")[0])
     spec = spec_for(supported, task)
     spec = spec.model_copy(update={"package": spec.package.model_copy(update={"pmml": True})})
-    splits = splits_for(spec)
+    splits = splits_for(spec, coded=supported.coded_labels)
     trained = fit_and_evaluate(spec, splits)
     pmml, skipped = pmml_for(trained.model, spec)
+    proof = (spec, splits.eval, trained.eval_scores, trained.classes)
     if supported.no_pmml is None:
         assert skipped is None and pmml is not None
-        report = prove_pmml(pmml, spec, splits.eval, trained.eval_scores)
+        report = prove_pmml(pmml, *proof)
         assert report.passed, report.describe()
         return
     assert pmml is None and skipped is not None and supported.no_pmml in skipped
-    with pytest.raises(ExportError, match="gives no probability of class 1"):
-        prove_pmml(export_pmml(trained.model, spec), spec, splits.eval, trained.eval_scores)
+    with pytest.raises(ExportError, match="gives no probabilit"):
+        prove_pmml(export_pmml(trained.model, spec), *proof)
 
 
 def test_an_unseeded_estimator_trains_the_same_model_twice() -> None:
@@ -158,6 +175,11 @@ async def _ask(app: ServingApp, rows: pd.DataFrame) -> tuple[dict, dict]:
     return mlflow.json(), v2.json()
 
 
+def _near_tie(probabilities: np.ndarray) -> bool:
+    top_two = np.sort(probabilities, axis=1)[:, -2:]
+    return bool(np.any(top_two[:, 1] - top_two[:, 0] < 1e-6))
+
+
 def _near_half(probabilities: np.ndarray) -> bool:
     return bool(np.any(np.abs(probabilities - 0.5) < 1e-6))
 
@@ -166,3 +188,48 @@ def _public(key: Any) -> str:
     from modelyard.bundle import public_key_text
 
     return public_key_text(key.public_key())
+
+
+def test_a_multiclass_model_passes_every_gate_a_binary_one_does(tmp_path: Path) -> None:
+    """Data gate (three classes at least), metric thresholds, champion comparison on per-row
+    log-loss, and the built-in behaviour tests: a directional rule on a named class's
+    probability, invariance, a slice judged on macro F1. Then the same gates fail where they
+    should: the wrong direction, a one-class-short target."""
+    from modelyard import stages
+    from modelyard.checks.model import ChampionModel, check_model
+
+    forest = next(s for s in estimators.MATRIX if s.name == "RandomForestClassifier")
+    spec = spec_for(forest, "multiclass_classification").model_copy(update={
+        "behaviour": Behaviour.model_validate({
+            "directional": [{"feature": "a b", "delta": 15, "expect": "increase",
+                             "class": "high", "min_fraction": 0.5}],
+            "invariance": [{"feature": "naïve é", "noise": 0.01, "tolerance": 0.5}],
+            "slices": [{"name": "reds", "where": "`lambda` == 'red'", "metric": "f1_macro",
+                        "min": 0.3}],
+        }),
+        "gates": Gates.model_validate({"metrics": {"f1_macro": {"min": 0.4},
+                                                   "roc_auc_ovr": {"min": 0.6}}}),
+    })  # fmt: skip
+    splits = splits_for(spec)
+    assert stages.data_gate(spec, splits).report.passed
+    trained = fit_and_evaluate(spec, splits)
+    assert set(trained.metrics) == {"accuracy", "f1_macro", "f1_weighted", "log_loss",
+                                    "roc_auc_ovr"}  # fmt: skip
+    itself = ChampionModel("1", trained.model, spec.feature_names)
+    model = check_model(spec, splits.eval, trained.metrics, trained.eval_scores, itself,
+                        trained.classes)  # fmt: skip
+    assert model.passed, model.failures
+    assert model.data["champion"]["relative_loss_change"] == pytest.approx(0.0)
+    behaviour = stages.behaviour_gate(spec, splits, trained)
+    assert behaviour.passed, behaviour.failures
+    names = {c.name for c in behaviour.checks}
+    assert {"test_directional::test_direction_of[a b]", "test_slices::test_slice_meets_bound[reds]",
+            "test_invariance::test_invariant_to[naïve é]"} <= names, names  # fmt: skip
+
+    wrong = spec.model_copy(update={"behaviour": spec.behaviour.model_copy(update={
+        "directional": [spec.behaviour.directional[0].model_copy(update={"expect": "decrease"})]
+    })})  # fmt: skip
+    failed = stages.behaviour_gate(wrong, splits, trained)
+    assert any("gave a decrease of P(high)" in f for f in failed.failures), failed.failures
+    two_classes = Splits(*(s[s["target"] != "mid"] for s in (splits.train, splits.eval)))
+    assert not stages.data_gate(spec, two_classes).report.passed

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -248,7 +249,9 @@ def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers):
     assert forced["cached_stages"] == []
 
 
-def user_project(root: Path, estimator: dict, **extra: object) -> Path:
+def user_project(
+    root: Path, estimator: dict, task: str = "binary_classification", **extra: object
+) -> Path:
     """What a new user writes: a CSV of their own (column names with spaces, dots, unicode and
     collisions once sanitised) and a spec with only name, task, dataset, features, target and
     estimator, in a git repository. Returns the spec's path."""
@@ -256,10 +259,13 @@ def user_project(root: Path, estimator: dict, **extra: object) -> Path:
 
     root.mkdir()
     frame = generate(800, seed=11)
-    frame["target"] = (frame["target"] > frame["target"].median()).astype(int)
+    if task == "multiclass_classification":
+        frame["target"] = pd.qcut(frame["target"], 3, labels=["low", "mid", "high"]).astype(str)
+    else:
+        frame["target"] = (frame["target"] > frame["target"].median()).astype(int)
     frame.to_csv(root / "customers.csv", index=False)
     spec = {
-        "name": root.name, "task": "binary_classification",
+        "name": root.name, "task": task,
         "dataset": {"path": "customers.csv"}, "target": "target",
         "features": [{"name": n, "type": "numeric", "max_missing": 0.1} for n in NUMERIC]
         + [{"name": n, "type": "categorical"} for n in CATEGORICAL],
@@ -320,6 +326,55 @@ def served(source: str) -> Iterator[str]:
     finally:
         server.terminate()
         server.communicate(timeout=30)
+
+
+def test_a_multiclass_model_runs_serves_its_labels_and_counts_them_for_drift(servers, tmp_path):
+    """Text labels end to end: the run's gates (a rule on one class's probability, a champion
+    compared on per-row log-loss with the previous version), the served labels and probabilities
+    in both protocols, and the predicted-class counts drift is measured on."""
+    from tests.test_models import CATEGORICAL, NUMERIC, generate
+
+    boosted = {"class": "sklearn.ensemble.HistGradientBoostingClassifier",
+               "params": {"max_iter": 60}}  # fmt: skip
+    spec = user_project(
+        tmp_path / "tiers", boosted, "multiclass_classification",
+        gates={"metrics": {"f1_macro": {"min": 0.4}}, "champion": {"alias": "candidate"}},
+        behaviour={"directional": [{"feature": "a b", "delta": 20, "expect": "increase",
+                                    "class": "high", "min_fraction": 0.5}]},
+    )  # fmt: skip
+    for run in (1, 2):  # the second run is judged against the first
+        if run == 2:
+            subprocess.run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=CI",
+                            "commit", "-q", "--allow-empty", "-m", "again"], cwd=spec.parent,
+                           check=True)  # fmt: skip
+        done = run_user_project(spec, servers)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(servers["mlflow"], servers["mlflow"])
+    second = client.get_model_version("tiers", "2")
+    run = client.get_run(second.run_id)
+    assert run.data.metrics["f1_macro"] >= 0.4 and "roc_auc_ovr" in run.data.metrics
+    assert second.tags["gate.model"] == "passed" and second.tags["gate.behaviour"] == "passed"
+
+    rows = generate(4, seed=5).loc[:, NUMERIC + CATEGORICAL].astype(object)
+    rows = rows.where(rows.notna(), None)
+    records = rows.to_dict("records")
+    with served("models:/tiers@candidate") as url:
+        mlflow_answer = httpx.post(f"{url}/invocations", timeout=30,
+                                   json={"dataframe_records": records}).json()  # fmt: skip
+        metadata = httpx.get(f"{url}/v2/models/tiers", timeout=30).json()
+        v2 = httpx.post(f"{url}/v2/models/tiers/infer", timeout=30, json={"inputs": [
+            {"name": c, "shape": [4], "datatype": "BYTES", "data": rows[c].tolist()}
+            for c in rows]}).json()  # fmt: skip
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    labels = mlflow_answer["predictions"]
+    assert len(labels) == 4 and set(labels) <= {"low", "mid", "high"}
+    classes = metadata["parameters"]["classes"]
+    assert sorted(classes) == ["high", "low", "mid"]
+    outputs = {o["name"]: o for o in v2["outputs"]}
+    assert outputs["predict"]["data"] == labels and outputs["predict"]["datatype"] == "BYTES"
+    assert outputs["predict_proba"]["shape"] == [4, 3]
+    for label in labels:
+        assert f'modelyard_prediction_bin_total{{bin="{label}"' in metrics
 
 
 LOGISTIC = {"class": "sklearn.linear_model.LogisticRegression"}

@@ -32,7 +32,11 @@ def write(tmp_path: Path, **changes) -> Path:
     [
         (
             {"task": "clustering"},
-            ["task:", "'regression' or 'binary_classification'", "'clustering'"],
+            [
+                "task:",
+                "'regression', 'binary_classification' or 'multiclass_classification'",
+                "'clustering'",
+            ],
         ),
         (
             {"estimator__class": "sklearn.linear_model.LinearRegresion"},

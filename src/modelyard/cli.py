@@ -56,7 +56,10 @@ def init(
     target: Annotated[str, typer.Option(help="The column to predict.")],
     task: Annotated[
         str | None,
-        typer.Option(help="regression or binary_classification (default: from the target)."),
+        typer.Option(
+            help="regression, binary_classification or multiclass_classification (default: "
+            "from the target)."
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Model name (default: from the file).")] = None,
     output: Annotated[Path, typer.Option(help="Where to write the spec.")] = Path("modelyard.yaml"),

@@ -46,9 +46,25 @@ def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
     out = frame.loc[:, wanted].reset_index(drop=True)
     for feature in spec.features:
         out[feature.name] = _cast(out[feature.name], feature.type, feature.name)
-    target_type = "numeric" if spec.task == "regression" else "label"
-    out[spec.target] = _cast(out[spec.target], target_type, spec.target)
+    if spec.task == "multiclass_classification":
+        out[spec.target] = class_labels(out[spec.target], spec.target)
+    else:  # a number, or the 0/1 of a binary target
+        out[spec.target] = _cast(out[spec.target], "numeric", spec.target)
     return out
+
+
+def class_labels(column: pd.Series, name: str) -> pd.Series:
+    """A multiclass target: integers where every label is a whole number (the model then
+    answers with integers), else text written the way categories are."""
+    if column.isna().any():
+        raise DataError(
+            f"target {name!r} has {int(column.isna().sum())} missing labels; drop those rows"
+        )
+    numbers = pd.to_numeric(column, errors="coerce")
+    if numbers.notna().all() and (numbers == numbers.round()).all():
+        return numbers.astype("int64")
+    return pd.Series([category_text(v) for v in column], index=column.index, dtype=object,
+                     name=column.name)  # fmt: skip
 
 
 def _cast(column: pd.Series, kind: str, name: str) -> pd.Series:

@@ -28,10 +28,12 @@ MAX_CATEGORIES = 50  # more distinct texts than this, and a column looks like an
 ESTIMATORS = {
     "regression": "sklearn.ensemble.HistGradientBoostingRegressor",
     "binary_classification": "sklearn.ensemble.HistGradientBoostingClassifier",
+    "multiclass_classification": "sklearn.ensemble.HistGradientBoostingClassifier",
 }
 GATES = {  # beats guessing: the mean (regression) or a coin (classification)
     "regression": {"r2": {"min": 0.0}},
     "binary_classification": {"roc_auc": {"min": 0.55}},
+    "multiclass_classification": {"roc_auc_ovr": {"min": 0.55}},
 }
 
 
@@ -84,14 +86,19 @@ def draft(data: Path, target: str, spec_folder: Path, task: str | None = None,
 
 
 def _task_of(target: pd.Series, name: str) -> str:
+    """0/1: binary; other numbers: regression; 3 to MAX_CATEGORIES labels of text: multiclass.
+    (Whole numbers with few values may be classes too: pass --task then.)"""
     values = set(target.dropna().unique().tolist())
     if values <= {0, 1} and len(values) == 2:
         return "binary_classification"
     if pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target):
         return "regression"
+    if 3 <= len(values) <= MAX_CATEGORIES:
+        return "multiclass_classification"
     raise DataError(
         f"target {name!r} has values {sorted(map(str, values))[:10]}: modelyard takes a numeric "
-        "target (regression) or a 0/1 one (binary_classification); recode it, or pass --task"
+        "target (regression), a 0/1 one (binary_classification) or 3 to "
+        f"{MAX_CATEGORIES} labels (multiclass_classification); recode it, or pass --task"
     )
 
 

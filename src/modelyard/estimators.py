@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from modelyard.errors import SpecError
 
 REGRESSION = ("regression",)
-CLASSIFICATION = ("binary_classification",)
+CLASSIFICATION = ("binary_classification", "multiclass_classification")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Supported:
     family: str  # linear | tree | boosting | kernel | neighbours | neural
     extra: str | None = None  # the pip extra that installs it
     no_pmml: str | None = None  # why a PMML export cannot reproduce its scores, if it cannot
+    coded_labels: bool = False  # its classifier takes only the labels 0, 1, ..., k-1
 
     @property
     def scaled(self) -> bool:
@@ -37,10 +38,12 @@ class Supported:
         return self.path.rpartition(".")[2]
 
 
-def _pair(module: str, stem: str, family: str, extra: str | None = None) -> list[Supported]:
+def _pair(
+    module: str, stem: str, family: str, extra: str | None = None, coded: bool = False
+) -> list[Supported]:
     return [
         Supported(f"{module}.{stem}Regressor", REGRESSION, family, extra),
-        Supported(f"{module}.{stem}Classifier", CLASSIFICATION, family, extra),
+        Supported(f"{module}.{stem}Classifier", CLASSIFICATION, family, extra, coded_labels=coded),
     ]
 
 
@@ -75,7 +78,7 @@ MATRIX: tuple[Supported, ...] = (
         ),
     ),
     *_pair("sklearn.neural_network", "MLP", "neural"),
-    *_pair("xgboost", "XGB", "boosting", extra="boosting"),
+    *_pair("xgboost", "XGB", "boosting", extra="boosting", coded=True),
     *_pair("lightgbm", "LGBM", "boosting", extra="boosting"),
 )
 _BY_PATH = {s.path: s for s in MATRIX}
@@ -120,3 +123,14 @@ def pmml_gap(path: str) -> str | None:
     """Why PMML cannot reproduce this estimator's scores (None: it can, or it is untested)."""
     found = support(path)
     return None if found is None else found.no_pmml
+
+
+def require_labels(path: str, labels: list) -> None:
+    """Refuse, before training, labels an estimator cannot take (XGBoost: only 0..k-1)."""
+    found = support(path)
+    if found is not None and found.coded_labels and sorted(labels) != list(range(len(labels))):
+        raise SpecError(
+            f"estimator.class: {found.name} takes class labels 0 to {len(labels) - 1} only, and "
+            f"the target has {sorted(map(str, labels))[:10]}: recode the target, or use another "
+            "estimator (LightGBM and scikit-learn's take any labels)"
+        )

@@ -8,20 +8,38 @@ from sklearn import metrics as skm
 from sklearn.pipeline import Pipeline
 
 from modelyard.data import model_input
-from modelyard.spec import METRICS
+from modelyard.spec import METRICS, Spec
 
 _EPS = 1e-15
 
 
 def scores(model: Pipeline, features: pd.DataFrame, task: str) -> np.ndarray:
-    """What the model is judged on: predicted value, or probability of the positive class."""
+    """What the model is judged on: predicted value, probability of the positive class, or
+    (multiclass) a row of probabilities per row, one column per class of `classes_of(model)`."""
     features = model_input(features)
     if task == "regression":
         return np.asarray(model.predict(features), dtype=float)
-    return np.asarray(model.predict_proba(features)[:, 1], dtype=float)
+    probabilities = np.asarray(model.predict_proba(features), dtype=float)
+    return probabilities if task == "multiclass_classification" else probabilities[:, 1]
 
 
-def compute_metrics(task: str, y_true: np.ndarray, score: np.ndarray) -> dict[str, float]:
+def target_values(spec: Spec, frame: pd.DataFrame) -> np.ndarray:
+    """The target as metrics take it: numbers, or a multiclass target's labels as they are."""
+    if spec.task == "multiclass_classification":
+        return frame[spec.target].to_numpy()
+    return frame[spec.target].to_numpy(dtype=float)
+
+
+def classes_of(model: Pipeline) -> list:
+    """A classifier's labels in the order of its probability columns (plain Python values)."""
+    return np.asarray(model.classes_).tolist()
+
+
+def compute_metrics(
+    task: str, y_true: np.ndarray, score: np.ndarray, classes: list | None = None
+) -> dict[str, float]:
+    if task == "multiclass_classification":
+        return _multiclass_metrics(np.asarray(y_true), score, classes or [])
     y_true = np.asarray(y_true, dtype=float)
     if task == "regression":
         return {
@@ -44,8 +62,34 @@ def compute_metrics(task: str, y_true: np.ndarray, score: np.ndarray) -> dict[st
     return out
 
 
-def row_losses(task: str, y_true: np.ndarray, score: np.ndarray) -> np.ndarray:
+def _multiclass_metrics(y_true: np.ndarray, score: np.ndarray, classes: list) -> dict[str, float]:
+    predicted = np.asarray(classes)[score.argmax(axis=1)]
+    truth = y_true if y_true.dtype != object else y_true.astype(str)  # text labels
+    out = {
+        "accuracy": float(skm.accuracy_score(truth, predicted)),
+        "f1_macro": float(skm.f1_score(truth, predicted, average="macro", zero_division=0)),
+        "f1_weighted": float(skm.f1_score(truth, predicted, average="weighted", zero_division=0)),
+        "log_loss": float(skm.log_loss(truth, np.clip(score, _EPS, 1), labels=classes)),
+    }
+    # One-vs-rest ROC-AUC needs every class among the rows (a slice may lack one): NaN then.
+    present = set(truth.tolist()) >= set(classes)
+    out["roc_auc_ovr"] = (
+        float(skm.roc_auc_score(truth, score, multi_class="ovr", labels=classes))
+        if present
+        else float("nan")
+    )
+    return out
+
+
+def row_losses(
+    task: str, y_true: np.ndarray, score: np.ndarray, classes: list | None = None
+) -> np.ndarray:
     """Per-row loss for paired comparisons: squared error, or log-loss (a proper scoring rule)."""
+    if task == "multiclass_classification":
+        column = {label: i for i, label in enumerate(classes or [])}
+        index = [column.get(label, -1) for label in np.asarray(y_true).tolist()]
+        chance = np.array([score[row, i] if i >= 0 else 0.0 for row, i in enumerate(index)])
+        return -np.log(np.clip(chance, _EPS, 1))  # a class the model never saw: the worst loss
     y_true = np.asarray(y_true, dtype=float)
     if task == "regression":
         return (y_true - score) ** 2

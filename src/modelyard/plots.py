@@ -15,10 +15,14 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
 
-def render(task: str, y_true: np.ndarray, score: np.ndarray, out_dir: Path) -> list[Path]:
+def render(
+    task: str, y_true: np.ndarray, score: np.ndarray, out_dir: Path, classes: list | None = None
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if task == "regression":
         return [_residuals(y_true, score, out_dir / "residuals.png")]
+    if task == "multiclass_classification":
+        return [_confusion(y_true, score, classes or [], out_dir / "confusion_matrix.png")]
     return [
         _roc(y_true, score, out_dir / "roc.png"),
         _calibration(y_true, score, out_dir / "calibration.png"),
@@ -65,4 +69,25 @@ def _calibration(y_true: np.ndarray, score: np.ndarray, path: Path) -> Path:
         xlabel="mean predicted probability", ylabel="observed positive rate", title="Calibration"
     )
     ax.legend(loc="upper left")
+    return save(fig, path)
+
+
+def _confusion(y_true: np.ndarray, score: np.ndarray, classes: list, path: Path) -> Path:
+    """Rows: the true class; columns: the predicted one; each row as shares of that class."""
+    from sklearn.metrics import confusion_matrix
+
+    predicted = np.asarray(classes)[score.argmax(axis=1)]
+    truth = y_true if y_true.dtype != object else y_true.astype(str)  # text labels
+    matrix = confusion_matrix(truth, predicted, labels=classes, normalize="true")
+    size = 2 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    shown = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    names = [str(c) for c in classes]
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for (row, column), share in np.ndenumerate(matrix):
+        ax.text(column, row, f"{share:.0%}", ha="center", va="center",
+                color="white" if share > 0.5 else "black", fontsize=8)  # fmt: skip
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (share of each true class)")
+    fig.colorbar(shown, ax=ax, fraction=0.046)
     return save(fig, path)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelyard.errors import SpecError
 from modelyard.values import category_text
 
-Task = Literal["regression", "binary_classification"]
+Task = Literal["regression", "binary_classification", "multiclass_classification"]
 
 METRICS: dict[str, dict[str, str]] = {
     # metric -> which direction is better; used by gates and reports alike.
@@ -32,6 +32,13 @@ METRICS: dict[str, dict[str, str]] = {
         "accuracy": "higher",
         "precision": "higher",
         "recall": "higher",
+    },
+    "multiclass_classification": {
+        "accuracy": "higher",
+        "f1_macro": "higher",
+        "f1_weighted": "higher",
+        "log_loss": "lower",
+        "roc_auc_ovr": "higher",  # one-vs-rest, averaged over the classes
     },
 }
 
@@ -198,6 +205,16 @@ class Directional(_Strict):
     min_fraction: Fraction = Field(
         default=1.0, description="Share of rows that must move that way."
     )
+    class_: str | None = Field(
+        default=None,
+        alias="class",
+        description="Multiclass: the class whose probability must move (required there).",
+    )
+
+    @field_validator("class_", mode="before")
+    @classmethod
+    def _class_as_text(cls, value: Any) -> Any:
+        return value if value is None or isinstance(value, str) else category_text(value)
 
 
 class Slice(_Strict):
@@ -410,6 +427,12 @@ class Spec(_Strict):
                     f"monitoring.environments: {env!r} is not under deploy.environments "
                     f"({list(self.deploy.environments)})"
                 )
+        for i, rule in enumerate(self.behaviour.directional):
+            if (rule.class_ is None) == (self.task == "multiclass_classification"):
+                raise ValueError(
+                    f"behaviour.directional[{i}].class: name the class whose probability must "
+                    "move for a multiclass model, and only there"
+                )
         known = set(names)
         for kind in ("invariance", "directional"):
             for i, rule in enumerate(getattr(self.behaviour, kind)):
@@ -429,7 +452,7 @@ class Spec(_Strict):
 
     @property
     def stratify(self) -> bool:
-        default = self.task == "binary_classification"
+        default = self.task != "regression"
         return default if self.split.stratify is None else self.split.stratify
 
     def resolve(self, relative: str) -> Path:

@@ -198,8 +198,9 @@ def log_training(ctx: RunContext, splits: Splits, trained: TrainResult) -> str:
         from modelyard import plots  # matplotlib: half a second a flow process need not pay
 
         files = plots.render(
-            spec.task, splits.eval[spec.target].to_numpy(), trained.eval_scores, work
-        )
+            spec.task, splits.eval[spec.target].to_numpy(), trained.eval_scores, work,
+            trained.classes,
+        )  # fmt: skip
         example = features_of(splits.eval, spec).dropna().head(5)
         return registry.log_training(
             ctx.run_id,
@@ -218,7 +219,9 @@ def model_gate(ctx: RunContext, splits: Splits, trained: TrainResult) -> GateRep
     if spec.gates.champion.enabled:
         client = registry.connect(ctx.settings)
         champion = registry.load_alias(client, spec.name, spec.gates.champion.alias)
-    return check_model(spec, splits.eval, trained.metrics, trained.eval_scores, champion)
+    return check_model(
+        spec, splits.eval, trained.metrics, trained.eval_scores, champion, trained.classes
+    )
 
 
 def behaviour_gate(spec: Spec, splits: Splits, trained: TrainResult) -> GateReport:
@@ -278,7 +281,7 @@ def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
         try:
             built = assemble(
                 ctx.spec, onnx, splits.eval, trained.eval_scores, work, signing_key(ctx.settings),
-                {"model_version": "unregistered"}, pmml,
+                {"model_version": "unregistered"}, pmml, trained.classes,
             )  # fmt: skip
         except ParityError:
             registry.log_files(ctx.run_id, [work / "parity.json"], "package")  # the worst rows
@@ -309,7 +312,7 @@ def package(
     }
     verified = seal_bundle(
         ctx.spec, exported.onnx, exported.pmml, splits.eval, trained.eval_scores,
-        out / "bundle", signing_key(ctx.settings), metadata,
+        out / "bundle", signing_key(ctx.settings), metadata, trained.classes,
     )  # fmt: skip
     tarball = pack(verified, out)
     registry.log_files(ctx.run_id, [tarball, write_parity(out, exported.parity)], "bundle")

@@ -14,7 +14,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from modelyard import estimators
 from modelyard.data import Splits, features_of
-from modelyard.evaluation import compute_metrics, scores
+from modelyard.evaluation import classes_of, compute_metrics, scores, target_values
 from modelyard.spec import Spec, resolve_estimator
 
 
@@ -25,6 +25,7 @@ class TrainResult:
     params: dict[str, str]
     fit_seconds: float
     eval_scores: np.ndarray = field(repr=False)
+    classes: list | None = None  # a classifier's labels, in its probability columns' order
 
 
 def build_pipeline(spec: Spec) -> Pipeline:
@@ -64,18 +65,23 @@ def estimator_params(spec: Spec) -> dict[str, Any]:
 
 def fit_and_evaluate(spec: Spec, splits: Splits) -> TrainResult:
     estimators.require_exportable(spec.estimator.class_, spec.task)
+    if spec.task == "multiclass_classification":
+        labels = splits.train[spec.target].unique().tolist()
+        estimators.require_labels(spec.estimator.class_, labels)
     model = build_pipeline(spec)
     started = time.perf_counter()
     model.fit(features_of(splits.train, spec), splits.train[spec.target].to_numpy())
     fit_seconds = time.perf_counter() - started
     eval_scores = scores(model, features_of(splits.eval, spec), spec.task)
-    metrics = compute_metrics(spec.task, splits.eval[spec.target].to_numpy(), eval_scores)
+    classes = None if spec.task == "regression" else classes_of(model)
+    y_true = target_values(spec, splits.eval)
     return TrainResult(
         model=model,
-        metrics=metrics,
+        metrics=compute_metrics(spec.task, y_true, eval_scores, classes),
         params=training_params(spec, splits),
         fit_seconds=fit_seconds,
         eval_scores=eval_scores,
+        classes=classes,
     )
 
 

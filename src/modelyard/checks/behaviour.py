@@ -66,6 +66,9 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
             "--import-mode=importlib",
             "-o",
             "addopts=",
+            # Feature names in check names as they are ('naïve é', not 'na\\xefve \\xe9').
+            "-o",
+            "disable_test_id_escaping_and_forfeit_all_rights_to_community_support=true",
             "-p",
             "no:cacheprovider",
             "-q",

@@ -62,6 +62,9 @@ def _target_expectations(spec: Spec) -> list[Any]:
     if spec.task == "binary_classification":
         # Both classes must be present: a one-class target cannot train a classifier.
         out.append(ex.ExpectColumnDistinctValuesToEqualSet(column=target, value_set=[0.0, 1.0]))
+    elif spec.task == "multiclass_classification":
+        # Two classes are a binary task; fewer cannot train a classifier at all.
+        out.append(ex.ExpectColumnUniqueValueCountToBeBetween(column=target, min_value=3))
     elif spec.expectations.target_min is not None or spec.expectations.target_max is not None:
         out.append(
             ex.ExpectColumnValuesToBeBetween(

@@ -18,7 +18,14 @@ import numpy as np
 import pandas as pd
 
 from modelyard.checks.report import Check, GateReport
-from modelyard.evaluation import compute_metrics, passes, row_losses, scores
+from modelyard.evaluation import (
+    classes_of,
+    compute_metrics,
+    passes,
+    row_losses,
+    scores,
+    target_values,
+)
 from modelyard.spec import Champion, Spec
 
 
@@ -80,14 +87,21 @@ def paired_bootstrap(
 
 
 def compare_with_champion(
-    spec: Spec, eval_frame: pd.DataFrame, challenger_scores: np.ndarray, champion: ChampionModel
+    spec: Spec,
+    eval_frame: pd.DataFrame,
+    challenger_scores: np.ndarray,
+    champion: ChampionModel,
+    classes: list | None = None,
 ) -> tuple[Check, dict[str, Any]]:
+    """`classes`: the challenger's, for multiclass scores; the champion's come from its model
+    (it may know other classes: a row of a class it never saw costs it the largest loss)."""
     settings: Champion = spec.gates.champion
-    y_true = eval_frame[spec.target].to_numpy(dtype=float)
+    y_true = target_values(spec, eval_frame)
     champion_scores = scores(champion.model, eval_frame.loc[:, champion.input_columns], spec.task)
+    champion_classes = None if spec.task == "regression" else classes_of(champion.model)
     stats = paired_bootstrap(
-        row_losses(spec.task, y_true, challenger_scores),
-        row_losses(spec.task, y_true, champion_scores),
+        row_losses(spec.task, y_true, challenger_scores, classes),
+        row_losses(spec.task, y_true, champion_scores, champion_classes),
         resamples=settings.resamples,
         alpha=settings.alpha,
     )
@@ -99,7 +113,7 @@ def compare_with_champion(
     )
     data = {
         "champion_version": champion.version,
-        "champion_metrics": compute_metrics(spec.task, y_true, champion_scores),
+        "champion_metrics": compute_metrics(spec.task, y_true, champion_scores, champion_classes),
         **stats,
     }
     return Check(name=f"champion ({settings.alias})", passed=not worse, detail=detail), data
@@ -111,6 +125,7 @@ def check_model(
     metrics: dict[str, float],
     challenger_scores: np.ndarray,
     champion: ChampionModel | None,
+    classes: list | None = None,
 ) -> GateReport:
     report = GateReport(gate="model", checks=check_thresholds(spec, metrics))
     report.data["challenger_metrics"] = metrics
@@ -128,7 +143,9 @@ def check_model(
                 "lacks; comparison skipped"
             )
         else:
-            check, data = compare_with_champion(spec, eval_frame, challenger_scores, champion)
+            check, data = compare_with_champion(
+                spec, eval_frame, challenger_scores, champion, classes
+            )
             report.checks.append(check)
             report.data["champion"] = data
     return report

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from modelyard.evaluation import scores
+from modelyard.evaluation import classes_of, scores, target_values
 from modelyard.spec import Spec
+from modelyard.values import category_text
 
 
 @dataclass
@@ -34,10 +35,28 @@ class Candidate:
 
     @property
     def target(self) -> np.ndarray:
-        return self.eval_frame[self.spec.target].to_numpy(dtype=float)
+        """The evaluation rows' target: numbers, or a multiclass target's labels."""
+        return target_values(self.spec, self.eval_frame)
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """The scores the gates judge: a value, the positive class's probability, or
+        (multiclass) a row of probabilities, one column per class of `classes`."""
         return scores(self.model, frame.loc[:, self.spec.feature_names], self.spec.task)
+
+    @property
+    def classes(self) -> list | None:
+        return None if self.spec.task == "regression" else classes_of(self.model)
+
+    def score_of(self, frame: pd.DataFrame, label: str | None) -> np.ndarray:
+        """One number per row: `predict`, or for a multiclass model the probability of the
+        class written `label` (as the spec writes classes: `modelyard.values.category_text`)."""
+        predicted = self.predict(frame)
+        if label is None:
+            return predicted
+        texts = [category_text(c) for c in self.classes or []]
+        if label not in texts:
+            raise ValueError(f"class {label!r} is not one of the model's classes {texts}")
+        return predicted[:, texts.index(label)]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

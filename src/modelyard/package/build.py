@@ -22,7 +22,7 @@ import modelyard
 from modelyard import bundle as bundles
 from modelyard.config import Settings
 from modelyard.data import features_of
-from modelyard.evaluation import scores
+from modelyard.evaluation import classes_of, scores
 from modelyard.monitor import bins as drift_bins
 from modelyard.package.onnx import export_onnx, onnx_input_names
 from modelyard.package.parity import ParityError, ParityReport, compare
@@ -30,6 +30,7 @@ from modelyard.package.pmml import pmml_for, prove_pmml
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Runtime
 from modelyard.spec import Spec
+from modelyard.values import category_text
 
 EXAMPLE_ROWS = 5
 
@@ -60,8 +61,13 @@ def trusted_keys(settings: Settings) -> str:
 
 
 def schema_of(
-    spec: Spec, onnx_names: list[str], eval_frame: pd.DataFrame, eval_scores: np.ndarray
+    spec: Spec,
+    onnx_names: list[str],
+    eval_frame: pd.DataFrame,
+    eval_scores: np.ndarray,
+    classes: list | None = None,
 ) -> dict[str, Any]:
+    """`classes`: a multiclass model's labels, in its probability columns' order."""
     inputs = [
         {
             "name": f.name,
@@ -81,11 +87,11 @@ def schema_of(
         "task": spec.task,
         "target": spec.target,
         "inputs": inputs,
-        "outputs": ["predict"]
-        + (["predict_proba"] if spec.task == "binary_classification" else []),
+        "outputs": ["predict"] + (["predict_proba"] if spec.task != "regression" else []),
+        **({"classes": classes} if spec.task == "multiclass_classification" else {}),
         "prediction_buckets": sorted({float(q) for q in quantiles}),
         "example": frame_columns(eval_frame.loc[:, spec.feature_names].dropna().head(EXAMPLE_ROWS)),
-        "reference": reference_of(spec, eval_frame, eval_scores),
+        "reference": reference_of(spec, eval_frame, eval_scores, classes),
         "monitoring": {
             "drift_threshold": spec.monitoring.drift_threshold,
             "drift_min_rows": spec.monitoring.min_rows,
@@ -97,11 +103,14 @@ def schema_of(
     }
 
 
-def reference_of(spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray) -> dict[str, Any]:
+def reference_of(
+    spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray, classes: list | None = None
+) -> dict[str, Any]:
     """Drift bins with the evaluation split's shares: what live traffic is compared against.
 
     The evaluation split is held out of fitting but drawn from the training data, and it is
-    the split the predictions' reference (the model's scores on it) comes from.
+    the split the predictions' reference (the model's scores on it) comes from. A multiclass
+    model's predictions are binned by predicted class.
     """
     features = {}
     for f in spec.features:
@@ -111,9 +120,14 @@ def reference_of(spec: Spec, eval_frame: pd.DataFrame, eval_scores: np.ndarray) 
             if f.type == "numeric"
             else drift_bins.categorical_bins(values, f.categories)
         ).to_json()
-    scores = [float(s) for s in eval_scores]
-    edges = drift_bins.PROBABILITY_EDGES if spec.task == "binary_classification" else None
-    prediction = drift_bins.numeric_bins(scores, edges)
+    if spec.task == "multiclass_classification":
+        texts = [category_text(c) for c in classes or []]
+        predicted = [texts[i] for i in np.asarray(eval_scores).argmax(axis=1)]
+        prediction = drift_bins.categorical_bins(predicted, texts)
+    else:
+        scores = [float(s) for s in eval_scores]
+        edges = drift_bins.PROBABILITY_EDGES if spec.task == "binary_classification" else None
+        prediction = drift_bins.numeric_bins(scores, edges)
     return {"features": features, "prediction": prediction.to_json()}
 
 
@@ -134,6 +148,7 @@ def prove_onnx(
     feeds, _ = codecs.to_feeds(frame_columns(features), runtime.columns, max_rows=len(features) + 1)
     prediction = runtime.predict(feeds)
     got = prediction.probabilities if prediction.probabilities is not None else prediction.values
+    # Multiclass: a row of probabilities per row, columns in the model's class order.
     tolerance = spec.package.tolerance
     return compare("onnx", expected, got, features, tolerance.rtol, tolerance.atol)
 
@@ -147,8 +162,10 @@ def seal_bundle(
     folder: Path,
     key: Ed25519PrivateKey,
     metadata: dict[str, Any],
+    classes: list | None = None,
 ) -> bundles.VerifiedBundle:
-    """Write the bundle's files into `folder` (replacing it), sign the manifest, verify it."""
+    """Write the bundle's files into `folder` (replacing it), sign the manifest, verify it.
+    `classes`: a classifier's labels, in the order of its probability columns."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -157,7 +174,7 @@ def seal_bundle(
         (folder / "model.pmml").write_bytes(pmml_bytes)
     _write_json(
         folder / "schema.json",
-        schema_of(spec, onnx_input_names(onnx_bytes), eval_frame, expected),
+        schema_of(spec, onnx_input_names(onnx_bytes), eval_frame, expected, classes),
     )
     _write_json(
         folder / "metadata.json",
@@ -197,18 +214,20 @@ def assemble(
     key: Ed25519PrivateKey,
     metadata: dict[str, Any],
     pmml_bytes: bytes | None = None,
+    classes: list | None = None,
 ) -> BuiltBundle:
     """Write, seal, verify and prove the bundle; a failed proof leaves no bundle behind.
 
-    `expected`: scikit-learn's scores on `eval_frame`, which every export must reproduce.
+    `expected`: scikit-learn's scores on `eval_frame`, which every export must reproduce;
+    `classes`: a classifier's labels, in the order of its probability columns.
     """
     folder = out_dir / "bundle"
     verified = seal_bundle(
-        spec, onnx_bytes, pmml_bytes, eval_frame, expected, folder, key, metadata
+        spec, onnx_bytes, pmml_bytes, eval_frame, expected, folder, key, metadata, classes
     )  # fmt: skip
     reports = [prove_onnx(spec, verified, eval_frame, expected)]
     if pmml_bytes is not None:
-        reports.append(prove_pmml(pmml_bytes, spec, eval_frame, expected))
+        reports.append(prove_pmml(pmml_bytes, spec, eval_frame, expected, classes))
     write_parity(out_dir, {r.export: r.to_dict() for r in reports})
     failed = [r for r in reports if not r.passed]
     if failed:
@@ -230,8 +249,9 @@ def build_bundle(
 ) -> BuiltBundle:
     pmml, _ = pmml_for(model, spec)
     expected = scores(model, features_of(eval_frame, spec), spec.task)
+    classes = None if spec.task == "regression" else classes_of(model)
     return assemble(
-        spec, export_onnx(model, spec), eval_frame, expected, out_dir, key, metadata, pmml
+        spec, export_onnx(model, spec), eval_frame, expected, out_dir, key, metadata, pmml, classes
     )
 
 

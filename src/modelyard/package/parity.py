@@ -58,11 +58,21 @@ def compare(
 ) -> ParityReport:
     expected = np.asarray(expected, dtype=float)
     got = np.asarray(got, dtype=float)
+    if expected.shape != got.shape:
+        raise ParityError(
+            f"{export} export answers shape {got.shape}, scikit-learn {expected.shape}"
+        )
     diff = np.abs(expected - got)
     diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only is a mismatch too
     allowed = atol + rtol * np.abs(expected)
-    bad = diff > allowed
-    order = np.argsort(-(diff - allowed))[:top]
+    excess = diff - allowed
+    if excess.ndim == 2:  # multiclass: a row is as wrong as its worst class probability
+        worst_class = excess.argmax(axis=1)
+        rows = np.arange(len(excess))
+        expected, got, diff = (a[rows, worst_class] for a in (expected, got, diff))
+        excess = excess[rows, worst_class]
+    bad = excess > 0
+    order = np.argsort(-excess)[:top]
     worst = [
         {
             "row": int(i),

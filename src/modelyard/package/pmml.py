@@ -65,7 +65,11 @@ def export_pmml(model: Any, spec: Spec) -> bytes:
 
 
 def prove_pmml(
-    pmml: bytes, spec: Spec, eval_frame: pd.DataFrame, expected: np.ndarray
+    pmml: bytes,
+    spec: Spec,
+    eval_frame: pd.DataFrame,
+    expected: np.ndarray,
+    classes: list | None = None,
 ) -> ParityReport:
     """`expected`: scikit-learn's scores on `eval_frame` (evaluation.scores)."""
     from jpmml_evaluator import make_evaluator
@@ -76,16 +80,25 @@ def prove_pmml(
         path.write_bytes(pmml)
         evaluator = make_evaluator(str(path), backend="jpype").verify()
         result = evaluator.evaluateAll(features)
-    got = _scores_of(result, spec)
+    got = _scores_of(result, spec, classes)
     tolerance = spec.package.tolerance
     return compare(
         "pmml", expected, got, eval_frame.loc[:, spec.feature_names], tolerance.rtol, tolerance.atol
     )
 
 
-def _scores_of(result: pd.DataFrame, spec: Spec) -> np.ndarray:
+def _scores_of(result: pd.DataFrame, spec: Spec, classes: list | None) -> np.ndarray:
     if spec.task == "regression":
         return result[spec.target].to_numpy(dtype=float)
+    if spec.task == "multiclass_classification":
+        columns = [f"probability({c})" for c in classes or []]
+        lacking = [c for c in columns if c not in result.columns]
+        if lacking:
+            raise ExportError(
+                f"the PMML of {spec.estimator.class_} gives no {lacking[0]} (it gives "
+                f"{list(result.columns)}), so it cannot be proven; set package.pmml: false"
+            )
+        return result[columns].to_numpy(dtype=float)
     positive = [c for c in result.columns if c.startswith("probability(") and float(c[12:-1]) == 1]
     if not positive:
         raise ExportError(

@@ -43,7 +43,7 @@ class ServingApp:
         self.max_body = max_body_bytes
         self.max_rows = max_rows
         buckets = runtime.schema.get("prediction_buckets") or list(PROBABILITY_BUCKETS)
-        if runtime.task == "binary_classification":
+        if runtime.classes is not None:  # a classifier's scores are probabilities
             buckets = list(PROBABILITY_BUCKETS)
         self.metrics = Metrics(
             runtime.name, runtime.version, runtime.digest, buckets,
@@ -222,21 +222,20 @@ class ServingApp:
             }
             for c in self.runtime.columns
         ]
-        outputs = [
-            {
-                "name": "predict",
-                "datatype": "FP64" if self.runtime.task == "regression" else "INT64",
-                "shape": [-1],
-            }
-        ]
-        if self.runtime.task == "binary_classification":
-            outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, 2]})
+        classes = self.runtime.classes
+        outputs = [{"name": "predict", "datatype": self.runtime.label_datatype, "shape": [-1]}]
+        if classes is not None:
+            outputs.append(
+                {"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(classes)]}
+            )
         body = {
             "name": self.runtime.name,
             "versions": [self.runtime.version],
             "platform": "onnxruntime",
             "inputs": inputs,
             "outputs": outputs,
+            # predict_proba's columns, in order (the Open Inference Protocol's free-form field)
+            **({"parameters": {"classes": classes}} if classes is not None else {}),
         }
         return 200, orjson.dumps(body), JSON
 

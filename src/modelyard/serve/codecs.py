@@ -327,7 +327,16 @@ def _categorical(column: Column, values: list[Any]) -> list[str]:
 
 def mlflow_response(prediction: Prediction) -> bytes:
     """What `mlflow models serve` returns for a scikit-learn model: predict() per row."""
-    return orjson.dumps({"predictions": prediction.values}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps({"predictions": _plain(prediction.values)},
+                        option=orjson.OPT_SERIALIZE_NUMPY)  # fmt: skip
+
+
+_V2_TYPES = {"f": "FP64", "O": "BYTES", "U": "BYTES"}  # numpy dtype kind -> V2 datatype
+
+
+def _plain(values: np.ndarray) -> Any:
+    """numpy arrays of numbers go out as they are; text labels (object arrays) as a list."""
+    return values.tolist() if values.dtype.kind in "OU" else values
 
 
 def v2_outputs(prediction: Prediction, wanted: list[str] | None) -> list[dict[str, Any]]:
@@ -336,17 +345,19 @@ def v2_outputs(prediction: Prediction, wanted: list[str] | None) -> list[dict[st
         "predict": {
             "name": "predict",
             "shape": [n],
-            "data": prediction.values,
-            "datatype": "FP64" if prediction.values.dtype == np.float64 else "INT64",
+            "data": _plain(prediction.values),
+            "datatype": _V2_TYPES.get(prediction.values.dtype.kind, "INT64"),
         },
     }
-    if prediction.probabilities is not None:
-        both = np.column_stack([1 - prediction.probabilities, prediction.probabilities])
+    probabilities = prediction.probabilities
+    if probabilities is not None:
+        if probabilities.ndim == 1:  # binary: the positive class's; both columns go out
+            probabilities = np.column_stack([1 - probabilities, probabilities])
         available["predict_proba"] = {
             "name": "predict_proba",
-            "shape": [n, 2],
+            "shape": list(probabilities.shape),
             "datatype": "FP64",
-            "data": both.reshape(-1),
+            "data": probabilities.reshape(-1),
         }
     if not wanted:
         return list(available.values())

@@ -141,17 +141,15 @@ class Metrics:
 
     def observe_batch(self, columns: dict[str, list[Any]], prediction: Any) -> None:
         """A batch's validated inputs and its Prediction: rows, distribution, drift bins."""
-        probabilities = prediction.probabilities
-        self.observe_predictions(probabilities if probabilities is not None else prediction.values)
+        self.observe_predictions(prediction.scores.tolist(), prediction.drift_values)
         self.observe_inputs(columns)
 
-    def observe_predictions(self, values: Any) -> None:
-        self._rows += len(values)
-        values = values.tolist() if hasattr(values, "tolist") else values
-        for value in values:
+    def observe_predictions(self, scores: list[float], drift_values: list[Any]) -> None:
+        self._rows += len(scores)
+        for value in scores:
             self._predictions.add(value)
         if self._prediction_bins is not None:
-            self._prediction_bins.add(values)
+            self._prediction_bins.add(drift_values)
 
     def observe_inputs(self, columns: dict[str, list[Any]]) -> None:
         """A batch's validated columns, counted into the drift bins."""

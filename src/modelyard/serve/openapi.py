@@ -27,7 +27,9 @@ def document(runtime: Runtime, auth: bool, max_rows: int, max_body_bytes: int) -
     rejections = _errors(max_rows, max_body_bytes)
     infer = _v2_infer(columns, max_rows, secured, rejections)
     paths: dict[str, Any] = {
-        "/invocations": {"post": _invocations(columns, max_rows, secured, rejections)},
+        "/invocations": {
+            "post": _invocations(columns, max_rows, secured, rejections, _label(runtime))
+        },
         f"/v2/models/{name}/infer": {"post": infer},
         f"/v2/models/{name}/versions/{runtime.version}/infer": {"post": infer},
         "/health/live": {"get": _simple("The process is up", {"status": {"type": "string"}})},
@@ -93,8 +95,17 @@ def _value_schema(column: Column) -> dict[str, Any]:
     return schema
 
 
+def _label(runtime: Runtime) -> dict[str, Any]:
+    """A prediction's schema: a number, or one of the classifier's labels."""
+    return {"type": "number"} if runtime.classes is None else {"enum": runtime.classes}
+
+
 def _invocations(
-    columns: list[Column], max_rows: int, secured: list, rejections: dict[int, Any]
+    columns: list[Column],
+    max_rows: int,
+    secured: list,
+    rejections: dict[int, Any],
+    label: dict[str, Any],
 ) -> dict[str, Any]:
     names = [c.name for c in columns]
     record = {
@@ -139,7 +150,7 @@ def _invocations(
         "responses": {
             "200": {"description": "One prediction per row", "content": {JSON: {"schema": {
                 "type": "object", "required": ["predictions"],
-                "properties": {"predictions": {"type": "array", "items": {"type": "number"}}},
+                "properties": {"predictions": {"type": "array", "items": label}},
             }}}},
             **_pick(rejections, 400, 401, 413, 415),
         },

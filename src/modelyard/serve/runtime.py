@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from modelyard.bundle import VerifiedBundle
+from modelyard.values import category_text
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,28 @@ class Column:
 
 
 class Prediction(NamedTuple):
-    """Values as the model's users expect them: a number (regression) or a 0/1 label, and the
-    positive-class probability for classifiers. A NamedTuple: one is made per request."""
+    """Values as the model's users expect them: a number (regression) or a label (0/1 for a
+    binary classifier; a multiclass model's own labels, text or integers), and the probabilities
+    of classifiers: the positive class's (binary), or a row per row with a column per class
+    (multiclass). A NamedTuple: one is made per request."""
 
     values: np.ndarray
     probabilities: np.ndarray | None
+
+    @property
+    def scores(self) -> np.ndarray:
+        """One number per row for the prediction histogram: the value, the positive class's
+        probability, or a multiclass model's confidence (its top probability)."""
+        if self.probabilities is None:
+            return self.values
+        return self.probabilities if self.probabilities.ndim == 1 else self.probabilities.max(1)
+
+    @property
+    def drift_values(self) -> list[Any]:
+        """What the prediction drift bins count: the scores, or a multiclass model's labels."""
+        if self.probabilities is not None and self.probabilities.ndim == 2:
+            return [category_text(label) for label in self.values.tolist()]
+        return self.scores.tolist()
 
 
 class Runtime:
@@ -48,6 +66,17 @@ class Runtime:
         )
         graph_types = {i.name: i.type for i in self.session.get_inputs()}
         self.columns = [_column(entry, graph_types) for entry in self.schema["inputs"]]
+        # A classifier's labels in the order of its probability columns.
+        self.classes: list[Any] | None = (
+            None if self.task == "regression" else self.schema.get("classes", [0, 1])
+        )
+
+    @property
+    def label_datatype(self) -> str:
+        """The V2 datatype of `predict`: numbers, integer labels or text labels."""
+        if self.classes is None:
+            return "FP64"
+        return "INT64" if all(isinstance(c, int) for c in self.classes) else "BYTES"
 
     @property
     def name(self) -> str:
@@ -63,10 +92,10 @@ class Runtime:
         outputs = self.session.run(None, feeds)
         if self.task == "regression":
             return Prediction(values=outputs[0].reshape(-1).astype(np.float64), probabilities=None)
-        probabilities = outputs[1][:, 1].astype(np.float64)
-        return Prediction(
-            values=outputs[0].reshape(-1).astype(np.int64), probabilities=probabilities
-        )
+        labels, probabilities = outputs[0].reshape(-1), outputs[1].astype(np.float64)
+        if self.task == "binary_classification":
+            return Prediction(values=labels.astype(np.int64), probabilities=probabilities[:, 1])
+        return Prediction(values=labels, probabilities=probabilities)
 
 
 _NUMBER_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}

@@ -1,7 +1,7 @@
 """Named slices of the evaluation data must each meet their own metric bound."""
 
 from modelyard.checks.model_tests_plugin import Candidate
-from modelyard.evaluation import compute_metrics, passes
+from modelyard.evaluation import compute_metrics, passes, target_values
 from modelyard.spec import Slice
 
 
@@ -12,8 +12,9 @@ def test_slice_meets_bound(candidate: Candidate, slice_rule: Slice) -> None:
     )
     values = compute_metrics(
         candidate.spec.task,
-        rows[candidate.spec.target].to_numpy(dtype=float),
+        target_values(candidate.spec, rows),
         candidate.predict(rows),
+        candidate.classes,
     )
     value = values[slice_rule.metric]
     assert passes(slice_rule.metric, value, slice_rule.min, slice_rule.max), (
