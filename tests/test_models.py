@@ -17,7 +17,7 @@ import pytest
 
 from modelyard import estimators
 from modelyard.bundle import load_or_create_key, parse_public_keys, verify
-from modelyard.data import Splits, conform, split
+from modelyard.data import Splits, conform, model_input, split
 from modelyard.package.build import build_bundle, frame_columns
 from modelyard.package.onnx import ExportError
 from modelyard.package.pmml import export_pmml, pmml_for, prove_pmml
@@ -28,7 +28,8 @@ from modelyard.train import fit_and_evaluate
 
 # Two pairs collide once sanitised ('a b'/'a_b', 'x-y'/'x.y'); 'narrow band' holds values closer
 # together than float32 can tell apart, where a tree's thresholds must be compared exactly.
-NUMERIC = ["mean radius", "a b", "a_b", "x-y", "x.y", "1st", "class", "narrow band", "naïve é"]
+NUMERIC = ["mean radius", "a b", "a_b", "x-y", "x.y", "1st", "class", "narrow band", "naïve é",
+           "two levels"]  # fmt: skip
 CATEGORICAL = ["lambda", "Ünïcode 名前", "plan code", "is active"]  # the last two: ints, bools
 SMALL = {"n_estimators": 15}  # ensembles: enough trees to matter, few enough to stay quick
 PARAMS: dict[str, dict[str, Any]] = {
@@ -51,6 +52,13 @@ def generate(rows: int, seed: int) -> pd.DataFrame:
     frame = pd.DataFrame({name: rng.normal(0, 1, rows) * 10 ** (i % 4) for i, name in
                           enumerate(NUMERIC)})  # fmt: skip
     frame["narrow band"] = 1000 + rng.random(rows) * 1e-3  # 6e-5 apart in float32
+    # A third of the rows exactly 0.4, the rest either side: the median, which fills the gaps,
+    # is 0.4, and so is the threshold a histogram tree puts among those ties. 0.4 is no float32
+    # value: a fill rounded to float32 (0.40000001) takes the other branch.
+    ties = rng.choice([0.0, 1.0, 2.0], rows)
+    frame["two levels"] = np.where(ties == 1, 0.4, np.where(ties == 0, rng.uniform(0, 0.4, rows),
+                                                            rng.uniform(0.41, 1, rows)))  # fmt: skip
+    frame.loc[rng.random(rows) < 0.08, "two levels"] = np.nan
     frame.loc[rng.random(rows) < 0.05, "mean radius"] = np.nan
     frame["lambda"] = rng.choice(["red", "green", "blue"], rows)
     frame["Ünïcode 名前"] = rng.choice(["α", "β"], rows)
@@ -59,7 +67,7 @@ def generate(rows: int, seed: int) -> pd.DataFrame:
     signal = (
         frame["mean radius"].fillna(0) + 0.5 * frame["a b"] - 0.01 * frame["x.y"]
         + (frame["narrow band"] - 1000) * 2000 + (frame["lambda"] == "red")
-        + 0.5 * frame["plan code"] - frame["is active"]
+        + 0.5 * frame["plan code"] - frame["is active"] + 3 * (frame["two levels"].fillna(0.4) > 0.4)
     )  # fmt: skip
     frame["target"] = signal + rng.normal(0, 0.3, rows)
     return frame
@@ -109,15 +117,16 @@ def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) ->
         np.testing.assert_allclose(mlflow["predictions"], expected, rtol=1e-5, atol=1e-5)
         return
     proba = np.asarray(next(o for o in v2["outputs"] if o["name"] == "predict_proba")["data"])
+    # Labels are the estimator's own predict() (an SVC decides by its margin, not p >= 0.5).
+    labels = trained.model.predict(model_input(rows)).tolist()
     if task == "binary_classification":
-        assert mlflow["predictions"] == [int(p >= 0.5) for p in expected] or _near_half(expected)
+        assert mlflow["predictions"] == labels or _near_half(expected)
         np.testing.assert_allclose(proba[1::2], expected, rtol=1e-5, atol=1e-5)
     else:
         coded = supported.coded_labels
         assert (
             runtime.classes == trained.classes == ([0, 1, 2] if coded else ["high", "low", "mid"])
         )
-        labels = [trained.classes[i] for i in expected.argmax(axis=1)]
         assert mlflow["predictions"] == labels or _near_tie(expected)
         np.testing.assert_allclose(proba.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
         predict = next(o for o in v2["outputs"] if o["name"] == "predict")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import onnx
 
 from modelyard.errors import ExportFailed
 from modelyard.package import converters
-from modelyard.package.precision import compares_in_float32, in_float64
+from modelyard.package.precision import Fitted, compares_in_float32, in_float64
 from modelyard.spec import Spec
 
 TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
@@ -46,8 +47,27 @@ def export_onnx(model: Any, spec: Spec) -> bytes:
             "Serving needs ONNX: pick an estimator from docs/models.md or register a converter "
             "for it with skl2onnx."
         ) from exc
-    exact = in_float64(graph, compares_in_float32(estimator), converters.fitted_trees(estimator))
-    return exact.SerializeToString()
+    fitted = Fitted(
+        trees_in_float32=compares_in_float32(estimator),
+        trees=converters.fitted_trees(estimator),
+        fills=tuple(np.asarray(i.statistics_, dtype=np.float64) for i in _imputers(model)),
+    )
+    return in_float64(graph, fitted).SerializeToString()
+
+
+def _imputers(model: Any) -> list[Any]:
+    """The fitted SimpleImputers inside the pipeline (inside its fitted ColumnTransformer)."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(model, SimpleImputer):
+        return [model]
+    if isinstance(model, Pipeline):
+        return [i for _, step in model.steps for i in _imputers(step)]
+    if isinstance(model, ColumnTransformer):
+        return [i for _, part, _ in model.transformers_ for i in _imputers(part)]
+    return []
 
 
 def onnx_input_names(onnx_bytes: bytes) -> list[str]:

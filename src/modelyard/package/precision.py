@@ -5,7 +5,8 @@ reads them. skl2onnx writes such a graph, but ONNX Runtime lacks float64 kernels
 ai.onnx.ml operators, and tree operators must compare the way the estimator compares. Three
 rewrites, each proven afterwards by the parity check on the whole evaluation split:
 
-- `Imputer` becomes `IsNaN` + `Where`, which run in float64.
+- `Imputer` becomes `IsNaN` + `Where`, which run in float64, with the fitted fill values (the
+  converter rounds them to float32).
 - Tree estimators that cast X to float32 before comparing it with float64 thresholds (all of
   scikit-learn's but HistGradientBoosting) get a float32 tree operator fed a float32 cast of the
   (float64-imputed) input, exactly the values scikit-learn compares. skl2onnx writes thresholds
@@ -70,22 +71,30 @@ class ReferenceTree:
     splits: dict[Hashable, tuple[float, Hashable, Hashable]]
 
 
-def in_float64(
-    model: onnx.ModelProto, trees_in_float32: bool, exact: list[ReferenceTree] | None = None
-) -> onnx.ModelProto:
-    """The rewrites above, on a graph whose numeric inputs are float64. `exact`: the fitted
-    trees (in the order the graph numbers them) of an estimator that compares in float64, whose
-    thresholds the converter rounded to float32; the graph gets theirs, in float64."""
+@dataclass(frozen=True)
+class Fitted:
+    """What the fitted pipeline knows in float64 that converters write rounded to float32."""
+
+    trees_in_float32: bool = False  # see compares_in_float32
+    trees: list[ReferenceTree] | None = None  # of an estimator that compares in float64
+    fills: tuple[np.ndarray, ...] = ()  # each imputer's fill values, in its columns' order
+
+
+def in_float64(model: onnx.ModelProto, fitted: Fitted) -> onnx.ModelProto:
+    """The rewrites above, on a graph whose numeric inputs are float64. Imputers fill gaps with
+    the fitted fill values, and trees that compare in float64 get the fitted thresholds, matched
+    to the converters' rounded ones: a median a rounding away from a threshold that equals it
+    took the other branch."""
     graph = model.graph
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.domain == ML and node.op_type == "Imputer":
-            nodes += _imputer(graph, node)
+            nodes += _imputer(graph, node, fitted.fills)
         elif node.domain == ML and node.op_type in TREE_OPS:
-            if exact is not None:
-                _float64_thresholds(node, exact)
+            if fitted.trees is not None:
+                _float64_thresholds(node, fitted.trees)
                 _require_ml_opset(model, 3)  # the first with `*_as_tensor` attributes
-            nodes += _tree(node, trees_in_float32)
+            nodes += _tree(node, fitted.trees_in_float32)
         elif node.domain == ML and node.op_type in FLOAT32_ONLY:
             nodes += _in_float32(node, [0], [FLOAT32_ONLY[node.op_type]])
         else:
@@ -96,13 +105,19 @@ def in_float64(
     return model
 
 
-def _imputer(graph: onnx.GraphProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+def _imputer(
+    graph: onnx.GraphProto, node: onnx.NodeProto, fills: tuple[np.ndarray, ...]
+) -> list[onnx.NodeProto]:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     replaced = attrs.get("replaced_value_float", float("nan"))
     if not np.isnan(replaced):
         return [node]  # only NaN gaps reach an imputer here (modelyard's own pipeline)
     fill = f"{node.name}_fill"
-    values = np.asarray(attrs["imputed_value_floats"], dtype=np.float64).reshape(1, -1)
+    rounded = np.asarray(attrs["imputed_value_floats"], dtype=np.float32)
+    exact = [
+        f for f in fills if f.shape == rounded.shape and (f.astype(np.float32) == rounded).all()
+    ]
+    values = (exact[0] if exact else rounded).astype(np.float64).reshape(1, -1)
     graph.initializer.append(numpy_helper.from_array(values, fill))
     gaps = f"{node.name}_gaps"
     return [
