@@ -74,7 +74,7 @@ def generate(rows: int, seed: int) -> pd.DataFrame:
 
 
 def spec_for(supported: estimators.Supported, task: str) -> Spec:
-    features = [{"name": n, "type": "numeric", "max_missing": 0.1} for n in NUMERIC]
+    features = [{"name": n, "type": "numeric", "max_missing": 0.2} for n in NUMERIC]
     features += [{"name": n, "type": "categorical"} for n in CATEGORICAL[:2]]
     features += [{"name": "plan code", "type": "categorical", "categories": [1, 2, 3]},
                  {"name": "is active", "type": "categorical", "categories": [True, False]}]  # fmt: skip

@@ -267,7 +267,7 @@ def user_project(
     spec = {
         "name": root.name, "task": task,
         "dataset": {"path": "customers.csv"}, "target": "target",
-        "features": [{"name": n, "type": "numeric", "max_missing": 0.1} for n in NUMERIC]
+        "features": [{"name": n, "type": "numeric", "max_missing": 0.2} for n in NUMERIC]
         + [{"name": n, "type": "categorical"} for n in CATEGORICAL],
         "estimator": estimator, **extra,
     }  # fmt: skip
