@@ -12,6 +12,7 @@ the model can do.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,4 @@ def _model_name(data: Path) -> str:
 
 
 def _relative(data: Path, folder: Path) -> str:
-    import os
-
     return os.path.relpath(data.resolve(), folder.resolve())

@@ -2,8 +2,9 @@
 
 Numeric inputs enter the graph as float64, as they leave a JSON request and as scikit-learn
 reads them. skl2onnx writes such a graph, but ONNX Runtime lacks float64 kernels for a few
-ai.onnx.ml operators, and tree operators must compare the way the estimator compares. Three
-rewrites, each proven afterwards by the parity check on the whole evaluation split:
+ai.onnx.ml operators, converters round fitted values to float32, and tree operators must compare
+the way the estimator compares. The rewrites, each proven afterwards by the parity check on the
+whole evaluation split:
 
 - `Imputer` becomes `IsNaN` + `Where`, which run in float64, with the fitted fill values (the
   converter rounds them to float32).
@@ -12,7 +13,9 @@ rewrites, each proven afterwards by the parity check on the whole evaluation spl
   (float64-imputed) input, exactly the values scikit-learn compares. skl2onnx writes thresholds
   `w` such that `float32(x) <= t` exactly when `x <= w`; for a float32 `x` that is `x <= floor32(w)`
   (the largest float32 not above `w`), which is what the float32 operator is given. The
-  operator's float32 sums are cast back to float64; the others keep float64 inputs.
+  operator's float32 sums are cast back to float64.
+- Tree estimators that compare float64 inputs with float64 thresholds (HistGradientBoosting,
+  LightGBM) keep float64 inputs and get the fitted thresholds, which their converters round.
 - Operators ONNX Runtime runs only in float32 get float32 inputs and their outputs cast back.
 
 (Before this, a StandardScaler in front of a tree ran in float32 in the graph and in float64 in
