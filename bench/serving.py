@@ -1,9 +1,11 @@
-"""Serving benchmark: modelyard's server vs `mlflow models serve` on the same ad-clicks version.
+"""Serving benchmark: modelyard's server vs `mlflow models serve` on the same MLflow version.
 
-Both run side by side on this machine with one process per core, answering one-row requests
-from wrk over loopback with keep-alive at several concurrencies. modelyard runs with bearer auth
-and Prometheus metrics on. A no-op route (GET /health/live) on modelyard's own HTTP stack is the
-ceiling. Prints a Markdown table; `--write` replaces the serving section of docs/benchmarks.md.
+Three models on the ad-clicks data: the example's logistic regression, a random forest and
+LightGBM. For each, both servers run side by side on this machine with one process per core,
+answering one-row requests from wrk over loopback with keep-alive at several concurrencies.
+modelyard runs with bearer auth and Prometheus metrics on. A no-op route (GET /health/live) on
+modelyard's own HTTP stack is the ceiling. Prints a Markdown table; `--write` replaces the
+serving section of docs/benchmarks.md.
 
 Usage: python -m bench.serving [--seconds 10] [--write]
 """
@@ -23,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from bench.common import replace_section, stamp
 from modelyard.ports import free_port
 
@@ -32,12 +36,21 @@ TOKEN = "bench-token-0123456789abcdef"
 ROW = {"columns": ["age", "gender", "pages_viewed", "previous_clicks", "time_on_site", "device"],
        "data": [[29, "female", 41, 4, 17.5, "desktop"]]}  # fmt: skip
 CONCURRENCY = (1, 8, 32)
+# The example as shipped, then a tree ensemble and a boosted model trained on the same data.
+MODELS: dict[str, dict | None] = {
+    "logistic regression": None,
+    "random forest": {"class": "sklearn.ensemble.RandomForestClassifier",
+                      "params": {"n_estimators": 100, "max_depth": 12}},
+    "LightGBM": {"class": "lightgbm.LGBMClassifier",
+                 "params": {"n_estimators": 200, "verbose": -1}},
+}  # fmt: skip
 CEILING = "modelyard no-op (ceiling)"
 MLFLOW_IMAGE_DOCS = "1–3.7 GB (as MLflow users report for `mlflow models build-docker`)"
 
 
 @dataclass
 class Result:
+    model: str
     server: str
     route: str
     connections: int
@@ -60,19 +73,37 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
     raise TimeoutError(url)
 
 
-def train(workspace: Path) -> tuple[str, Path]:
-    """Register the ad-clicks model through the real pipeline; returns (version, bundle)."""
+def train(workspace: Path, estimator: dict | None) -> tuple[str, str, Path]:
+    """Register a model on the ad-clicks data through the real pipeline; returns (name,
+    version, bundle). `estimator` replaces the example's, whose behaviour rules and champion
+    are then left out: they were written for the logistic regression."""
+    spec = ROOT / "examples/ad_clicks/modelyard.yaml"
+    if estimator is not None:
+        spec = _variant(workspace, spec, estimator)
     # The image is built when a Docker engine is there (make bench starts one), for its size.
     env = {**os.environ, "MODELYARD_WORKSPACE": str(workspace), "MODELYARD_BUILD_IMAGE": "auto"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
     # --no-deploy: the benchmarks serve the bundle themselves, on ports of their own.
-    done = subprocess.run([str(BIN / "modelyard"), "run", "--no-deploy", "--spec", str(ROOT / "examples/ad_clicks/modelyard.yaml")],
+    done = subprocess.run([str(BIN / "modelyard"), "run", "--no-deploy", "--spec", str(spec)],
                           env=env, capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         sys.exit(done.stdout[-3000:] + done.stderr[-3000:])
-    version = re.search(r"ad_clicks version (\d+)", done.stdout).group(1)
-    return version, workspace / "bundles" / "ad_clicks" / version / "bundle"
+    name = yaml.safe_load(spec.read_text())["name"]
+    version = re.search(rf"{name} version (\d+)", done.stdout).group(1)
+    return name, version, workspace / "bundles" / name / version / "bundle"
+
+
+def _variant(workspace: Path, example: Path, estimator: dict) -> Path:
+    folder = workspace / "variants" / estimator["class"].rpartition(".")[2].lower()
+    folder.mkdir(parents=True)
+    (folder / "data.py").write_text((example.parent / "data.py").read_text())
+    spec = yaml.safe_load(example.read_text())
+    spec |= {"name": f"ad_clicks_{folder.name}", "estimator": estimator, "behaviour": {}}
+    spec["gates"]["champion"] = {"enabled": False}
+    spec.pop("deploy")
+    (folder / "modelyard.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder / "modelyard.yaml"
 
 
 def wrk(
@@ -137,50 +168,71 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
 
 def run(seconds: int) -> tuple[list[Result], dict[str, str]]:
     workspace = Path(tempfile.mkdtemp(prefix="modelyard-bench-"))
-    version, bundle = train(workspace)
+    results: list[Result] = []
+    versions = {}
+    for label, estimator in MODELS.items():
+        name, version, bundle = train(workspace, estimator)
+        versions[label] = f"{name} v{version}"
+        # The no-op ceiling does no model work: measured once, beside the first model.
+        results += serve_both(workspace, name, version, bundle, label, seconds,
+                              ceiling=not results)  # fmt: skip
+    facts = {
+        "versions": ", ".join(f"{label}: {v}" for label, v in versions.items()),
+        "workers": str(os.cpu_count() or 1),
+        "seconds": str(seconds),
+        "image": image_size(versions["logistic regression"].split(" v")[1]),
+    }
+    return results, facts
+
+
+def serve_both(
+    workspace: Path, name: str, version: str, bundle: Path, label: str, seconds: int,
+    ceiling: bool,
+) -> list[Result]:  # fmt: skip
+    """One version served by modelyard (its bundle) and by `mlflow models serve` (the MLflow
+    model), both measured at every concurrency."""
     cores = str(os.cpu_count() or 1)
     my_port, ml_port = free_port(), free_port()
     env = {**os.environ, "MODELYARD_WORKSPACE": str(workspace), "MODELYARD_SERVE_TOKEN": TOKEN}
     mine = start([str(BIN / "modelyard"), "serve", str(bundle), "--port", str(my_port), "--workers", cores],
-                 env, workspace / "modelyard.log")  # fmt: skip
+                 env, workspace / f"{name}-modelyard.log")  # fmt: skip
     ml_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
               "MLFLOW_DISABLE_TELEMETRY": "true",
               # mlflow execs `uvicorn` by name: it must find the venv's.
               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    theirs = start([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/ad_clicks/{version}", "-p", str(ml_port),
+    theirs = start([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}/{version}", "-p", str(ml_port),
                     "-h", "127.0.0.1", "--env-manager", "local", "-w", cores],
-                   ml_env, workspace / "mlflow.log")  # fmt: skip
+                   ml_env, workspace / f"{name}-mlflow.log")  # fmt: skip
     results = []
     try:
-        wait_ready(f"http://127.0.0.1:{my_port}/health/ready", mine, workspace / "modelyard.log")
-        wait_ready(f"http://127.0.0.1:{ml_port}/ping", theirs, workspace / "mlflow.log")
+        wait_ready(
+            f"http://127.0.0.1:{my_port}/health/ready", mine, workspace / f"{name}-modelyard.log"
+        )
+        wait_ready(f"http://127.0.0.1:{ml_port}/ping", theirs, workspace / f"{name}-mlflow.log")
         body = {"dataframe_split": ROW}
-        answers = {name: ask(f"http://127.0.0.1:{port}/invocations", body, auth)
-                   for name, port, auth in (("mlflow", ml_port, False), ("modelyard", my_port, True))}  # fmt: skip
+        answers = {server: ask(f"http://127.0.0.1:{port}/invocations", body, auth)
+                   for server, port, auth in (("mlflow", ml_port, False), ("modelyard", my_port, True))}  # fmt: skip
         if answers["mlflow"] != answers["modelyard"]:
-            sys.exit(f"the servers disagree on the benchmark row: {answers}")
+            sys.exit(f"the servers disagree on the benchmark row ({label}): {answers}")
         for c in CONCURRENCY:
-            for name, port, auth in (
+            for server, port, auth in (
                 ("mlflow models serve", ml_port, False),
                 ("modelyard", my_port, True),
             ):
                 url = f"http://127.0.0.1:{port}/invocations"
-                results.append(Result(name, "/invocations", c, *wrk(url, c, seconds, body, auth)))
-            url = f"http://127.0.0.1:{my_port}/health/live"
-            results.append(
-                Result(CEILING, "GET /health/live", c, *wrk(url, c, seconds, None, False))
-            )
+                results.append(
+                    Result(label, server, "/invocations", c, *wrk(url, c, seconds, body, auth))
+                )
+            if ceiling:
+                url = f"http://127.0.0.1:{my_port}/health/live"
+                results.append(
+                    Result("—", CEILING, "GET /health/live", c, *wrk(url, c, seconds, None, False))
+                )
     finally:
         for process in (mine, theirs):
             process.terminate()
             process.wait(timeout=30)
-    facts = {
-        "version": version,
-        "workers": cores,
-        "seconds": str(seconds),
-        "image": image_size(version),
-    }
-    return results, facts
+    return results
 
 
 def image_size(version: str) -> str:
@@ -193,24 +245,27 @@ def image_size(version: str) -> str:
 
 
 def table(results: list[Result], facts: dict[str, str]) -> str:
-    by = {(r.server, r.connections): r for r in results}
+    by = {(r.model, r.server, r.connections): r for r in results}
     lines = [
-        "| server | connections | requests/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|",
+        "| model | server | connections | requests/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.server} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
+            f"| {r.model} | {r.server} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
         )
     lines.append("")
-    for c in CONCURRENCY:
-        mine, theirs, ceiling = (
-            by[("modelyard", c)],
-            by[("mlflow models serve", c)],
-            by[(CEILING, c)],
+    for model in MODELS:
+        ratios = []
+        for c in CONCURRENCY:
+            mine, theirs = by[(model, "modelyard", c)], by[(model, "mlflow models serve", c)]
+            ceiling = by[("—", CEILING, c)]
+            ratios.append(
+                f"{c}: **{mine.rps / theirs.rps:.1f}×** ({mine.rps / ceiling.rps:.0%} of the ceiling)"
+            )
+        lines.append(
+            f"- {model}, modelyard's throughput over mlflow's at concurrency " + "; ".join(ratios)
         )
-        lines.append(f"- concurrency {c}: modelyard **{mine.rps / theirs.rps:.1f}×** mlflow's throughput; "
-                     f"{mine.rps / ceiling.rps:.0%} of the no-op ceiling")  # fmt: skip
     lines.append(
         f"- image: modelyard {facts['image']}; `mlflow models build-docker`: {MLFLOW_IMAGE_DOCS}"
     )
@@ -233,7 +288,7 @@ def main() -> None:
 
 def write_doc(text: str, facts: dict[str, str], seconds: int) -> None:
     replace_section("serving", (
-        f"{stamp()}, ad_clicks v{facts['version']}, {facts['workers']} worker processes per server, "
+        f"{stamp()}; {facts['versions']}; {facts['workers']} worker processes per server, "
         f"wrk {seconds} s per cell, one-row `dataframe_split` requests with keep-alive, both servers "
         "running side by side. Command: `make bench`.\n\n" + text
     ))  # fmt: skip

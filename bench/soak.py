@@ -57,7 +57,7 @@ def rss_mb(pid: int) -> float:
 
 def soak(minutes: float, connections: int) -> tuple[list[Window], dict[str, str]]:
     workspace = Path(tempfile.mkdtemp(prefix="modelyard-soak-"))
-    version, bundle = train(workspace)
+    _, version, bundle = train(workspace, estimator=None)
     port = free_port()
     env = {**os.environ, "MODELYARD_WORKSPACE": str(workspace), "MODELYARD_SERVE_TOKEN": TOKEN}
     server = start([str(BIN / "modelyard"), "serve", str(bundle), "--port", str(port),

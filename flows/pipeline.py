@@ -69,10 +69,10 @@ def open_run_task(
     spec_path: str,
     settings: Settings,
     git: GitInfo,
-    data_fingerprint: str,
+    data: stages.Prepared,
     tags: dict[str, str],
 ) -> stages.RunContext:
-    return stages.open_run(spec, Path(spec_path), settings, git, data_fingerprint, tags)
+    return stages.open_run(spec, Path(spec_path), settings, git, data, tags)
 
 
 @task(name="validate-data", cache_key_fn=_by_cache_key, persist_result=True)
@@ -266,12 +266,13 @@ def pipeline(
     )
     git = git_info(spec.source_dir, overrides)
     prepared: stages.Prepared = runner.run("load-data", load_data_task, spec)
+    runner.logger.info("Data: %d rows from %s", len(prepared.frame), prepared.source)
     tags = {"trigger": trigger, "prefect_flow_run_id": str(flow_run.id)}
     # What serves now: the champion this run is judged against and what an approver is asked to
     # replace. A release moves an environment only if it still serves the same version.
     serving = release.serving_versions(settings, spec) if deploy else {}
     ctx: stages.RunContext = runner.run(
-        "open-mlflow-run", open_run_task, spec, spec_path, settings, git, prepared.fingerprint, tags
+        "open-mlflow-run", open_run_task, spec, spec_path, settings, git, prepared, tags
     )
     runner.logger.info("MLflow run: %s", ctx.run_url)
     try:

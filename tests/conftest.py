@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -255,3 +258,66 @@ def moto() -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# --- PostgreSQL: Debian's, a cluster per test module ---------------------------------------------
+PG_PASSWORD = "pg-secret-5f2c9a"
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name) or ""]
+    if not found[-1]:
+        pytest.fail(f"PostgreSQL's {name} is missing: `make stack` installs Debian's postgresql")
+    return found[-1]
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root; CI runs the tests as root.
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@dataclass(frozen=True)
+class Postgres:
+    port: int
+    psql: Callable[..., str]  # (sql, database="postgres") -> output, as the superuser
+    password: str  # role `modelyard`'s; must never show in a log, argv or tag
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL cluster of its own on a loopback port, with a password-only role
+    `modelyard` that may create databases."""
+    folder = Path(tempfile.mkdtemp(prefix="modelyard-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "postgres",
+                                 "--auth-local=trust", "--auth-host=scram-sha-256"]),
+                   check=True, capture_output=True)  # fmt: skip
+    server = subprocess.Popen(
+        _as_postgres([_pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
+                      "-c", "listen_addresses=127.0.0.1"]),
+        stdout=(folder / "log").open("w"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def psql(sql: str, database: str = "postgres") -> str:
+        return subprocess.run(
+            _as_postgres([_pg_bin("psql"), "-h", str(folder), "-p", str(port), "-U", "postgres",
+                          "-d", database, "-tAc", sql]),
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(_as_postgres([_pg_bin("pg_isready"), "-h", str(folder), "-p",
+                                           str(port)]), capture_output=True).returncode != 0:  # fmt: skip
+            assert server.poll() is None, (folder / "log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "PostgreSQL not ready within 120 s"
+            time.sleep(0.2)
+        psql(f"CREATE ROLE modelyard LOGIN CREATEDB PASSWORD '{PG_PASSWORD}'")
+        yield Postgres(port, psql, PG_PASSWORD)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from modelyard.data import conform
+from modelyard.data import conform, fingerprint
 from modelyard.errors import DataError
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Column
@@ -84,8 +84,8 @@ def test_init_drafts_a_spec_from_the_data(tmp_path) -> None:
     (tmp_path / "modelyard.yaml").write_text(drafted.to_yaml())
     assert load_spec(tmp_path / "modelyard.yaml").feature("contract").categories == [
         "monthly", "yearly"]  # fmt: skip
-    with pytest.raises(DataError, match="target 'contract' has values"):
-        draft(tmp_path / "data" / "telco churn.csv", "contract", tmp_path)
+    with pytest.raises(DataError, match="target 'customer id' has values"):
+        draft(tmp_path / "data" / "telco churn.csv", "customer id", tmp_path)
 
 
 def test_a_target_of_text_labels_is_drafted_as_multiclass(tmp_path) -> None:
@@ -121,3 +121,131 @@ def test_a_multiclass_directional_rule_names_its_class_and_only_there(task, rule
         return
     with pytest.raises(ValidationError, match=r"directional\[0\]\.class"):
         Spec.model_validate(spec)
+
+
+# --- sources: a file, S3 (tests/test_sources.py) or a SQL query; the same rows from each -------
+
+
+def test_csv_parquet_and_sql_give_the_same_rows_and_fingerprint(tmp_path) -> None:
+    from sqlalchemy import create_engine
+
+    from modelyard.data import load_with_source
+    from tests.sources import expected_fingerprint, spec_reading, table
+
+    frame = table()
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    frame.to_parquet(tmp_path / "rows.parquet", index=False)
+    database = tmp_path / "rows.db"
+    engine = create_engine(f"sqlite:///{database}")
+    # SQLite has no boolean type (it stores 1/0): its table holds them as the text they mean.
+    as_text = frame["is active"].map({True: "true", False: "false"})
+    frame.assign(**{"is active": as_text}).to_sql("user rows", engine, index=False)
+    engine.dispose()
+    query = 'SELECT * FROM "user rows" ORDER BY rowid'
+    sources = {
+        "csv": {"path": str(tmp_path / "rows.csv")},
+        "parquet": {"path": str(tmp_path / "rows.parquet")},
+        "sql": {"sql": {"url": f"sqlite:///{database}", "query": query}},
+    }
+    expected = expected_fingerprint(frame)
+    for name, dataset in sources.items():
+        loaded, source = load_with_source(spec_reading(dataset))
+        assert fingerprint(loaded) == expected, name
+    assert str(source) == f"sqlite:///{database} (query sha256 {sha256(query)[:16]})"
+
+
+def sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(("dataset", "message"), [
+    ({"sql": {"url": "postgresql://reader:hunter2@db/sales", "query": "SELECT 1"}},
+     "dataset.sql.url: .*holds a password.*password_env"),
+    ({"sql": {"url": "postgresql://reader@db/sales?password=hunter2", "query": "SELECT 1"}},
+     "dataset.sql.url: .*holds a password"),
+    ({"sql": {"url": "not a url", "query": "SELECT 1"}}, "dataset.sql.url: .*not a database URL"),
+    ({"sql": {"url": "sqlite://", "query": "SELECT 1", "password_env": "DB PASSWORD"}},
+     "dataset.sql.password_env: .*not an environment variable name"),
+    ({"sql": {"url": "sqlite://", "query": "  "}}, "dataset.sql.query: .*empty"),
+    ({"path": "x.csv", "sql": {"url": "sqlite://", "query": "SELECT 1"}},
+     "exactly one of 'path'.*given: \\['path', 'sql'\\]"),
+    ({"path": "https://example.com/x.csv"}, "the one remote store is S3"),
+    ({"path": "s3://bucket-only.csv"}, "s3://bucket/key"),
+])  # fmt: skip
+def test_a_bad_source_is_refused_when_the_spec_loads(tmp_path, dataset, message) -> None:
+    import yaml
+
+    from modelyard.errors import SpecError
+    from modelyard.spec import load_spec
+    from tests.sources import spec_reading
+
+    raw = spec_reading({"path": "x.csv"}).model_dump(mode="json", by_alias=True)
+    (tmp_path / "modelyard.yaml").write_text(yaml.safe_dump(raw | {"dataset": dataset}))
+    with pytest.raises(SpecError, match=message) as refused:
+        load_spec(tmp_path / "modelyard.yaml")
+    assert "hunter2" not in str(refused.value)
+
+
+def test_a_password_variable_that_is_not_set_is_named(monkeypatch) -> None:
+    from modelyard.data import load_dataset
+    from tests.sources import spec_reading
+
+    monkeypatch.delenv("SALES_DB_PASSWORD", raising=False)
+    spec = spec_reading({"sql": {"url": "sqlite://", "query": "SELECT 1",
+                                 "password_env": "SALES_DB_PASSWORD"}})  # fmt: skip
+    with pytest.raises(DataError, match="password_env names SALES_DB_PASSWORD, which is not set"):
+        load_dataset(spec)
+
+
+def test_a_failing_query_says_what_the_database_said(tmp_path) -> None:
+    from modelyard.data import load_dataset
+    from tests.sources import spec_reading
+
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    spec = spec_reading({"sql": {"url": url, "query": "SELECT * FROM churn"}})
+    with pytest.raises(DataError, match=f"dataset.sql on {url} failed: .*no such table: churn"):
+        load_dataset(spec)
+
+
+# --- binary targets of two text labels -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("labels", "positive", "why"), [
+    (["Yes", "No", "No", "Yes", "No"], "Yes", "it reads as yes"),
+    (["stayed", "left", "stayed", "stayed", "stayed"], "left", "the rarer label (20 of 100 rows)"),
+])  # fmt: skip
+def test_a_two_label_target_is_binary_with_the_positive_label_drafted(
+    tmp_path, labels, positive, why
+) -> None:
+    from modelyard.draft import draft
+
+    frame = pd.DataFrame({"tenure": range(len(labels) * 20), "churn": labels * 20})
+    frame.to_csv(tmp_path / "churn.csv", index=False)
+    drafted = draft(tmp_path / "churn.csv", "churn", tmp_path)
+    assert drafted.spec["task"] == "binary_classification"
+    assert drafted.spec["positive_label"] == positive
+    assert list(drafted.spec).index("positive_label") == list(drafted.spec).index("target") + 1
+    assert any(why in note for note in drafted.notes) and why in drafted.to_yaml()
+    spec = Spec.model_validate(drafted.spec)
+    target = conform(frame, spec)["churn"]
+    assert target.tolist() == [float(v == positive) for v in frame["churn"]]
+
+
+def test_a_positive_label_must_be_one_of_exactly_two() -> None:
+    spec = spec_with({"name": "size", "type": "numeric"})
+    binary = Spec.model_validate(spec.model_dump(mode="json", by_alias=True) | {
+        "task": "binary_classification", "positive_label": "yes",
+        "estimator": {"class": "sklearn.linear_model.LogisticRegression"}})  # fmt: skip
+    frame = pd.DataFrame({"size": [1.0, 2.0, 3.0], "y": ["yes", "no", "maybe"]})
+    with pytest.raises(DataError, match=r"labels \['maybe', 'no', 'yes'\]; positive_label 'yes'"):
+        conform(frame, binary)
+    with pytest.raises(DataError, match="positive_label 'yes' must be one of exactly two"):
+        conform(frame.assign(y=["Yes", "no", "no"]), binary)
+    # Booleans are labels too, written as true/false.
+    booleans = Spec.model_validate(binary.model_dump(mode="json", by_alias=True)
+                                   | {"positive_label": True})  # fmt: skip
+    assert conform(frame.assign(y=[True, False, True]), booleans)["y"].tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="positive_label names the event of a binary"):
+        Spec.model_validate(spec.model_dump(mode="json", by_alias=True) | {"positive_label": "a"})

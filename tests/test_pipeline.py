@@ -8,17 +8,20 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import boto3
 import httpx
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from sqlalchemy import create_engine
 
 from flows.pipeline import pipeline
 from modelyard import bundle as bundles
@@ -93,6 +96,7 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     assert tags["git_branch"] == "main"
     assert tags["data_fingerprint"] == fingerprint(load_dataset(spec))
     assert re.fullmatch(r"[0-9a-f]{64}", tags["data_fingerprint"])
+    assert tags["data_source"].startswith(("generator ", "data/"))
     assert tags["spec_hash"] == spec.digest()
     assert all(tags[g] == "passed" for g in GATES)
     assert client.get_model_version_by_alias(spec.name, "candidate").version == outcome["version"]
@@ -249,12 +253,22 @@ def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers):
     assert forced["cached_stages"] == []
 
 
+def as_csv(frame: pd.DataFrame, root: Path) -> dict:
+    frame.to_csv(root / "customers.csv", index=False)
+    return {"path": "customers.csv"}
+
+
 def user_project(
-    root: Path, estimator: dict, task: str = "binary_classification", **extra: object
+    root: Path,
+    estimator: dict,
+    task: str = "binary_classification",
+    store: Callable[[pd.DataFrame, Path], dict] = as_csv,
+    **extra: object,
 ) -> Path:
-    """What a new user writes: a CSV of their own (column names with spaces, dots, unicode and
-    collisions once sanitised) and a spec with only name, task, dataset, features, target and
-    estimator, in a git repository. Returns the spec's path."""
+    """What a new user writes: data of their own (column names with spaces, dots, unicode and
+    collisions once sanitised; a CSV unless `store` puts it elsewhere and returns the spec's
+    `dataset`) and a spec with only name, task, dataset, features, target and estimator, in a
+    git repository. Returns the spec's path."""
     from tests.test_models import CATEGORICAL, NUMERIC, generate
 
     root.mkdir()
@@ -263,10 +277,8 @@ def user_project(
         frame["target"] = pd.qcut(frame["target"], 3, labels=["low", "mid", "high"]).astype(str)
     else:
         frame["target"] = (frame["target"] > frame["target"].median()).astype(int)
-    frame.to_csv(root / "customers.csv", index=False)
     spec = {
-        "name": root.name, "task": task,
-        "dataset": {"path": "customers.csv"}, "target": "target",
+        "name": root.name, "task": task, "dataset": store(frame, root), "target": "target",
         "features": [{"name": n, "type": "numeric", "max_missing": 0.2} for n in NUMERIC]
         + [{"name": n, "type": "categorical"} for n in CATEGORICAL],
         "estimator": estimator, **extra,
@@ -278,26 +290,48 @@ def user_project(
     return root / "modelyard.yaml"
 
 
-def run_user_project(spec: Path, servers: dict[str, str]) -> subprocess.CompletedProcess:
+def run_user_project(
+    spec: Path, servers: dict[str, str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return run_cli("run", "--spec", str(spec), env={"MODELYARD_BUILD_IMAGE": "never",
-                                                    "PREFECT_API_URL": servers["prefect"]})  # fmt: skip
+                                                    "PREFECT_API_URL": servers["prefect"],
+                                                    **(env or {})})  # fmt: skip
 
 
-def test_a_users_csv_with_awkward_columns_and_a_tree_ensemble_runs_end_to_end(servers, tmp_path):
-    """The run registers a proven candidate and says why nothing was deployed; the candidate
-    is then served straight from the registry."""
+def test_a_users_postgresql_table_with_awkward_columns_and_a_tree_ensemble_runs_end_to_end(
+    servers, postgres, tmp_path
+):
+    """The rows come from a SQL query on PostgreSQL, the password from the environment. The run
+    registers a proven candidate and says why nothing was deployed; the candidate is then
+    served straight from the registry. The password is in no log, tag or parameter."""
     from tests.test_models import CATEGORICAL, NUMERIC, generate
+
+    postgres.psql("CREATE DATABASE crm OWNER modelyard")
+    url = f"postgresql://modelyard@127.0.0.1:{postgres.port}/crm"
+
+    def in_postgresql(frame: pd.DataFrame, root: Path) -> dict:
+        engine = create_engine(url.replace("modelyard@", f"modelyard:{postgres.password}@"))
+        frame.rename_axis("row id").to_sql("customers", engine)
+        engine.dispose()
+        query = 'SELECT * FROM customers ORDER BY "row id"'
+        return {"sql": {"url": url, "query": query, "password_env": "CRM_PASSWORD"}}
 
     forest = {"class": "sklearn.ensemble.RandomForestClassifier",
               "params": {"n_estimators": 40, "random_state": 0}}  # fmt: skip
-    done = run_user_project(user_project(tmp_path / "churn-forest", forest), servers)
+    spec = user_project(tmp_path / "churn-forest", forest, store=in_postgresql)
+    done = run_user_project(spec, servers, env={"CRM_PASSWORD": postgres.password})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (
         "The spec has no deploy.environments, so the run stopped after registering" in done.stdout
     )
+    assert f"rows from {url} (query sha256 " in done.stderr  # the flow's log
     client = MlflowClient(servers["mlflow"], servers["mlflow"])
     candidate = client.get_model_version_by_alias("churn-forest", "candidate")
     assert candidate.version == "1" and candidate.tags["bundle_digest"]
+    run = client.get_run(candidate.run_id)
+    assert run.data.tags["data_source"].startswith(f"{url} (query sha256 ")
+    recorded = json.dumps([run.data.tags, run.data.params, candidate.tags]) + done.stdout
+    assert postgres.password not in recorded + done.stderr
     bundle = bundle_folder(get_settings(), "churn-forest", "1") / "bundle"
     schema = json.loads((bundle / "schema.json").read_text())
     assert [i["name"] for i in schema["inputs"]] == NUMERIC + CATEGORICAL
@@ -328,16 +362,29 @@ def served(source: str) -> Iterator[str]:
         server.communicate(timeout=30)
 
 
-def test_a_multiclass_model_runs_serves_its_labels_and_counts_them_for_drift(servers, tmp_path):
-    """Text labels end to end: the run's gates (a rule on one class's probability, a champion
-    compared on per-row log-loss with the previous version), the served labels and probabilities
-    in both protocols, and the predicted-class counts drift is measured on."""
+def test_a_multiclass_model_runs_serves_its_labels_and_counts_them_for_drift(
+    servers, moto, tmp_path
+):
+    """Text labels end to end, read from a Parquet object in S3: the run's gates (a rule on one
+    class's probability, a champion compared on per-row log-loss with the previous version),
+    the served labels and probabilities in both protocols, and the predicted-class counts drift
+    is measured on."""
     from tests.test_models import CATEGORICAL, NUMERIC, generate
+    from tests.test_sources import AWS
+
+    aws = AWS | {"AWS_ENDPOINT_URL_S3": moto}
+    s3 = boto3.client("s3", endpoint_url=moto, **{k.lower(): v for k, v in AWS.items()
+                                                  if k != "AWS_DEFAULT_REGION"})  # fmt: skip
+    s3.create_bucket(Bucket="tiers-data")
+
+    def in_s3(frame: pd.DataFrame, root: Path) -> dict:
+        s3.put_object(Bucket="tiers-data", Key="tiers.parquet", Body=frame.to_parquet(index=False))
+        return {"path": "s3://tiers-data/tiers.parquet"}
 
     boosted = {"class": "sklearn.ensemble.HistGradientBoostingClassifier",
                "params": {"max_iter": 60}}  # fmt: skip
     spec = user_project(
-        tmp_path / "tiers", boosted, "multiclass_classification",
+        tmp_path / "tiers", boosted, "multiclass_classification", store=in_s3,
         gates={"metrics": {"f1_macro": {"min": 0.4}}, "champion": {"alias": "candidate"}},
         behaviour={"directional": [{"feature": "a b", "delta": 20, "expect": "increase",
                                     "class": "high", "min_fraction": 0.5}]},
@@ -347,13 +394,15 @@ def test_a_multiclass_model_runs_serves_its_labels_and_counts_them_for_drift(ser
             subprocess.run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=CI",
                             "commit", "-q", "--allow-empty", "-m", "again"], cwd=spec.parent,
                            check=True)  # fmt: skip
-        done = run_user_project(spec, servers)
+        done = run_user_project(spec, servers, env=aws)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client = MlflowClient(servers["mlflow"], servers["mlflow"])
     second = client.get_model_version("tiers", "2")
     run = client.get_run(second.run_id)
     assert run.data.metrics["f1_macro"] >= 0.4 and "roc_auc_ovr" in run.data.metrics
     assert second.tags["gate.model"] == "passed" and second.tags["gate.behaviour"] == "passed"
+    assert run.data.tags["data_source"] == "s3://tiers-data/tiers.parquet (etag " + s3.head_object(
+        Bucket="tiers-data", Key="tiers.parquet")["ETag"].strip('"') + ")"  # fmt: skip
 
     rows = generate(4, seed=5).loc[:, NUMERIC + CATEGORICAL].astype(object)
     rows = rows.where(rows.notna(), None)
@@ -406,11 +455,12 @@ def test_an_expected_failure_is_one_line_and_its_exit_code(case, estimator, extr
 
 def test_init_then_run_then_serve_a_users_csv(servers, tmp_path):
     """The README's 'Bring your own data': `modelyard init` drafts the spec from the file,
-    `modelyard run` passes on the same data, `modelyard serve models:/NAME/1` answers."""
+    `modelyard run` passes on the same data, `modelyard serve models:/NAME/1` answers. The
+    target is yes/no text, as churn data often has it."""
     from tests.test_models import CATEGORICAL, NUMERIC, generate
 
     frame = generate(800, seed=13)
-    frame["churned"] = (frame.pop("target") > 0).astype(int)
+    frame["churned"] = np.where(frame.pop("target") > 0, "Yes", "No")
     frame["signed up"] = [f"2026-03-{i % 28 + 1:02d}" for i in range(len(frame))]
     frame.to_csv(tmp_path / "my customers.csv", index=False)
     spec = tmp_path / "modelyard.yaml"
@@ -418,6 +468,7 @@ def test_init_then_run_then_serve_a_users_csv(servers, tmp_path):
                       "--output", str(spec))  # fmt: skip
     assert drafted.returncode == 0, drafted.stdout + drafted.stderr
     assert "left out 'signed up': dates or times" in drafted.stdout
+    assert "chosen: positive_label 'Yes': it reads as yes" in drafted.stdout
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@example.invalid", "-c",
                  "user.name=CI", "commit", "-qm", "data"]):  # fmt: skip
         subprocess.run(["git", *args], cwd=tmp_path, check=True)

@@ -4,92 +4,31 @@ then a pipeline run through them."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
 import httpx
-import pytest
 from mlflow import MlflowClient
 
-from modelyard.ports import free_port
 from tests.conftest import Project
 from tests.test_triggers import Stack
 
-PASSWORD = "pg-secret-5f2c9a"  # must never show in a log, argv or tag
 BUCKET = "modelyard-scale-out"
-
-
-def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name) or ""]
-    if not found[-1]:
-        pytest.fail(f"PostgreSQL's {name} is missing: `make stack` installs Debian's postgresql")
-    return found[-1]
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; CI runs the tests as root.
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[tuple[int, Callable[..., str]]]:
-    """A PostgreSQL cluster of its own on a loopback port, with a password-only role."""
-    folder = Path(tempfile.mkdtemp(prefix="modelyard-pg-", dir="/tmp"))
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", free_port()
-    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "postgres",
-                                 "--auth-local=trust", "--auth-host=scram-sha-256"]),
-                   check=True, capture_output=True)  # fmt: skip
-    server = subprocess.Popen(
-        _as_postgres([_pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
-                      "-c", "listen_addresses=127.0.0.1"]),
-        stdout=(folder / "log").open("w"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-
-    def psql(sql: str, database: str = "postgres") -> str:
-        return subprocess.run(
-            _as_postgres([_pg_bin("psql"), "-h", str(folder), "-p", str(port), "-U", "postgres",
-                          "-d", database, "-tAc", sql]),
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
-
-    try:
-        deadline = time.monotonic() + 120
-        while subprocess.run(_as_postgres([_pg_bin("pg_isready"), "-h", str(folder), "-p",
-                                           str(port)]), capture_output=True).returncode != 0:  # fmt: skip
-            assert server.poll() is None, (folder / "log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "PostgreSQL not ready within 120 s"
-            time.sleep(0.2)
-        psql(f"CREATE ROLE modelyard LOGIN PASSWORD '{PASSWORD}'")
-        for database in ("prefect", "mlflow"):
-            psql(f"CREATE DATABASE {database} OWNER modelyard")
-        yield port, psql
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, moto, tmp_path, wheelhouse):
     s3 = moto
-    port, psql = postgres
+    port, psql, password = postgres.port, postgres.psql, postgres.password
+    for database in ("prefect", "mlflow"):
+        psql(f"CREATE DATABASE {database} OWNER modelyard")
     stack = Stack(tmp_path / "workspace", wheelhouse)
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": s3}  # fmt: skip
     stack.env |= aws | {
         "MODELYARD_PREFECT_DATABASE_URL":
-            f"postgresql+asyncpg://modelyard:{PASSWORD}@127.0.0.1:{port}/prefect",
+            f"postgresql+asyncpg://modelyard:{password}@127.0.0.1:{port}/prefect",
         "MODELYARD_MLFLOW_BACKEND_STORE_URI":
-            f"postgresql://modelyard:{PASSWORD}@127.0.0.1:{port}/mlflow",
+            f"postgresql://modelyard:{password}@127.0.0.1:{port}/mlflow",
         "MODELYARD_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow",
         "MODELYARD_BUILD_IMAGE": "never",
     }  # fmt: skip
@@ -131,8 +70,8 @@ def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, moto, tmp_path, 
             state = (stack.workspace / "stack" / service / "state.json").read_text()
             pid = int(state.split('"pid": ')[1].split(",")[0])
             argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-            assert PASSWORD.encode() not in argv
-            assert PASSWORD not in (stack.workspace / "stack" / service / "log").read_text()
-        assert PASSWORD not in run.stdout + run.stderr
+            assert password.encode() not in argv
+            assert password not in (stack.workspace / "stack" / service / "log").read_text()
+        assert password not in run.stdout + run.stderr
     finally:
         stack.cli("stack", "down")

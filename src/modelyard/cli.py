@@ -82,6 +82,8 @@ def init(
     )
     for column, why in drafted.left_out.items():
         console.print(f"  left out {column!r}: {why}")
+    for note in drafted.notes:
+        console.print(f"  chosen: {note}")
     console.print(f"Next: `modelyard run --spec {output}`")
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from modelyard.errors import DataError
+from modelyard.readers import Source, read_s3, read_sql, read_table
 from modelyard.spec import Spec
 from modelyard.values import category_text
 
@@ -26,8 +27,14 @@ class Splits:
 
 def load_dataset(spec: Spec) -> pd.DataFrame:
     """Rows of the spec's feature and target columns, with declared types applied."""
-    frame = _generate(spec) if spec.dataset.generator else _read(spec)
-    return conform(frame, spec)
+    return load_with_source(spec)[0]
+
+
+def load_with_source(spec: Spec) -> tuple[pd.DataFrame, Source]:
+    """The typed rows and what was read. Every source's rows are typed the same way, so the
+    same table read from a file, S3 or a database has the same fingerprint."""
+    frame, source = _read(spec)
+    return conform(frame, spec), source
 
 
 def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
@@ -40,7 +47,7 @@ def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
         )
     if frame.empty:
         raise DataError(
-            f"the dataset has no rows ({spec.dataset.path or spec.dataset.generator}); "
+            f"the dataset has no rows ({spec.dataset.describe()}); "
             f"training needs at least expectations.min_rows ({spec.expectations.min_rows})"
         )
     out = frame.loc[:, wanted].reset_index(drop=True)
@@ -48,6 +55,8 @@ def conform(frame: pd.DataFrame, spec: Spec) -> pd.DataFrame:
         out[feature.name] = _cast(out[feature.name], feature.type, feature.name)
     if spec.task == "multiclass_classification":
         out[spec.target] = class_labels(out[spec.target], spec.target)
+    elif spec.positive_label is not None:
+        out[spec.target] = positive_or_not(out[spec.target], spec.target, spec.positive_label)
     else:  # a number, or the 0/1 of a binary target
         out[spec.target] = _cast(out[spec.target], "numeric", spec.target)
     return out
@@ -65,6 +74,19 @@ def class_labels(column: pd.Series, name: str) -> pd.Series:
         return numbers.astype("int64")
     return pd.Series([category_text(v) for v in column], index=column.index, dtype=object,
                      name=column.name)  # fmt: skip
+
+
+def positive_or_not(column: pd.Series, name: str, positive: str) -> pd.Series:
+    """A binary target of two labels as 1 (the positive label) and 0 (the other one)."""
+    labels = sorted({category_text(v) for v in column.dropna()})
+    if positive not in labels or len(labels) != 2:
+        raise DataError(
+            f"target {name!r} has the labels {labels[:10]}; positive_label {positive!r} must be "
+            "one of exactly two (recode the others, or use multiclass_classification)"
+        )
+    is_positive = [category_text(v) == positive if known else np.nan
+                   for v, known in zip(column, column.notna(), strict=True)]  # fmt: skip
+    return pd.Series(is_positive, index=column.index, name=column.name, dtype="float64")
 
 
 def _cast(column: pd.Series, kind: str, name: str) -> pd.Series:
@@ -102,21 +124,19 @@ def looks_like_dates(column: pd.Series) -> bool:
     return bool(pd.to_datetime(sample, errors="coerce", format="ISO8601").notna().all())
 
 
-def _read(spec: Spec) -> pd.DataFrame:
-    path = spec.resolve(spec.dataset.path or "")
+def _read(spec: Spec) -> tuple[pd.DataFrame, Source]:
+    dataset = spec.dataset
+    if dataset.sql is not None:
+        return read_sql(dataset.sql)
+    if dataset.generator is not None:
+        return _generate(spec), Source(f"generator {dataset.generator}",
+                                       f"rows {dataset.rows}, seed {dataset.seed}")  # fmt: skip
+    if (dataset.path or "").startswith("s3://"):
+        return read_s3(dataset.path or "")
+    path = spec.resolve(dataset.path or "")
     if not path.is_file():
         raise DataError(f"dataset.path {path} does not exist; fix dataset.path in the spec")
-    return read_table(path)
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """A CSV or Parquet file as a DataFrame, or a DataError that names the file."""
-    try:
-        if path.suffix.lower() == ".parquet":
-            return pd.read_parquet(path)
-        return pd.read_csv(path)
-    except Exception as exc:  # pandas raises many types; the message is what matters
-        raise DataError(f"cannot read dataset {path}: {exc}") from exc
+    return read_table(path), Source(dataset.path or "")
 
 
 def _generate(spec: Spec) -> pd.DataFrame:

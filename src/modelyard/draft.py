@@ -20,8 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from modelyard.data import looks_like_dates, read_table
+from modelyard.data import looks_like_dates
 from modelyard.errors import DataError
+from modelyard.readers import read_table
 from modelyard.values import category_text
 
 MARGIN = 0.1  # of the observed range, added on each side
@@ -42,6 +43,7 @@ GATES = {  # beats guessing: the mean (regression) or a coin (classification)
 class Draft:
     spec: dict[str, Any]
     left_out: dict[str, str] = field(default_factory=dict)  # column -> why
+    notes: list[str] = field(default_factory=list)  # choices made for the user, to check
 
     def to_yaml(self) -> str:
         import yaml
@@ -51,6 +53,7 @@ class Draft:
             "# The gates only ask the model to beat guessing: tighten them once you know it.",
         ]
         head += [f"# Left out: {name!r}: {why}" for name, why in self.left_out.items()]
+        head += [f"# Chosen: {note}" for note in self.notes]
         body = yaml.safe_dump(self.spec, sort_keys=False, allow_unicode=True, width=100)
         return "\n".join(head) + "\n" + body
 
@@ -83,22 +86,57 @@ def draft(data: Path, target: str, spec_folder: Path, task: str | None = None,
     if chosen == "regression":
         low, high = _widened(frame[target].dropna())
         spec["expectations"] |= {"target_min": low, "target_max": high}
-    return Draft(spec, left_out)
+    notes = []
+    if chosen == "binary_classification" and not _zero_one(frame[target]):
+        positive, why = _positive_label(frame[target])
+        spec = _with_positive_label(spec, positive)
+        notes.append(f"positive_label {positive!r}: {why}; name the other label if it is the event")
+    return Draft(spec, left_out, notes)
+
+
+def _zero_one(target: pd.Series) -> bool:
+    return set(target.dropna().unique().tolist()) <= {0, 1}
+
+
+POSITIVE_WORDS = ("yes", "y", "true", "positive", "pos")
+
+
+def _positive_label(target: pd.Series) -> tuple[str, str]:
+    """The event of a two-label target: a label that reads as yes, else the rarer one."""
+    counts = target.dropna().map(category_text).value_counts()
+    for label in counts.index:
+        if str(label).strip().lower() in POSITIVE_WORDS:
+            return str(label), "it reads as yes"
+    rarer = str(counts.index[-1])
+    return rarer, f"the rarer label ({counts.iloc[-1]} of {int(counts.sum())} rows)"
+
+
+def _with_positive_label(spec: dict[str, Any], positive: str) -> dict[str, Any]:
+    """positive_label right after target, where a reader looks for it."""
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        out[key] = value
+        if key == "target":
+            out["positive_label"] = positive
+    return out
 
 
 def _task_of(target: pd.Series, name: str) -> str:
-    """0/1: binary; other numbers: regression; 3 to MAX_CATEGORIES labels of text: multiclass.
+    """0/1 or two labels: binary; other numbers: regression; 3 to MAX_CATEGORIES labels of
+    text: multiclass.
     (Whole numbers with few values may be classes too: pass --task then.)"""
     values = set(target.dropna().unique().tolist())
     if values <= {0, 1} and len(values) == 2:
         return "binary_classification"
     if pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target):
         return "regression"
+    if len(values) == 2:  # two labels of text: positive_label says which is the event
+        return "binary_classification"
     if 3 <= len(values) <= MAX_CATEGORIES:
         return "multiclass_classification"
     raise DataError(
         f"target {name!r} has values {sorted(map(str, values))[:10]}: modelyard takes a numeric "
-        "target (regression), a 0/1 one (binary_classification) or 3 to "
+        "target (regression), two labels (binary_classification) or 3 to "
         f"{MAX_CATEGORIES} labels (multiclass_classification); recode it, or pass --task"
     )
 

@@ -82,10 +82,64 @@ class Feature(_Strict):
         return self
 
 
-class Dataset(_Strict):
-    """Where rows come from: a CSV/Parquet file or a seeded generator function."""
+class SqlQuery(_Strict):
+    """Rows from a SQL query, read through SQLAlchemy."""
 
-    path: str | None = Field(default=None, description="CSV or Parquet file, relative to the spec.")
+    url: str = Field(
+        description="SQLAlchemy database URL without a password, e.g. "
+        "postgresql://reader@db.example.com:5432/sales."
+    )
+    query: str = Field(description="A SELECT whose columns include the features and the target.")
+    password_env: str | None = Field(
+        default=None,
+        description="Name of the environment variable holding the password; without it the "
+        "driver's own ways apply (PGPASSWORD, ~/.pgpass, IAM).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_without_password(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url  # MLflow brings SQLAlchemy; parse only here
+
+        try:
+            url = make_url(value)
+        except Exception as exc:  # ArgumentError, or a bad port
+            raise ValueError(
+                f"{value!r} is not a database URL (dialect[+driver]://user@host:port/db): {exc}"
+            ) from exc
+        if url.password is not None or any("password" in k.lower() for k in url.query):
+            # The spec is logged to MLflow and lives in git: a password here would leak there.
+            raise ValueError(
+                "the URL holds a password, which would be stored with the spec in git and "
+                "MLflow; remove it and set password_env to the name of an environment variable "
+                "that holds it"
+            )
+        return value
+
+    @field_validator("password_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"{value!r} is not an environment variable name; give its name")
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _one_statement(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the query is empty; give a SELECT")
+        return value
+
+
+class Dataset(_Strict):
+    """Where rows come from: a CSV/Parquet file (local or S3), a SQL query or a generator."""
+
+    path: str | None = Field(
+        default=None,
+        description="CSV or Parquet file, relative to the spec, or s3://bucket/key "
+        "(read with boto3's usual credentials, region and AWS_ENDPOINT_URL_S3).",
+    )
+    sql: SqlQuery | None = Field(default=None, description="A SQL query against a database.")
     generator: str | None = Field(
         default=None, description="'module:function' returning a DataFrame; module beside the spec."
     )
@@ -94,16 +148,36 @@ class Dataset(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> Dataset:
-        if (self.path is None) == (self.generator is None):
-            raise ValueError("set exactly one of 'path' (CSV/Parquet file) or 'generator'")
-        if self.path is not None and Path(self.path).suffix.lower() not in {".csv", ".parquet"}:
-            raise ValueError(f"path {self.path!r} must end in .csv or .parquet")
+        given = [k for k in ("path", "sql", "generator") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of 'path' (CSV/Parquet file, local or s3://), 'sql' "
+                f"(url and query) or 'generator'; given: {given or 'none'}"
+            )
+        if self.path is not None:
+            _check_path(self.path)
         if self.generator is not None and not re.fullmatch(r"[\w.]+:\w+", self.generator):
             raise ValueError(
                 f"generator {self.generator!r} must look like 'module:function', "
                 "e.g. 'data:generate'"
             )
         return self
+
+    def describe(self) -> str:
+        """Where the rows come from, in words safe for logs and tags (no password)."""
+        if self.sql is not None:
+            return f"SQL query on {self.sql.url}"
+        return self.path or f"generator {self.generator}"
+
+
+def _check_path(path: str) -> None:
+    if Path(path).suffix.lower() not in {".csv", ".parquet"}:
+        raise ValueError(f"path {path!r} must end in .csv or .parquet")
+    if "://" in path and not re.fullmatch(r"s3://[^/]+/.+", path):
+        raise ValueError(
+            f"path {path!r}: the one remote store is S3, written s3://bucket/key; for a "
+            "database give 'sql' instead"
+        )
 
 
 class Estimator(_Strict):
@@ -390,6 +464,11 @@ class Spec(_Strict):
     dataset: Dataset
     features: list[Feature] = Field(min_length=1)
     target: str
+    positive_label: str | None = Field(
+        default=None,
+        description="binary_classification with a target of two text labels (yes/no): the "
+        "label that is 1, the event whose probability the model gives.",
+    )
     estimator: Estimator
     split: Split = Field(default_factory=Split)
     expectations: Expectations = Field(default_factory=Expectations)
@@ -400,6 +479,11 @@ class Spec(_Strict):
     monitoring: Monitoring = Field(default_factory=Monitoring)
     # Folder of the spec file; relative paths in the spec resolve against it. Not part of hashes.
     source_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("positive_label", mode="before")
+    @classmethod
+    def _label_as_text(cls, value: Any) -> Any:
+        return value if value is None or isinstance(value, str) else category_text(value)
 
     @field_validator("name")
     @classmethod
@@ -416,6 +500,11 @@ class Spec(_Strict):
             raise ValueError(f"features: duplicate names {duplicates}")
         if self.target in names:
             raise ValueError(f"target {self.target!r} is also listed as a feature; remove it there")
+        if self.positive_label is not None and self.task != "binary_classification":
+            raise ValueError(
+                "positive_label names the event of a binary_classification target; "
+                f"remove it for {self.task}"
+            )
         _check_estimator_task(self.estimator, self.task)
         for metric in self.gates.metrics:
             _check_metric(f"gates.metrics.{metric}", metric, self.task)
@@ -554,6 +643,7 @@ def _problem(err: Any) -> str:
     message = err["msg"].removeprefix("Value error, ")
     given = err.get("input")
     shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+    shown = _without_passwords(shown)  # a refused database URL is echoed; its password is not
     if err["type"] == "missing":
         shown = ""
     if err["type"] == "extra_forbidden":
@@ -561,6 +651,11 @@ def _problem(err: Any) -> str:
     field = _field_path(err["loc"])
     # A whole-spec check names its fields in the message (`estimator.class: ...`).
     return f"{field}: {message}{shown}" if field else f"{message}{shown}"
+
+
+def _without_passwords(text: str) -> str:
+    text = re.sub(r"(://[^/@\s:]*):[^/@\s]*@", r"\1:***@", text)
+    return re.sub(r"(?i)(password[^=&\s]*=)[^&\s']*", r"\1***", text)
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

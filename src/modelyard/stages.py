@@ -29,7 +29,7 @@ from modelyard.checks.behaviour import run_model_tests
 from modelyard.checks.model import check_model
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings
-from modelyard.data import Splits, features_of, fingerprint, load_dataset, split
+from modelyard.data import Splits, features_of, fingerprint, load_with_source, split
 from modelyard.lineage import GitInfo
 from modelyard.package import image, push
 from modelyard.package.build import (
@@ -59,6 +59,7 @@ class Prepared:
     frame: pd.DataFrame
     splits: Splits
     fingerprint: str
+    source: str  # what was read (file, S3 object version, query hash); no secret
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class RunContext:
     run_id: str
     data_fingerprint: str
     spec_path: Path
+    data_source: str = ""
 
     @property
     def run_url(self) -> str:
@@ -96,8 +98,8 @@ def _sha(*parts: str) -> str:
 
 
 def prepare(spec: Spec) -> Prepared:
-    frame = load_dataset(spec)
-    return Prepared(frame=frame, splits=split(frame, spec), fingerprint=fingerprint(frame))
+    frame, source = load_with_source(spec)
+    return Prepared(frame, split(frame, spec), fingerprint(frame), str(source))
 
 
 # --- cache keys: everything a stage's result depends on, nothing it does not -------------------
@@ -149,7 +151,7 @@ def open_run(
     spec_path: Path,
     settings: Settings,
     git: GitInfo,
-    data_fingerprint: str,
+    data: Prepared,
     extra_tags: dict[str, str],
 ) -> RunContext:
     client = registry.connect(settings)
@@ -158,7 +160,8 @@ def open_run(
         "git_commit": git.commit,
         "git_branch": git.branch,
         "git_dirty": str(git.dirty).lower(),
-        "data_fingerprint": data_fingerprint,
+        "data_fingerprint": data.fingerprint,
+        "data_source": data.source,
         "spec_hash": spec.digest(),
         "modelyard_version": modelyard.__version__,
         "mlflow.source.git.commit": git.commit,
@@ -168,7 +171,8 @@ def open_run(
     registry.log_json(run_id, spec.model_dump(mode="json", by_alias=True), "spec/spec.json")
     if spec_path.is_file():
         registry.log_files(run_id, [spec_path], "spec")
-    return RunContext(spec, settings, git, experiment_id, run_id, data_fingerprint, spec_path)
+    return RunContext(spec, settings, git, experiment_id, run_id, data.fingerprint, spec_path,
+                      data.source)  # fmt: skip
 
 
 def data_gate(spec: Spec, splits: Splits) -> DataGateResult:
@@ -242,6 +246,7 @@ def register(
         "git_branch": ctx.git.branch,
         "git_dirty": str(ctx.git.dirty).lower(),
         "data_fingerprint": ctx.data_fingerprint,
+        "data_source": ctx.data_source,
         "spec_hash": ctx.spec.digest(),
         "mlflow_run_id": ctx.run_id,
         **{f"gate.{r.gate}": r.verdict for r in reports},
