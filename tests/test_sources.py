@@ -121,3 +121,17 @@ def test_a_wrong_database_password_or_query_fails_clearly_and_shows_no_password(
     with pytest.raises(DataError, match='relation "churn" does not exist') as refused:
         load_with_source(spec)
     assert postgres.password not in str(refused.value)
+
+
+def test_init_drafts_a_spec_from_an_s3_object_that_names_it(s3, tmp_path) -> None:
+    from modelyard.draft import draft
+    from modelyard.spec import Spec
+
+    client, bucket = s3
+    frame = table().assign(target=lambda f: (f["target"] > 0).map({True: "yes", False: "no"}))
+    client.put_object(Bucket=bucket, Key="crm/my customers.csv", Body=as_bytes(frame, "csv"))
+    drafted = draft(f"s3://{bucket}/crm/my customers.csv", "target", tmp_path)
+    assert drafted.spec["dataset"] == {"path": f"s3://{bucket}/crm/my customers.csv"}
+    assert drafted.spec["name"] == "my-customers" and drafted.spec["positive_label"] == "yes"
+    loaded = load_with_source(Spec.model_validate(drafted.spec))[0]
+    assert len(loaded) == len(frame)

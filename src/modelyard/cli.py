@@ -52,7 +52,9 @@ def validate_spec(spec: SpecOption = Path("modelyard.yaml")) -> None:
 
 @app.command()
 def init(
-    data: Annotated[Path, typer.Argument(help="A CSV or Parquet file to profile.")],
+    data: Annotated[
+        str, typer.Argument(help="A CSV or Parquet file to profile, local or s3://bucket/key.")
+    ],
     target: Annotated[str, typer.Option(help="The column to predict.")],
     task: Annotated[
         str | None,

@@ -15,14 +15,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
 
 from modelyard.data import looks_like_dates
 from modelyard.errors import DataError
-from modelyard.readers import read_table
+from modelyard.readers import read_s3, read_table
 from modelyard.values import category_text
 
 MARGIN = 0.1  # of the observed range, added on each side
@@ -58,9 +58,11 @@ class Draft:
         return "\n".join(head) + "\n" + body
 
 
-def draft(data: Path, target: str, spec_folder: Path, task: str | None = None,
+def draft(data: Path | str, target: str, spec_folder: Path, task: str | None = None,
           name: str | None = None) -> Draft:  # fmt: skip
-    frame = read_table(data)
+    """`data`: a local file, or an s3:// URI that the spec then names as it is."""
+    remote = str(data).startswith("s3://")
+    frame = read_s3(str(data))[0] if remote else read_table(Path(data))
     if target not in frame.columns:
         raise DataError(f"--target {target!r} is not a column of {data}; it has {list(frame)}")
     chosen = task or _task_of(frame[target], target)
@@ -74,9 +76,9 @@ def draft(data: Path, target: str, spec_folder: Path, task: str | None = None,
     if not features:
         raise DataError(f"{data} has no column modelyard can use as a feature: {left_out}")
     spec: dict[str, Any] = {
-        "name": name or _model_name(data),
+        "name": name or _model_name(PurePosixPath(str(data))),
         "task": chosen,
-        "dataset": {"path": _relative(data, spec_folder)},
+        "dataset": {"path": str(data) if remote else _relative(Path(data), spec_folder)},
         "features": features,
         "target": target,
         "estimator": {"class": ESTIMATORS[chosen], "params": {"random_state": 0}},
@@ -189,7 +191,7 @@ def _allowed_missing(column: pd.Series) -> float:
     return min(1.0, math.ceil((share * 1.5 + 0.01) * 100) / 100)
 
 
-def _model_name(data: Path) -> str:
+def _model_name(data: PurePosixPath) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", data.stem).strip("-.") or "model"
     return stem if stem[0].isalpha() else f"model-{stem}"
 
