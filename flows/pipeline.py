@@ -192,7 +192,8 @@ class _Stages:
         outcome = getattr(result, "verdict", None) or getattr(
             getattr(result, "report", None), "verdict", "done"
         )
-        self.rows.append(stages.summary_row(label, outcome, seconds, cached))
+        detail = getattr(result, "detail", "")  # what a stage says of itself: the data's source
+        self.rows.append(stages.summary_row(label, outcome, seconds, cached, detail))
         if cached:
             self.logger.info("%s: reused the cached result (same inputs as an earlier run)", label)
         return result
@@ -266,7 +267,7 @@ def pipeline(
     )
     git = git_info(spec.source_dir, overrides)
     prepared: stages.Prepared = runner.run("load-data", load_data_task, spec)
-    runner.logger.info("Data: %d rows from %s", len(prepared.frame), prepared.source)
+    runner.logger.info("Data: %s", prepared.detail)
     tags = {"trigger": trigger, "prefect_flow_run_id": str(flow_run.id)}
     # What serves now: the champion this run is judged against and what an approver is asked to
     # replace. A release moves an environment only if it still serves the same version.

@@ -69,6 +69,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
                                                    f"--hypothesis-seed={seed}"))  # fmt: skip
 
 
+# --- tiers: `make check` runs what needs no server, no Docker engine and no network --------------
+# A test is in the integration tier when it is marked `docker` or uses a fixture that starts a
+# server; everything else must run in-process (tests/test_architecture.py keeps that honest).
+SERVER_FIXTURES = frozenset({"servers", "mlflow_server", "prefect_api", "moto", "postgres",
+                             "wheelhouse"})  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("docker") or SERVER_FIXTURES & set(
+            getattr(item, "fixturenames", ())
+        ):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True)
 def _process_state_put_back() -> Iterator[None]:
     """What library code still writes process-wide (environment variables, MLflow's global

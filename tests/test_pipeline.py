@@ -158,6 +158,9 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     for gate in ("data", "model", "behaviour", "infra"):
         assert "passed" in artifacts[f"{slug}-{gate}-gate"]
     assert f"{slug}-stages" in artifacts and f"{slug}-bundle" in artifacts
+    loaded = next(row for row in outcome["stages"] if row["stage"] == "load-data")
+    assert loaded["detail"] == (f"{spec.dataset.rows} rows from {tags['data_source']}, "
+                                f"fingerprint {tags['data_fingerprint'][:12]}")  # fmt: skip
 
 
 def test_data_violation_registers_nothing_and_says_why(house: Project, servers):

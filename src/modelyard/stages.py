@@ -61,6 +61,10 @@ class Prepared:
     fingerprint: str
     source: str  # what was read (file, S3 object version, query hash); no secret
 
+    @property
+    def detail(self) -> str:
+        return f"{len(self.frame)} rows from {self.source}, fingerprint {self.fingerprint[:12]}"
+
 
 @dataclass(frozen=True)
 class RunContext:
