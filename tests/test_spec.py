@@ -120,6 +120,22 @@ def test_cli_validate_spec_exit_codes(tmp_path):
     assert "task:" in bad.stderr and "'clustering'" in bad.stderr
 
 
+def test_every_command_runs_as_python_m_modelyard_cli() -> None:
+    """`python -m modelyard.cli CMD` is the CLI too, for every command (doctor and aws were
+    registered after the module's __main__ block once, and were missing there)."""
+    import subprocess
+    import sys
+
+    from modelyard.cli import app
+
+    names = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+    names += sorted(g.name for g in app.registered_groups)
+    listed = subprocess.run([sys.executable, "-m", "modelyard.cli", "--help"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    missing = [n for n in names if n.replace("_", "-") not in listed]
+    assert not missing and {"doctor", "aws", "init"} <= set(names), missing
+
+
 def test_cli_run_rejects_bad_spec_before_any_work(tmp_path):
     workspace = tmp_path / "ws"
     result = run_cli(

@@ -784,10 +784,6 @@ def _print_stack(statuses: list[Any]) -> None:
         console.print(f"MLflow UI:  {settings.tracking_uri}")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command()
 def doctor(
     models: Annotated[
@@ -878,3 +874,7 @@ def aws_collection() -> None:
     except ModelyardError as exc:
         raise _fail(exc) from None
     console.print(f"[green]✓[/] amazon.aws {AMAZON_AWS} in {path}")
+
+
+if __name__ == "__main__":  # last: `python -m modelyard.cli` must see every command
+    app()
