@@ -8,7 +8,7 @@ export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
 BASE_IMAGE ?= modelyard/base:bookworm-py311
 DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo test fuzz lint format ui clean constraints engine bench java hosts stack
+.PHONY: install demo check test fuzz lint format ui clean constraints engine bench java hosts stack
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ hosts: ## What deploy targets need: nginx, supervisor, and sshd for the SSH-host
 stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Debian's docker-registry, Prometheus); PostgreSQL and Chromium for the tests
 	infra/scripts/ensure-packages.sh docker-registry:docker-registry prometheus:prometheus promtool:prometheus \
 		'/usr/lib/postgresql/*/bin/initdb:postgresql' chromium:chromium
+
+check: install java ## The fast tier (about a minute): ruff, the import contracts, the in-process tests on every core
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -m "not integration and not slow" -n auto -q
 
 test: install lint engine hosts stack ## Every test: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest --durations=15

@@ -134,6 +134,7 @@ def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) ->
         assert predict["data"] == mlflow["predictions"]
 
 
+@pytest.mark.slow  # a JVM per case: about two minutes for the matrix, so `make test` only
 @pytest.mark.parametrize(("supported", "task"), CASES, ids=[f"{s.name}-{t}" for s, t in CASES])
 def test_pmml_reproduces_the_scores_or_is_skipped_for_a_stated_reason(supported, task) -> None:
     """Where JPMML cannot reproduce an estimator's scores the matrix says why, and that is
