@@ -24,9 +24,10 @@ demo: install engine hosts ## Both examples end to end: train, gates, register, 
 	@echo
 	@echo "Look at the runs: 'make ui' starts the Prefect UI (http://127.0.0.1:4200) and the MLflow UI (http://127.0.0.1:5000)."
 
-lint: install ## ruff, the import-layer contracts, ansible-lint's production profile, actionlint
+lint: install ## ruff, mypy, the import-layer contracts, ansible-lint's production profile, actionlint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 	infra/scripts/actionlint.sh '.github/workflows/*.yml'
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/ansible-lint --profile production --offline -q

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from flows import logs
+from flows.retries import TRANSIENT
 from modelyard.config import get_settings
 from modelyard.lineage import slug
 from modelyard.monitor import drift
@@ -26,7 +27,6 @@ from modelyard.spec import Monitoring
 logs.install()
 
 FLOW = "modelyard-monitor"
-RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}
 
 
 @task(name="live-version", cache_policy=NONE, persist_result=False)
@@ -34,14 +34,14 @@ def live_version_task(model: str, environment: str) -> str:
     return drift.live_version(get_settings(), model, environment)
 
 
-@task(name="measure-drift", cache_policy=NONE, persist_result=False, **RETRIES)
+@task(name="measure-drift", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def measure_task(
     prometheus: str, model: str, environment: str, version: str, rules: Monitoring
 ) -> DriftReport:
     return drift.measure(drift.Prometheus(prometheus), model, environment, version, rules)
 
 
-@task(name="record-drift", cache_policy=NONE, persist_result=False, **RETRIES)
+@task(name="record-drift", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def record_task(report: DriftReport) -> str:
     from modelyard.monitor import plots  # matplotlib: only for the plots
 

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from prefect import get_client
@@ -30,7 +30,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.deployments.runner import EntrypointType
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
@@ -40,6 +40,14 @@ from modelyard.errors import ModelyardError
 from modelyard.lineage import git, model_from_tags
 from modelyard.spec import load_spec
 from modelyard.trigger import PipelineDeployment, require_server
+
+T = TypeVar("T")
+
+
+def _now(coro: Coroutine[Any, Any, T]) -> T:
+    """A coroutine run to its end from sync code (Prefect's helper is annotated `T | None`)."""
+    return cast(T, run_coro_as_sync(coro))
+
 
 POOL = "modelyard"
 RUN_COMMAND = "python -m flows.fork_client"
@@ -74,18 +82,22 @@ def apply(specs: list[Path], repository: str | None, pool: str = POOL) -> list[P
         root = _git_root(spec_file)
         repo = repository or _default_repository(root)
         relative = str(spec_file.resolve().relative_to(root))
-        deployment = pipeline.to_deployment(
-            name=spec.name,
-            parameters={"spec_path": relative, "repository": repo},
-            description=f"{spec.name}: {spec.description or spec.task} — from {repo}",
-            tags=["modelyard", f"model:{spec.name}"],
-            work_pool_name=pool,
-            # Under `modelyard worker` the run starts from its pre-imported fork server; under
-            # a plain Prefect worker this command falls back to `python -m prefect.engine`.
-            job_variables={"command": RUN_COMMAND},
-            # The flow ships inside the modelyard package, so workers import it by module;
-            # only the user's repository is checked out per run.
-            entrypoint_type=EntrypointType.MODULE_PATH,
+        # From sync code, Prefect's sync_compatible method returns the deployment itself.
+        deployment = cast(
+            RunnerDeployment,
+            pipeline.to_deployment(
+                name=spec.name,
+                parameters={"spec_path": relative, "repository": repo},
+                description=f"{spec.name}: {spec.description or spec.task} — from {repo}",
+                tags=["modelyard", f"model:{spec.name}"],
+                work_pool_name=pool,
+                # Under `modelyard worker` the run starts from its pre-imported fork server; under
+                # a plain Prefect worker this command falls back to `python -m prefect.engine`.
+                job_variables={"command": RUN_COMMAND},
+                # The flow ships inside the modelyard package, so workers import it by module;
+                # only the user's repository is checked out per run.
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            ),
         )
         deployment_id = deployment.apply(work_pool_name=pool)
         applied.append(PipelineDeployment(str(deployment_id), spec.name, repo, relative, pool))
@@ -103,20 +115,23 @@ def apply_monitors(specs: list[Path], pool: str = POOL) -> list[str]:
         spec = load_spec(spec_file)
         for environment in spec.monitored_environments:
             name = f"{spec.name}-{environment}"
-            deployment = monitor.to_deployment(
-                name=name,
-                interval=spec.monitoring.interval,
-                parameters={
-                    "model": spec.name,
-                    "environment": environment,
-                    "monitoring": spec.monitoring.model_dump(mode="json"),
-                },
-                description=f"Drift of {spec.name} in {environment}, every "
-                f"{spec.monitoring.interval} s",
-                tags=["modelyard", f"model:{spec.name}", "monitor"],
-                work_pool_name=pool,
-                job_variables={"command": RUN_COMMAND},
-                entrypoint_type=EntrypointType.MODULE_PATH,
+            deployment = cast(
+                RunnerDeployment,
+                monitor.to_deployment(
+                    name=name,
+                    interval=spec.monitoring.interval,
+                    parameters={
+                        "model": spec.name,
+                        "environment": environment,
+                        "monitoring": spec.monitoring.model_dump(mode="json"),
+                    },
+                    description=f"Drift of {spec.name} in {environment}, every "
+                    f"{spec.monitoring.interval} s",
+                    tags=["modelyard", f"model:{spec.name}", "monitor"],
+                    work_pool_name=pool,
+                    job_variables={"command": RUN_COMMAND},
+                    entrypoint_type=EntrypointType.MODULE_PATH,
+                ),
             )
             deployment.apply(work_pool_name=pool)
             applied.append(f"{deployment.flow_name}/{name}")
@@ -153,7 +168,7 @@ def paused_runs(commit: str, models: list[str] | None = None) -> list[FlowRun]:
                 )
             )
 
-    runs = run_coro_as_sync(read())
+    runs = _now(read())
     return [r for r in runs if not models or model_from_tags(r.tags) in models]
 
 
@@ -168,17 +183,17 @@ def follow(flow_run_id: str, progress: Progress, poll: float = 2.0) -> FlowRun:
     seen: dict[str, str] = {}
     last_state = ""
     while True:
-        run, tasks = run_coro_as_sync(_read(UUID(flow_run_id)))
+        run, tasks = _now(_read(UUID(flow_run_id)))
         for task_run in sorted(tasks, key=lambda t: t.expected_start_time or t.created):
-            state = task_run.state.name if task_run.state else "Pending"
-            if seen.get(str(task_run.id)) != state:
-                seen[str(task_run.id)] = state
+            shown = task_run.state.name if task_run.state else "Pending"
+            if seen.get(str(task_run.id)) != shown:
+                seen[str(task_run.id)] = shown
                 final = task_run.state is not None and task_run.state.is_final()
                 took = f" ({task_run.total_run_time.total_seconds():.1f} s)" if final else ""
-                progress(f"{task_run.name.rsplit('-', 1)[0]}: {state}{took}")
+                progress(f"{task_run.name.rsplit('-', 1)[0]}: {shown}{took}")
         state = run.state
         if state and state.name != last_state:
-            last_state = state.name
+            last_state = state.name or ""
             progress(
                 f"run {run.name}: {state.name}{' — ' + state.message if state.message else ''}"
             )

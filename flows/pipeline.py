@@ -28,6 +28,7 @@ from pydantic import Field
 
 from flows import logs
 from flows.locks import release_lock
+from flows.retries import TRANSIENT
 from modelyard import source, stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings, get_settings
@@ -41,7 +42,6 @@ T = TypeVar("T")
 # Prefect's root logger is at WARNING, which would drop it before the UI or the console saw it.
 logging.getLogger("modelyard").setLevel(logging.INFO)
 logs.install()
-MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}
 
 
 def _by_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -63,7 +63,7 @@ def load_data_task(spec: Spec) -> stages.Prepared:
     return stages.prepare(spec)
 
 
-@task(name="open-mlflow-run", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+@task(name="open-mlflow-run", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def open_run_task(
     spec: Spec,
     spec_path: str,
@@ -85,14 +85,14 @@ def train_task(spec: Spec, splits: stages.Splits, cache_key: str) -> stages.Trai
     return stages.train(spec, splits)
 
 
-@task(name="log-training", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+@task(name="log-training", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def log_training_task(
     ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult
 ) -> str:
     return stages.log_training(ctx, splits, trained)
 
 
-@task(name="validate-model", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+@task(name="validate-model", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def model_gate_task(
     ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult
 ) -> GateReport:
@@ -106,21 +106,21 @@ def behaviour_gate_task(
     return stages.behaviour_gate(spec, splits, trained)
 
 
-@task(name="register", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+@task(name="register", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def register_task(
     ctx: stages.RunContext, model_uri: str, reports: list[GateReport], tags: dict[str, str]
 ) -> tuple[str, bool]:
     return stages.register(ctx, model_uri, reports, tags)
 
 
-@task(name="export", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+@task(name="export", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def export_task(
     ctx: stages.RunContext, splits: stages.Splits, trained: stages.TrainResult
 ) -> stages.Export:
     return stages.export(ctx, splits, trained)
 
 
-@task(name="package", cache_policy=NONE, persist_result=False, **MLFLOW_RETRIES)
+@task(name="package", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def package_task(
     ctx: stages.RunContext,
     version: str,
@@ -189,8 +189,9 @@ class _Stages:
                 stages.summary_row(label, "error", seconds, cached, state.message or "")
             )
         result = state.result()  # raises the task's exception when it failed
-        outcome = getattr(result, "verdict", None) or getattr(
-            getattr(result, "report", None), "verdict", "done"
+        outcome = str(
+            getattr(result, "verdict", None)
+            or getattr(getattr(result, "report", None), "verdict", "done")
         )
         detail = getattr(result, "detail", "")  # what a stage says of itself: the data's source
         self.rows.append(stages.summary_row(label, outcome, seconds, cached, detail))

@@ -124,7 +124,7 @@ def run(
     )
     flow_run_id = str(state.state_details.flow_run_id)
     outcome = state.result(raise_on_failure=False)
-    if state.is_completed():
+    if state.is_completed() and isinstance(outcome, dict):  # what the flow returns
         _print_success(outcome, settings, flow_run_id)
         if not no_deploy and not loaded.deploy.environments:
             console.print(NOTHING_TO_DEPLOY.format(version=outcome["version"]))
@@ -191,7 +191,7 @@ def models(
     from modelyard import registry
 
     client = registry.connect(get_settings())
-    rows = []
+    rows: list[dict[str, Any]] = []  # also printed as JSON (--json)
     for info in registry.list_versions(client, name):
         rows.append(
             {
@@ -475,7 +475,7 @@ def monitor(
             loaded.name, env, loaded.monitoring.model_dump(mode="json"), return_state=True
         )
         outcome = state.result(raise_on_failure=False)
-        if not state.is_completed():
+        if not state.is_completed() or not isinstance(outcome, dict):
             why = outcome if isinstance(outcome, ModelyardError) else state.message or outcome
             err.print(f"[bold red]error:[/] {loaded.name} {env}: {why}")
             failed = True

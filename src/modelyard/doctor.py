@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from modelyard import registry
 from modelyard.config import Settings
@@ -62,7 +63,7 @@ def _unfinished_versions(settings: Settings, model: str) -> list[Finding]:
             problem=f"{model} v{info.version} was registered but never packaged (the run "
             "stopped between register and package)",
             fix=f"withdraw v{info.version}; rerun the pipeline for its commit",
-            repair=lambda v=info.version: registry.withdraw(client, model, v),
+            repair=partial(registry.withdraw, client, model, info.version),
         ))  # fmt: skip
     return found
 
@@ -83,6 +84,6 @@ def _aliases_off_the_ledger(settings: Settings, model: str) -> list[Finding]:
             f"{'v' + pointed if pointed else 'nothing'} but the ledger says v{live.version} "
             f"serves {environment}",
             fix=f"move alias '{environment}' to v{live.version}",
-            repair=lambda e=environment, v=live.version: registry.set_alias(client, model, e, v),
+            repair=partial(registry.set_alias, client, model, environment, live.version),
         ))  # fmt: skip
     return found

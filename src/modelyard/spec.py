@@ -568,7 +568,7 @@ class Spec(_Strict):
 
 
 def _takes_any_keyword(cls: type) -> bool:
-    parameters = inspect.signature(cls.__init__).parameters.values()
+    parameters = inspect.signature(cls).parameters.values()  # the constructor's
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from modelyard import registry
@@ -113,8 +113,9 @@ def previous_good(settings: Settings, model: str, environment: str) -> Release |
     return None
 
 
-def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list:
-    runs, token = [], None
+def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
+    runs: list[Run] = []
+    token: str | None = None
     while True:
         page = client.search_runs(
             [experiment_id], query, order_by=["attributes.start_time DESC"],

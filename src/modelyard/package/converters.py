@@ -10,6 +10,7 @@ about the conversion changes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable
 from typing import Any
 
 from modelyard.package.precision import ReferenceTree
@@ -114,8 +115,9 @@ def fitted_trees(estimator: Any) -> list[ReferenceTree] | None:
 
 
 def _hist_tree(nodes: Any) -> ReferenceTree:
-    splits = {i: (float(n["num_threshold"]), int(n["left"]), int(n["right"]))
-              for i, n in enumerate(nodes) if not n["is_leaf"]}  # fmt: skip
+    splits: dict[Hashable, tuple[float, Hashable, Hashable]] = {
+        i: (float(n["num_threshold"]), int(n["left"]), int(n["right"]))
+        for i, n in enumerate(nodes) if not n["is_leaf"]}  # fmt: skip
     return ReferenceTree(0, splits)
 
 

@@ -146,7 +146,7 @@ def _float64_thresholds(node: onnx.NodeProto, trees: list[ReferenceTree]) -> Non
         values = np.asarray(attrs["nodes_values"], dtype=np.float64)
     ids = zip(attrs["nodes_treeids"], attrs["nodes_nodeids"], strict=True)
     where = {(tree, node): i for i, (tree, node) in enumerate(ids)}
-    children = {t: set() for t in attrs["nodes_treeids"]}
+    children: dict[int, set[int]] = {t: set() for t in attrs["nodes_treeids"]}
     for i, tree in enumerate(attrs["nodes_treeids"]):
         if attrs["nodes_modes"][i] != b"LEAF":
             children[tree] |= {attrs["nodes_truenodeids"][i], attrs["nodes_falsenodeids"][i]}

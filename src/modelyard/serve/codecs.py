@@ -206,7 +206,7 @@ def v2_columns(body: bytes) -> tuple[Columns, list[str] | None, Any]:
     outputs = payload.get("outputs")
     wanted = None
     if isinstance(outputs, list):
-        wanted = [o.get("name") for o in outputs if isinstance(o, dict)]
+        wanted = [str(o.get("name")) for o in outputs if isinstance(o, dict)]  # None: unknown
     return columns, wanted, payload.get("id")
 
 

@@ -214,8 +214,8 @@ class Metrics:
         if self._rows:
             self.rows.inc(self._rows)
             self._rows = 0
-        for name, tally in self._inputs.items():
-            tally.drain_into(self.input_bins, name)
+        for name, counts in self._inputs.items():
+            counts.drain_into(self.input_bins, name)
         if self._prediction_bins is not None:
             self._prediction_bins.drain_into(self.prediction_bins)
 

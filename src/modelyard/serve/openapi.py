@@ -23,7 +23,7 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 def document(runtime: Runtime, auth: bool, max_rows: int, max_body_bytes: int) -> dict[str, Any]:
     name = runtime.name
     columns = runtime.columns
-    secured = [{"bearer": []}] if auth else []
+    secured: list[dict[str, list[str]]] = [{"bearer": []}] if auth else []
     rejections = _errors(max_rows, max_body_bytes)
     infer = _v2_infer(columns, max_rows, secured, rejections)
     paths: dict[str, Any] = {

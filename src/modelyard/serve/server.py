@@ -20,8 +20,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelyard.bundle import BundleError, parse_public_keys, verify
+
+if TYPE_CHECKING:  # the app's module loads ONNX Runtime: workers import it, the parent need not
+    from modelyard.serve.app import ServingApp
 
 log = logging.getLogger("modelyard.serve")
 
@@ -64,7 +68,7 @@ def _read_keys_file(bundle: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def build_app(config: ServeConfig) -> object:
+def build_app(config: ServeConfig) -> ServingApp:
     """Verify, then load: nothing in the bundle is read before its signature checks out."""
     from modelyard.serve.app import ServingApp
     from modelyard.serve.runtime import Runtime
@@ -172,9 +176,11 @@ def _supervise(config: ServeConfig, shared: list[socket.socket]) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        slot = children.pop(pid, None)
-        if not stopping and slot is not None:
+        if pid not in children:  # not a worker of ours
+            continue
+        lost = children.pop(pid)
+        if not stopping:
             log.warning("worker %s exited (%s); restarting it", pid, status)
             time.sleep(0.5)
-            spawn(slot)
+            spawn(lost)
     return 0
