@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from modelyard.stackstate import running_url
+
 # Telemetry that would call out to the internet; off unless the user turned it on explicitly.
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -153,9 +155,7 @@ class Settings(BaseSettings):
         return self.prometheus_url or self._stack_url("prometheus")
 
     def _stack_url(self, service: str) -> str | None:
-        from modelyard.stack import running_url  # the stack module reads these settings
-
-        return running_url(self, service)
+        return running_url(self.workspace_dir, service)
 
     @property
     def artifact_root(self) -> str:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelyard import stackstate
 from modelyard.config import TELEMETRY_OFF, Settings
 from modelyard.errors import ModelyardError
 
@@ -73,7 +74,7 @@ _RULES_FILES = (
 
 
 def stack_dir(settings: Settings) -> Path:
-    return settings.workspace_dir / "stack"
+    return stackstate.stack_dir(settings.workspace_dir)
 
 
 def prometheus_targets_dir(settings: Settings) -> Path:
@@ -137,10 +138,7 @@ def status(settings: Settings) -> list[Status]:
 
 def running_url(settings: Settings, name: str) -> str | None:
     """The URL of a stack service whose process is alive, else None (cheap: no HTTP)."""
-    state = _read_state(stack_dir(settings) / name)
-    if state and _alive(state.get("pid")):
-        return str(state["url"])
-    return None
+    return stackstate.running_url(settings.workspace_dir, name)
 
 
 # --- the services -------------------------------------------------------------------------------
@@ -430,8 +428,8 @@ def _wait_healthy(settings: Settings, service: Service, progress: Progress) -> N
     deadline = time.monotonic() + settings.stack_start_timeout
     announced = time.monotonic()
     while time.monotonic() < deadline:
-        state = _read_state(folder)
-        if not state or not _alive(state["pid"]):
+        state = stackstate.read_state(folder)
+        if not state or not stackstate.alive(state["pid"]):
             raise StackError(f"{service.name} exited while starting:\n{_tail(folder / 'log')}")
         if _healthy(service):
             return
@@ -455,17 +453,17 @@ def _healthy(service: Service) -> bool:
 
 def _stop(settings: Settings, service: Service) -> bool:
     folder = service.folder(settings)
-    state = _read_state(folder)
+    state = stackstate.read_state(folder)
     (folder / "state.json").unlink(missing_ok=True)
     pid = state.get("pid") if state else None
-    if not _alive(pid):
+    if not stackstate.alive(pid):
         return False
     assert pid is not None
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
-    while _alive(pid) and time.monotonic() < deadline:
+    while stackstate.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
+    if stackstate.alive(pid):
         _signal_group(pid, signal.SIGKILL)
     return True
 
@@ -476,35 +474,12 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def _status(settings: Settings, service: Service) -> Status:
-    state = _read_state(service.folder(settings))
+    state = stackstate.read_state(service.folder(settings))
     pid = state.get("pid") if state else None
-    if not _alive(pid):
+    if not stackstate.alive(pid):
         return Status(service.name, service.url, False, None, "not running")
     healthy = _healthy(service)
     return Status(service.name, service.url, healthy, pid, "" if healthy else "not answering")
-
-
-def _read_state(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not running.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except OSError:
-        return True
 
 
 def _tail(log: Path, lines: int = 20) -> str:
