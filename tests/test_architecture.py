@@ -42,3 +42,17 @@ def test_no_two_top_level_modules_import_each_other() -> None:
               if graph.chain_exists(a, b, as_packages=True)
               and graph.chain_exists(b, a, as_packages=True)]  # fmt: skip
     assert not cycles, f"modules importing each other: {cycles}"
+
+
+def test_layers_contract_catches_an_import_pointing_up() -> None:
+    """The serving app importing the stages (a layer above it) breaks the layers contract."""
+    probe = ROOT / "src" / "modelyard" / "serve" / "_layer_probe.py"
+    probe.write_text("import modelyard.stages  # noqa: F401\n")
+    try:
+        lint = Path(sys.executable).with_name("lint-imports")
+        done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    finally:
+        probe.unlink()
+    assert done.returncode != 0
+    assert "The core's layers BROKEN" in done.stdout
+    assert "modelyard.serve._layer_probe -> modelyard.stages" in done.stdout

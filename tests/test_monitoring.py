@@ -18,7 +18,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from modelyard.monitor.bins import categorical_bins, numeric_bins, psi
+from modelyard.bins import categorical_bins, numeric_bins, psi
 from modelyard.monitor.drift import ordered_bins
 from modelyard.ports import free_ports
 from tests.conftest import ROOT, Project

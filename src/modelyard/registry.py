@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import mlflow
@@ -22,8 +22,6 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from modelyard.checks.model import ChampionModel
-from modelyard.checks.report import GateReport
 from modelyard.config import Settings, disable_telemetry
 from modelyard.errors import ModelyardError
 
@@ -40,6 +38,28 @@ class VersionInfo:
     aliases: list[str]
     tags: dict[str, str]
     created: int
+
+
+@dataclass(frozen=True)
+class ChampionModel:
+    """The version currently holding the champion alias, loaded for scoring."""
+
+    version: str
+    model: Any
+    input_columns: list[str]
+
+
+class GateRecord(Protocol):
+    """What the registry records of a gate (checks.report.GateReport is one)."""
+
+    gate: str
+
+    @property
+    def verdict(self) -> str: ...
+
+    def to_json(self) -> str: ...
+
+    def to_markdown(self) -> str: ...
 
 
 def connect(settings: Settings) -> MlflowClient:
@@ -154,7 +174,7 @@ def _requirements() -> list[str]:
     ]
 
 
-def log_gate(run_id: str, report: GateReport, extra: Path | None = None) -> None:
+def log_gate(run_id: str, report: GateRecord, extra: Path | None = None) -> None:
     """The gate's report as JSON and Markdown, its verdict as a tag, any extra folder alongside."""
     client = MlflowClient()
     path = f"gates/{report.gate}"

@@ -11,7 +11,6 @@ i.e. only when it is *significantly* worse, not when it is worse by noise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,16 +25,8 @@ from modelyard.evaluation import (
     scores,
     target_values,
 )
+from modelyard.registry import ChampionModel
 from modelyard.spec import Champion, Spec
-
-
-@dataclass(frozen=True)
-class ChampionModel:
-    """The version currently holding the champion alias, loaded for scoring."""
-
-    version: str
-    model: Any
-    input_columns: list[str]
 
 
 def check_thresholds(spec: Spec, metrics: dict[str, float]) -> list[Check]:

@@ -1,6 +1,6 @@
 """Drift of a deployed version: live bin counts from Prometheus against the bundle's reference.
 
-The serving app counts every predicted row into fixed bins (modelyard.monitor.bins) and
+The serving app counts every predicted row into fixed bins (modelyard.bins) and
 exports the reference shares beside them; this module reads both back from Prometheus over a
 window, computes PSI per input and for the prediction, and decides whether the version has
 drifted. `retrain` then starts the model's pipeline deployment, at most once per cooldown.
@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 
 from modelyard import registry
+from modelyard.bins import MISSING, OTHER, psi
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
-from modelyard.monitor.bins import MISSING, OTHER, psi
 from modelyard.spec import Monitoring
 
 EXPERIMENT = "modelyard-monitoring"

@@ -19,11 +19,11 @@ import pandas as pd
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import modelyard
+from modelyard import bins as drift_bins
 from modelyard import bundle as bundles
 from modelyard.config import Settings
 from modelyard.data import features_of
 from modelyard.evaluation import classes_of, scores
-from modelyard.monitor import bins as drift_bins
 from modelyard.package.onnx import export_onnx, onnx_input_names
 from modelyard.package.parity import ParityError, ParityReport, compare
 from modelyard.package.pmml import pmml_for, prove_pmml

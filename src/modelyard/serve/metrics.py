@@ -25,7 +25,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from modelyard.monitor.bins import Bins
+from modelyard.bins import Bins
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 PROBABILITY_BUCKETS = tuple(round(i / 10, 1) for i in range(1, 11))
