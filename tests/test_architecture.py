@@ -1,4 +1,4 @@
-"""Layering: the core never imports the orchestrator (import-linter contract in pyproject.toml)."""
+"""Layering: the import-linter contracts in pyproject.toml hold, and each catches a violation."""
 
 from __future__ import annotations
 
@@ -9,22 +9,31 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 
-def test_import_contracts_hold():
+def lint_imports(*args: str) -> subprocess.CompletedProcess:
     lint = Path(sys.executable).with_name("lint-imports")
-    done = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "The core never imports the orchestrator KEPT" in done.stdout
+    return subprocess.run([str(lint), *args], cwd=ROOT, capture_output=True, text=True)
 
 
-def test_contract_catches_a_violation(tmp_path):
-    """The contract is live: a core module that imports prefect breaks it."""
-    probe = ROOT / "src" / "modelyard" / "_contract_probe.py"
-    probe.write_text("import prefect  # noqa: F401\n")
+def lint_with_probe(module: str, source: str) -> subprocess.CompletedProcess:
+    """lint-imports with a planted module (a path under src/modelyard), removed afterwards."""
+    probe = ROOT / "src" / "modelyard" / module
+    probe.write_text(source)
     try:
-        lint = Path(sys.executable).with_name("lint-imports")
-        done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+        return lint_imports("--no-cache")
     finally:
         probe.unlink()
+
+
+def test_import_contracts_hold():
+    done = lint_imports()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "The core never imports the orchestrator KEPT" in done.stdout
+    assert "The core's layers KEPT" in done.stdout
+
+
+def test_contract_catches_a_violation():
+    """The contract is live: a core module that imports prefect breaks it."""
+    done = lint_with_probe("_contract_probe.py", "import prefect  # noqa: F401\n")
     assert done.returncode != 0
     assert "modelyard._contract_probe -> prefect" in done.stdout
 
@@ -46,13 +55,7 @@ def test_no_two_top_level_modules_import_each_other() -> None:
 
 def test_layers_contract_catches_an_import_pointing_up() -> None:
     """The serving app importing the stages (a layer above it) breaks the layers contract."""
-    probe = ROOT / "src" / "modelyard" / "serve" / "_layer_probe.py"
-    probe.write_text("import modelyard.stages  # noqa: F401\n")
-    try:
-        lint = Path(sys.executable).with_name("lint-imports")
-        done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
-    finally:
-        probe.unlink()
+    done = lint_with_probe("serve/_layer_probe.py", "import modelyard.stages  # noqa: F401\n")
     assert done.returncode != 0
     assert "The core's layers BROKEN" in done.stdout
     assert "modelyard.serve._layer_probe -> modelyard.stages" in done.stdout
