@@ -170,18 +170,18 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
 def run(seconds: int) -> tuple[list[Result], dict[str, str]]:
     workspace = Path(tempfile.mkdtemp(prefix="modelyard-bench-"))
     results: list[Result] = []
-    versions = {}
+    versions: dict[str, tuple[str, str]] = {}  # label -> (model name, version)
     for label, estimator in MODELS.items():
         name, version, bundle = train(workspace, estimator)
-        versions[label] = f"{name} v{version}"
+        versions[label] = name, version
         # The no-op ceiling does no model work: measured once, beside the first model.
         results += serve_both(workspace, name, version, bundle, label, seconds,
                               ceiling=not results)  # fmt: skip
     facts = {
-        "versions": ", ".join(f"{label}: {v}" for label, v in versions.items()),
+        "versions": ", ".join(f"{label}: {n} v{v}" for label, (n, v) in versions.items()),
         "workers": str(os.cpu_count() or 1),
         "seconds": str(seconds),
-        "image": image_size(versions["logistic regression"].split(" v")[1]),
+        "image": image_size(versions["logistic regression"][1]),
     }
     return results, facts
 

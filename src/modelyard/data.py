@@ -131,12 +131,13 @@ def _read(spec: Spec) -> tuple[pd.DataFrame, Source]:
     if dataset.generator is not None:
         return _generate(spec), Source(f"generator {dataset.generator}",
                                        f"rows {dataset.rows}, seed {dataset.seed}")  # fmt: skip
-    if (dataset.path or "").startswith("s3://"):
-        return read_s3(dataset.path or "")
-    path = spec.resolve(dataset.path or "")
+    location = dataset.path or ""  # the spec checked that exactly one source is given
+    if location.startswith("s3://"):
+        return read_s3(location)
+    path = spec.resolve(location)
     if not path.is_file():
         raise DataError(f"dataset.path {path} does not exist; fix dataset.path in the spec")
-    return read_table(path), Source(dataset.path or "")
+    return read_table(path), Source(location)
 
 
 def _generate(spec: Spec) -> pd.DataFrame:

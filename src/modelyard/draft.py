@@ -128,7 +128,7 @@ def _task_of(target: pd.Series, name: str) -> str:
     text: multiclass.
     (Whole numbers with few values may be classes too: pass --task then.)"""
     values = set(target.dropna().unique().tolist())
-    if values <= {0, 1} and len(values) == 2:
+    if _zero_one(target) and len(values) == 2:
         return "binary_classification"
     if pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target):
         return "regression"
