@@ -76,12 +76,27 @@ SERVER_FIXTURES = frozenset({"servers", "mlflow_server", "prefect_api", "moto", 
                              "wheelhouse"})  # fmt: skip
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("docker") or SERVER_FIXTURES & set(
             getattr(item, "fixturenames", ())
         ):
             item.add_marker(pytest.mark.integration)
+        if _shares_a_module_fixture(item):
+            # `make test` runs with --dist loadgroup: a module's tests that share a fixture
+            # built once per module (registered versions, SSH hosts, a stack) stay on one
+            # worker, which builds it once. Every other test goes to whichever worker is free.
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    # The long tests first, so that no worker starts one when the others are nearly done.
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        definitions[-1].scope == "module" for definitions in info.name2fixturedefs.values()
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -165,9 +180,23 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield str(PREFECT_API_URL.value())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _workspace_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test process (each xdist worker) gets a workspace of its own, never the developer's
+    `.modelyard` that the Makefile exports: stack state, locks and releases are per workspace."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MODELYARD_WORKSPACE", str(tmp_path_factory.mktemp("workspace")))
+        yield
+
+
 @pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("wheelhouse")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """One wheelhouse for every worker of the run (the slow part of a first image build):
+    modelyard fills it under a file lock, as concurrent runs on one machine would."""
+    run_root = tmp_path_factory.getbasetemp()
+    house = (run_root if worker_id == "master" else run_root.parent) / "wheelhouse"
+    house.mkdir(exist_ok=True)
+    return house
 
 
 @pytest.fixture

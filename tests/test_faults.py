@@ -13,10 +13,14 @@ An SSH host lost mid-rollout is in test_deploy.py, beside the other rollouts.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -91,9 +95,6 @@ def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
     assert client.get_model_version_by_alias(model, "staging").version == "2"
 
 
-ENGINE_PIDFILE = Path("/var/lib/modelyard-docker/dockerd.pid")  # infra/scripts/docker-engine.sh
-
-
 class WatchedRun:
     """`modelyard run` in the background, its output in a file the test watches for stages."""
 
@@ -118,30 +119,64 @@ class WatchedRun:
         return self.process.wait(timeout=timeout), self.text()
 
 
-def restart_engine() -> None:
-    """Stop this project's dockerd as `systemctl restart` would (SIGTERM) and start it again."""
-    pid = int(ENGINE_PIDFILE.read_text())
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    script = Path(__file__).resolve().parents[1] / "infra" / "scripts" / "docker-engine.sh"
-    subprocess.run([str(script)], check=True, capture_output=True, timeout=120)
+ENGINE_SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "scripts" / "docker-engine.sh"
 
 
-def _our_engine() -> None:
-    ours = os.environ.get("DOCKER_HOST", "") == "unix:///run/modelyard-docker.sock"
-    if not (ours and ENGINE_PIDFILE.is_file()):
-        pytest.skip("restarts only the engine infra/scripts/docker-engine.sh started (CI's)")
+@dataclass(frozen=True)
+class Engine:
+    host: str  # DOCKER_HOST
+    data: Path  # the script's MODELYARD_DOCKER_DATA: dockerd.pid, dockerd.log, data-root
+
+    def start(self) -> None:
+        """Start dockerd the way infra/scripts/docker-engine.sh does for CI."""
+        environment = {**os.environ, "DOCKER_HOST": self.host,
+                       "MODELYARD_DOCKER_SOCK": self.host.removeprefix("unix://"),
+                       "MODELYARD_DOCKER_DATA": str(self.data)}  # fmt: skip
+        subprocess.run([str(ENGINE_SCRIPT)], env=environment, check=True, capture_output=True,
+                       timeout=120)  # fmt: skip
+
+    def stop(self) -> None:
+        """SIGTERM, as `systemctl restart` would, and wait for it to be gone."""
+        pid = int((self.data / "dockerd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
-def test_engine_restart_registry_down_and_mlflow_lost_mid_run(servers, ads, tmp_path, monkeypatch):
+@pytest.fixture
+def own_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    """A Docker engine of this test's own, holding the base image: the test restarts it, and
+    the tests running beside it keep theirs."""
+    if os.geteuid() != 0 or not shutil.which("dockerd"):
+        pytest.skip("starting a Docker engine of its own needs root and dockerd (CI has both)")
+    data = Path(tempfile.mkdtemp(prefix="my-engine-", dir="/tmp"))  # a socket path is short
+    engine = Engine(f"unix://{data}/docker.sock", data)
+    engine.start()
+    try:
+        base = os.environ.get("MODELYARD_BASE_IMAGE", "python:3.11-slim")
+        saved = subprocess.run(["docker", "save", base], capture_output=True, check=True).stdout
+        subprocess.run(["docker", "-H", engine.host, "load"], input=saved, capture_output=True,
+                       check=True)  # fmt: skip
+        monkeypatch.setenv("DOCKER_HOST", engine.host)
+        yield engine
+    finally:
+        engine.stop()
+        # dockerd leaves its network namespace mounted under its exec-root
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for mount in sorted((m for m in mounts if m.startswith(f"{data}/")), reverse=True):
+            subprocess.run(["umount", mount], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_engine_restart_registry_down_and_mlflow_lost_mid_run(
+    servers, ads, own_engine, tmp_path, monkeypatch
+):
     from modelyard import stack
     from modelyard.config import Settings
     from modelyard.ports import free_port
     from tests.conftest import MlflowServer
 
-    _our_engine()
     (tmp_path / "mlflow").mkdir()
     mlflow = MlflowServer(tmp_path / "mlflow").start()
     registry = Settings(workspace=tmp_path / "registry", stack_registry_port=free_port())
@@ -155,7 +190,8 @@ def test_engine_restart_registry_down_and_mlflow_lost_mid_run(servers, ads, tmp_
         # cannot ship is withdrawn. Nothing is left that says otherwise.
         run = WatchedRun(spec, tmp_path / "run1.log", "--no-deploy")
         run.reaches("image: Step 1/")
-        restart_engine()
+        own_engine.stop()
+        own_engine.start()
         code, log = run.finish()
         assert code != 0, log[-3000:]
         assert log.count("image: Step 1/") >= 2, "the build was not retried"

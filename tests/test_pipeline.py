@@ -149,7 +149,8 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     verified = bundles.verify(unpacked, bundles.parse_public_keys(trusted_keys(get_settings())))
     assert verified.digest == tags["bundle_digest"]
     assert verified.read_json("metadata.json")["git_commit"] == project.head
-    assert tags["image_ref"] == f"modelyard/{spec.name.lower()}:{outcome['version']}"
+    tag = f"{outcome['version']}-{tags['bundle_digest'][:12]}"
+    assert tags["image_ref"] == f"modelyard/{spec.name.lower()}:{tag}"
     assert tags["image_id"].startswith("sha256:") and tags["gate.infra"] == "passed"
     assert {"image/sbom.cdx.json", "gates/infra/report.json"} <= files
 

@@ -9,15 +9,13 @@ or checking out over each other.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from modelyard.atomic import exclusive
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
 
@@ -31,7 +29,7 @@ class SourceError(ModelyardError):
 def checkout(settings: Settings, repository: str, commit: str) -> Path:
     """The worktree of `commit` (full SHA, short SHA or ref) of `repository`."""
     mirror = _mirror_path(settings, repository)
-    with _locked(mirror.with_suffix(".lock")):
+    with exclusive(mirror.with_suffix(".lock")):
         if not mirror.exists():
             _git("clone", "--mirror", "--quiet", repository, str(mirror), what=repository)
         sha = _resolve(mirror, commit)
@@ -82,13 +80,3 @@ def _git(*args: str, what: str) -> None:
     if done.returncode != 0:
         raise SourceError(f"git {args[0] if args[0] != '-C' else args[2]} failed for {what}: "
                           f"{done.stderr.strip() or done.stdout.strip()}")  # fmt: skip
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -24,7 +24,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from modelyard import registry
-from modelyard.atomic import create_private
+from modelyard.atomic import create_private, exclusive
 from modelyard.config import Settings
 from modelyard.deploy import aws, ledger
 from modelyard.deploy.collections import ensure_amazon_aws
@@ -355,17 +355,18 @@ def _wheelhouse_archive(settings: Settings, progress: Progress) -> tuple[Path, s
         digest.update(f"{path.relative_to(house)}:{path.stat().st_size}\n".encode())
     short = digest.hexdigest()[:16]
     archive = house / f"serving-{short}.tar.gz"
-    if not archive.exists():
-        progress("wheelhouse: packing the serving runtime for process hosts")
-        for stale in house.glob("serving-*.tar.gz"):
-            stale.unlink()
-        with tempfile.TemporaryDirectory() as tmp:
-            flat = flat_wheels(house, Path(tmp) / "wheels")
-            partial = archive.with_suffix(".partial")
-            with tarfile.open(partial, "w:gz") as tar:
-                for item in sorted(flat.iterdir()):
-                    tar.add(item, arcname=item.name)
-            partial.rename(archive)
+    with exclusive(house / ".lock"):  # releases running at once pack it once
+        if not archive.exists():
+            progress("wheelhouse: packing the serving runtime for process hosts")
+            for stale in house.glob("serving-*.tar.gz"):
+                stale.unlink()
+            with tempfile.TemporaryDirectory() as tmp:
+                flat = flat_wheels(house, Path(tmp) / "wheels")
+                partial = archive.with_suffix(".partial")
+                with tarfile.open(partial, "w:gz") as tar:
+                    for item in sorted(flat.iterdir()):
+                        tar.add(item, arcname=item.name)
+                partial.rename(archive)
     return archive, short
 
 

@@ -10,9 +10,9 @@ half of one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from modelyard.atomic import replace_file
 from modelyard.config import Settings
 from modelyard.stack import prometheus_targets_dir
 
@@ -34,9 +34,6 @@ def write_targets(
         for host, address in sorted(scrape.items())
     ]
     folder = prometheus_targets_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model}-{environment}.json"
-    partial = path.with_suffix(".json.partial")  # not matched by the *.json glob
-    partial.write_text(json.dumps(groups, indent=2) + "\n")
-    os.replace(partial, path)
+    replace_file(path, (json.dumps(groups, indent=2) + "\n").encode())  # no half file is read
     return path

@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from modelyard.atomic import exclusive, replace_file
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
 
@@ -128,20 +129,28 @@ def _source_digest(root: Path) -> str:
 
 
 def prepare_wheelhouse(settings: Settings, progress: Progress) -> Path:
-    """Wheels for the image: the pinned serving dependencies and modelyard itself (cached)."""
+    """Wheels for the image: the pinned serving dependencies and modelyard itself (cached).
+    Runs on one machine may share it (`wheelhouse` setting): one fills it at a time."""
     house = settings.wheelhouse or settings.workspace_dir / "wheelhouse"
+    with exclusive(house / ".lock"):
+        _fill_wheelhouse(house, progress)
+    return house
+
+
+def _fill_wheelhouse(house: Path, progress: Progress) -> None:
     deps, own = house / "deps", house / "modelyard"
     deps.mkdir(parents=True, exist_ok=True)
     requirements = serve_requirements()
     pins = "\n".join(requirements) + "\n"
-    (house / "requirements.txt").write_text(pins)
+    listed = house / "requirements.txt"
+    if not listed.is_file() or listed.read_text() != pins:  # others may be reading it
+        replace_file(listed, pins.encode())
     # Once a download for these exact pins has completed, the wheels are all there: skip
     # asking the index again on every build. The stamp is written only after success.
     stamp = deps / ".downloaded-for"
     if not stamp.is_file() or stamp.read_text() != pins:
         progress(f"wheelhouse: downloading {len(requirements)} pinned serving requirements")
-        _pip("download", "--only-binary=:all:", "--dest", str(deps), "--requirement",
-             str(house / "requirements.txt"))  # fmt: skip
+        _pip("download", "--only-binary=:all:", "--dest", str(deps), "--requirement", str(listed))
         stamp.write_text(pins)
     root = _source_root()
     target = own / _source_digest(root)
@@ -149,7 +158,6 @@ def prepare_wheelhouse(settings: Settings, progress: Progress) -> Path:
         progress("wheelhouse: building the modelyard wheel")
         shutil.rmtree(own, ignore_errors=True)
         _pip("wheel", "--no-deps", "--wheel-dir", str(target), str(root))
-    return house
 
 
 def _pip(*args: str) -> None:
@@ -178,8 +186,15 @@ def build_context(house: Path, bundle: Path, trusted_keys: str, dest: Path) -> P
     return dest
 
 
-def image_ref(model: str, version: str) -> str:
-    return f"modelyard/{model.lower()}:{version}"
+def image_tag(version: str, bundle_digest: str) -> str:
+    """A version's image tag. The bundle's digest is in it because model versions are only
+    unique within one MLflow: two registries (or CI jobs) sharing a Docker engine both have a
+    version 1 of a model, and neither may retag the image the other deploys."""
+    return f"{version}-{bundle_digest[:12]}"
+
+
+def image_ref(model: str, version: str, bundle_digest: str) -> str:
+    return f"modelyard/{model.lower()}:{image_tag(version, bundle_digest)}"
 
 
 def build_image(
@@ -190,7 +205,7 @@ def build_image(
 
     meta = json.loads((bundle / "metadata.json").read_text())
     digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-    ref = image_ref(meta["model_name"], str(meta["model_version"]))
+    ref = image_ref(meta["model_name"], str(meta["model_version"]), digest)
     client = docker_client(settings)
     house = prepare_wheelhouse(settings, progress)
     started = time.perf_counter()

@@ -21,7 +21,7 @@ from typing import Any
 
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
-from modelyard.package.image import ImageError, docker_client
+from modelyard.package.image import ImageError, docker_client, image_tag
 
 Progress = Callable[[str], None]
 REPOSITORY_PREFIX = "modelyard"
@@ -58,7 +58,7 @@ def push_image(
     """Push `local_ref` (an image on the building engine) for `model` `version`."""
     target = _target(settings, model)
     repository = f"{target.host}/{repository_name(model)}"
-    tag = f"{version}-{bundle_digest[:12]}"
+    tag = image_tag(version, bundle_digest)
     client = docker_client(settings)
     try:
         if target.auth is not None:  # kept in this client's memory only, never in a config file
