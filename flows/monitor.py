@@ -22,6 +22,7 @@ from modelyard.config import get_settings
 from modelyard.lineage import slug
 from modelyard.monitor import drift
 from modelyard.monitor.drift import DriftReport
+from modelyard.outcomes import MonitorOutcome
 from modelyard.spec import Monitoring
 
 logs.install()
@@ -65,7 +66,7 @@ def retrain_task(report: DriftReport, cooldown: int, run_id: str) -> tuple[str, 
 @flow(name=FLOW, flow_run_name="drift {model} {environment}", log_prints=True)
 def monitor(
     model: str, environment: str = "production", monitoring: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> MonitorOutcome:
     """Check drift of the version serving `environment`; retrain when it drifted.
 
     `monitoring`: the spec's `monitoring` section (threshold, window, cooldown, ...).
@@ -86,14 +87,8 @@ def monitor(
     if report.drifted and rules.retrain:
         outcome, detail = retrain_task(report, rules.cooldown, run_id)
         logger.info("retraining: %s: %s", outcome, detail)
-    return {
-        "model": model,
-        "environment": environment,
-        "version": version,
-        "rows": report.rows,
-        "drifted": report.drifted,
-        "psi": {s.name: s.psi for s in report.signals},
-        "retrain": outcome,
-        "retrain_detail": detail,
-        "mlflow_run_id": run_id,
-    }
+    return MonitorOutcome(
+        model=model, environment=environment, version=version, rows=report.rows,
+        drifted=list(report.drifted), psi={s.name: s.psi for s in report.signals},
+        retrain=outcome, retrain_detail=detail, mlflow_run_id=run_id,
+    )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,9 +33,10 @@ from flows.retries import TRANSIENT
 from modelyard import source, stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings, get_settings
-from modelyard.deploy import release
+from modelyard.deploy import approvals, release
 from modelyard.errors import GateFailed, ModelyardError
 from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_tags, slug
+from modelyard.outcomes import PipelineOutcome, Released, StageRow, table
 from modelyard.spec import Spec, load_spec
 
 T = TypeVar("T")
@@ -171,7 +173,7 @@ class _Stages:
     """Runs tasks, timing each and noting whether Prefect served it from cache."""
 
     def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[StageRow] = []
         self.logger = get_run_logger()
 
     def run(
@@ -182,19 +184,17 @@ class _Stages:
         self.logger.info("%s: started", label)
         started = time.perf_counter()
         state: State = task_fn(*args, return_state=True, **kwargs)
-        seconds = time.perf_counter() - started
+        seconds = round(time.perf_counter() - started, 2)
         cached = state.name == "Cached"
         if state.is_failed():
-            self.rows.append(
-                stages.summary_row(label, "error", seconds, cached, state.message or "")
-            )
+            self.rows.append(StageRow(label, "error", seconds, cached, state.message or ""))
         result = state.result()  # raises the task's exception when it failed
         outcome = str(
             getattr(result, "verdict", None)
             or getattr(getattr(result, "report", None), "verdict", "done")
         )
         detail = getattr(result, "detail", "")  # what a stage says of itself: the data's source
-        self.rows.append(stages.summary_row(label, outcome, seconds, cached, detail))
+        self.rows.append(StageRow(label, outcome, seconds, cached, detail))
         if cached:
             self.logger.info("%s: reused the cached result (same inputs as an earlier run)", label)
         return result
@@ -245,7 +245,7 @@ def pipeline(
     refresh_cache: bool = False,
     deploy: bool = True,
     repository: str | None = None,
-) -> dict[str, Any]:
+) -> PipelineOutcome:
     """Train, validate, register and deploy the model a spec describes.
 
     A failed gate fails the run with nothing registered; environments after the first wait for
@@ -281,18 +281,18 @@ def pipeline(
         try:
             outcome = _gates_and_register(runner, ctx, prepared, refresh_cache, tags)
         except Exception as exc:
-            stages.registry.end_run(ctx.run_id, failure=str(exc))
+            stages.close_run(ctx, failure=str(exc))
             raise
         # The training run is done either way; a failed rollout fails the flow run, not it.
-        stages.registry.end_run(ctx.run_id)
-        outcome["releases"] = _release(runner, ctx, outcome, serving) if deploy else []
+        stages.close_run(ctx)
+        releases = _release(runner, ctx, outcome, serving) if deploy else []
     finally:
         create_table_artifact(
-            runner.rows,
+            table(runner.rows),
             key=f"{slug(spec.name)}-stages",
             description=f"{spec.name}@{git.short}: stages, outcomes and cache use",
         )
-    return outcome | {"stages": runner.rows}
+    return replace(outcome, releases=releases, stages=runner.rows)
 
 
 def run_tagged(model: str, commit: str, branch: str, trigger: str, **parameters: Any) -> State:
@@ -319,7 +319,7 @@ def deploy_task(
     action: str,
     approval: Approval | None,
     expected: str,
-) -> dict[str, str]:
+) -> Released:
     logger = get_run_logger()
     settings = get_settings()
     record = release.deploy(
@@ -328,26 +328,26 @@ def deploy_task(
         actor=approval.approver if approval else None,
         expected=expected, lock=release_lock(settings),
     )  # fmt: skip
-    return {"environment": environment, "version": version, "outcome": record.outcome}
+    return Released(environment, version, record.outcome)
 
 
 def _release(
-    runner: _Stages, ctx: stages.RunContext, outcome: dict[str, Any], serving: dict[str, str]
-) -> list[dict[str, str]]:
+    runner: _Stages, ctx: stages.RunContext, outcome: PipelineOutcome, serving: dict[str, str]
+) -> list[Released]:
     """Deploy through the spec's environments in order, asking a person where the spec says."""
-    spec, version = ctx.spec, outcome["version"]
+    spec, version = ctx.spec, outcome.version
     if not spec.deploy.environments:
         runner.logger.info("no deploy.environments in the spec: v%s stays the candidate", version)
-    done: list[dict[str, str]] = []
+    done: list[Released] = []
     for index, environment in enumerate(spec.deploy.environments):
         approval = None
-        if release.needs_approval(spec, environment):
+        if approvals.needs_approval(spec, environment):
             approval = _wait_for_approval(ctx, environment, outcome, done)
             if approval is None or not approval.approve:
                 _record_rejection(runner, ctx, environment, version, approval)
                 return done
             label = f"approved by {approval.approver}"
-            runner.rows.append(stages.summary_row(f"approve-{environment}", label, 0.0, False))
+            runner.rows.append(StageRow(f"approve-{environment}", label, 0.0, False))
         action = "deploy" if index == 0 else "promote"
         step = (spec, environment, version, action, approval, serving[environment])
         done.append(runner.run(f"deploy-{environment}", deploy_task, *step))
@@ -365,23 +365,22 @@ def _record_rejection(
     spec = ctx.spec
     who = approval.approver if approval else "timeout"
     why = approval.comment if approval else f"no decision within {spec.deploy.approval_timeout} s"
-    release.reject(ctx.settings, spec, environment, version, who, why or "rejected")
-    runner.rows.append(stages.summary_row(f"approve-{environment}", "rejected", 0.0, False, why))
+    approvals.reject(ctx.settings, spec, environment, version, who, why or "rejected")
+    runner.rows.append(StageRow(f"approve-{environment}", "rejected", 0.0, False, why))
     runner.logger.warning("%s v%s not deployed to %s: %s", spec.name, version, environment, why)
 
 
 def _wait_for_approval(
-    ctx: stages.RunContext, environment: str, outcome: dict[str, Any], done: list[dict[str, str]]
+    ctx: stages.RunContext, environment: str, outcome: PipelineOutcome, done: list[Released]
 ) -> Approval | None:
     """Pause until a person answers (UI form or `modelyard approve`); None on timeout."""
     spec = ctx.spec
-    allowed = spec.deploy.environments[environment].approvers
-    description = _approval_description(ctx, environment, outcome, done, allowed)
+    description = stages.approval_request(ctx, environment, outcome, [d.environment for d in done])
     deadline = time.monotonic() + spec.deploy.approval_timeout
     get_run_logger().info(
         "waiting for approval to deploy %s v%s to %s: approve in the Prefect UI, or run "
         "`modelyard approve %s` / `modelyard reject %s`",
-        spec.name, outcome["version"], environment, flow_run.id, flow_run.id,
+        spec.name, outcome.version, environment, flow_run.id, flow_run.id,
     )  # fmt: skip
     attempt = 0
     while (left := int(deadline - time.monotonic())) > 0:
@@ -395,45 +394,15 @@ def _wait_for_approval(
             )
         except FlowPauseTimeout:
             return None
-        # Anyone may reject (it changes nothing); only the listed approvers may approve.
-        if not decision.approve or not allowed or decision.approver in allowed:
+        if approvals.may_decide(spec, environment, decision.approve, decision.approver):
             return decision
+        approvers = spec.deploy.environments[environment].approvers
         get_run_logger().warning(
             "%s may not approve %s (allowed: %s); recorded in the ledger, asking again",
-            decision.approver, environment, ", ".join(allowed),
+            decision.approver, environment, ", ".join(approvers),
         )  # fmt: skip
-        release.refuse_approval(
-            ctx.settings, spec, environment, outcome["version"], decision.approver
-        )
+        approvals.refuse(ctx.settings, spec, environment, outcome.version, decision.approver)
     return None
-
-
-def _approval_description(
-    ctx: stages.RunContext,
-    environment: str,
-    outcome: dict[str, Any],
-    done: list[dict[str, str]],
-    allowed: list[str],
-) -> str:
-    spec, version = ctx.spec, outcome["version"]
-    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(outcome["metrics"].items()))
-    gates = stages.registry.connect(ctx.settings).get_model_version(spec.name, version).tags
-    gate_rows = "\n".join(
-        f"| {k.removeprefix('gate.')} | {v} |"
-        for k, v in sorted(gates.items())
-        if k.startswith("gate.")
-    )
-    serving = ", ".join(f"{d['environment']}" for d in done) or "no environment yet"
-    who = f"Only {', '.join(allowed)} may approve." if allowed else ""
-    return (
-        f"## Deploy {spec.name} v{version} to {environment}?\n\n"
-        f"It already serves {serving}. [MLflow version]({outcome['mlflow_version_url']}) · "
-        f"[training run]({outcome['mlflow_run_url']})\n\n"
-        f"| metric | value |\n|---|---|\n{metrics}\n\n"
-        f"| gate | result |\n|---|---|\n{gate_rows}\n\n"
-        f"Approve to deploy and move the `{environment}` alias; reject to keep what serves now. "
-        f"{who}"
-    )
 
 
 def _state_once_settled(flow_run_id: Any, run_id: str, wait: float = 30) -> State | None:
@@ -477,7 +446,7 @@ def _image_and_infra_gate(
     skipped = stages.image_skipped(ctx)
     if skipped:
         runner.logger.warning("serving image not built: %s", skipped)
-        runner.rows.append(stages.summary_row("build-image", "skipped", 0.0, False, skipped))
+        runner.rows.append(StageRow("build-image", "skipped", 0.0, False, skipped))
         stages.note_image_skipped(ctx, version, skipped)
         return
     built = runner.run("build-image", build_image_task, ctx, version, bundle["bundle_path"])
@@ -497,7 +466,7 @@ def _gates_and_register(
     prepared: stages.Prepared,
     refresh: bool,
     tags: dict[str, str],
-) -> dict[str, Any]:
+) -> PipelineOutcome:
     spec, splits = ctx.spec, prepared.splits
     data_result = runner.run(
         "validate-data",
@@ -527,7 +496,7 @@ def _gates_and_register(
     )
     reports = [data_result.report, model_report, behaviour_report]
     for report in reports[1:]:
-        stages.registry.log_gate(ctx.run_id, report)
+        stages.log_gate(ctx, report)
         _publish_gate(spec, report)
     failed = [r for r in reports if not r.passed]
     if failed:
@@ -549,19 +518,5 @@ def _gates_and_register(
         if not tags.get("image_ref"):  # its first run could not build one (no engine then)
             _image_and_infra_gate(runner, ctx, version, {"bundle_path": bundle_path}, splits)
     stages.promote_candidate(ctx, version)
-    cached = [row["stage"] for row in runner.rows if row["cached"]]
-    stages.registry.set_run_tags(
-        ctx.run_id, {"registered_version": version, "cached_stages": ",".join(cached)}
-    )
-    return {
-        "model": spec.name,
-        "version": version,
-        "reused_version": reused,
-        "mlflow_run_id": ctx.run_id,
-        "mlflow_run_url": ctx.run_url,
-        "mlflow_version_url": stages.registry.version_url(ctx.settings, spec.name, version),
-        "flow_run_id": str(flow_run.id),
-        "cached_stages": cached,
-        "metrics": trained.metrics,
-        "bundle": bundle,
-    }
+    cached = [row.stage for row in runner.rows if row.cached]
+    return stages.registered(ctx, version, reused, trained, cached, str(flow_run.id), bundle)

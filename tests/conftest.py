@@ -20,7 +20,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, settings
 
-from modelyard.config import disable_telemetry
+from modelyard.config import Settings, disable_telemetry
 from modelyard.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +126,33 @@ def wait_for(url: str, timeout: float = 90.0) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite MLflow store with its schema made: creating one runs MLflow's migrations, which
+    take seconds; copying this one takes milliseconds."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    database = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{database}", str(database.parent / "artifacts"))
+    return database
+
+
+@pytest.fixture
+def local_settings(tmp_path: Path, _empty_mlflow_db: Path) -> Settings:
+    """Settings for in-process tests: a workspace and an MLflow store (SQLite, in process) of
+    the test's own, holding three versions of a model `m`."""
+    from modelyard import registry
+
+    database = tmp_path / "mlflow.db"
+    shutil.copy(_empty_mlflow_db, database)
+    settings = Settings(workspace=tmp_path / "ws", mlflow_tracking_uri=f"sqlite:///{database}")
+    client = registry.connect(settings)
+    client.create_registered_model("m")
+    for _ in range(3):
+        client.create_model_version("m", "file:///nowhere")
+    return settings
 
 
 class MlflowServer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -127,20 +129,17 @@ def test_behaviour_gate_runs_model_tests_and_reports_each(house, tmp_path):
         "test_latency::test_single_row_latency",
     } <= names
 
-    wrong = spec.model_copy(
-        update={
-            "behaviour": spec.behaviour.model_copy(
-                update={
-                    "directional": [
-                        spec.behaviour.directional[0].model_copy(update={"expect": "decrease"})
-                    ]
-                }
-            )
-        }
-    )
+    directional = spec.behaviour.directional[0].model_copy(update={"expect": "decrease"})
+    latency = spec.behaviour.latency.model_copy(update={"budget_ms": 1e-6, "calls": 10})
+    wrong = spec.model_copy(update={"behaviour": spec.behaviour.model_copy(
+        update={"directional": [directional], "latency": latency}
+    )})  # fmt: skip
     failed = stages.behaviour_gate(wrong, prepared.splits, trained)
     assert not failed.passed
     assert any("raising area by 10.0 gave a decrease on 0.0% of rows" in f for f in failed.failures)
+    slow = next(f for f in failed.failures if f.startswith("test_latency::"))
+    assert re.search(r"p95 one-row latency [\d.]+ ms of CPU time \([\d.]+ ms wall\) exceeds "
+                     r"the 1e-06 ms budget", slow), slow  # fmt: skip
 
 
 def test_behaviour_gate_fails_on_a_missing_tests_folder(house):

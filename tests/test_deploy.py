@@ -32,6 +32,7 @@ from flows.pipeline import pipeline
 from modelyard.config import get_settings
 from modelyard.deploy import ledger, release
 from modelyard.errors import DeployFailed, SpecError
+from modelyard.outcomes import PipelineOutcome
 from modelyard.ports import free_ports
 from modelyard.spec import Spec, load_spec
 from tests.conftest import Project, run_cli
@@ -346,7 +347,7 @@ class FlowInThread:
         assert self.states, "the flow run did not finish"
         return self.states[0]
 
-    def result(self, timeout: float = 300) -> dict:
+    def result(self, timeout: float = 300) -> PipelineOutcome:
         state = self.state(timeout)
         assert state.is_completed(), state.message
         return state.result()
@@ -395,7 +396,7 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
         UUID(run_id), run_input={"approve": True, "approver": "alice", "comment": "lgtm"}
     )
     outcome = first.result()
-    assert [r["environment"] for r in outcome["releases"]] == ["staging", "production"]
+    assert outcome.serving == ["staging", "production"]
     assert version_at(production_url) == "1"
     promoted, refused = ledger.history(settings, "approval-ads", "production")[:2]
     assert (promoted.action, promoted.actor, promoted.reason) == ("promote", "alice", "lgtm")
@@ -410,7 +411,7 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
     answered = run_cli("reject", run_id, "--reason", "not on a Friday", env=env)
     assert answered.returncode == 0, answered.stdout + answered.stderr
     outcome = second.result()
-    assert [r["version"] for r in outcome["releases"]] == ["2"]  # staging only
+    assert [r.version for r in outcome.releases] == ["2"]  # staging only
     assert version_at(staging_url) == "2" and version_at(production_url) == "1"
     client = MlflowClient()
     assert client.get_model_version_by_alias("approval-ads", "production").version == "1"

@@ -14,15 +14,9 @@ from modelyard.deploy.release import actor_name
 
 
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    settings = Settings(
-        workspace=tmp_path / "ws", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'm.db'}"
-    )
-    client = registry.connect(settings)
-    client.create_registered_model("m")
-    for _ in range(4):
-        client.create_model_version("m", "file:///nowhere")
-    return settings
+def settings(local_settings: Settings) -> Settings:
+    registry.connect(local_settings).create_model_version("m", "file:///nowhere")  # a fourth
+    return local_settings
 
 
 def record(

@@ -89,7 +89,7 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
 
     spec = load_spec(project.spec_path)
     client = MlflowClient(servers["mlflow"])
-    version = client.get_model_version(spec.name, outcome["version"])
+    version = client.get_model_version(spec.name, outcome.version)
     tags = version.tags
     assert tags["git_commit"] == project.head
     assert tags["git_dirty"] == "false"
@@ -99,15 +99,15 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     assert tags["data_source"].startswith(("generator ", "data/"))
     assert tags["spec_hash"] == spec.digest()
     assert all(tags[g] == "passed" for g in GATES)
-    assert client.get_model_version_by_alias(spec.name, "candidate").version == outcome["version"]
+    assert client.get_model_version_by_alias(spec.name, "candidate").version == outcome.version
 
-    info = mlflow.models.get_model_info(f"models:/{spec.name}/{outcome['version']}")
+    info = mlflow.models.get_model_info(f"models:/{spec.name}/{outcome.version}")
     assert info.signature is not None and set(info.signature.inputs.input_names()) == set(
         spec.feature_names
     )
     assert info.saved_input_example_info is not None
 
-    run = client.get_run(outcome["mlflow_run_id"])
+    run = client.get_run(outcome.mlflow_run_id)
     assert run.info.status == "FINISHED"
     metric_names = (
         {"rmse", "mae", "r2"} if spec.task == "regression" else {"roc_auc", "f1", "log_loss"}
@@ -131,7 +131,7 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     listed = run_cli("models", spec.name, "--json")
     assert listed.returncode == 0, listed.stderr
     [row] = json.loads(listed.stdout)
-    assert row["version"] == outcome["version"] and row["aliases"] == ["candidate"]
+    assert row["version"] == outcome.version and row["aliases"] == ["candidate"]
     assert row["gates"] == {
         "data": "passed",
         "model": "passed",
@@ -141,7 +141,7 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     assert row["commit"] == project.head[:8] and metric_names <= set(row["metrics"])
 
     assert re.fullmatch(r"[0-9a-f]{64}", tags["bundle_digest"]) and tags["bundle_key_id"]
-    bundle_file = f"bundle/{spec.name}-{outcome['version']}.bundle.tar.gz"
+    bundle_file = f"bundle/{spec.name}-{outcome.version}.bundle.tar.gz"
     assert {bundle_file, "bundle/parity.json", "package/parity.json"} <= files
     assert tags["bundle_artifact"] == f"runs:/{run.info.run_id}/{bundle_file}"
     local = mlflow.artifacts.download_artifacts(tags["bundle_artifact"], dst_path=str(tmp_path))
@@ -149,18 +149,18 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     verified = bundles.verify(unpacked, bundles.parse_public_keys(trusted_keys(get_settings())))
     assert verified.digest == tags["bundle_digest"]
     assert verified.read_json("metadata.json")["git_commit"] == project.head
-    tag = f"{outcome['version']}-{tags['bundle_digest'][:12]}"
+    tag = f"{outcome.version}-{tags['bundle_digest'][:12]}"
     assert tags["image_ref"] == f"modelyard/{spec.name.lower()}:{tag}"
     assert tags["image_id"].startswith("sha256:") and tags["gate.infra"] == "passed"
     assert {"image/sbom.cdx.json", "gates/infra/report.json"} <= files
 
-    artifacts = artifacts_of(outcome["flow_run_id"])
+    artifacts = artifacts_of(outcome.flow_run_id)
     slug = spec.name.lower().replace("_", "-")
     for gate in ("data", "model", "behaviour", "infra"):
         assert "passed" in artifacts[f"{slug}-{gate}-gate"]
     assert f"{slug}-stages" in artifacts and f"{slug}-bundle" in artifacts
-    loaded = next(row for row in outcome["stages"] if row["stage"] == "load-data")
-    assert loaded["detail"] == (f"{spec.dataset.rows} rows from {tags['data_source']}, "
+    loaded = next(row for row in outcome.stages if row.stage == "load-data")
+    assert loaded.detail == (f"{spec.dataset.rows} rows from {tags['data_source']}, "
                                 f"fingerprint {tags['data_fingerprint'][:12]}")  # fmt: skip
 
 

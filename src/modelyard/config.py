@@ -137,9 +137,15 @@ class Settings(BaseSettings):
 
     @cached_property
     def workspace_dir(self) -> Path:
-        path = self.workspace.expanduser().resolve()
+        """The workspace, made if missing: for whoever writes to it."""
+        path = self.workspace_path
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def workspace_path(self) -> Path:
+        """The workspace, as is: reading it, or naming it to a child process, makes nothing."""
+        return self.workspace.expanduser().resolve()
 
     @property
     def tracking_uri(self) -> str:
@@ -155,7 +161,7 @@ class Settings(BaseSettings):
         return self.prometheus_url or self._stack_url("prometheus")
 
     def _stack_url(self, service: str) -> str | None:
-        return running_url(self.workspace_dir, service)
+        return running_url(self.workspace_path, service)
 
     @property
     def artifact_root(self) -> str:
@@ -179,17 +185,22 @@ class Settings(BaseSettings):
     def orchestrator_env(self) -> dict[str, str]:
         """Environment for Prefect: the configured API, else a local one in the workspace."""
         env = dict(TELEMETRY_OFF)
+        workspace = self.workspace_path  # Prefect makes what it uses
         if self.api_url:
             env["PREFECT_API_URL"] = self.api_url
         else:
             # The ephemeral API keeps its SQLite db here, so `prefect server start` with the same
             # PREFECT_HOME later shows every run in the UI.
-            env["PREFECT_HOME"] = str(self.workspace_dir / "prefect")
+            env["PREFECT_HOME"] = str(workspace / "prefect")
         # Cached task results live in the workspace, next to the runs they belong to.
         if self.prefect_auth_string:
             env["PREFECT_API_AUTH_STRING"] = self.prefect_auth_string.get_secret_value()
         env["PREFECT_LOGGING_EXTRA_LOGGERS"] = "modelyard"  # core progress shows in the UI
-        env["PREFECT_LOCAL_STORAGE_PATH"] = str(self.workspace_dir / "prefect" / "storage")
+        env["PREFECT_LOCAL_STORAGE_PATH"] = str(workspace / "prefect" / "storage")
+        # Without a server, each run starts an embedded one; Prefect waits 20 s for it, which a
+        # busy machine (a CI runner, a laptop mid-build) can miss, failing a run that did nothing.
+        startup = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        env[startup] = os.environ.get(startup, "120")
         return env
 
     @property

@@ -22,6 +22,7 @@ from modelyard import registry
 from modelyard.config import Settings
 from modelyard.deploy import ledger
 from modelyard.deploy.ledger import Release
+from modelyard.errors import ModelyardError
 
 
 @dataclass
@@ -49,6 +50,27 @@ def repair(settings: Settings, finding: Finding, actor: str) -> Release:
         reason=f"{finding.problem}; {finding.fix}",
     )  # fmt: skip
     return ledger.append(settings, record)
+
+
+def repair_all(
+    settings: Settings, models: list[str], actor: str, report: Callable[[Finding, bool], None]
+) -> bool:
+    """Examine `models` and repair until nothing is found; True if nothing was found at all.
+    `report(finding, repaired)` is told of each finding, then of its repair. A repair can
+    uncover the next problem (see `examine`), so this looks again after each round, and stops
+    with an error if a problem it repaired comes back."""
+    findings = [f for name in models for f in examine(settings, name)]
+    healthy, repaired = not findings, set()
+    while findings:
+        if any(f.problem in repaired for f in findings):
+            raise ModelyardError("a repair did not hold; see `modelyard history`")
+        for finding in findings:
+            report(finding, False)
+            repair(settings, finding, actor)
+            repaired.add(finding.problem)
+            report(finding, True)
+        findings = [f for name in models for f in examine(settings, name)]
+    return healthy
 
 
 def _unfinished_versions(settings: Settings, model: str) -> list[Finding]:

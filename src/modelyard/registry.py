@@ -261,9 +261,10 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None
 
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:
     try:
-        return dict(client.get_registered_model(name).aliases)
+        held = client.get_registered_model(name).aliases
     except MlflowException:
         return {}
+    return {alias: str(version) for alias, version in held.items()}  # the store may say int
 
 
 def load_alias(client: MlflowClient, name: str, alias: str) -> ChampionModel | None:

@@ -302,9 +302,13 @@ class Slice(_Strict):
 
 
 class Latency(_Strict):
-    budget_ms: float = Field(default=50.0, gt=0.0)
-    percentile: float = Field(default=95.0, gt=0.0, le=100.0)
-    calls: int = Field(default=200, ge=10, le=100_000)
+    budget_ms: float = Field(
+        default=50.0, gt=0.0,
+        description="Most milliseconds of CPU time one one-row prediction may take, on one "
+        "thread (the wall clock is reported too; a busy machine does not fail a fast model).",
+    )  # fmt: skip
+    percentile: float = Field(default=95.0, gt=0.0, le=100.0, description="Which percentile.")
+    calls: int = Field(default=200, ge=10, le=100_000, description="Predictions timed.")
 
 
 class Behaviour(_Strict):

@@ -30,7 +30,9 @@ from modelyard.checks.model import check_model
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings
 from modelyard.data import Splits, features_of, fingerprint, load_with_source, split
+from modelyard.deploy import approvals
 from modelyard.lineage import GitInfo
+from modelyard.outcomes import PipelineOutcome
 from modelyard.package import image, push
 from modelyard.package.build import (
     assemble,
@@ -273,6 +275,43 @@ def withdraw(ctx: RunContext, version: str) -> None:
     registry.withdraw(registry.connect(ctx.settings), ctx.spec.name, version)
 
 
+def log_gate(ctx: RunContext, report: GateReport) -> None:
+    registry.log_gate(ctx.run_id, report)
+
+
+def close_run(ctx: RunContext, failure: str | None = None) -> None:
+    """End the training run: FINISHED, or FAILED with why."""
+    registry.end_run(ctx.run_id, failure=failure)
+
+
+def registered(
+    ctx: RunContext, version: str, reused: bool, trained: TrainResult, cached: list[str],
+    flow_run_id: str, bundle: dict[str, str],
+) -> PipelineOutcome:  # fmt: skip
+    """Record on the training run what it registered, and say so to the caller."""
+    registry.set_run_tags(
+        ctx.run_id, {"registered_version": version, "cached_stages": ",".join(cached)}
+    )
+    return PipelineOutcome(
+        model=ctx.spec.name, version=version, reused_version=reused, mlflow_run_id=ctx.run_id,
+        mlflow_run_url=ctx.run_url,
+        mlflow_version_url=registry.version_url(ctx.settings, ctx.spec.name, version),
+        flow_run_id=flow_run_id, metrics=dict(trained.metrics), cached_stages=cached,
+        bundle=bundle,
+    )  # fmt: skip
+
+
+def approval_request(
+    ctx: RunContext, environment: str, outcome: PipelineOutcome, serving: list[str]
+) -> str:
+    """What an approver of `environment` is shown for the version this run registered."""
+    version = registry.connect(ctx.settings).get_model_version(ctx.spec.name, outcome.version)
+    links = {"MLflow version": outcome.mlflow_version_url, "training run": outcome.mlflow_run_url}
+    return approvals.request(
+        ctx.spec, environment, outcome.version, outcome.metrics, version.tags, links, serving
+    )
+
+
 @dataclass(frozen=True)
 class Export:
     """The exports, proven on the whole evaluation split; `parity` has one report per export."""
@@ -416,15 +455,3 @@ def _unpack(blob: bytes, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
         tar.extractall(dest, filter="data")
-
-
-def summary_row(
-    name: str, outcome: str, seconds: float, cached: bool, detail: str = ""
-) -> dict[str, Any]:
-    return {
-        "stage": name,
-        "outcome": outcome,
-        "seconds": round(seconds, 2),
-        "cached": cached,
-        "detail": detail,
-    }

@@ -113,7 +113,12 @@ def _planned(name: str, facts: dict[str, Any]) -> PlannedHost:
 
 
 def _aws_hosts(spec: Spec, environment: str) -> AwsHosts:
-    env = spec.deploy.environments[environment]
+    env = spec.deploy.environments.get(environment)
+    if env is None or env.target != "aws":
+        raise SpecError(
+            f"deploy.environments.{environment}: not an aws environment of {spec.name}; name "
+            "one whose target is aws"
+        )
     return env.aws or AwsHosts()
 
 

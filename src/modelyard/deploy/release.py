@@ -31,7 +31,7 @@ from modelyard.deploy.collections import ensure_amazon_aws
 from modelyard.deploy.ledger import Release
 from modelyard.deploy.locks import Lock, check_unmoved, workspace_lock
 from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, run_playbook
-from modelyard.errors import DeployFailed, SpecError
+from modelyard.errors import DeployFailed, ModelyardError, SpecError
 from modelyard.monitor.targets import write_targets
 from modelyard.package.build import trusted_keys
 from modelyard.package.image import flat_wheels, prepare_wheelhouse
@@ -88,11 +88,15 @@ def serving_versions(settings: Settings, spec: Spec) -> dict[str, str]:
     }
 
 
-def needs_approval(spec: Spec, environment: str) -> bool:
-    env = spec.deploy.environments[environment]
-    if env.approval is not None:
-        return env.approval
-    return list(spec.deploy.environments).index(environment) > 0
+def version_to_deploy(settings: Settings, spec: Spec, version: str | None) -> str:
+    """The version an operator's deploy moves: the one named, else the `candidate` alias (the
+    last version that passed every gate and was packaged)."""
+    if version:
+        return version
+    chosen = registry.aliases(registry.connect(settings), spec.name).get(registry.CANDIDATE)
+    if not chosen:
+        raise ModelyardError(f"{spec.name} has no 'candidate' version; pass --version")
+    return chosen
 
 
 def actor_name(settings: Settings) -> str:
@@ -180,36 +184,6 @@ def _move(
     done = ledger.append(settings, record, files)
     progress(f"{action}: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
     return done
-
-
-def reject(
-    settings: Settings, spec: Spec, environment: str, version: str, actor: str, reason: str
-) -> Release:
-    """Record that a person (or a timeout) kept `version` out of `environment`."""
-    return _decision(settings, spec, environment, version, actor, reason, "reject", "rejected")
-
-
-def refuse_approval(
-    settings: Settings, spec: Spec, environment: str, version: str, actor: str
-) -> Release:
-    """Record an approval by someone the spec does not list for `environment`: it moved
-    nothing, and the ledger says who tried."""
-    allowed = ", ".join(spec.deploy.environments[environment].approvers)
-    reason = f"{actor} is not an approver of {environment} (approvers: {allowed})"
-    return _decision(settings, spec, environment, version, actor, reason, "approve", "refused")
-
-
-def _decision(
-    settings: Settings, spec: Spec, environment: str, version: str, actor: str, reason: str,
-    action: str, outcome: str,
-) -> Release:  # fmt: skip
-    live = ledger.live(settings, spec.name, environment)
-    record = Release(
-        model=spec.name, environment=environment, action=action, version=version,
-        outcome=outcome, actor=actor, previous_version=live.version if live else "",
-        reason=reason,
-    )  # fmt: skip
-    return ledger.append(settings, record)
 
 
 def rollback(

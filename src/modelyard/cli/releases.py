@@ -1,0 +1,159 @@
+"""Commands that move what serves, or answer a run that waits to: deploy, rollback, approve,
+reject, and the ledger they write (history)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from modelyard.cli.common import (
+    EnvArgument,
+    SpecOption,
+    app,
+    console,
+    prefect_url,
+    progress,
+    reports_errors,
+    settings,
+    usage,
+)
+from modelyard.spec import load_spec
+
+if TYPE_CHECKING:
+    from modelyard.deploy.locks import Lock
+
+
+@app.command()
+@reports_errors
+def deploy(
+    environment: EnvArgument,
+    version: Annotated[
+        str | None, typer.Option(help="Version to deploy (default: the 'candidate' alias).")
+    ] = None,
+    spec: SpecOption = Path("modelyard.yaml"),
+) -> None:
+    """Roll a registered version out to an environment's hosts (no approval asked)."""
+    from modelyard.deploy import release
+
+    loaded = load_spec(spec)
+    release.target(loaded, environment)  # a wrong environment fails before MLflow is asked
+    chosen = release.version_to_deploy(settings(), loaded, version)
+    done = release.deploy(settings(), loaded, environment, chosen, progress, lock=_release_lock())
+    console.print(f"[green]✓[/] {done.model} v{done.version} serves {environment}")
+
+
+def _release_lock() -> Lock:
+    """The lock the pipeline's releases take too, so a person and a run never overlap."""
+    from flows.locks import release_lock
+
+    return release_lock(settings())
+
+
+@app.command()
+@reports_errors
+def rollback(environment: EnvArgument, spec: SpecOption = Path("modelyard.yaml")) -> None:
+    """Put the previous good version of an environment back, from the release ledger."""
+    from modelyard.deploy import release
+
+    done = release.rollback(settings(), load_spec(spec), environment, progress,
+                            lock=_release_lock())  # fmt: skip
+    console.print(
+        f"[green]✓[/] {done.model} v{done.version} serves {environment} again "
+        f"(rolled back from v{done.previous_version})"
+    )
+
+
+@app.command()
+def history(
+    model: Annotated[
+        str | None, typer.Argument(help="Model name; all models when omitted.")
+    ] = None,
+    environment: Annotated[str | None, typer.Option("--env", help="Only this environment.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The release ledger: every deploy, promotion, rejection and rollback, newest first."""
+    from modelyard.deploy import ledger
+
+    records = ledger.history(settings(), model, environment)
+    if as_json:
+        console.print_json(json.dumps([asdict(r) for r in records]))
+        return
+    table = Table(title=f"releases of {model or 'all models'}")
+    columns = ("when", "model", "env", "action", "version", "from", "outcome", "who", "reason")
+    for column in columns:
+        table.add_column(column)
+    for r in records:
+        colour = {"succeeded": "green", "failed": "red"}.get(r.outcome, "yellow")
+        table.add_row(
+            r.when, r.model, r.environment, r.action, r.version, r.previous_version,
+            f"[{colour}]{r.outcome}[/]", r.actor, r.reason[:120],
+        )  # fmt: skip
+    console.print(table)
+
+
+RunArgument = Annotated[
+    str | None, typer.Argument(help="Prefect flow run id waiting for approval.")
+]
+CommitOption = Annotated[
+    str | None,
+    typer.Option(help="Instead of a run id: the runs of this commit waiting for approval."),
+]
+ModelOption = Annotated[
+    list[str] | None, typer.Option(help="With --commit: only this model's run (repeatable).")
+]
+
+
+@app.command()
+@reports_errors
+def approve(
+    run_id: RunArgument = None,
+    comment: Annotated[str, typer.Option(help="Why; goes to the ledger.")] = "",
+    commit: CommitOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Approve a paused run: it deploys its version to the next environment."""
+    _answer(_waiting_runs(run_id, commit, model), True, comment)
+
+
+@app.command()
+@reports_errors
+def reject(
+    run_id: RunArgument = None,
+    reason: Annotated[str, typer.Option(help="Why; goes to the ledger.")] = "",
+    commit: CommitOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Reject a paused run: the next environment keeps what it serves."""
+    _answer(_waiting_runs(run_id, commit, model), False, reason)
+
+
+def _waiting_runs(run_id: str | None, commit: str | None, models: list[str] | None) -> list[str]:
+    if run_id and not commit:
+        return [run_id]
+    if not commit or run_id:
+        raise usage("name the run: a flow run id, or --commit SHA")
+    from flows import orchestration
+
+    prefect_url()
+    waiting = [str(r.id) for r in orchestration.paused_runs(commit, models)]
+    if not waiting:
+        raise usage(f"no run of commit {commit} is waiting for approval", code=1)
+    return waiting
+
+
+def _answer(run_ids: list[str], approve: bool, comment: str) -> None:
+    from flows.pipeline import answer_approval
+    from modelyard.deploy.release import actor_name
+    from modelyard.registry import signed_in_user
+
+    # Signed in to MLflow: that identity, checked by its server, not a name from settings.
+    actor = signed_in_user(settings()) or actor_name(settings())
+    verb = "approved" if approve else "rejected"
+    for run_id in run_ids:
+        answer_approval(run_id, approve=approve, approver=actor, comment=comment)
+        console.print(f"[green]✓[/] run {run_id} {verb} by {actor}")

@@ -1,0 +1,58 @@
+"""`modelyard serve`: a signed bundle behind MLflow's /invocations and the V2 protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelyard.cli.common import app, console, reports_errors, settings, usage
+
+
+@app.command()
+@reports_errors
+def serve(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A registered version (models:/NAME/VERSION or models:/NAME@ALIAS), a bundle "
+            "folder or a .bundle.tar.gz",
+            metavar="MODEL_OR_BUNDLE",
+        ),
+    ],
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: one per core).")] = None,
+) -> None:
+    """Serve a signed model bundle (MLflow /invocations and Open Inference Protocol V2)."""
+    from modelyard.bundle import from_tarball
+    from modelyard.package.build import trusted_keys
+    from modelyard.serve.server import ServeConfig
+    from modelyard.serve.server import serve as run_server
+
+    bundle = _registered_bundle(source) if source.startswith("models:/") else Path(source)
+    if bundle.is_file():
+        folder = settings().workspace_dir / "serving" / bundle.stem
+        bundle = from_tarball(bundle.read_bytes(), folder)
+    if not bundle.is_dir():
+        raise usage(f"bundle {bundle} is neither a folder nor a .bundle.tar.gz")
+    secret = settings().serve_token
+    token = secret.get_secret_value() if secret else ""
+    tokens = token.split(",") if token else None
+    config = ServeConfig.from_env(bundle, host=host, port=port, workers=workers,
+                                  trusted_keys=trusted_keys(settings()), tokens=tokens)  # fmt: skip
+    console.print(
+        f"serving {bundle} on http://{host}:{port} "
+        f"({config.workers} worker(s), auth {'on' if config.tokens else 'off'})"
+    )
+    raise typer.Exit(run_server(config))
+
+
+def _registered_bundle(uri: str) -> Path:
+    """The signed bundle tarball of a registered version (as MLflow's `-m models:/…`): the
+    workspace's copy or MLflow's."""
+    from modelyard import registry
+
+    name, version, tags = registry.resolve_model_uri(registry.connect(settings()), uri)
+    return registry.bundle_archive(settings(), name, version, tags)
