@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from flows import logs
+from flows.process import run_settings
 from flows.retries import TRANSIENT
 from modelyard.config import get_settings
 from modelyard.lineage import slug
@@ -73,7 +74,7 @@ def monitor(
     """
     logger = get_run_logger()
     rules = Monitoring(**(monitoring or {}))
-    prometheus = drift.prometheus_for(get_settings()).url  # none configured: fail before tasks
+    prometheus = drift.prometheus_for(run_settings()).url  # none configured: fail before tasks
     version = live_version_task(model, environment)
     report = measure_task(prometheus, model, environment, version, rules)
     run_id = record_task(report)

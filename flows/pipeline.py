@@ -29,6 +29,7 @@ from pydantic import Field
 
 from flows import logs
 from flows.locks import release_lock
+from flows.process import run_settings
 from flows.retries import TRANSIENT
 from modelyard import source, stages
 from modelyard.checks.report import GateReport
@@ -253,7 +254,7 @@ def pipeline(
     `repository` (URL or path) the run trains `commit` of it, `spec_path` being relative to its
     root: how pushes reach workers on any machine.
     """
-    settings = get_settings()
+    settings = run_settings()
     runner = _Stages()
     if repository:
         if not commit:

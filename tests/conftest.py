@@ -76,20 +76,37 @@ SERVER_FIXTURES = frozenset({"servers", "mlflow_server", "prefect_api", "moto", 
                              "wheelhouse"})  # fmt: skip
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("docker") or SERVER_FIXTURES & set(
-            getattr(item, "fixturenames", ())
-        ):
-            item.add_marker(pytest.mark.integration)
-        if _shares_a_module_fixture(item):
-            # `make test` runs with --dist loadgroup: a module's tests that share a fixture
-            # built once per module (registered versions, SSH hosts, a stack) stay on one
-            # worker, which builds it once. Every other test goes to whichever worker is free.
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # Marked as each test is collected: xdist reads the groups in its own
+    # pytest_collection_modifyitems, which may run before any other.
+    if item.get_closest_marker("docker") or SERVER_FIXTURES & set(
+        getattr(item, "fixturenames", ())
+    ):
+        item.add_marker(pytest.mark.integration)
+    if _shares_a_module_fixture(item):
+        # `make test` runs with --dist loadgroup: a module's tests that share a fixture built
+        # once per module (registered versions, SSH hosts, a stack) stay on one worker, which
+        # builds it once. Every other test goes to whichever worker is free.
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getvalue("loadgroup"):
+        _name_the_groups(items)
     # The long tests first, so that no worker starts one when the others are nearly done.
     items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+
+
+def _name_the_groups(items: list[pytest.Item]) -> None:
+    """What xdist's loadgroup does in each worker, done for pytest 9: the scheduler groups
+    tests by an `@group` suffix on their node ids, which pytest-xdist 3.8 writes to
+    `item._nodeid`, an attribute pytest 9 no longer reads (it keeps `item._id`)."""
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        marker = item.get_closest_marker("xdist_group")
+        if marker is not None and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{marker.args[0]}")
 
 
 def _shares_a_module_fixture(item: pytest.Item) -> bool:
@@ -101,9 +118,10 @@ def _shares_a_module_fixture(item: pytest.Item) -> bool:
 
 @pytest.fixture(autouse=True)
 def _process_state_put_back() -> Iterator[None]:
-    """What library code still writes process-wide (environment variables, MLflow's global
-    tracking and registry URIs) is put back after every test, so that no verdict depends on
-    which test ran before (two such leaks failed CI before: 52ee26b, af031e6)."""
+    """What entry points write process-wide (a flow run puts MLflow's credentials in the
+    environment; the CLI's callback Prefect's settings too) and MLflow's global URIs, which
+    the core only sets for one fluent call, are put back after every test, so that no verdict
+    depends on which test ran before (two such leaks failed CI before: 52ee26b, af031e6)."""
     from mlflow.tracking._model_registry import utils as registry_uri
     from mlflow.tracking._tracking_service import utils as tracking_uri
 
@@ -236,6 +254,10 @@ def servers(
 ) -> dict[str, str]:
     """Point modelyard at the real servers, with a fresh workspace per test."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    # `modelyard` subprocesses use the session's Prefect server too, as a configured project's
+    # would: an embedded one per run costs its migrations each time (a new user's embedded
+    # path is test_init_then_run_then_serve_a_users_csv's, and `make demo`'s).
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("MODELYARD_WORKSPACE", str(tmp_path / "workspace"))
     monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "always")
     # The wheelhouse is the slow part of a first image build; share it across tests.

@@ -4,7 +4,6 @@ which version a rollback goes back to."""
 from __future__ import annotations
 
 import pytest
-from mlflow import MlflowClient
 
 from modelyard import registry
 from modelyard.config import Settings
@@ -35,9 +34,9 @@ def test_records_are_runs_newest_first_and_tag_the_version(settings):
         ("deploy", "2", "failed"), ("deploy", "1", "succeeded"),
     ]  # fmt: skip
     assert records[0].when and records[0].actor == "tester"
-    run = MlflowClient().get_run(records[0].record_id)
+    run = registry.connect(settings).get_run(records[0].record_id)
     assert run.info.status == "FAILED" and run.data.tags["previous_version"] == "1"
-    tag = MlflowClient().get_model_version("m", "2").tags["release.production"]
+    tag = registry.connect(settings).get_model_version("m", "2").tags["release.production"]
     assert tag.startswith("deploy failed")
     assert ledger.live(settings, "m", "production").version == "1"  # a failed move serves nothing
     assert ledger.history(settings, "other") == []

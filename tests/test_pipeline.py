@@ -213,7 +213,7 @@ def test_significantly_worse_challenger_is_rejected(house: Project, servers):
     assert state.is_completed(), state.message
     client = MlflowClient(servers["mlflow"])
     name = house.spec()["name"]
-    client.set_registered_model_alias(name, "production", champion["version"])
+    client.set_registered_model_alias(name, "production", champion.version)
     before = versions_and_aliases(client, name)
 
     spec = house.spec()
@@ -234,27 +234,27 @@ def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers):
     spec["dataset"]["seed"] = 1234  # data no other test uses, so the first run starts cold
     house.write_spec(spec, commit="own seed")
     first = run_pipeline(house)[1]
-    assert first["cached_stages"] == []
+    assert first.cached_stages == []
 
     second = run_pipeline(house)[1]
-    assert set(second["cached_stages"]) == {"validate-data", "train", "validate-behaviour"}
-    assert second["version"] == first["version"] and second["reused_version"]
-    run = MlflowClient(servers["mlflow"]).get_run(second["mlflow_run_id"])
+    assert set(second.cached_stages) == {"validate-data", "train", "validate-behaviour"}
+    assert second.version == first.version and second.reused_version
+    run = MlflowClient(servers["mlflow"]).get_run(second.mlflow_run_id)
     assert run.data.tags["cached_stages"] == "validate-data,train,validate-behaviour"
 
     spec["estimator"]["params"] = {"fit_intercept": True, "copy_X": False}
     house.write_spec(spec, commit="changed estimator params")
     third = run_pipeline(house)[1]
-    assert third["cached_stages"] == ["validate-data"]  # same data and expectations
-    assert third["version"] != first["version"]
+    assert third.cached_stages == ["validate-data"]  # same data and expectations
+    assert third.version != first.version
 
     spec["dataset"]["rows"] = 4000
     house.write_spec(spec, commit="less data")
     fourth = run_pipeline(house)[1]
-    assert fourth["cached_stages"] == []
+    assert fourth.cached_stages == []
 
     forced = run_pipeline(house, refresh_cache=True)[1]
-    assert forced["cached_stages"] == []
+    assert forced.cached_stages == []
 
 
 def as_csv(frame: pd.DataFrame, root: Path) -> dict:
@@ -476,7 +476,7 @@ def test_init_then_run_then_serve_a_users_csv(servers, tmp_path):
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@example.invalid", "-c",
                  "user.name=CI", "commit", "-qm", "data"]):  # fmt: skip
         subprocess.run(["git", *args], cwd=tmp_path, check=True)
-    done = run_user_project(spec, servers)
+    done = run_user_project(spec, servers, {"PREFECT_API_URL": ""})  # no server: the embedded one
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = frame.loc[:4, NUMERIC + CATEGORICAL].astype(object)
     with served("models:/my-customers/1") as url:

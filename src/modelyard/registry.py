@@ -1,7 +1,12 @@
 """MLflow: runs, model versions, aliases and tags — everything the pipeline records.
 
-Logging goes through `MlflowClient` with explicit run ids rather than MLflow's global active run,
-so stages can run in any thread or process the orchestrator chooses.
+Every call takes the `MlflowClient` that `connect(settings)` built for the configured store, with
+explicit run ids rather than MLflow's global active run, so stages can run in any thread or
+process the orchestrator chooses, and two stores can be used side by side. Nothing here sets a
+process-wide MLflow URI for longer than one call: the few fluent calls MLflow offers no client
+for (logging and loading a model, registering one) point the fluent API at the client's store,
+under a lock, and put back what was there. Credentials are MLflow's environment variables, set
+once by the process's entry point (the CLI, a flow run; `Settings.mlflow_credentials_env`).
 """
 
 from __future__ import annotations
@@ -9,6 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,11 +71,39 @@ class GateRecord(Protocol):
 
 
 def connect(settings: Settings) -> MlflowClient:
+    """A client of the configured MLflow (tracking and registry in one store)."""
     disable_telemetry()
-    os.environ.update(settings.mlflow_credentials_env())
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
     return MlflowClient(settings.tracking_uri, settings.tracking_uri)
+
+
+_FLUENT = threading.RLock()
+
+
+@contextmanager
+def _fluent(client: MlflowClient) -> Iterator[None]:
+    """MLflow's fluent API pointed at `client`'s store for one call, then put back: the lock
+    keeps two threads of one process (two flows at once) from pointing it elsewhere meanwhile.
+    `mlflow.set_tracking_uri` also exports the URI to the environment; that is put back too."""
+    from mlflow.tracking._model_registry import utils as registry_uri
+    from mlflow.tracking._tracking_service import utils as tracking_uri
+
+    with _FLUENT:
+        before = tracking_uri._tracking_uri, registry_uri._registry_uri  # unset stays unset
+        exported = {name: os.environ.get(name) for name in _URI_VARIABLES}
+        mlflow.set_tracking_uri(client.tracking_uri)
+        mlflow.set_registry_uri(client._registry_uri or client.tracking_uri)
+        try:
+            yield
+        finally:
+            tracking_uri._tracking_uri, registry_uri._registry_uri = before
+            for name, value in exported.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def signed_in_user(settings: Settings) -> str | None:
@@ -133,6 +169,7 @@ def _ui_base(settings: Settings) -> str:
 
 
 def log_training(
+    client: MlflowClient,
     run_id: str,
     model: Any,
     params: dict[str, str],
@@ -142,15 +179,14 @@ def log_training(
     files: list[Path],
 ) -> str:
     """Params, metrics, plots, spec files and the model itself (with signature and example)."""
-    client = MlflowClient()
     client.log_batch(
         run_id,
         metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items() if v == v],
         params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()],
     )
-    log_files(run_id, files, "training")
+    log_files(client, run_id, files, "training")
     signature = infer_signature(example, example_scores)
-    with mlflow.start_run(run_id=run_id):
+    with _fluent(client), mlflow.start_run(run_id=run_id):
         info = mlflow.sklearn.log_model(
             model,
             name=MODEL_ARTIFACT,
@@ -174,9 +210,10 @@ def _requirements() -> list[str]:
     ]
 
 
-def log_gate(run_id: str, report: GateRecord, extra: Path | None = None) -> None:
+def log_gate(
+    client: MlflowClient, run_id: str, report: GateRecord, extra: Path | None = None
+) -> None:
     """The gate's report as JSON and Markdown, its verdict as a tag, any extra folder alongside."""
-    client = MlflowClient()
     path = f"gates/{report.gate}"
     client.log_text(run_id, report.to_json(), f"{path}/report.json")
     client.log_text(run_id, report.to_markdown(), f"{path}/report.md")
@@ -185,19 +222,19 @@ def log_gate(run_id: str, report: GateRecord, extra: Path | None = None) -> None
     client.set_tag(run_id, f"gate.{report.gate}", report.verdict)
 
 
-def log_json(run_id: str, payload: dict[str, Any], artifact_file: str) -> None:
-    MlflowClient().log_text(run_id, json.dumps(payload, indent=2, default=str), artifact_file)
+def log_json(
+    client: MlflowClient, run_id: str, payload: dict[str, Any], artifact_file: str
+) -> None:
+    client.log_text(run_id, json.dumps(payload, indent=2, default=str), artifact_file)
 
 
-def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
-    client = MlflowClient()
+def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value)[:_MAX_TAG])
 
 
-def end_run(run_id: str, failure: str | None = None) -> None:
+def end_run(client: MlflowClient, run_id: str, failure: str | None = None) -> None:
     """FINISHED, or FAILED with the reason in the `failure` tag for the MLflow UI."""
-    client = MlflowClient()
     if failure:
         client.set_tag(run_id, "failure", failure[:_MAX_TAG])
     client.set_terminated(
@@ -223,12 +260,13 @@ def existing_version(
     return None
 
 
-def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
+def register(client: MlflowClient, model_uri: str, name: str, tags: dict[str, str]) -> str:
     """Create the model version with its tags (no alias yet); returns the version number."""
     # mlflow.register_model resolves MLflow 3 logged-model URIs (models:/m-...) to their source.
-    version = mlflow.register_model(
-        model_uri, name, tags={k: str(v)[:_MAX_TAG] for k, v in tags.items()}
-    ).version
+    with _fluent(client):
+        version = mlflow.register_model(
+            model_uri, name, tags={k: str(v)[:_MAX_TAG] for k, v in tags.items()}
+        ).version
     return str(version)
 
 
@@ -244,8 +282,7 @@ def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, s
         client.set_model_version_tag(name, version, key, str(value)[:_MAX_TAG])
 
 
-def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
-    client = MlflowClient()
+def log_files(client: MlflowClient, run_id: str, files: list[Path], artifact_path: str) -> None:
     for file in files:
         client.log_artifact(run_id, str(file), artifact_path=artifact_path)
 
@@ -274,8 +311,9 @@ def load_alias(client: MlflowClient, name: str, alias: str) -> ChampionModel | N
     except MlflowException:
         return None
     uri = f"models:/{name}@{alias}"
-    model = mlflow.sklearn.load_model(uri)
-    signature = mlflow.models.get_model_info(uri).signature
+    with _fluent(client):
+        model = mlflow.sklearn.load_model(uri)
+        signature = mlflow.models.get_model_info(uri).signature
     columns = signature.inputs.input_names() if signature else list(model.feature_names_in_)
     return ChampionModel(version=str(version.version), model=model, input_columns=columns)
 
@@ -331,7 +369,10 @@ def bundle_archive(settings: Settings, model: str, version: str, tags: dict[str,
             f"{model} v{version} has no bundle; it was registered before packaging"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(tags["bundle_artifact"], dst_path=str(folder)))
+    downloaded = mlflow.artifacts.download_artifacts(
+        tags["bundle_artifact"], dst_path=str(folder), tracking_uri=settings.tracking_uri
+    )
+    return Path(downloaded)
 
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")

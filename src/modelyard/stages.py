@@ -15,11 +15,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import sklearn
+from mlflow import MlflowClient
 
 import modelyard
 from modelyard import registry
@@ -82,6 +84,11 @@ class RunContext:
     @property
     def run_url(self) -> str:
         return registry.run_url(self.settings, self.experiment_id, self.run_id)
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        """The run's MLflow client, built once (a frozen dataclass may cache in its __dict__)."""
+        return registry.connect(self.settings)
 
 
 @dataclass
@@ -174,9 +181,9 @@ def open_run(
         **extra_tags,
     }
     run_id = registry.start_run(client, experiment_id, f"{spec.name}-{git.short}", tags)
-    registry.log_json(run_id, spec.model_dump(mode="json", by_alias=True), "spec/spec.json")
+    registry.log_json(client, run_id, spec.model_dump(mode="json", by_alias=True), "spec/spec.json")
     if spec_path.is_file():
-        registry.log_files(run_id, [spec_path], "spec")
+        registry.log_files(client, run_id, [spec_path], "spec")
     return RunContext(spec, settings, git, experiment_id, run_id, data.fingerprint, spec_path,
                       data.source)  # fmt: skip
 
@@ -194,7 +201,7 @@ def data_gate(spec: Spec, splits: Splits) -> DataGateResult:
 def log_data_gate(ctx: RunContext, result: DataGateResult) -> None:
     with _scratch("data-docs") as work:
         _unpack(result.docs, work / "data_docs")
-        registry.log_gate(ctx.run_id, result.report, extra=work / "data_docs")
+        registry.log_gate(ctx.client, ctx.run_id, result.report, extra=work / "data_docs")
 
 
 def train(spec: Spec, splits: Splits) -> TrainResult:
@@ -213,6 +220,7 @@ def log_training(ctx: RunContext, splits: Splits, trained: TrainResult) -> str:
         )  # fmt: skip
         example = features_of(splits.eval, spec).dropna().head(5)
         return registry.log_training(
+            ctx.client,
             ctx.run_id,
             trained.model,
             trained.params,
@@ -261,7 +269,9 @@ def register(
     existing = registry.existing_version(client, ctx.spec.name, tags)
     if existing is not None:
         return existing.version, True
-    version = registry.register(model_uri, ctx.spec.name, tags | {"mlflow_run_url": ctx.run_url})
+    version = registry.register(
+        client, model_uri, ctx.spec.name, tags | {"mlflow_run_url": ctx.run_url}
+    )
     return version, False
 
 
@@ -276,12 +286,12 @@ def withdraw(ctx: RunContext, version: str) -> None:
 
 
 def log_gate(ctx: RunContext, report: GateReport) -> None:
-    registry.log_gate(ctx.run_id, report)
+    registry.log_gate(ctx.client, ctx.run_id, report)
 
 
 def close_run(ctx: RunContext, failure: str | None = None) -> None:
     """End the training run: FINISHED, or FAILED with why."""
-    registry.end_run(ctx.run_id, failure=failure)
+    registry.end_run(ctx.client, ctx.run_id, failure=failure)
 
 
 def registered(
@@ -290,7 +300,7 @@ def registered(
 ) -> PipelineOutcome:  # fmt: skip
     """Record on the training run what it registered, and say so to the caller."""
     registry.set_run_tags(
-        ctx.run_id, {"registered_version": version, "cached_stages": ",".join(cached)}
+        ctx.client, ctx.run_id, {"registered_version": version, "cached_stages": ",".join(cached)}
     )
     return PipelineOutcome(
         model=ctx.spec.name, version=version, reused_version=reused, mlflow_run_id=ctx.run_id,
@@ -332,12 +342,13 @@ def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
                 {"model_version": "unregistered"}, pmml, trained.classes,
             )  # fmt: skip
         except ParityError:
-            registry.log_files(ctx.run_id, [work / "parity.json"], "package")  # the worst rows
+            worst = [work / "parity.json"]  # the rows that broke parity
+            registry.log_files(ctx.client, ctx.run_id, worst, "package")
             raise
     parity = {r.export: r.to_dict() for r in (built.parity, built.pmml_parity) if r}
     if pmml_skipped:
         parity["pmml"] = {"skipped": pmml_skipped}
-    registry.log_json(ctx.run_id, parity, "package/parity.json")
+    registry.log_json(ctx.client, ctx.run_id, parity, "package/parity.json")
     return Export(onnx=onnx, parity=parity, pmml=pmml)
 
 
@@ -363,7 +374,8 @@ def package(
         out / "bundle", signing_key(ctx.settings), metadata, trained.classes,
     )  # fmt: skip
     tarball = pack(verified, out)
-    registry.log_files(ctx.run_id, [tarball, write_parity(out, exported.parity)], "bundle")
+    sealed = [tarball, write_parity(out, exported.parity)]
+    registry.log_files(ctx.client, ctx.run_id, sealed, "bundle")
     tags = {
         "bundle_digest": verified.digest,
         "bundle_key_id": verified.key_id,
@@ -393,7 +405,7 @@ def image_skipped(ctx: RunContext) -> str | None:
 def build_image(ctx: RunContext, version: str, bundle_path: str) -> ImageResult:
     """Build the serving image, log its SBOM and tag the version with the image."""
     built = image.build_image(ctx.settings, Path(bundle_path), trusted_keys(ctx.settings), _log)
-    registry.log_json(ctx.run_id, built.sbom, "image/sbom.cdx.json")
+    registry.log_json(ctx.client, ctx.run_id, built.sbom, "image/sbom.cdx.json")
     tags = {"image_ref": built.ref, "image_id": built.image_id,
             "image_size_mb": f"{built.size_bytes / 1e6:.0f}"}  # fmt: skip
     registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
@@ -425,7 +437,7 @@ def infra_gate(
     sample = frame_columns(splits.eval.loc[:, ctx.spec.feature_names].head(INFRA_SAMPLE_ROWS))
     report = infra_validate(ctx.settings, built.ref, Path(bundle_path), trusted_keys(ctx.settings),
                             sample, _log)  # fmt: skip
-    registry.log_gate(ctx.run_id, report)
+    registry.log_gate(ctx.client, ctx.run_id, report)
     client = registry.connect(ctx.settings)
     registry.tag_version(client, ctx.spec.name, version, {"gate.infra": report.verdict})
     return report

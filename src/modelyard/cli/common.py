@@ -39,11 +39,11 @@ def settings() -> Settings:
 
 
 @app.callback()
-def _point_prefect() -> None:
-    """Before any command: Prefect reads its settings when `flows` is first imported (lazily,
-    by the commands that run flows), so its server, or the embedded one in the workspace, is
-    chosen here, once."""
-    os.environ.update(settings().orchestrator_env())
+def _set_up_the_process() -> None:
+    """Before any command, once, what the libraries read from the environment only: Prefect's
+    server (or the embedded one in the workspace), read when `flows` is first imported (lazily,
+    by the commands that run flows), and MLflow's credentials."""
+    os.environ.update(settings().orchestrator_env() | settings().mlflow_credentials_env())
 
 
 def fail(exc: ModelyardError) -> typer.Exit:

@@ -61,7 +61,7 @@ def append(settings: Settings, release: Release, files: list[Path] | None = None
     name = f"{record.action} {record.model} v{record.version} → {record.environment}"
     run_id = registry.start_run(client, experiment, name, tags | {"modelyard.release": "1"})
     if files:
-        registry.log_files(run_id, [f for f in files if f.exists()], "ansible")
+        registry.log_files(client, run_id, [f for f in files if f.exists()], "ansible")
     status = RunStatus.FINISHED if record.outcome != "failed" else RunStatus.FAILED
     client.set_terminated(run_id, RunStatus.to_string(status), end_time=int(time.time() * 1000))
     if record.action != WITHDRAW:  # a withdrawn version has no tags left to set

@@ -205,8 +205,8 @@ def record(settings: Settings, report: DriftReport, plots: list[Path]) -> tuple[
     for s in report.signals:
         client.log_metric(run_id, f"psi.{_metric_key(s.name)}", s.psi, timestamp=now)
     client.log_metric(run_id, "rows", report.rows, timestamp=now)
-    registry.log_json(run_id, report.to_dict(), "drift/report.json")
-    registry.log_files(run_id, plots, "drift")
+    registry.log_json(client, run_id, report.to_dict(), "drift/report.json")
+    registry.log_files(client, run_id, plots, "drift")
     client.set_terminated(run_id, "FINISHED")
     return run_id, registry.run_url(settings, experiment, run_id)
 
