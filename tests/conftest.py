@@ -91,7 +91,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getvalue("loadgroup"):
+    if getattr(config.option, "loadgroup", False):  # set in xdist workers under --dist loadgroup
         _name_the_groups(items)
     # The long tests first, so that no worker starts one when the others are nearly done.
     items.sort(key=lambda item: item.get_closest_marker("integration") is None)

@@ -22,12 +22,9 @@ def spec_with(tmp_path: Path, environments: dict) -> Spec:
     data = yaml.safe_load((ROOT / "examples" / "ad_clicks" / "modelyard.yaml").read_text())
     data["name"] = "m"
     data["deploy"] = {"environments": environments}
-    path = ROOT / "examples" / "ad_clicks" / f".test-{tmp_path.name}.yaml"  # beside its data
-    path.write_text(yaml.safe_dump(data, sort_keys=False))  # environments keep their order
-    try:
-        return load_spec(path)
-    finally:
-        path.unlink()
+    path = tmp_path / "modelyard.yaml"  # environments keep their order:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_spec(path)
 
 
 @pytest.fixture
