@@ -200,6 +200,7 @@ def _public(key: Any) -> str:
     return public_key_text(key.public_key())
 
 
+@pytest.mark.slow  # two behaviour-gate subprocesses and two data gates: 18 s, `make test` only
 def test_a_multiclass_model_passes_every_gate_a_binary_one_does(tmp_path: Path) -> None:
     """Data gate (three classes at least), metric thresholds, champion comparison on per-row
     log-loss, and the built-in behaviour tests: a directional rule on a named class's
