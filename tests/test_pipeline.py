@@ -476,10 +476,7 @@ def test_init_then_run_then_serve_a_users_csv(servers, tmp_path):
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@example.invalid", "-c",
                  "user.name=CI", "commit", "-qm", "data"]):  # fmt: skip
         subprocess.run(["git", *args], cwd=tmp_path, check=True)
-    # A new user has no Prefect server: the run starts the embedded one. Its start is given
-    # more time than a user needs, as this runs beside three other test workers on two cores.
-    embedded = {"PREFECT_API_URL": "", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
-    done = run_user_project(spec, servers, embedded)
+    done = run_user_project(spec, servers)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = frame.loc[:4, NUMERIC + CATEGORICAL].astype(object)
     with served("models:/my-customers/1") as url:
