@@ -53,10 +53,12 @@ check: install java ## The fast tier (about a minute): ruff, the import contract
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not integration and not slow" -n auto --dist loadgroup -q
 
-# The integration tier in parallel (tests/conftest.py keeps what workers must not share apart;
-# tests that share a module fixture stay on one worker). On this 2-core machine 4 workers took
-# 1422 s where one took 2070 s: the tier is CPU-bound once it runs in parallel.
-TEST_WORKERS ?= 4
+# The integration tier can run in parallel (tests/conftest.py keeps apart what workers must not
+# share; tests that share a module fixture stay on one worker). On this 2-core machine 4 workers
+# took 1395-1422 s where one took 2070 s, but the cores were saturated and each 4-worker run
+# had one load-induced timeout (a different test each time), so CI keeps 1 until the tier
+# needs less CPU. `make test TEST_WORKERS=4` on a bigger machine.
+TEST_WORKERS ?= 1
 test: install lint check engine hosts stack ## `make check`, then the integration tier: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
 	  $(BIN)/python -m pytest -m "integration or slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
