@@ -46,15 +46,14 @@ def _set_up_the_process() -> None:
     os.environ.update(settings().orchestrator_env() | settings().mlflow_credentials_env())
 
 
-def fail(exc: ModelyardError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return typer.Exit(exc.exit_code)
-
-
 def usage(message: str, code: int = 2) -> typer.Exit:
     """A command called wrongly: say how to call it."""
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
+
+
+def fail(exc: ModelyardError) -> typer.Exit:
+    return usage(str(exc), exc.exit_code)
 
 
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
