@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 from flows import logs
 from flows.process import run_settings
 from flows.retries import TRANSIENT
-from modelyard.config import get_settings
+from modelyard.config import Settings
 from modelyard.lineage import slug
 from modelyard.monitor import drift
 from modelyard.monitor.drift import DriftReport
@@ -32,8 +32,8 @@ FLOW = "modelyard-monitor"
 
 
 @task(name="live-version", cache_policy=NONE, persist_result=False)
-def live_version_task(model: str, environment: str) -> str:
-    return drift.live_version(get_settings(), model, environment)
+def live_version_task(settings: Settings, model: str, environment: str) -> str:
+    return drift.live_version(settings, model, environment)
 
 
 @task(name="measure-drift", cache_policy=NONE, persist_result=False, **TRANSIENT)
@@ -44,10 +44,9 @@ def measure_task(
 
 
 @task(name="record-drift", cache_policy=NONE, persist_result=False, **TRANSIENT)
-def record_task(report: DriftReport) -> str:
+def record_task(settings: Settings, report: DriftReport) -> str:
     from modelyard.monitor import plots  # matplotlib: only for the plots
 
-    settings = get_settings()
     with tempfile.TemporaryDirectory() as tmp:
         pngs = plots.render(report, Path(tmp))
         run_id, url = drift.record(settings, report, pngs)
@@ -60,8 +59,10 @@ def record_task(report: DriftReport) -> str:
 
 
 @task(name="retrain", cache_policy=NONE, persist_result=False)
-def retrain_task(report: DriftReport, cooldown: int, run_id: str) -> tuple[str, str]:
-    return drift.retrain(get_settings(), report, cooldown, run_id)
+def retrain_task(
+    settings: Settings, report: DriftReport, cooldown: int, run_id: str
+) -> tuple[str, str]:
+    return drift.retrain(settings, report, cooldown, run_id)
 
 
 @flow(name=FLOW, flow_run_name="drift {model} {environment}", log_prints=True)
@@ -74,10 +75,11 @@ def monitor(
     """
     logger = get_run_logger()
     rules = Monitoring(**(monitoring or {}))
-    prometheus = drift.prometheus_for(run_settings()).url  # none configured: fail before tasks
-    version = live_version_task(model, environment)
+    settings = run_settings()
+    prometheus = drift.prometheus_for(settings).url  # none configured: fail before tasks
+    version = live_version_task(settings, model, environment)
     report = measure_task(prometheus, model, environment, version, rules)
-    run_id = record_task(report)
+    run_id = record_task(settings, report)
     worst = report.worst
     logger.info(
         "%s v%s in %s: %d rows, worst PSI %s; drifted: %s",
@@ -86,7 +88,7 @@ def monitor(
     )  # fmt: skip
     outcome, detail = "none", ""
     if report.drifted and rules.retrain:
-        outcome, detail = retrain_task(report, rules.cooldown, run_id)
+        outcome, detail = retrain_task(settings, report, rules.cooldown, run_id)
         logger.info("retraining: %s: %s", outcome, detail)
     return MonitorOutcome(
         model=model, environment=environment, version=version, rows=report.rows,

@@ -33,7 +33,7 @@ from flows.process import run_settings
 from flows.retries import TRANSIENT
 from modelyard import source, stages
 from modelyard.checks.report import GateReport
-from modelyard.config import Settings, get_settings
+from modelyard.config import Settings
 from modelyard.deploy import approvals, release
 from modelyard.errors import GateFailed, ModelyardError
 from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_tags, slug
@@ -52,8 +52,8 @@ def _by_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @task(name="checkout", cache_policy=NONE, persist_result=False, retries=2, retry_delay_seconds=5)
-def checkout_task(repository: str, commit: str, spec_path: str) -> str:
-    return str(source.checkout(get_settings(), repository, commit) / spec_path)
+def checkout_task(settings: Settings, repository: str, commit: str, spec_path: str) -> str:
+    return str(source.checkout(settings, repository, commit) / spec_path)
 
 
 @task(name="load-spec", cache_policy=NONE, persist_result=False)
@@ -232,7 +232,7 @@ def _run_name() -> str:
         params["spec_path"],
         params.get("commit"),
         params.get("repository"),
-        get_settings(),
+        Settings(),  # naming needs only the declared commit and branch: no I/O
         model_from_tags(flow_run.tags),
     )
 
@@ -259,7 +259,7 @@ def pipeline(
     if repository:
         if not commit:
             raise ModelyardError("a run from a repository needs the commit to train")
-        spec_path = runner.run("checkout", checkout_task, repository, commit, spec_path)
+        spec_path = runner.run("checkout", checkout_task, settings, repository, commit, spec_path)
     spec = runner.run("load-spec", load_spec_task, spec_path)
     overrides = settings.model_copy(
         update={
@@ -314,6 +314,7 @@ class Approval(RunInput):
 
 @task(name="deploy", cache_policy=NONE, persist_result=False)
 def deploy_task(
+    settings: Settings,
     spec: Spec,
     environment: str,
     version: str,
@@ -322,7 +323,6 @@ def deploy_task(
     expected: str,
 ) -> Released:
     logger = get_run_logger()
-    settings = get_settings()
     record = release.deploy(
         settings, spec, environment, version, logger.info, action,
         reason=approval.comment if approval else "",
@@ -350,7 +350,7 @@ def _release(
             label = f"approved by {approval.approver}"
             runner.rows.append(StageRow(f"approve-{environment}", label, 0.0, False))
         action = "deploy" if index == 0 else "promote"
-        step = (spec, environment, version, action, approval, serving[environment])
+        step = (ctx.settings, spec, environment, version, action, approval, serving[environment])
         done.append(runner.run(f"deploy-{environment}", deploy_task, *step))
     return done
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mlflow import MlflowClient
 
-from modelyard.config import Settings
+from modelyard.config import Settings, runtime
 from modelyard.package.push import push_image
 from modelyard.ports import free_ports
 from tests.conftest import ROOT, Project
@@ -140,7 +140,7 @@ def test_pipeline_keeps_artifacts_in_s3_and_images_in_ecr_and_deploy_pulls_by_di
     assert started == [tags["image_ref"]]  # the live slot runs the image by digest
 
     # The stack's own registry, chosen by name, receives the same image under the same digest.
-    settings = Settings(workspace=stack.workspace, image_registry="stack")
+    settings = runtime(Settings(workspace=stack.workspace, image_registry="stack"))
     again = push_image(settings, tags["image_ref"], model, "1", tags["bundle_digest"], print)
     assert again.ref == tags["image_ref"]
 

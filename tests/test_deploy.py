@@ -29,7 +29,7 @@ from prefect.flow_runs import resume_flow_run
 from prefect.input import read_flow_run_input
 
 from flows.pipeline import pipeline
-from modelyard.config import get_settings
+from modelyard.config import runtime
 from modelyard.deploy import ledger, release
 from modelyard.errors import DeployFailed, SpecError
 from modelyard.outcomes import PipelineOutcome
@@ -145,7 +145,7 @@ def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_pat
     # Both hosts per batch: the other SSH tests cover one at a time (the default), and this one
     # shows a batch of several switches without a dropped request too.
     spec = env_spec(registered, "rollout", {"production": _environment(env) | {"batch": 2}})
-    settings, progress = get_settings(), []
+    settings, progress = runtime(), []
 
     first = release.deploy(settings, spec, "production", "1", progress.append)
     assert first.outcome == "succeeded" and first.previous_version == ""
@@ -223,7 +223,7 @@ def test_a_failure_on_the_second_host_puts_every_host_back(registered, ssh_hosts
     # on a busy machine is never taken for a failure.
     env = ssh_env(ssh_hosts, tmp_path, model_service_ready_timeout=20)
     spec = env_spec(registered, "failing", {"fragile": _environment(env)})
-    settings = get_settings()
+    settings = runtime()
     release.deploy(settings, spec, "fragile", "1", lambda _: None)
 
     # On host-b something else holds the idle slot's port: v2's container cannot listen there,
@@ -291,7 +291,7 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(registered, ssh_hosts, 
         "edge-ssh": _environment(ssh),
     }
     spec = env_spec(registered, "edge", environments)
-    settings = get_settings()
+    settings = runtime()
     for version in ("1", "2"):
         for environment in environments:
             release.deploy(settings, spec, environment, version, lambda _: None)
@@ -312,7 +312,7 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(registered, ssh_hosts, 
 
 
 def test_bad_deploy_requests_name_the_field(registered, tmp_path):
-    settings = get_settings()
+    settings = runtime()
     spec = env_spec(registered, "bad", {"staging": {"target": "local", "port": free_ports(3)}})
     with pytest.raises(SpecError, match=r"deploy\.environments\.nowhere"):
         release.deploy(settings, spec, "nowhere", "1", lambda _: None)
@@ -379,7 +379,7 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
     }
     project.write_spec(project.spec() | {"deploy": {"environments": environments}}, "deploy")
     staging_url, production_url = f"http://127.0.0.1:{staging}", f"http://127.0.0.1:{production}"
-    settings = get_settings()
+    settings = runtime()
 
     first = FlowInThread(project)
     pause = paused_run()
@@ -451,7 +451,7 @@ def test_token_rotation_moves_traffic_without_a_failed_request(registered):
     front = f"http://127.0.0.1:{port}"
 
     def deploy(tokens: str) -> None:
-        settings = get_settings().model_copy(update={"serve_token": SecretStr(tokens)})
+        settings = runtime().model_copy(update={"serve_token": SecretStr(tokens)})
         release.deploy(settings, spec, "staging", "1", print)
 
     def predicts(token: str) -> int:
@@ -469,7 +469,7 @@ def test_token_rotation_moves_traffic_without_a_failed_request(registered):
         deploy(new)
     assert on_new.failures == [] and sum(on_new.versions[front].values()) > 0
     assert (predicts(old), predicts(new)) == (401, 200)
-    switches = ledger.history(get_settings(), spec.name, "staging")
+    switches = ledger.history(runtime(), spec.name, "staging")
     assert [r.outcome for r in switches] == ["succeeded"] * 3
 
 
@@ -482,7 +482,7 @@ def test_two_releases_at_once_move_the_alias_once(registered):
 
     port = free_ports(3)
     spec = env_spec(registered, "race", {"race": {"target": "local", "port": port}})
-    settings = get_settings()
+    settings = runtime()
     started = threading.Barrier(2)
     outcomes: dict[str, object] = {}
 

@@ -27,7 +27,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from modelyard.config import get_settings
+from modelyard.config import runtime
 from modelyard.deploy import ledger
 from modelyard.deploy.ledger import Release
 from tests.conftest import run_cli
@@ -77,7 +77,7 @@ def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
     fixed = run_cli("doctor", "--spec", spec, "--fix")
     assert fixed.returncode == 0 and "repaired" in fixed.stdout, fixed.stdout + fixed.stderr
     assert [v.version for v in client.search_model_versions(f"name = '{model}'")] == ["2"]
-    record = ledger.history(get_settings(), model)[0]
+    record = ledger.history(runtime(), model)[0]
     assert (record.action, record.version, record.outcome) == ("withdraw", "1", "succeeded")
     clean = run_cli("doctor", "--spec", spec)
     assert clean.returncode == 0 and "nothing half-finished" in clean.stdout
@@ -85,7 +85,7 @@ def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
     # The other trace a killed deploy leaves: hosts switched (the ledger says v2 serves
     # staging) but the alias never moved. The ledger record is written directly here; the
     # deploy path that writes it is tested in test_deploy.py.
-    settings = get_settings()
+    settings = runtime()
     ledger.append(settings, Release(model=model, environment="staging", action="deploy",
                                     version="2", outcome=ledger.SUCCEEDED, actor="test"))  # fmt: skip
     drift = run_cli("doctor", "--spec", spec)
@@ -197,7 +197,7 @@ def test_engine_restart_registry_down_and_mlflow_lost_mid_run(
         assert log.count("image: Step 1/") >= 2, "the build was not retried"
         assert "the registry does not answer: is it running?" in log, log[-3000:]
         assert client.search_registered_models(f"name = '{model}'") == []  # as before the run
-        assert ledger.history(get_settings(), model) == []
+        assert ledger.history(runtime(), model) == []
         assert run_cli("doctor", "--spec", spec).returncode == 0  # nothing half-finished
 
         # 2. MLflow is killed just after the run opened its MLflow run and is back 8 s later;
@@ -262,7 +262,7 @@ def test_a_full_workspace_disk_fails_the_run_clearly_and_loses_nothing(
         assert code != 0, log[-3000:]
         assert f"the disk holding {workspace}" in log and "is full" in log, log[-3000:]
         assert client.search_model_versions(f"name = '{model}'") == []
-        assert ledger.history(get_settings(), model) == []
+        assert ledger.history(runtime(), model) == []
         (workspace / "filler").unlink()
         assert run_cli("doctor", "--spec", spec).returncode == 0
         again = run_cli("run", "--no-deploy", "--spec", spec)

@@ -25,7 +25,7 @@ from sqlalchemy import create_engine
 
 from flows.pipeline import pipeline
 from modelyard import bundle as bundles
-from modelyard.config import get_settings
+from modelyard.config import runtime
 from modelyard.data import fingerprint, load_dataset
 from modelyard.package.build import trusted_keys
 from modelyard.ports import free_port
@@ -146,7 +146,7 @@ def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_pa
     assert tags["bundle_artifact"] == f"runs:/{run.info.run_id}/{bundle_file}"
     local = mlflow.artifacts.download_artifacts(tags["bundle_artifact"], dst_path=str(tmp_path))
     unpacked = bundles.from_tarball(Path(local).read_bytes(), tmp_path / "bundle")
-    verified = bundles.verify(unpacked, bundles.parse_public_keys(trusted_keys(get_settings())))
+    verified = bundles.verify(unpacked, bundles.parse_public_keys(trusted_keys(runtime())))
     assert verified.digest == tags["bundle_digest"]
     assert verified.read_json("metadata.json")["git_commit"] == project.head
     tag = f"{outcome.version}-{tags['bundle_digest'][:12]}"
@@ -336,7 +336,7 @@ def test_a_users_postgresql_table_with_awkward_columns_and_a_tree_ensemble_runs_
     assert run.data.tags["data_source"].startswith(f"{url} (query sha256 ")
     recorded = json.dumps([run.data.tags, run.data.params, candidate.tags]) + done.stdout
     assert postgres.password not in recorded + done.stderr
-    bundle = bundle_folder(get_settings(), "churn-forest", "1") / "bundle"
+    bundle = bundle_folder(runtime(), "churn-forest", "1") / "bundle"
     schema = json.loads((bundle / "schema.json").read_text())
     assert [i["name"] for i in schema["inputs"]] == NUMERIC + CATEGORICAL
     assert len({i["onnx_name"] for i in schema["inputs"]}) == len(schema["inputs"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modelyard.config import Settings
+from modelyard.config import Settings, runtime
 from modelyard.ports import free_port, free_ports
 from modelyard.webhook import sign
 from tests.conftest import Project
@@ -105,7 +105,7 @@ def test_stack_serves_each_service_and_settings_follow_it(stack, monkeypatch):
     # While the stack runs, modelyard in this workspace talks to its servers.
     for name in FOREIGN:
         monkeypatch.delenv(name, raising=False)
-    settings = Settings(workspace=stack.workspace)
+    settings = runtime(Settings(workspace=stack.workspace))
     assert settings.tracking_uri == stack.url("mlflow")
     assert settings.api_url == stack.url("prefect") + "/api"
     # Telemetry that would call out is off in every server's environment.

@@ -2,17 +2,21 @@
 
 Standard variables of the systems we drive (`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`) are honoured
 too, so an existing MLflow or Prefect set-up needs no modelyard-specific configuration.
+
+`Settings` is a plain value: every variable is read when it is built, and no property reads a
+file, the environment or `/proc`. What depends on the machine's state (which stack services run,
+the workspace folder existing) is found once per process by `runtime()`, the runtime context the
+CLI and each flow run build at their start and pass down.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelyard.stackstate import running_url
@@ -29,7 +33,9 @@ TELEMETRY_OFF = {
 class Settings(BaseSettings):
     """Where modelyard keeps its state and which servers it talks to."""
 
-    model_config = SettingsConfigDict(env_prefix="MODELYARD_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="MODELYARD_", extra="ignore", populate_by_name=True
+    )
 
     workspace: Path = Field(
         default=Path(".modelyard"),
@@ -37,11 +43,15 @@ class Settings(BaseSettings):
     )
     mlflow_tracking_uri: str | None = Field(
         default=None,
-        description="MLflow server; else MLFLOW_TRACKING_URI, else SQLite in the workspace.",
+        validation_alias=AliasChoices("MODELYARD_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow server; else MLFLOW_TRACKING_URI, else the running stack's, else "
+        "SQLite in the workspace.",
     )
     prefect_api_url: str | None = Field(
         default=None,
-        description="Prefect API; else PREFECT_API_URL, else a local Prefect in the workspace.",
+        validation_alias=AliasChoices("MODELYARD_PREFECT_API_URL", "PREFECT_API_URL"),
+        description="Prefect API; else PREFECT_API_URL, else the running stack's, else a local "
+        "Prefect in the workspace.",
     )
     git_commit: str | None = Field(
         default=None, description="Commit to record; CI sets it when the checkout has no .git."
@@ -91,7 +101,11 @@ class Settings(BaseSettings):
     stack_mlflow_port: int = Field(default=5000, description="MLflow tracking server and UI.")
     stack_registry_port: int = Field(default=5001, description="Docker registry.")
     stack_prometheus_port: int = Field(default=9090, description="Prometheus.")
-    stack_start_timeout: float = Field(default=120, description="Seconds a service may take.")
+    stack_start_timeout: float = Field(
+        default=120,
+        description="Seconds a service may take to start: the stack's, and the embedded Prefect "
+        "server a run starts when none is configured.",
+    )
     prometheus_interval: int = Field(
         default=15, ge=1, description="Seconds between the stack Prometheus scrapes and rule runs."
     )
@@ -114,6 +128,17 @@ class Settings(BaseSettings):
         description="'user:password' for the Prefect API. With it set, `stack up` starts the "
         "Prefect server requiring it. Else PREFECT_API_AUTH_STRING.",
     )
+    # The libraries' own credential variables, read with the rest: the clients fall back on
+    # them, but `stack up` never starts a server with them (only the MODELYARD_ ones do that).
+    library_mlflow_username: str | None = Field(
+        default=None, validation_alias="MLFLOW_TRACKING_USERNAME", exclude=True, repr=False
+    )
+    library_mlflow_password: SecretStr | None = Field(
+        default=None, validation_alias="MLFLOW_TRACKING_PASSWORD", exclude=True
+    )
+    library_prefect_auth: SecretStr | None = Field(
+        default=None, validation_alias="PREFECT_API_AUTH_STRING", exclude=True
+    )
     prefect_database_url: SecretStr | None = Field(
         default=None,
         description="Scale-out: the Prefect server's database, "
@@ -135,89 +160,73 @@ class Settings(BaseSettings):
         "and the base image are available, 'always' (fail without them) or 'never'.",
     )
 
-    @cached_property
-    def workspace_dir(self) -> Path:
-        """The workspace, made if missing: for whoever writes to it."""
-        path = self.workspace_path
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    @field_validator("workspace")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Resolved once, so a later chdir (a checkout, a test) cannot move the workspace.
+        return value.expanduser().absolute()
 
     @property
-    def workspace_path(self) -> Path:
-        """The workspace, as is: reading it, or naming it to a child process, makes nothing."""
-        return self.workspace.expanduser().resolve()
+    def workspace_dir(self) -> Path:
+        return self.workspace
 
     @property
     def tracking_uri(self) -> str:
-        """The configured MLflow, else the stack's server while it runs, else embedded SQLite."""
-        explicit = self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        return (
-            explicit or self._stack_url("mlflow") or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
-        )
+        """The configured MLflow (or the stack's, once `runtime()` found it), else SQLite."""
+        return self.mlflow_tracking_uri or f"sqlite:///{self.workspace / 'mlflow.db'}"
 
     @property
     def prometheus(self) -> str | None:
-        """The Prometheus to query: configured, else the running stack's, else none."""
-        return self.prometheus_url or self._stack_url("prometheus")
+        """The Prometheus to query: configured (or the stack's, found by `runtime()`), or none."""
+        return self.prometheus_url
 
-    def _stack_url(self, service: str) -> str | None:
-        return running_url(self.workspace_path, service)
+    @property
+    def api_url(self) -> str | None:
+        """The configured Prefect API (or the stack's, found by `runtime()`), else None: a run
+        then starts an embedded one."""
+        return self.prefect_api_url
 
     @property
     def artifact_root(self) -> str:
         """Where experiments created against the embedded SQLite store keep their artifacts."""
-        return (self.workspace_dir / "artifacts").as_uri()
+        return (self.workspace / "artifacts").as_uri()
 
     @property
     def dev_key_path(self) -> Path:
-        return self.workspace_dir / "keys" / "signing-dev.pem"
-
-    @property
-    def api_url(self) -> str | None:
-        """The configured Prefect API, else the stack's server while it runs, else None (a
-        local ephemeral API)."""
-        explicit = self.prefect_api_url or os.environ.get("PREFECT_API_URL")
-        if explicit:
-            return explicit
-        server = self._stack_url("prefect")
-        return f"{server}/api" if server else None
+        return self.workspace / "keys" / "signing-dev.pem"
 
     def orchestrator_env(self) -> dict[str, str]:
         """Environment for Prefect: the configured API, else a local one in the workspace."""
         env = dict(TELEMETRY_OFF)
-        workspace = self.workspace_path  # Prefect makes what it uses
         if self.api_url:
             env["PREFECT_API_URL"] = self.api_url
         else:
             # The ephemeral API keeps its SQLite db here, so `prefect server start` with the same
             # PREFECT_HOME later shows every run in the UI.
-            env["PREFECT_HOME"] = str(workspace / "prefect")
-        # Cached task results live in the workspace, next to the runs they belong to.
-        if self.prefect_auth_string:
-            env["PREFECT_API_AUTH_STRING"] = self.prefect_auth_string.get_secret_value()
+            env["PREFECT_HOME"] = str(self.workspace / "prefect")
+            # Each run starts an embedded server; Prefect waits 20 s for it, which a busy machine
+            # (a CI runner, a laptop mid-build) can miss, failing a run that did nothing.
+            env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = (
+                f"{self.stack_start_timeout:g}"
+            )
+        if self.prefect_auth:
+            env["PREFECT_API_AUTH_STRING"] = self.prefect_auth
         env["PREFECT_LOGGING_EXTRA_LOGGERS"] = "modelyard"  # core progress shows in the UI
-        env["PREFECT_LOCAL_STORAGE_PATH"] = str(workspace / "prefect" / "storage")
-        # Without a server, each run starts an embedded one; Prefect waits 20 s for it, which a
-        # busy machine (a CI runner, a laptop mid-build) can miss, failing a run that did nothing.
-        startup = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-        env[startup] = os.environ.get(startup, "120")
+        # Cached task results live in the workspace, next to the runs they belong to.
+        env["PREFECT_LOCAL_STORAGE_PATH"] = str(self.workspace / "prefect" / "storage")
         return env
 
     @property
     def mlflow_credentials(self) -> tuple[str, str] | None:
         """MLflow basic-auth user and password: the settings, else MLflow's own variables."""
-        user = self.mlflow_username or os.environ.get("MLFLOW_TRACKING_USERNAME")
-        configured = self.mlflow_password.get_secret_value() if self.mlflow_password else None
-        password = configured or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        user = self.mlflow_username or self.library_mlflow_username
+        password = _secret(self.mlflow_password) or _secret(self.library_mlflow_password)
         return (user, password) if user and password else None
 
     @property
     def prefect_auth(self) -> str | None:
         """'user:password' for the Prefect API: the setting, else PREFECT_API_AUTH_STRING."""
-        configured = (
-            self.prefect_auth_string.get_secret_value() if self.prefect_auth_string else None
-        )
-        return configured or os.environ.get("PREFECT_API_AUTH_STRING")
+        return _secret(self.prefect_auth_string) or _secret(self.library_prefect_auth)
 
     def mlflow_credentials_env(self) -> dict[str, str]:
         """The MLflow client reads basic-auth credentials from these variables only."""
@@ -242,5 +251,25 @@ def _drop_pickle_warning(record: logging.LogRecord) -> bool:
     return "pickle or cloudpickle format" not in record.getMessage()
 
 
-def get_settings() -> Settings:
-    return Settings()
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value else None
+
+
+def runtime(settings: Settings | None = None) -> Settings:
+    """This process's runtime context: the settings, with the running stack's MLflow, Prefect
+    and Prometheus filled in where none is configured, and the workspace made. The only I/O
+    settings need happens here, once; the CLI and each flow run pass the result down."""
+    declared = settings or Settings()
+    declared.workspace.mkdir(parents=True, exist_ok=True)
+    found = {
+        "mlflow_tracking_uri": declared.mlflow_tracking_uri
+        or running_url(declared.workspace, "mlflow"),
+        "prometheus_url": declared.prometheus_url or running_url(declared.workspace, "prometheus"),
+        "prefect_api_url": declared.prefect_api_url or _prefect_api(declared.workspace),
+    }
+    return declared.model_copy(update=found)
+
+
+def _prefect_api(workspace: Path) -> str | None:
+    server = running_url(workspace, "prefect")
+    return f"{server}/api" if server else None

@@ -242,6 +242,32 @@ def end_run(client: MlflowClient, run_id: str, failure: str | None = None) -> No
     )
 
 
+@dataclass
+class Entry:
+    """A record being written to an experiment kept as a log; a `failure` ends it FAILED."""
+
+    experiment_id: str
+    run_id: str
+    failure: str | None = None
+
+
+@contextmanager
+def log_entry(
+    client: MlflowClient, settings: Settings, experiment: str, name: str, tags: dict[str, str]
+) -> Iterator[Entry]:
+    """One record of an experiment kept as a log (the release ledger, the drift checks): a run
+    made with its tags, handed to the caller for what it logs, then ended. A caller that raises
+    ends it FAILED with the reason, so no record is left RUNNING."""
+    experiment_id = ensure_experiment(client, experiment, settings)
+    entry = Entry(experiment_id, start_run(client, experiment_id, name, tags))
+    try:
+        yield entry
+    except Exception as exc:
+        end_run(client, entry.run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    end_run(client, entry.run_id, entry.failure)
+
+
 def existing_version(
     client: MlflowClient, name: str, lineage: dict[str, str]
 ) -> VersionInfo | None:

@@ -85,10 +85,27 @@ class RunContext:
     def run_url(self) -> str:
         return registry.run_url(self.settings, self.experiment_id, self.run_id)
 
+    @property
+    def lineage(self) -> dict[str, str]:
+        return lineage_tags(self.git, self.data_fingerprint, self.data_source, self.spec)
+
     @cached_property
     def client(self) -> MlflowClient:
         """The run's MLflow client, built once (a frozen dataclass may cache in its __dict__)."""
         return registry.connect(self.settings)
+
+
+def lineage_tags(git: GitInfo, fingerprint: str, source: str, spec: Spec) -> dict[str, str]:
+    """Where a model came from, as the training run and the registered version both record it:
+    what `registry.existing_version` compares to reuse a version, and what a rebuild reads."""
+    return {
+        "git_commit": git.commit,
+        "git_branch": git.branch,
+        "git_dirty": str(git.dirty).lower(),
+        "data_fingerprint": fingerprint,
+        "data_source": source,
+        "spec_hash": spec.digest(),
+    }
 
 
 @dataclass
@@ -170,12 +187,7 @@ def open_run(
     client = registry.connect(settings)
     experiment_id = registry.ensure_experiment(client, spec.name, settings)
     tags = {
-        "git_commit": git.commit,
-        "git_branch": git.branch,
-        "git_dirty": str(git.dirty).lower(),
-        "data_fingerprint": data.fingerprint,
-        "data_source": data.source,
-        "spec_hash": spec.digest(),
+        **lineage_tags(git, data.fingerprint, data.source, spec),
         "modelyard_version": modelyard.__version__,
         "mlflow.source.git.commit": git.commit,
         **extra_tags,
@@ -235,7 +247,7 @@ def model_gate(ctx: RunContext, splits: Splits, trained: TrainResult) -> GateRep
     spec = ctx.spec
     champion = None
     if spec.gates.champion.enabled:
-        client = registry.connect(ctx.settings)
+        client = ctx.client
         champion = registry.load_alias(client, spec.name, spec.gates.champion.alias)
     return check_model(
         spec, splits.eval, trained.metrics, trained.eval_scores, champion, trained.classes
@@ -254,14 +266,9 @@ def register(
 
     Returns (version, reused). Only called when every gate passed.
     """
-    client = registry.connect(ctx.settings)
+    client = ctx.client
     tags = {
-        "git_commit": ctx.git.commit,
-        "git_branch": ctx.git.branch,
-        "git_dirty": str(ctx.git.dirty).lower(),
-        "data_fingerprint": ctx.data_fingerprint,
-        "data_source": ctx.data_source,
-        "spec_hash": ctx.spec.digest(),
+        **ctx.lineage,
         "mlflow_run_id": ctx.run_id,
         **{f"gate.{r.gate}": r.verdict for r in reports},
         **extra_tags,
@@ -277,12 +284,12 @@ def register(
 
 def promote_candidate(ctx: RunContext, version: str) -> None:
     """The last step of a successful run: only a fully packaged version becomes `candidate`."""
-    client = registry.connect(ctx.settings)
+    client = ctx.client
     registry.set_alias(client, ctx.spec.name, registry.CANDIDATE, version)
 
 
 def withdraw(ctx: RunContext, version: str) -> None:
-    registry.withdraw(registry.connect(ctx.settings), ctx.spec.name, version)
+    registry.withdraw(ctx.client, ctx.spec.name, version)
 
 
 def log_gate(ctx: RunContext, report: GateReport) -> None:
@@ -315,7 +322,7 @@ def approval_request(
     ctx: RunContext, environment: str, outcome: PipelineOutcome, serving: list[str]
 ) -> str:
     """What an approver of `environment` is shown for the version this run registered."""
-    version = registry.connect(ctx.settings).get_model_version(ctx.spec.name, outcome.version)
+    version = ctx.client.get_model_version(ctx.spec.name, outcome.version)
     links = {"MLflow version": outcome.mlflow_version_url, "training run": outcome.mlflow_run_url}
     return approvals.request(
         ctx.spec, environment, outcome.version, outcome.metrics, version.tags, links, serving
@@ -381,7 +388,7 @@ def package(
         "bundle_key_id": verified.key_id,
         "bundle_artifact": f"runs:/{ctx.run_id}/bundle/{tarball.name}",
     }
-    registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
+    registry.tag_version(ctx.client, ctx.spec.name, version, tags)
     return tags | {"bundle_path": str(verified.path)}
 
 
@@ -389,7 +396,7 @@ def version_bundle(ctx: RunContext, version: str) -> tuple[dict[str, str], str]:
     """A registered version's tags and its verified bundle folder, unpacked from its tarball
     (here or in MLflow) when this workspace has no copy: a rerun that reuses a version may
     still have its image to build."""
-    client = registry.connect(ctx.settings)
+    client = ctx.client
     tags = dict(client.get_model_version(ctx.spec.name, version).tags)
     folder = registry.bundle_folder(ctx.settings, ctx.spec.name, version) / "bundle"
     if not (folder / "manifest.json").is_file():
@@ -408,7 +415,7 @@ def build_image(ctx: RunContext, version: str, bundle_path: str) -> ImageResult:
     registry.log_json(ctx.client, ctx.run_id, built.sbom, "image/sbom.cdx.json")
     tags = {"image_ref": built.ref, "image_id": built.image_id,
             "image_size_mb": f"{built.size_bytes / 1e6:.0f}"}  # fmt: skip
-    registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
+    registry.tag_version(ctx.client, ctx.spec.name, version, tags)
     return built
 
 
@@ -422,12 +429,12 @@ def push_image(ctx: RunContext, version: str, built: ImageResult) -> dict[str, s
     tags = {"image_ref": pushed.ref, "image_local_ref": built.ref,
             "image_repository": pushed.repository, "image_tag": pushed.tag,
             "image_digest": pushed.digest}  # fmt: skip
-    registry.tag_version(registry.connect(ctx.settings), ctx.spec.name, version, tags)
+    registry.tag_version(ctx.client, ctx.spec.name, version, tags)
     return tags
 
 
 def note_image_skipped(ctx: RunContext, version: str, reason: str) -> None:
-    client = registry.connect(ctx.settings)
+    client = ctx.client
     registry.tag_version(client, ctx.spec.name, version, {"image_skipped": reason})
 
 
@@ -438,7 +445,7 @@ def infra_gate(
     report = infra_validate(ctx.settings, built.ref, Path(bundle_path), trusted_keys(ctx.settings),
                             sample, _log)  # fmt: skip
     registry.log_gate(ctx.client, ctx.run_id, report)
-    client = registry.connect(ctx.settings)
+    client = ctx.client
     registry.tag_version(client, ctx.spec.name, version, {"gate.infra": report.verdict})
     return report
 

@@ -13,7 +13,7 @@ from typing import Annotated, ParamSpec, TypeVar
 import typer
 from rich.console import Console
 
-from modelyard.config import Settings, get_settings
+from modelyard.config import Settings, runtime
 from modelyard.errors import ModelyardError
 
 app = typer.Typer(
@@ -35,7 +35,7 @@ R = TypeVar("R")
 @functools.cache
 def settings() -> Settings:
     """The process's settings, read once: a command is one short-lived process."""
-    return get_settings()
+    return runtime()
 
 
 @app.callback()

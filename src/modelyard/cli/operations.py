@@ -75,9 +75,11 @@ def _print_stack(statuses: list[Status]) -> None:
         state = "[green]up[/]" if s.up else f"[red]down[/] {s.detail}"
         table.add_row(s.name, s.url, state, str(s.pid or ""))
     console.print(table)
-    if any(s.up for s in statuses):
-        console.print(f"Prefect UI: {settings().api_url or 'not running'}".replace("/api", ""))
-        console.print(f"MLflow UI:  {settings().tracking_uri}")
+    # From the statuses, not the settings: `stack up` starts what this process found not running.
+    up = {s.name: s.url for s in statuses if s.up}
+    if up:
+        console.print(f"Prefect UI: {up.get('prefect') or settings().api_url or 'not running'}")
+        console.print(f"MLflow UI:  {up.get('mlflow') or settings().tracking_uri}")
 
 
 @app.command()

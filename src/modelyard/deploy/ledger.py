@@ -9,12 +9,11 @@ append-only, and the MLflow UI lists, filters and compares them with no extra to
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from modelyard import registry
@@ -54,21 +53,21 @@ class Release:
 def append(settings: Settings, release: Release, files: list[Path] | None = None) -> Release:
     """Write one record; returns it with its time and id. Records are never changed."""
     client = registry.connect(settings)
-    experiment = registry.ensure_experiment(client, EXPERIMENT, settings)
     when = datetime.now(UTC).isoformat(timespec="seconds")
     record = replace(release, when=when)
     tags = {f.name: getattr(record, f.name) for f in fields(Release) if f.name != "record_id"}
     name = f"{record.action} {record.model} v{record.version} → {record.environment}"
-    run_id = registry.start_run(client, experiment, name, tags | {"modelyard.release": "1"})
-    if files:
-        registry.log_files(client, run_id, [f for f in files if f.exists()], "ansible")
-    status = RunStatus.FINISHED if record.outcome != "failed" else RunStatus.FAILED
-    client.set_terminated(run_id, RunStatus.to_string(status), end_time=int(time.time() * 1000))
+    marked = tags | {"modelyard.release": "1"}
+    with registry.log_entry(client, settings, EXPERIMENT, name, marked) as entry:
+        if files:
+            registry.log_files(client, entry.run_id, [f for f in files if f.exists()], "ansible")
+        if record.outcome == "failed":
+            entry.failure = record.reason or "failed"
     if record.action != WITHDRAW:  # a withdrawn version has no tags left to set
         summary = f"{record.action} {record.outcome} {when} by {record.actor}"
         tag = {f"release.{record.environment}": summary}
         registry.tag_version(client, record.model, record.version, tag)
-    return replace(record, record_id=run_id)
+    return replace(record, record_id=entry.run_id)
 
 
 def history(

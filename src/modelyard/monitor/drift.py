@@ -191,7 +191,6 @@ def record(settings: Settings, report: DriftReport, plots: list[Path]) -> tuple[
     """One MLflow run per check in `modelyard-monitoring`: PSI as metrics, the report and the
     plots as artifacts, the verdict as tags. Returns the run's id and its UI address."""
     client = registry.connect(settings)
-    experiment = registry.ensure_experiment(client, EXPERIMENT, settings)
     tags = {
         "model": report.model,
         "environment": report.environment,
@@ -200,15 +199,14 @@ def record(settings: Settings, report: DriftReport, plots: list[Path]) -> tuple[
         "verdict": report.verdict,
     }
     name = f"drift {report.model} v{report.version} in {report.environment}"
-    run_id = registry.start_run(client, experiment, name, tags)
-    now = int(time.time() * 1000)
-    for s in report.signals:
-        client.log_metric(run_id, f"psi.{_metric_key(s.name)}", s.psi, timestamp=now)
-    client.log_metric(run_id, "rows", report.rows, timestamp=now)
-    registry.log_json(client, run_id, report.to_dict(), "drift/report.json")
-    registry.log_files(client, run_id, plots, "drift")
-    client.set_terminated(run_id, "FINISHED")
-    return run_id, registry.run_url(settings, experiment, run_id)
+    with registry.log_entry(client, settings, EXPERIMENT, name, tags) as entry:
+        now = int(time.time() * 1000)
+        for s in report.signals:
+            client.log_metric(entry.run_id, f"psi.{_metric_key(s.name)}", s.psi, timestamp=now)
+        client.log_metric(entry.run_id, "rows", report.rows, timestamp=now)
+        registry.log_json(client, entry.run_id, report.to_dict(), "drift/report.json")
+        registry.log_files(client, entry.run_id, plots, "drift")
+    return entry.run_id, registry.run_url(settings, entry.experiment_id, entry.run_id)
 
 
 def last_retrain(settings: Settings, model: str, environment: str) -> float | None:
