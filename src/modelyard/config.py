@@ -4,9 +4,9 @@ Standard variables of the systems we drive (`MLFLOW_TRACKING_URI`, `PREFECT_API_
 too, so an existing MLflow or Prefect set-up needs no modelyard-specific configuration.
 
 `Settings` is a plain value: every variable is read when it is built, and no property reads a
-file, the environment or `/proc`. What depends on the machine's state (which stack services run,
-the workspace folder existing) is found once per process by `runtime()`, the runtime context the
-CLI and each flow run build at their start and pass down.
+file, the environment or `/proc`. What depends on the machine's state (which stack services
+run) is found once per process by `runtime()`, the runtime context the CLI and each flow run
+build at their start and pass down.
 """
 
 from __future__ import annotations
@@ -257,15 +257,15 @@ def _secret(value: SecretStr | None) -> str | None:
 
 def runtime(settings: Settings | None = None) -> Settings:
     """This process's runtime context: the settings, with the running stack's MLflow, Prefect
-    and Prometheus filled in where none is configured, and the workspace made. The only I/O
-    settings need happens here, once; the CLI and each flow run pass the result down."""
+    and Prometheus filled in where none is configured. The only I/O settings need happens
+    here, once; the CLI and each flow run pass the result down. It makes nothing: whoever
+    writes into the workspace makes the folder it writes to."""
     declared = settings or Settings()
-    declared.workspace.mkdir(parents=True, exist_ok=True)
+    workspace = declared.workspace
     found = {
-        "mlflow_tracking_uri": declared.mlflow_tracking_uri
-        or running_url(declared.workspace, "mlflow"),
-        "prometheus_url": declared.prometheus_url or running_url(declared.workspace, "prometheus"),
-        "prefect_api_url": declared.prefect_api_url or _prefect_api(declared.workspace),
+        "mlflow_tracking_uri": declared.mlflow_tracking_uri or running_url(workspace, "mlflow"),
+        "prometheus_url": declared.prometheus_url or running_url(workspace, "prometheus"),
+        "prefect_api_url": declared.prefect_api_url or _prefect_api(workspace),
     }
     return declared.model_copy(update=found)
 

@@ -73,7 +73,10 @@ class GateRecord(Protocol):
 def connect(settings: Settings) -> MlflowClient:
     """A client of the configured MLflow (tracking and registry in one store)."""
     disable_telemetry()
-    return MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///"):  # the embedded store: SQLite makes the file, not its folder
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(uri, uri)
 
 
 _FLUENT = threading.RLock()
