@@ -7,7 +7,9 @@ import shutil
 import httpx
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from modelyard.bundle import public_key_text
 from modelyard.package.build import frame_columns
 from tests.serving import TOKEN, Built, Server, build_example
 
@@ -284,7 +286,7 @@ def test_tampered_or_untrusted_bundle_is_refused(ads: Built, tmp_path):
     assert server.process.returncode == 3
     assert "refusing to serve" in output and "altered: ['schema.json']" in output
 
-    other_key = build_example("house_prices", tmp_path / "other").public_key
+    other_key = public_key_text(Ed25519PrivateKey.generate().public_key())
     server = Server(ads.bundle.path, other_key)
     output = server.process.communicate(timeout=60)[0]
     assert server.process.returncode == 3 and "does not verify with any trusted key" in output

@@ -315,7 +315,9 @@ class Behaviour(_Strict):
     tests: str | None = Field(
         default=None,
         description="Your own pytest folder (relative to the spec), run with the built-in "
-        "behaviour tests; unset: the built-in tests alone.",
+        "behaviour tests; unset: the built-in tests alone. Installed pytest plugins are not "
+        "loaded on their own: name the ones your tests need in `pytest_plugins` of their "
+        "conftest.py.",
     )
     invariance: list[Invariance] = Field(default_factory=list)
     directional: list[Directional] = Field(default_factory=list)

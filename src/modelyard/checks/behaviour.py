@@ -78,7 +78,9 @@ def run_model_tests(spec: Spec, model: Any, eval_frame: pd.DataFrame, work_dir: 
         text=True,
         timeout=_TIMEOUT_SECONDS,
         cwd=folders[-1],
-        env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"},
+        # Only the plugins the tests ask for (`pytest_plugins` in their conftest.py): whatever
+        # else the environment has installed costs each run seconds and may change the verdict.
+        env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )
     (work_dir / "pytest.log").write_text(completed.stdout + completed.stderr)
     if not junit.is_file():
