@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
@@ -22,6 +23,9 @@ from hypothesis import HealthCheck, settings
 
 from modelyard.config import Settings, disable_telemetry
 from modelyard.ports import free_port
+
+if TYPE_CHECKING:  # tests.serving imports this module
+    from tests.serving import Built
 
 ROOT = Path(__file__).resolve().parents[1]
 disable_telemetry()
@@ -83,7 +87,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         getattr(item, "fixturenames", ())
     ):
         item.add_marker(pytest.mark.integration)
-    if _shares_a_module_fixture(item):
+    if item.get_closest_marker("xdist_group") is None and _shares_a_module_fixture(item):
         # `make test` runs with --dist loadgroup: a module's tests that share a fixture built
         # once per module (registered versions, SSH hosts, a stack) stay on one worker, which
         # builds it once. Every other test goes to whichever worker is free.
@@ -155,6 +159,16 @@ def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     database = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     SqlAlchemyStore(f"sqlite:///{database}", str(database.parent / "artifacts"))
     return database
+
+
+@pytest.fixture(scope="session")
+def built_house(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The house-prices example trained, exported and sealed, for tests that only read it:
+    built once per worker (its PMML export starts a JVM). Modules that use it share one xdist
+    group, so that one worker builds it."""
+    from tests.serving import build_example
+
+    return build_example("house_prices", tmp_path_factory.mktemp("house"))
 
 
 @pytest.fixture

@@ -16,12 +16,15 @@ from modelyard.package.build import assemble
 from modelyard.package.onnx import ExportError, export_onnx
 from modelyard.package.parity import ParityError
 from modelyard.spec import Estimator
-from tests.serving import Built, build_example
+from tests.serving import Built
+
+# With test_serve: both read the house example that `built_house` builds once per worker.
+pytestmark = pytest.mark.xdist_group("built-house")
 
 
 @pytest.fixture(scope="module")
-def house(tmp_path_factory) -> Built:
-    return build_example("house_prices", tmp_path_factory.mktemp("house"))
+def house(built_house: Built) -> Built:
+    return built_house
 
 
 def test_bundle_holds_what_the_design_names(house: Built):

@@ -14,6 +14,8 @@ from modelyard.package.build import frame_columns
 from tests.serving import TOKEN, Built, Server, build_example
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# With test_package: both read the house example that `built_house` builds once per worker.
+pytestmark = pytest.mark.xdist_group("built-house")
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,8 @@ def ads(tmp_path_factory) -> Built:
 
 
 @pytest.fixture(scope="module")
-def house(tmp_path_factory) -> Built:
-    return build_example("house_prices", tmp_path_factory.mktemp("house"))
+def house(built_house: Built) -> Built:
+    return built_house
 
 
 @pytest.fixture(scope="module")
