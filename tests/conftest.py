@@ -336,18 +336,24 @@ def ads(tmp_path: Path, request: pytest.FixtureRequest) -> Project:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """The real `modelyard` console script, as a user or CI runs it."""
+    """The real `modelyard` console script, as a user or CI runs it (`env`: None unsets)."""
     exe = Path(sys.executable).with_name("modelyard")
     return subprocess.run(
         [str(exe), *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env=environment(env),
         cwd=cwd,
         timeout=600,
     )
+
+
+def environment(changes: dict[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with `changes`, a None value removing its variable."""
+    merged = {**os.environ, **(changes or {})}
+    return {name: value for name, value in merged.items() if value is not None}
 
 
 @pytest.fixture(scope="session")

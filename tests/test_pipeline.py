@@ -31,7 +31,7 @@ from modelyard.package.build import trusted_keys
 from modelyard.ports import free_port
 from modelyard.registry import bundle_folder
 from modelyard.spec import load_spec
-from tests.conftest import Project, run_cli, wait_for
+from tests.conftest import Project, environment, run_cli, wait_for
 
 GATES = ("gate.data", "gate.model", "gate.behaviour")
 
@@ -352,12 +352,15 @@ def test_a_users_postgresql_table_with_awkward_columns_and_a_tree_ensemble_runs_
 
 
 @contextlib.contextmanager
-def served(source: str) -> Iterator[str]:
+def served(
+    source: str, cwd: Path | None = None, env: dict[str, str | None] | None = None
+) -> Iterator[str]:
     """`modelyard serve SOURCE` on a free port, until the block ends."""
     port = free_port()
     exe = Path(sys.executable).with_name("modelyard")
     server = subprocess.Popen([str(exe), "serve", source, "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=cwd, env=environment(env))  # fmt: skip
     try:
         wait_for(f"http://127.0.0.1:{port}/health/ready", timeout=60)
         yield f"http://127.0.0.1:{port}"
@@ -457,10 +460,13 @@ def test_an_expected_failure_is_one_line_and_its_exit_code(case, estimator, extr
     assert "Traceback" not in output, output[-3000:]
 
 
-def test_init_then_run_then_serve_a_users_csv(servers, tmp_path):
-    """The README's 'Bring your own data': `modelyard init` drafts the spec from the file,
-    `modelyard run` passes on the same data, `modelyard serve models:/NAME/1` answers. The
-    target is yes/no text, as churn data often has it."""
+@pytest.mark.slow  # no server: it starts its own, as a new user's first run does
+def test_init_then_run_then_serve_a_users_csv(tmp_path):
+    """The README's 'Bring your own data', as a new user does it: in a folder with no
+    workspace and no servers configured, `modelyard init` drafts the spec from the file,
+    `modelyard run` passes on the same data (its embedded Prefect and SQLite MLflow made in
+    `.modelyard`), `modelyard serve models:/NAME/1` answers. The target is yes/no text, as
+    churn data often has it."""
     from tests.test_models import CATEGORICAL, NUMERIC, generate
 
     frame = generate(800, seed=13)
@@ -476,10 +482,13 @@ def test_init_then_run_then_serve_a_users_csv(servers, tmp_path):
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@example.invalid", "-c",
                  "user.name=CI", "commit", "-qm", "data"]):  # fmt: skip
         subprocess.run(["git", *args], cwd=tmp_path, check=True)
-    done = run_user_project(spec, servers)
+    new_user: dict[str, str | None] = {name: None for name in (
+        "MODELYARD_WORKSPACE", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MODELYARD_BUILD_IMAGE")}  # fmt: skip
+    done = run_cli("run", "--spec", spec.name, cwd=tmp_path, env=new_user)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / ".modelyard" / "prefect").is_dir() and "Traceback" not in done.stderr
     rows = frame.loc[:4, NUMERIC + CATEGORICAL].astype(object)
-    with served("models:/my-customers/1") as url:
+    with served("models:/my-customers/1", cwd=tmp_path, env=new_user) as url:
         answer = httpx.post(f"{url}/invocations", timeout=30,
                             json={"dataframe_records": rows.where(rows.notna(), None)
                                   .to_dict("records")})  # fmt: skip

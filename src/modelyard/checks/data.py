@@ -116,25 +116,24 @@ def check_data(spec: Spec, splits: Splits, out_dir: Path) -> GateReport:
 def _context(gx: Any, site: Path) -> Any:
     """An in-memory Great Expectations context whose Data Docs site is `site`: a file context
     would write its config and re-read it on every variable it looks up (a second per run)."""
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    for name in list(context.get_config().data_docs_sites or {}):
-        context.delete_data_docs_site(name)
-    context.add_data_docs_site(
-        "local_site",
-        {
-            "class_name": "SiteBuilder",
-            "show_how_to_buttons": False,
-            "store_backend": {
-                "class_name": "TupleFilesystemStoreBackend",
-                "base_directory": str(site),
-            },
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        },
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
     )
-    return context
+
+    docs = {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    }
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        data_docs_sites={"local_site": docs},
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    return gx.get_context(project_config=config, mode="ephemeral")
 
 
 def _checks_from(split_name: str, validation: Any) -> list[Check]:
