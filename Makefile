@@ -59,7 +59,10 @@ check: install java ## The fast tier (about a minute): ruff, the import contract
 # had one load-induced timeout (a different test each time), so CI keeps 1 until the tier
 # needs less CPU. `make test TEST_WORKERS=4` on a bigger machine.
 TEST_WORKERS ?= 1
-test: install lint check engine hosts stack ## `make check`, then the integration tier: real MLflow, Prefect, Docker, sshd and nginx on loopback
+test: install ## `make lint` and `make check`, then the integration tier: real MLflow, Prefect, Docker, sshd and nginx on loopback
+	@# Side by side, each target's output printed whole when it ends: mypy and ansible-lint use
+	@# one core each and the unit tests two, and the engine and packages mostly wait.
+	$(MAKE) --no-print-directory --output-sync=target -j3 lint check engine hosts stack
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
 	  $(BIN)/python -m pytest -m "integration or slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 

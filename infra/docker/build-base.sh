@@ -10,7 +10,7 @@ if docker image inspect "$TAG" >/dev/null 2>&1; then
     echo "base image $TAG already present"
     exit 0
 fi
-command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap; }
+"$(dirname "$0")/../scripts/ensure-packages.sh" debootstrap:debootstrap
 
 ROOTFS="$(mktemp -d /tmp/modelyard-rootfs.XXXXXX)"
 trap 'rm -rf "$ROOTFS"' EXIT

@@ -9,10 +9,7 @@ SOCK="${MODELYARD_DOCKER_SOCK:-/run/modelyard-docker.sock}"
 if docker info >/dev/null 2>&1; then echo "${DOCKER_HOST:-unix:///var/run/docker.sock}"; exit 0; fi
 if DOCKER_HOST="unix://$SOCK" docker info >/dev/null 2>&1; then echo "unix://$SOCK"; exit 0; fi
 
-if ! command -v dockerd >/dev/null; then
-    [ "$(id -u)" = 0 ] || { echo "dockerd missing: run 'sudo apt-get install docker.io'" >&2; exit 1; }
-    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >&2
-fi
+"$(dirname "$0")/ensure-packages.sh" dockerd:docker.io >&2
 [ "$(id -u)" = 0 ] || { echo "start dockerd as root, or add yourself to the docker group" >&2; exit 1; }
 DATA="${MODELYARD_DOCKER_DATA:-/var/lib/modelyard-docker}"
 mkdir -p "$DATA"

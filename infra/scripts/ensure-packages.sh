@@ -11,4 +11,7 @@ for pair in "$@"; do
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then echo "missing: ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2; exit 1; fi
+# One install at a time: `make test` makes the engine and the hosts' packages side by side.
+exec 9>/run/lock/modelyard-apt.lock
+flock 9
 apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
