@@ -80,6 +80,30 @@ SERVER_FIXTURES = frozenset({"servers", "mlflow_server", "prefect_api", "moto", 
                              "wheelhouse"})  # fmt: skip
 
 
+# Where a tier's time goes: MODELYARD_TEST_CPU_PROFILE=FILE appends, per test, its wall time and
+# the whole machine's CPU time meanwhile (servers, Docker builds and Ansible's hosts included).
+# Meaningful with one worker (`-n 1` or none); docs/contributing.md shows what it found.
+CPU_PROFILE = os.environ.get("MODELYARD_TEST_CPU_PROFILE")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    started, used = time.monotonic(), _machine_cpu_seconds()
+    yield
+    if CPU_PROFILE:
+        with open(CPU_PROFILE, "a") as out:
+            out.write(f"{item.nodeid}\t{time.monotonic() - started:.1f}\t"
+                      f"{_machine_cpu_seconds() - used:.1f}\n")  # fmt: skip
+
+
+def _machine_cpu_seconds() -> float:
+    if not CPU_PROFILE:
+        return 0.0
+    with open("/proc/stat") as stat:
+        ticks = [int(n) for n in stat.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
 def pytest_itemcollected(item: pytest.Item) -> None:
     # Marked as each test is collected: xdist reads the groups in its own
     # pytest_collection_modifyitems, which may run before any other.

@@ -58,7 +58,7 @@ def test_the_modelyard_variable_wins_and_the_library_credentials_start_no_server
     assert "s3cret-pw" not in repr(settings) and "u:p" not in repr(settings)
 
 
-def test_the_runtime_finds_the_running_stack_and_makes_the_workspace(clean_env, tmp_path):
+def test_the_runtime_finds_the_running_stack(clean_env, tmp_path):
     workspace = tmp_path / "ws"
     declared = Settings(workspace=workspace)
     assert declared.tracking_uri == f"sqlite:///{workspace}/mlflow.db"
