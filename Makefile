@@ -55,7 +55,7 @@ check: install java ## The fast tier (about a minute): ruff, the import contract
 
 # The integration tier runs in parallel (tests/conftest.py keeps apart what workers must not
 # share; tests that share a module fixture stay on one worker). On this 2-core machine: 1 worker
-# 1957 s for the tier, 2 workers 1304 s (passed); 4 workers 1395-1422 s, but the cores were
+# 1957 s for the tier, 2 workers 1304-1387 s (two runs, both passed); 4 workers 1395-1422 s, but the cores were
 # saturated and each of those runs had one load-induced timeout. `TEST_WORKERS=N` on a bigger
 # machine.
 TEST_WORKERS ?= 2
