@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # Resolved once, so a later chdir (a checkout, a test) cannot move the workspace.
-        return value.expanduser().absolute()
+        return value.expanduser().resolve()
 
     @property
     def workspace_dir(self) -> Path:
