@@ -8,7 +8,7 @@ export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
 BASE_IMAGE ?= modelyard/base:bookworm-py311
 DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo check test fuzz lint format ui clean constraints engine bench java hosts stack
+.PHONY: install demo style check test fuzz lint format ui clean constraints engine bench java hosts stack
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,15 @@ demo: install engine hosts ## Both examples end to end: train, gates, register, 
 	@echo
 	@echo "Look at the runs: 'make ui' starts the Prefect UI (http://127.0.0.1:4200) and the MLflow UI (http://127.0.0.1:5000)."
 
-lint: install ## ruff, mypy, the import-layer contracts, ansible-lint's production profile, actionlint
+# ruff and the import contracts, for `lint` and `check` both: one target, so `make test`,
+# which runs the two side by side, runs it once (two at once would share their caches).
+style: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+lint: style ## ruff, mypy, the import-layer contracts, ansible-lint's production profile, actionlint
+	$(BIN)/mypy
 	infra/scripts/actionlint.sh '.github/workflows/*.yml'
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/ansible-lint --profile production --offline -q
 
@@ -47,10 +51,7 @@ stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Deb
 	infra/scripts/ensure-packages.sh docker-registry:docker-registry prometheus:prometheus promtool:prometheus \
 		'/usr/lib/postgresql/*/bin/initdb:postgresql' chromium:chromium
 
-check: install java ## The fast tier (about a minute): ruff, the import contracts, the in-process tests on every core
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+check: style java ## The fast tier (about a minute): ruff, the import contracts, the in-process tests on every core
 	$(BIN)/python -m pytest -m "not integration and not slow" -n auto --dist loadgroup -q
 
 # The integration tier runs in parallel (tests/conftest.py keeps apart what workers must not
