@@ -293,8 +293,8 @@ def servers(
     """Point modelyard at the real servers, with a fresh workspace per test."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     # `modelyard` subprocesses use the session's Prefect server too, as a configured project's
-    # would: an embedded one per run costs its migrations each time, and beside three other
-    # workers on two cores it did not answer within 120 s (the embedded path is `make demo`'s).
+    # would: an embedded one per run costs its migrations each time (the embedded path is
+    # test_init_then_run_then_serve_a_users_csv's, and `make demo`'s).
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("MODELYARD_WORKSPACE", str(tmp_path / "workspace"))
     monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "always")

@@ -41,7 +41,7 @@ def test_settings_read_the_environment_once_and_then_never(clean_env, tmp_path):
     assert settings.tracking_uri == "http://127.0.0.1:5999"
     assert settings.mlflow_credentials == ("ann", "pw")
     # Nothing was made by reading it.
-    assert settings.workspace_dir.is_absolute() and not settings.workspace_dir.exists()
+    assert settings.workspace.is_absolute() and not settings.workspace.exists()
 
 
 def test_the_modelyard_variable_wins_and_the_library_credentials_start_no_server(clean_env):

@@ -178,7 +178,7 @@ def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_pat
     # The ledger keeps Ansible's full output, and no secret made it there or to disk.
     stdout = client.download_artifacts(records[1].record_id, "ansible/stdout", str(tmp_path))
     assert "Roll out the model service" in Path(stdout).read_text()
-    workspace = settings.workspace_dir / "releases"
+    workspace = settings.workspace / "releases"
     leaked = subprocess.run(["grep", "-rl", TOKEN, str(workspace), str(tmp_path)],
                             capture_output=True, text=True).stdout  # fmt: skip
     assert leaked == ""
@@ -306,7 +306,7 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(registered, ssh_hosts, 
     containers = subprocess.run(["docker", "ps", "-q", "--filter", "label=io.modelyard.service=deploy-ads-edge-local"],
                                 capture_output=True, text=True).stdout  # fmt: skip
     assert containers == ""
-    supervised = subprocess.run(["supervisorctl", "-c", str(settings.workspace_dir / "services" / "supervisord.conf"), "status"],
+    supervised = subprocess.run(["supervisorctl", "-c", str(settings.workspace / "services" / "supervisord.conf"), "status"],
                                 capture_output=True, text=True).stdout  # fmt: skip
     assert "deploy-ads-edge-local-green" in supervised and "RUNNING" in supervised
 

@@ -67,7 +67,7 @@ with open(sys.argv[1], "a+") as handle:
 def test_an_asker_that_loses_by_a_hair_still_names_the_holder(tmp_path: Path) -> None:
     """Two releases at the same instant: the loser may look before the winner wrote its note."""
     settings = Settings(workspace=tmp_path / "ws")
-    path = settings.workspace_dir / "locks" / "ads--staging.lock"
+    path = settings.workspace / "locks" / "ads--staging.lock"
     path.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", _NOTE_LATE, str(path)],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip

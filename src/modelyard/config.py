@@ -167,10 +167,6 @@ class Settings(BaseSettings):
         return value.expanduser().resolve()
 
     @property
-    def workspace_dir(self) -> Path:
-        return self.workspace
-
-    @property
     def tracking_uri(self) -> str:
         """The configured MLflow (or the stack's, once `runtime()` found it), else SQLite."""
         return self.mlflow_tracking_uri or f"sqlite:///{self.workspace / 'mlflow.db'}"

@@ -53,7 +53,7 @@ def render(settings: Settings, repository: Path, branches: list[str]) -> str:
     beside = Path(sys.executable).with_name("modelyard")  # this installation's, not PATH's
     modelyard = str(beside) if beside.exists() else shutil.which("modelyard") or "modelyard"
     env = {name: os.environ[name] for name in CARRIED if os.environ.get(name)}
-    env["MODELYARD_WORKSPACE"] = str(settings.workspace_dir)
+    env["MODELYARD_WORKSPACE"] = str(settings.workspace)
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
     watched = " ".join(shlex.quote(b) for b in branches)
     repo = shlex.quote(str(repository.resolve()))

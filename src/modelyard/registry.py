@@ -384,7 +384,7 @@ def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
 
 def bundle_folder(settings: Settings, model: str, version: str) -> Path:
     """Where this workspace keeps a version's bundle: `bundle/` unpacked, and its tarball."""
-    return settings.workspace_dir / "bundles" / model / version
+    return settings.workspace / "bundles" / model / version
 
 
 def bundle_archive(settings: Settings, model: str, version: str, tags: dict[str, str]) -> Path:

@@ -55,7 +55,7 @@ def _mirror_path(settings: Settings, repository: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", repository.rstrip("/").rsplit("/", 1)[-1])
     name = name.removesuffix(".git") or "repository"
     digest = hashlib.sha256(repository.encode()).hexdigest()[:8]
-    folder = settings.workspace_dir / "sources" / "mirrors"
+    folder = settings.workspace / "sources" / "mirrors"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{name}-{digest}.git"
 

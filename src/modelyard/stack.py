@@ -74,7 +74,7 @@ _RULES_FILES = (
 
 
 def stack_dir(settings: Settings) -> Path:
-    return stackstate.stack_dir(settings.workspace_dir)
+    return stackstate.stack_dir(settings.workspace)
 
 
 def prometheus_targets_dir(settings: Settings) -> Path:
@@ -138,7 +138,7 @@ def status(settings: Settings) -> list[Status]:
 
 def running_url(settings: Settings, name: str) -> str | None:
     """The URL of a stack service whose process is alive, else None (cheap: no HTTP)."""
-    return stackstate.running_url(settings.workspace_dir, name)
+    return stackstate.running_url(settings.workspace, name)
 
 
 # --- the services -------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def _python_tool(module: str) -> list[str]:
 def _prefect(settings: Settings) -> Service:
     port = settings.stack_prefect_port
     env = {
-        "PREFECT_HOME": str(settings.workspace_dir / "prefect"),
+        "PREFECT_HOME": str(settings.workspace / "prefect"),
         # The UI finds the API through this, not through --port: on any port but 4200 it
         # would otherwise load and then show nothing.
         "PREFECT_UI_API_URL": f"{_url(settings, port)}/api",
@@ -190,9 +190,9 @@ def _mlflow(settings: Settings) -> Service:
     backend = (
         settings.mlflow_backend_store_uri.get_secret_value()
         if settings.mlflow_backend_store_uri
-        else f"sqlite:///{settings.workspace_dir / 'mlflow.db'}"
+        else f"sqlite:///{settings.workspace / 'mlflow.db'}"
     )
-    artifacts = settings.artifacts_destination or str(settings.workspace_dir / "artifacts")
+    artifacts = settings.artifacts_destination or str(settings.workspace / "artifacts")
     port = settings.stack_mlflow_port
     command = [
         *_python_tool("mlflow"), "server", "--host", settings.stack_host, "--port", str(port),

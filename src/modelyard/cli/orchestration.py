@@ -186,7 +186,7 @@ def webhook(
         )  # fmt: skip
         return [r.name for r in runs]
 
-    deliveries = Deliveries(configured.workspace_dir / "webhook" / "deliveries.db")
+    deliveries = Deliveries(configured.workspace / "webhook" / "deliveries.db")
     secret = configured.webhook_secret.get_secret_value()
     receiver = GitHubWebhook(secret, deliveries, on_push, branch or ["main"])
     console.print(f"GitHub webhook on http://{host}:{port}/hooks/github")

@@ -112,9 +112,7 @@ def run(
             console.print(NOTHING_TO_DEPLOY.format(version=outcome.version))
         return
     _print_where(flow_run_id, outcome=None)
-    if isinstance(outcome, BaseException) and (
-        full := disk_full(outcome, settings().workspace_dir)
-    ):
+    if isinstance(outcome, BaseException) and (full := disk_full(outcome, settings().workspace)):
         raise full
     if isinstance(outcome, ModelyardError):
         raise outcome

@@ -33,7 +33,7 @@ def serve(
 
     bundle = _registered_bundle(source) if source.startswith("models:/") else Path(source)
     if bundle.is_file():
-        folder = settings().workspace_dir / "serving" / bundle.stem
+        folder = settings().workspace / "serving" / bundle.stem
         bundle = from_tarball(bundle.read_bytes(), folder)
     if not bundle.is_dir():
         raise usage(f"bundle {bundle} is neither a folder nor a .bundle.tar.gz")

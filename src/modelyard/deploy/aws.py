@@ -62,7 +62,7 @@ def inventory(settings: Settings, spec: Spec, environment: str) -> Path:
         "compose": {"ansible_host": hosts.address} | hosts.compose,
         "strict": True,
     }
-    folder = settings.workspace_dir / "inventories" / f"{spec.name}-{environment}"
+    folder = settings.workspace / "inventories" / f"{spec.name}-{environment}"
     (folder / "group_vars").mkdir(parents=True, exist_ok=True)
     (folder / f"{spec.name}-{environment}.aws_ec2.yml").write_text(
         yaml.safe_dump(source, sort_keys=False)

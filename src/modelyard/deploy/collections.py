@@ -29,7 +29,7 @@ Progress = Callable[[str], None]
 
 
 def collections_path(settings: Settings) -> Path:
-    return settings.ansible_collections or settings.workspace_dir / "ansible" / "collections"
+    return settings.ansible_collections or settings.workspace / "ansible" / "collections"
 
 
 def installed_version(path: Path) -> str | None:

@@ -42,7 +42,7 @@ class ReleaseConflict(DeployFailed):
 
 
 def workspace_lock(settings: Settings) -> Lock:
-    folder = settings.workspace_dir / "locks"
+    folder = settings.workspace / "locks"
 
     @contextlib.contextmanager
     def hold(key: str, holder: str) -> Iterator[None]:

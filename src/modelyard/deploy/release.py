@@ -115,7 +115,7 @@ def service_token(settings: Settings) -> str:
     """The bearer token deployed services require: configured, else one kept in the workspace."""
     if settings.serve_token is not None:
         return settings.serve_token.get_secret_value()
-    path = settings.workspace_dir / "serve-token"
+    path = settings.workspace / "serve-token"
     if not path.exists():
         create_private(path, secrets.token_urlsafe(32).encode())
     token = path.read_text().strip()
@@ -277,7 +277,7 @@ def _extravars(
     }
     if where.settings.target == "local":
         # This machine's services keep their state in the workspace, like everything local.
-        values["model_service_default_root"] = str(settings.workspace_dir / "services")
+        values["model_service_default_root"] = str(settings.workspace / "services")
         if settings.docker_host:
             values["model_service_default_docker_host"] = settings.docker_host
     if env.runtime == "container":
@@ -346,4 +346,4 @@ def _wheelhouse_archive(settings: Settings, progress: Progress) -> tuple[Path, s
 
 def _workdir(settings: Settings, model: str, environment: str, action: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-    return settings.workspace_dir / "releases" / model / environment / f"{stamp}-{action}"
+    return settings.workspace / "releases" / model / environment / f"{stamp}-{action}"

@@ -131,7 +131,7 @@ def _source_digest(root: Path) -> str:
 def prepare_wheelhouse(settings: Settings, progress: Progress) -> Path:
     """Wheels for the image: the pinned serving dependencies and modelyard itself (cached).
     Runs on one machine may share it (`wheelhouse` setting): one fills it at a time."""
-    house = settings.wheelhouse or settings.workspace_dir / "wheelhouse"
+    house = settings.wheelhouse or settings.workspace / "wheelhouse"
     with exclusive(house / ".lock"):
         _fill_wheelhouse(house, progress)
     return house
