@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         description="Where the amazon.aws collection is installed for the AWS target; "
         "default <workspace>/ansible/collections.",
     )
+    ansible_strategy: Literal["mitogen", "linear"] = Field(
+        default="mitogen",
+        description="How deploys run their tasks: 'mitogen' keeps one Python per host for the "
+        "whole playbook (about 3x faster); 'linear' is Ansible's own, for a host Mitogen "
+        "cannot drive.",
+    )
     wheelhouse: Path | None = Field(
         default=None, description="Wheels for the serving image; default <workspace>/wheelhouse."
     )

@@ -8,6 +8,7 @@ file ansible-runner writes them to is removed as soon as the run ends.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -63,6 +64,21 @@ def ansible_dir() -> Path:
     raise PlaybookError("modelyard's ansible/ folder is missing from this installation")
 
 
+def strategy_env(strategy: str) -> dict[str, str]:
+    """Ansible's variables for a playbook `strategy` ('mitogen' or 'linear')."""
+    if strategy == "linear":
+        return {}
+    # Located, not imported: ansible_mitogen imports Ansible, which only its run needs.
+    found = importlib.util.find_spec("ansible_mitogen")
+    if found is None or found.origin is None:
+        raise PlaybookError(
+            "MODELYARD_ANSIBLE_STRATEGY=mitogen needs the mitogen package: install it "
+            "(pip install mitogen) or set MODELYARD_ANSIBLE_STRATEGY=linear"
+        )
+    plugins = Path(found.origin).parent / "plugins" / "strategy"
+    return {"ANSIBLE_STRATEGY_PLUGINS": str(plugins), "ANSIBLE_STRATEGY": "mitogen_linear"}
+
+
 def ansible_env(collections: Path | None = None) -> dict[str, str]:
     """The environment every Ansible command of modelyard runs with."""
     project = ansible_dir()
@@ -90,9 +106,10 @@ def run_playbook(
     secrets: tuple[str, ...] = (),
     collections: Path | None = None,
     limit: list[str] | None = None,
+    strategy: str = "linear",
 ) -> PlaybookResult:
-    """Run `playbook` from ansible/ against `inventory` (only the `limit` hosts, if given);
-    never raises for a failed host."""
+    """Run `playbook` from ansible/ against `inventory` (only the `limit` hosts, if given) with
+    the playbook `strategy` (see `strategy_env`); never raises for a failed host."""
     import ansible_runner
     from ansible_runner.exceptions import AnsibleRunnerException
 
@@ -111,7 +128,7 @@ def run_playbook(
             playbook=playbook,
             inventory=str(inventory),
             extravars=extravars,
-            envvars=ansible_env(collections),
+            envvars=ansible_env(collections) | strategy_env(strategy),
             event_handler=on_event,
             limit=",".join(limit) if limit else None,
             quiet=True,
@@ -133,8 +150,26 @@ def run_playbook(
     elif not result.touched and not result.failures:
         # Ansible calls a play with no hosts a success; a deploy to nowhere is not one.
         result.failures["ansible"] = f"no host in group model_hosts of {inventory}"
+    if strategy == "mitogen":
+        _explain_lost_python(result)
     _scrub(result, secrets)
     return result
+
+
+# All Mitogen says when the Python it runs on a host ends: the connection dropped, or the
+# interpreter cannot run under it (a pyenv shim, say). The second needs a hint to be fixable.
+_MITOGEN_LOST = "EOF on stream"
+
+
+def _explain_lost_python(result: PlaybookResult) -> None:
+    for host, why in result.failures.items():
+        if _MITOGEN_LOST in why:
+            result.failures[host] = (
+                f"{why} (Mitogen lost its Python there: the connection dropped, or the host's "
+                "interpreter cannot run under Mitogen, e.g. a pyenv shim; set "
+                "ansible_python_interpreter to the interpreter itself, or "
+                "MODELYARD_ANSIBLE_STRATEGY=linear)"
+            )
 
 
 def _note_event(event: dict[str, Any], result: PlaybookResult, progress: Progress) -> None:

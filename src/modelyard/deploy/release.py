@@ -163,7 +163,7 @@ def _move(
     tags = _version_tags(settings, spec.name, version)
     extravars = _extravars(settings, spec, where, version, tags, progress)
     progress(f"{action}: {spec.name} v{version} → {environment} ({where.settings.runtime})")
-    result = _run(playbook, where, extravars, workdir / "ansible", progress)
+    result = _run(settings, playbook, where, extravars, workdir / "ansible", progress)
     record = Release(
         model=spec.name, environment=environment, action=action, version=version,
         outcome=ledger.SUCCEEDED, actor=actor, previous_version=live.version if live else "",
@@ -221,7 +221,9 @@ def _put_back(
     extravars = _extravars(settings, spec, where, live.version, tags, progress)
     # Only the hosts the rollout reached: an unreachable one was not changed, and would fail
     # the put-back of the others.
-    back = _run("rollback.yml", where, extravars, workdir / "revert", progress, failed.touched)
+    back = _run(
+        settings, "rollback.yml", where, extravars, workdir / "revert", progress, failed.touched
+    )
     unreached = [h for h in failed.failures if h not in failed.touched and h != "ansible"]
     if back.ok and unreached:
         return (f" (every host it changed is back on v{live.version}; {', '.join(unreached)} "
@@ -239,6 +241,7 @@ def _put_back(
 
 
 def _run(
+    settings: Settings,
     playbook: str,
     where: Target,
     extravars: dict[str, Any],
@@ -250,7 +253,8 @@ def _run(
     # Each token of a rotation list on its own, too: any of them alone is a secret.
     secrets = (token, *(t.strip() for t in token.split(",") if t.strip()))
     return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=secrets,
-                        collections=where.collections, limit=limit)  # fmt: skip
+                        collections=where.collections, limit=limit,
+                        strategy=settings.ansible_strategy)  # fmt: skip
 
 
 def _extravars(
