@@ -15,6 +15,9 @@ import yaml
 from modelyard.config import Settings
 from modelyard.deploy.playbooks import PlaybookError, ansible_env, run_playbook, strategy_env
 
+# Each test starts Ansible (4-8 s): the slow tier, so `make check` stays under its minute.
+pytestmark = pytest.mark.slow
+
 _PLAYBOOK = """
 - hosts: all
   gather_facts: false

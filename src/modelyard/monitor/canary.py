@@ -1,0 +1,196 @@
+"""Judging a canary against the baseline it runs beside, over one bake window.
+
+The verdict is `passed`, `failed` or `inconclusive`. What the systems that do this taught:
+- a window with too few requests is inconclusive, never a pass (a minimum-request guard that
+  passes quietly lets a version through on no evidence);
+- a value that cannot be computed (no series, NaN) is never taken for a good one (Kayenta once
+  read NaN as 0 and passed);
+- the success rate is judged absolutely, not only against the baseline's, so a baseline that
+  fails too does not excuse the canary.
+
+Everything here is arithmetic on counts; `window` reads them from Prometheus.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from modelyard.bins import psi
+from modelyard.monitor.drift import Prometheus
+
+Outcome = Literal["passed", "failed", "inconclusive"]
+# The routes that answer predictions: what the canary is judged on (not health checks).
+PREDICTION_ROUTES = "/invocations|/v2/models/.*/infer"
+
+
+@dataclass(frozen=True)
+class SlotWindow:
+    """What one slot did during a window."""
+
+    requests: float  # prediction requests answered
+    errors: float  # of them, server errors (5xx)
+    latency: Mapping[float, float]  # cumulative request counts by upper bound in s (+inf too)
+    predictions: Mapping[str, float] = field(default_factory=dict)  # count per prediction bin
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    success_rate: float  # the canary's share of answers without a server error, at least
+    latency_budget_ms: float  # the canary's p99, at most
+    latency_ratio: float  # the canary's p99, at most this times the baseline's
+    psi: float  # PSI of the canary's predictions against the baseline's, at most
+    min_requests: int  # fewer prediction requests in the window: nothing is judged
+
+
+@dataclass(frozen=True)
+class Check:
+    metric: str
+    value: float | None  # None: it could not be computed
+    threshold: float
+    passed: bool | None  # None: not enough to judge
+
+    def describe(self) -> str:
+        shown = "n/a" if self.value is None else f"{self.value:.4g}"
+        verdict = {True: "ok", False: "FAILED", None: "inconclusive"}[self.passed]
+        return f"{self.metric} {shown} (threshold {self.threshold:g}): {verdict}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    checks: tuple[Check, ...]
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.passed is False]
+
+    def describe(self) -> str:
+        return f"{self.outcome}: " + "; ".join(c.describe() for c in self.checks)
+
+
+def judge(canary: SlotWindow, baseline: SlotWindow | None, limits: Thresholds) -> Verdict:
+    """The canary's verdict for one window. `baseline` is None when no traffic is left on it
+    (the last step): then only the absolute checks apply."""
+    checks = [
+        _at_least("success_rate", _success_rate(canary), limits.success_rate),
+        _at_most("latency_p99_ms", _p99_ms(canary), limits.latency_budget_ms),
+    ]
+    if baseline is not None:
+        checks += [
+            _at_most("latency_p99_ratio", _ratio(_p99_ms(canary), _p99_ms(baseline)),
+                     limits.latency_ratio),
+            _at_most("prediction_psi", _prediction_psi(canary, baseline), limits.psi),
+        ]  # fmt: skip
+    too_few = [w for w in (canary, baseline) if w is not None and w.requests < limits.min_requests]
+    if too_few:  # the values are kept for the record, the verdict waits for more traffic
+        checks = [Check(c.metric, c.value, c.threshold, None) for c in checks]
+    return Verdict(_outcome(checks), tuple(checks))
+
+
+def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
+    """What the slot whose series match `selector` (PromQL label matchers, e.g.
+    'model="ads",environment="production",slot="green"') did in the last `seconds`."""
+    routes = f'{selector},route=~"{PREDICTION_ROUTES}"'
+    requests = prometheus.values(_grown(f"modelyard_requests_total{{{routes}}}", seconds))
+    errors = prometheus.values(
+        _grown(f'modelyard_requests_total{{{routes},status=~"5.."}}', seconds)
+    )
+    latency = prometheus.values(
+        _grown(f"modelyard_request_duration_seconds_bucket{{{routes}}}", seconds, "le"), "le"
+    )
+    predictions = prometheus.values(
+        _grown(f"modelyard_prediction_bin_total{{{selector}}}", seconds, "bin"), "bin"
+    )
+    return SlotWindow(
+        requests=requests.get((), 0.0),
+        errors=errors.get((), 0.0),
+        latency={float(le): count for (le,), count in latency.items()},
+        predictions={label: count for (label,), count in predictions.items()},
+    )
+
+
+def _grown(series: str, seconds: int, by: str = "") -> str:
+    """PromQL for how much counters grew in the last `seconds`, summed (by a label).
+
+    Not `increase()`: a series born inside the window (a slot's first 5xx) would lose what it
+    counted before its first scrape. A series the window's start does not know counts whole,
+    and so does one that went back (a restarted server counts from zero)."""
+    grown = f"(({series} - {series} offset {seconds}s) >= 0) or {series}"
+    return f"sum by ({by}) ({grown})" if by else f"sum({grown})"
+
+
+def quantile(q: float, cumulative: Mapping[float, float]) -> float | None:
+    """The q-quantile of a histogram given as cumulative counts by upper bound, interpolated
+    within its bucket as Prometheus's histogram_quantile does; None without observations."""
+    bounds = sorted(cumulative)
+    if not bounds or not math.isinf(bounds[-1]):
+        return None
+    total = cumulative[bounds[-1]]
+    if not total > 0:  # also NaN
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = cumulative[bound]
+        if count >= rank:
+            if math.isinf(bound):  # beyond the last finite bucket: its bound is all we know
+                return lower
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return None
+
+
+def _success_rate(window: SlotWindow) -> float | None:
+    if not window.requests > 0:
+        return None
+    return (window.requests - window.errors) / window.requests
+
+
+def _p99_ms(window: SlotWindow) -> float | None:
+    seconds = quantile(0.99, window.latency)
+    return None if seconds is None else seconds * 1000
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or not base > 0:
+        return None
+    return value / base
+
+
+def _prediction_psi(canary: SlotWindow, baseline: SlotWindow) -> float | None:
+    reference_total = sum(baseline.predictions.values())
+    if not reference_total > 0 or not sum(canary.predictions.values()) > 0:
+        return None
+    shares = {label: count / reference_total for label, count in baseline.predictions.items()}
+    # A bin only the canary fills counts too: PSI over the union of both sides' bins.
+    shares |= {label: 0.0 for label in canary.predictions if label not in shares}
+    return psi(canary.predictions, shares)
+
+
+def _at_least(metric: str, value: float | None, threshold: float) -> Check:
+    return _check(metric, value, threshold, lambda v: v >= threshold)
+
+
+def _at_most(metric: str, value: float | None, threshold: float) -> Check:
+    return _check(metric, value, threshold, lambda v: v <= threshold)
+
+
+def _check(
+    metric: str, value: float | None, threshold: float, holds: Callable[[float], bool]
+) -> Check:
+    if value is None or not math.isfinite(value):  # never read as a good value
+        return Check(metric, value, threshold, None)
+    return Check(metric, value, threshold, holds(value))
+
+
+def _outcome(checks: list[Check]) -> Outcome:
+    if any(c.passed is False for c in checks):
+        return "failed"
+    if any(c.passed is None for c in checks):
+        return "inconclusive"
+    return "passed"
