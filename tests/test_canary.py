@@ -17,12 +17,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modelyard import stack
+from modelyard.atomic import replace_file
 from modelyard.config import Settings
 from modelyard.monitor.canary import SlotWindow, Thresholds, judge, quantile, window
 from modelyard.monitor.drift import Prometheus
 from modelyard.serve.metrics import LATENCY_BUCKETS
 from tests.conftest import free_port
 from tests.serving import TOKEN, Server, build_example
+from tests.test_triggers import wait_until
 
 BOUNDS = (*LATENCY_BUCKETS, math.inf)
 LIMITS = Thresholds(
@@ -190,9 +192,7 @@ def test_a_window_read_from_prometheus_counts_every_request_of_each_slot(tmp_pat
 def _scrape(settings: Settings, slots: dict[str, Server]) -> None:
     groups = [{"targets": [f"127.0.0.1:{server.port}"], "labels": {"slot": slot}}
               for slot, server in slots.items()]  # fmt: skip
-    folder = stack.prometheus_targets_dir(settings)
-    (folder / "slots.json.new").write_text(json.dumps(groups))
-    (folder / "slots.json.new").rename(folder / "slots.json")
+    replace_file(stack.prometheus_targets_dir(settings) / "slots.json", json.dumps(groups).encode())
 
 
 def _predict(server: Server, rows: pd.DataFrame, requests: int) -> None:
@@ -208,10 +208,11 @@ def _predict(server: Server, rows: pd.DataFrame, requests: int) -> None:
 
 def _scraped(prometheus: Prometheus, slot: str, requests: int, seconds: int = 300) -> SlotWindow:
     """The slot's last `seconds` once Prometheus has scraped `requests` in them."""
-    deadline = time.monotonic() + 60
-    while True:
-        seen = window(prometheus, f'slot="{slot}"', seconds)
-        if seen.requests >= requests or time.monotonic() > deadline:
-            assert seen.requests == requests, seen
-            return seen
-        time.sleep(0.5)
+
+    def seen() -> SlotWindow | None:
+        found = window(prometheus, f'slot="{slot}"', seconds)
+        return found if found.requests >= requests else None
+
+    found = wait_until(f"Prometheus to scrape {requests} requests of {slot}", seen, timeout=60)
+    assert isinstance(found, SlotWindow) and found.requests == requests, found
+    return found

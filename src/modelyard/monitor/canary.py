@@ -74,14 +74,14 @@ class Verdict:
 def judge(canary: SlotWindow, baseline: SlotWindow | None, limits: Thresholds) -> Verdict:
     """The canary's verdict for one window. `baseline` is None when no traffic is left on it
     (the last step): then only the absolute checks apply."""
+    p99 = _p99_ms(canary)
     checks = [
         _at_least("success_rate", _success_rate(canary), limits.success_rate),
-        _at_most("latency_p99_ms", _p99_ms(canary), limits.latency_budget_ms),
+        _at_most("latency_p99_ms", p99, limits.latency_budget_ms),
     ]
     if baseline is not None:
         checks += [
-            _at_most("latency_p99_ratio", _ratio(_p99_ms(canary), _p99_ms(baseline)),
-                     limits.latency_ratio),
+            _at_most("latency_p99_ratio", _ratio(p99, _p99_ms(baseline)), limits.latency_ratio),
             _at_most("prediction_psi", _prediction_psi(canary, baseline), limits.psi),
         ]  # fmt: skip
     too_few = [w for w in (canary, baseline) if w is not None and w.requests < limits.min_requests]
