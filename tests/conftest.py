@@ -25,6 +25,8 @@ from modelyard.config import Settings, disable_telemetry
 from modelyard.ports import free_port
 
 if TYPE_CHECKING:  # tests.serving imports this module
+    from click.testing import Result
+
     from tests.serving import Built
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,14 +177,27 @@ def wait_for(url: str, timeout: float = 90.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _empty_mlflow_db(run_root: Path) -> Path:
     """A SQLite MLflow store with its schema made: creating one runs MLflow's migrations, which
-    take seconds; copying this one takes milliseconds."""
+    take seconds; copying this one takes milliseconds. One for all the run's workers."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    database = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    SqlAlchemyStore(f"sqlite:///{database}", str(database.parent / "artifacts"))
+    from modelyard.atomic import exclusive
+
+    database = run_root / "mlflow-template" / "mlflow.db"
+    with exclusive(run_root / "mlflow-template.lock"):
+        if not database.exists():
+            made = database.with_name("making.db")
+            SqlAlchemyStore(f"sqlite:///{made}", str(database.parent / "artifacts"))
+            made.rename(database)
     return database
+
+
+@pytest.fixture(scope="session")
+def run_root(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The folder every worker of this run shares (xdist gives each worker a basetemp below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
 
 
 @pytest.fixture(scope="session")
@@ -273,11 +288,10 @@ def _workspace_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+def wheelhouse(run_root: Path) -> Path:
     """One wheelhouse for every worker of the run (the slow part of a first image build):
     modelyard fills it under a file lock, as concurrent runs on one machine would."""
-    run_root = tmp_path_factory.getbasetemp()
-    house = (run_root if worker_id == "master" else run_root.parent) / "wheelhouse"
+    house = run_root / "wheelhouse"
     house.mkdir(exist_ok=True)
     return house
 
@@ -372,6 +386,23 @@ def run_cli(
         cwd=cwd,
         timeout=600,
     )
+
+
+def invoke_cli(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """The CLI in this process (Typer's runner): exit code, stdout and stderr as the console
+    script gives them, without the second or two a new interpreter spends importing."""
+    from typer.testing import CliRunner
+
+    from modelyard.cli import app
+    from modelyard.cli.common import settings
+
+    # A command reads the settings once per process: this call's `env` must be read, and must
+    # not outlive it (what the command exports is put back by _process_state_put_back).
+    settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, list(args), env=env)
+    finally:
+        settings.cache_clear()
 
 
 def environment(changes: dict[str, str | None] | None) -> dict[str, str]:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import multiprocessing
 
+import pytest
+
+from modelyard import ports
 from modelyard.ports import _ephemeral_start, free_port, free_ports
+
+
+@pytest.fixture(autouse=True)
+def _table_of_their_own(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests draw 1,200 ports: in the machine's table they would cost every later draw
+    for five minutes (each reads and writes the whole table) and narrow the other tests' picks."""
+    monkeypatch.setattr(ports, "_TABLE", tmp_path / "ports.json")
 
 
 def _draw(count: int) -> list[int]:
@@ -12,7 +22,9 @@ def _draw(count: int) -> list[int]:
 
 
 def test_processes_drawing_at_once_never_share_a_port() -> None:
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
+    # Forked, not spawned: the children keep this test's table (and skip a second of imports
+    # each); what they share is that file, which a fork does not copy.
+    with multiprocessing.get_context("fork").Pool(4) as pool:
         drawn = [port for batch in pool.map(_draw, [150] * 4) for port in batch]
     assert len(set(drawn)) == len(drawn) == 600  # unreserved: a collision, p > 0.999
     assert all(1024 < port < _ephemeral_start() for port in drawn)

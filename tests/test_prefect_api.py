@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import pytest
 
+from modelyard import trigger
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
 from modelyard.ports import free_port
@@ -40,9 +41,11 @@ class Busy(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server() -> Iterator[str]:
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    # The backoff's steps, a hundredth as long: the tests count the calls, not the seconds.
+    monkeypatch.setattr(trigger, "RETRY_DELAYS", tuple(d / 100 for d in trigger.RETRY_DELAYS))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Busy)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     Busy.seen.clear()
     yield f"http://127.0.0.1:{httpd.server_port}/api"
     httpd.shutdown()

@@ -9,7 +9,7 @@ import yaml
 
 from modelyard.errors import SpecError
 from modelyard.spec import load_spec
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, invoke_cli
 
 HOUSE = ROOT / "examples" / "house_prices" / "modelyard.yaml"
 
@@ -113,10 +113,10 @@ def test_training_digest_ignores_gates_but_not_estimator(tmp_path):
 
 
 def test_cli_validate_spec_exit_codes(tmp_path):
-    ok = run_cli("validate-spec", "--spec", str(HOUSE))
-    assert ok.returncode == 0 and "house_prices" in ok.stdout
-    bad = run_cli("validate-spec", "--spec", str(write(tmp_path, task="clustering")))
-    assert bad.returncode == 2
+    ok = invoke_cli("validate-spec", "--spec", str(HOUSE))
+    assert ok.exit_code == 0 and "house_prices" in ok.stdout
+    bad = invoke_cli("validate-spec", "--spec", str(write(tmp_path, task="clustering")))
+    assert bad.exit_code == 2
     assert "task:" in bad.stderr and "'clustering'" in bad.stderr
 
 
@@ -138,13 +138,13 @@ def test_every_command_runs_as_python_m_modelyard_cli() -> None:
 
 def test_cli_run_rejects_bad_spec_before_any_work(tmp_path):
     workspace = tmp_path / "ws"
-    result = run_cli(
+    result = invoke_cli(
         "run",
         "--spec",
         str(write(tmp_path, task="clustering")),
         env={"MODELYARD_WORKSPACE": str(workspace)},
     )
-    assert result.returncode == 2
+    assert result.exit_code == 2 and "task:" in result.stderr, result.output
     assert not workspace.exists()  # no database, no run, nothing started
 
 
