@@ -63,8 +63,12 @@ stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Deb
 	infra/scripts/ensure-packages.sh docker-registry:docker-registry prometheus:prometheus promtool:prometheus \
 		'/usr/lib/postgresql/*/bin/initdb:postgresql' chromium:chromium
 
+# PYTHONDONTWRITEBYTECODE unset for pytest: it also keeps pytest from caching its assertion
+# rewrites, and pytest rewrites every module of its plugins (hypothesis, schemathesis: 324
+# modules, 4 s in each process) on every run without that cache.
+PYTEST = PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
 check: style java tools ## The fast tier (about a minute): ruff, the import contracts, the in-process tests on every core
-	$(BIN)/python -m pytest -m "not integration and not slow" -n auto --dist loadgroup -q
+	$(PYTEST) -m "not integration and not slow" -n auto --dist loadgroup -q
 
 # The integration tier runs in parallel (tests/conftest.py keeps apart what workers must not
 # share; tests that share a module fixture stay on one worker). On this 2-core machine with
@@ -76,7 +80,7 @@ test: install ## `make lint` and `make check`, then the integration tier: real M
 	@# one core each and the unit tests two, and the engine and packages mostly wait.
 	$(MAKE) --no-print-directory --output-sync=target -j3 lint check engine hosts stack
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
-	  $(BIN)/python -m pytest -m "integration or slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	  $(PYTEST) -m "integration or slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # Property and schemathesis tests with FUZZ_SCALE times CI's example budgets and a fresh seed.
 FUZZ_SCALE ?= 20

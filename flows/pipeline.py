@@ -34,10 +34,11 @@ from flows.retries import TRANSIENT
 from modelyard import source, stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings
-from modelyard.deploy import approvals, release
+from modelyard.deploy import approvals, progressive, release
 from modelyard.errors import GateFailed, ModelyardError
 from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_tags, slug
 from modelyard.outcomes import PipelineOutcome, Released, StageRow, table
+from modelyard.rollout import Analysis
 from modelyard.spec import Spec, load_spec
 
 T = TypeVar("T")
@@ -323,11 +324,18 @@ def deploy_task(
     expected: str,
 ) -> Released:
     logger = get_run_logger()
-    record = release.deploy(
+
+    def publish(analysis: Analysis) -> None:
+        title = f"{spec.name} v{version} canary in {environment}"
+        create_markdown_artifact(analysis.to_markdown(title),
+                                 key=f"{slug(spec.name)}-{slug(environment)}-canary",
+                                 description=f"{title}: {analysis.describe()[:200]}")  # fmt: skip
+
+    record = progressive.deploy(
         settings, spec, environment, version, logger.info, action,
         reason=approval.comment if approval else "",
         actor=approval.approver if approval else None,
-        expected=expected, lock=release_lock(settings),
+        expected=expected, lock=release_lock(settings), on_analysis=publish,
     )  # fmt: skip
     return Released(environment, version, record.outcome)
 

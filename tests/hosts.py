@@ -150,8 +150,8 @@ class LoadLoop:
     Every request must succeed: a failure is a request a client would have seen fail.
     """
 
-    def __init__(self, urls: list[str], model: str, token: str) -> None:
-        self.urls, self.model, self.token = urls, model, token
+    def __init__(self, urls: list[str], model: str, token: str, pause: float = 0.005) -> None:
+        self.urls, self.model, self.token, self.pause = urls, model, token, pause
         self.versions: dict[str, Counter[str]] = {url: Counter() for url in urls}
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -180,6 +180,6 @@ class LoadLoop:
                     self.failures.append(f"{url}: {response.status_code} {response.text[:200]}")
                 else:
                     self.versions[url][response.json()["model_version"]] += 1
-                # ~200 requests/s per host: enough to catch a dropped switch, without starving
-                # the Ansible run under test of the machine's two cores.
-                self._stop.wait(0.005)
+                # ~200 requests/s per host by default: enough to catch a dropped switch,
+                # without starving the Ansible run under test of the machine's two cores.
+                self._stop.wait(self.pause)

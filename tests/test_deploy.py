@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import subprocess
 import threading
@@ -29,7 +30,7 @@ from prefect.flow_runs import resume_flow_run
 from prefect.input import read_flow_run_input
 
 from flows.pipeline import pipeline
-from modelyard.config import runtime
+from modelyard.config import Settings, runtime
 from modelyard.deploy import ledger, release
 from modelyard.errors import DeployFailed, SpecError
 from modelyard.outcomes import PipelineOutcome
@@ -527,3 +528,78 @@ def test_an_inventory_without_hosts_is_a_failure_not_a_silent_success(tmp_path):
     broken.write_text("all: [this is: not an inventory\n")
     result = run_playbook("deploy.yml", broken, {}, tmp_path / "run2", print)
     assert not result.ok and result.reason()
+
+
+@pytest.fixture
+def prometheus_stack(registered, tmp_path) -> Iterator[Settings]:
+    """The stack's real Prometheus for this workspace, scraping every second: what a canary's
+    analysis reads."""
+    from modelyard import stack
+
+    settings = runtime().model_copy(update={"stack_prometheus_port": free_ports(1),
+                                            "prometheus_interval": 1})  # fmt: skip
+    stack.up(settings, ["prometheus"], progress=lambda _: None)
+    try:
+        yield settings.model_copy(
+            update={"prometheus_url": f"http://127.0.0.1:{settings.stack_prometheus_port}"}
+        )
+    finally:
+        stack.down(settings, ["prometheus"], progress=lambda _: None)
+
+
+def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
+    registered, prometheus_stack
+):
+    """v1 goes in whole (nothing to compare a canary with), v2 walks 30 % then 100 % under
+    steady load, judged from the real Prometheus, and is promoted; v1 back as a canary with a
+    latency budget no version meets fails its first window and is rolled back: traffic on v2
+    again, v1's slot stopped, the alias unmoved. No client request fails in either."""
+    from modelyard.deploy import progressive
+
+    settings = prometheus_stack
+    port = free_ports(3)
+    strategy = {"kind": "canary", "steps": [30, 100], "bake": 10, "timeout": 120,
+                "checks": {"min_requests": 20, "psi": 0.5}}  # fmt: skip
+    spec = env_spec(registered, "canary", {"canary": {"target": "local", "port": port,
+                                                      "strategy": strategy}})  # fmt: skip
+    front = f"http://127.0.0.1:{port}"
+    progress: list[str] = []
+
+    first = progressive.deploy(settings, spec, "canary", "1", progress.append)
+    assert first.reason == "first version: nothing to compare a canary with"
+    # ~20 requests/s: enough for min_requests at 30 %, and the cores stay with Ansible.
+    with LoadLoop([front], spec.name, TOKEN, pause=0.05) as load:
+        second = progressive.deploy(settings, spec, "canary", "2", progress.append)
+    assert load.failures == []
+    assert load.versions[front]["1"] > 0 and load.versions[front]["2"] > 0  # both served
+    assert version_at(front) == "2" and second.outcome == "succeeded"
+    assert MlflowClient().get_model_version_by_alias(spec.name, "canary").version == "2"
+    records = ledger.history(settings, spec.name, "canary")
+    assert [(r.action, r.version, r.outcome) for r in records] == [
+        ("deploy", "2", "succeeded"), ("analysis", "2", "passed"), ("analysis", "2", "passed"),
+        ("deploy", "1", "succeeded"),
+    ]  # fmt: skip
+    assert records[2].reason.startswith("step 1 (30 %): passed: success_rate 1 (threshold 0.99)")
+    assert "latency_p99_ratio" in records[2].reason and "prediction_psi" in records[2].reason
+    targets = json.loads((settings.workspace / "stack/prometheus/targets" /
+                          f"{spec.name}-canary.json").read_text())  # fmt: skip
+    assert [t["labels"]["version"] for t in targets] == ["2"]  # v1's slot is gone
+
+    impossible = strategy | {"max_failures": 0,
+                             "checks": strategy["checks"] | {"latency_budget_ms": 1e-6}}  # fmt: skip
+    strict = env_spec(registered, "canary-strict", {"canary": {"target": "local", "port": port,
+                                                               "strategy": impossible}})  # fmt: skip
+    with (
+        LoadLoop([front], spec.name, TOKEN, pause=0.05) as load,
+        pytest.raises(DeployFailed) as failed,
+    ):
+        progressive.deploy(settings, strict, "canary", "1", progress.append)
+    assert load.failures == []
+    assert "rolled back to v2: step 1 (30 %): failed" in str(failed.value)
+    assert "latency_p99_ms" in str(failed.value)
+    assert version_at(front) == "2"
+    assert MlflowClient().get_model_version_by_alias(spec.name, "canary").version == "2"
+    assert len(_containers(f"{spec.name}-canary", settings.workspace)) == 1  # v2's slot alone
+    latest = ledger.history(settings, spec.name, "canary")[0]
+    assert (latest.action, latest.version, latest.outcome) == ("deploy", "1", "failed")
+    assert ledger.live(settings, spec.name, "canary").version == "2"

@@ -105,11 +105,13 @@ def test_drift_fires_the_alert_and_retrains_once(stack, tmp_path):
     deployed = stack.cli("deploy", "staging", "--version", "1", "--spec", spec)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
 
-    # The deploy stage listed the service for Prometheus, labelled for dashboards and alerts.
+    # The deploy stage listed the live slot for Prometheus (the first deploy's is blue, on the
+    # front door's port + 1), labelled for dashboards, alerts and a canary's analysis.
     targets = json.loads((stack.workspace / "stack/prometheus/targets" /
                           f"{model}-staging.json").read_text())  # fmt: skip
-    assert targets == [{"targets": [f"127.0.0.1:{port}"], "labels": {
-        "model": model, "environment": "staging", "version": "1", "host": "localhost"}}]  # fmt: skip
+    assert targets == [{"targets": [f"127.0.0.1:{port + 1}"], "labels": {
+        "model": model, "environment": "staging", "version": "1", "host": "localhost",
+        "slot": "blue"}}]  # fmt: skip
     prometheus = Prometheus(stack.url("prometheus"))
     selector = f'model="{model}",environment="staging"'
     wait_until("Prometheus scraping the service",

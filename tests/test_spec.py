@@ -162,3 +162,81 @@ def test_every_spec_field_is_documented():
     missing = [f"{m.__name__}.{f.alias or name}" for m in models for name, f in m.model_fields.items()
                if not f.exclude and f"`{f.alias or name}`" not in doc]  # fmt: skip
     assert not missing, f"document these in docs/spec.md: {missing}"
+
+
+# --- deploy.environments.<env>.strategy ------------------------------------------------------
+ADS = ROOT / "examples" / "ad_clicks" / "modelyard.yaml"
+
+
+def _with_strategy(tmp_path: Path, strategy: object, example: Path = HOUSE) -> Path:
+    data = yaml.safe_load(example.read_text())
+    data["deploy"]["environments"]["production"]["strategy"] = strategy
+    path = tmp_path / "modelyard.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_strategy_defaults_to_all_at_once_and_a_kind_alone_takes_its_defaults(tmp_path):
+    spec = load_spec(HOUSE)
+    assert spec.deploy.environments["production"].strategy.kind == "all_at_once"
+    canary = load_spec(_with_strategy(tmp_path, "canary")).deploy.environments["production"]
+    assert canary.strategy.kind == "canary" and canary.strategy.steps == [5, 25, 50, 100]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_canary_steps_that_climb_to_100_are_taken_and_any_other_order_is_named(tmp_path, seed):
+    import random
+
+    pick = random.Random(seed)
+    steps = [*sorted(pick.sample(range(1, 100), pick.randint(0, 5))), 100]
+    strategy = {"kind": "canary", "steps": steps, "bake": 30}
+    taken = load_spec(_with_strategy(tmp_path, strategy)).deploy.environments["production"]
+    assert taken.strategy.steps == steps
+
+    field = "deploy.environments.production.strategy.steps:"
+    wrong = [
+        ([s for s in steps if s < 99] + [99], "the last step must be 100"),
+        ([*steps, 100], "steps must increase"),
+        ([0, *steps], "percent of traffic, 1 to 100"),
+    ]
+    for bad, why in wrong:
+        with pytest.raises(SpecError) as raised:
+            load_spec(_with_strategy(tmp_path, {**strategy, "steps": bad}))
+        assert field in str(raised.value) and why in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ({"kind": "blue_green"}, ["strategy:", "'all_at_once', 'canary', 'shadow'"]),
+        ({"steps": [50, 100]}, ["strategy: `kind` is missing", "all_at_once, canary, shadow"]),
+        (
+            {"kind": "canary", "bake": 600, "timeout": 1200},
+            ["strategy: timeout: 1200 s", "at least 2400"],
+        ),
+        ({"kind": "canary", "sample": 0.5}, ["strategy.sample: unknown field"]),
+        ({"kind": "shadow", "sample": 0}, ["strategy.sample:", "greater than 0"]),
+        ({"kind": "shadow", "checks": {"agreement": 1.5}}, ["strategy.checks.agreement:"]),
+        ({"kind": "canary", "checks": {"agreement": 0.9}}, ["strategy.checks.agreement: unknown"]),
+        ({"kind": "shadow"}, ["strategy.checks.max_mean_abs_diff: a regression model's shadow"]),
+        ({"kind": "all_at_once", "bake": 10}, ["strategy.bake: unknown field"]),
+    ],
+)
+def test_a_wrong_strategy_is_refused_naming_its_field(tmp_path, strategy, expected):
+    with pytest.raises(SpecError) as raised:
+        load_spec(_with_strategy(tmp_path, strategy))
+    message = str(raised.value)
+    assert "deploy.environments.production" in message
+    assert all(part in message for part in expected), message
+
+
+def test_a_shadow_is_judged_by_agreement_for_a_classifier_and_by_difference_for_a_regressor(
+    tmp_path,
+):
+    shadow = {"kind": "shadow", "checks": {"max_mean_abs_diff": 5000.0}}
+    house = load_spec(_with_strategy(tmp_path, shadow)).deploy.environments["production"]
+    assert house.strategy.checks.max_mean_abs_diff == 5000.0
+    ads = load_spec(_with_strategy(tmp_path, {"kind": "shadow"}, ADS))
+    assert ads.deploy.environments["production"].strategy.checks.agreement == 0.95
+    with pytest.raises(SpecError, match="max_mean_abs_diff: applies to regression"):
+        load_spec(_with_strategy(tmp_path, shadow, ADS))

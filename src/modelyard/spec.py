@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import re
 from pathlib import Path
@@ -368,6 +369,120 @@ class AwsHosts(_Strict):
     )
 
 
+class CanaryChecks(_Strict):
+    """What the new version must show over each bake window, read from Prometheus per slot."""
+
+    success_rate: Fraction = Field(
+        default=0.99, description="Share of its prediction requests answered without a server "
+        "error, at least (judged on its own: a failing baseline excuses nothing).",
+    )  # fmt: skip
+    latency_budget_ms: float | None = Field(
+        default=None, gt=0.0,
+        description="Its p99 serving latency, at most; default: monitoring.latency_budget_ms, "
+        "else behaviour.latency.budget_ms.",
+    )  # fmt: skip
+    latency_ratio: float = Field(
+        default=1.5, ge=1.0, description="Its p99, at most this many times the baseline's."
+    )
+    psi: float = Field(
+        default=0.25, gt=0.0,
+        description="PSI of its predictions against the baseline's over the window, at most.",
+    )  # fmt: skip
+    min_requests: int = Field(
+        default=100, ge=1,
+        description="Fewer prediction requests than this on either slot: the window is "
+        "inconclusive and the bake goes on (up to `timeout`), never a pass.",
+    )  # fmt: skip
+
+
+class ShadowChecks(CanaryChecks):
+    """A shadow's own checks, plus how closely its answers follow the serving version's on the
+    same requests."""
+
+    agreement: Fraction = Field(
+        default=0.95, description="Classifiers: share of requests whose predicted class is the "
+        "serving version's, at least.",
+    )  # fmt: skip
+    max_mean_abs_diff: float | None = Field(
+        default=None, ge=0.0,
+        description="Regressors (required there): mean |new - serving| prediction, at most, in "
+        "the target's units.",
+    )  # fmt: skip
+
+
+class AllAtOnce(_Strict):
+    """Every host's traffic moves to the new version once it passes its checks on the host."""
+
+    kind: Literal["all_at_once"] = "all_at_once"
+
+
+class CanaryStrategy(_Strict):
+    """Traffic moves in steps, each judged against the baseline before the next."""
+
+    kind: Literal["canary"]
+    steps: list[int] = Field(
+        default_factory=lambda: [5, 25, 50, 100], min_length=1,
+        description="Percent of requests on the new version at each step, increasing, ending "
+        "at 100.",
+    )  # fmt: skip
+    bake: int = Field(default=300, ge=10, description="Seconds each step runs before it is judged.")
+    checks: CanaryChecks = Field(default_factory=CanaryChecks)
+    max_failures: int = Field(
+        default=1, ge=0,
+        description="Failed analyses tolerated over the rollout (the step is judged again after "
+        "another bake); one more sends all traffic back to the baseline at once.",
+    )  # fmt: skip
+    timeout: int = Field(
+        default=7200, ge=10,
+        description="Seconds the whole rollout may take, inconclusive bakes included; then it is "
+        "rolled back.",
+    )  # fmt: skip
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_climb_to_all(cls, steps: list[int]) -> list[int]:
+        if any(not 0 < s <= 100 for s in steps):
+            raise ValueError(f"each step is a percent of traffic, 1 to 100; got {steps}")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"steps must increase; got {steps}")
+        if steps[-1] != 100:
+            raise ValueError(f"the last step must be 100 (all traffic); got {steps}")
+        return steps
+
+    @model_validator(mode="after")
+    def _time_for_every_step(self) -> CanaryStrategy:
+        if self.timeout < self.bake * len(self.steps):
+            raise ValueError(
+                f"timeout: {self.timeout} s cannot hold {len(self.steps)} steps of bake "
+                f"{self.bake} s; raise it to at least {self.bake * len(self.steps)}"
+            )
+        return self
+
+
+class ShadowStrategy(_Strict):
+    """The new version gets copies of live requests; clients only see the serving version.
+    A shadow that passes is then switched in as `all_at_once` does."""
+
+    kind: Literal["shadow"]
+    sample: float = Field(
+        default=0.1, gt=0.0, le=1.0, description="Share of live requests copied to it (0-1]."
+    )
+    duration: int = Field(default=600, ge=10, description="Seconds it receives copies.")
+    checks: ShadowChecks = Field(default_factory=ShadowChecks)
+    mirror_timeout: float = Field(
+        default=1.0, gt=0.0, le=60.0,
+        description="Seconds a copy may take before nginx drops it; copies never delay an answer "
+        "by more than this.",
+    )  # fmt: skip
+
+
+STRATEGY_KINDS = ("all_at_once", "canary", "shadow")
+Strategy = Annotated[
+    AllAtOnce | CanaryStrategy | ShadowStrategy,
+    Field(discriminator="kind"),
+]
+
+
 class Environment(_Strict):
     """Where and how one environment (staging, production, ...) serves the model."""
 
@@ -409,6 +524,16 @@ class Environment(_Strict):
     aws: AwsHosts | None = Field(
         default=None, description="For `target: aws`: which EC2 instances serve, by tags."
     )
+    strategy: Strategy = Field(
+        default_factory=AllAtOnce,
+        description="How traffic moves to a new version: `kind` all_at_once (default), canary "
+        "or shadow, with that kind's fields.",
+    )
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _kind_alone(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value  # `strategy: canary`
 
     @model_validator(mode="after")
     def _inventory_for_ssh(self) -> Environment:
@@ -516,6 +641,8 @@ class Spec(_Strict):
             _check_metric(f"gates.metrics.{metric}", metric, self.task)
         for i, sl in enumerate(self.behaviour.slices):
             _check_metric(f"behaviour.slices[{i}].metric", sl.metric, self.task)
+        for env, where in self.deploy.environments.items():
+            _check_shadow_task(f"deploy.environments.{env}.strategy", where.strategy, self.task)
         for env in self.monitoring.environments or []:
             if env not in self.deploy.environments:
                 raise ValueError(
@@ -595,6 +722,24 @@ def _check_estimator_task(estimator: Estimator, task: str) -> None:
         )
 
 
+def _check_shadow_task(field: str, strategy: Strategy, task: str) -> None:
+    """A shadow compares answers as the task's predictions allow: classes agree or not, numbers
+    differ by an amount only the user can say is too much."""
+    if not isinstance(strategy, ShadowStrategy):
+        return
+    limit = strategy.checks.max_mean_abs_diff
+    if task == "regression" and limit is None:
+        raise ValueError(
+            f"{field}.checks.max_mean_abs_diff: a regression model's shadow needs it, the largest "
+            "mean |new - serving| prediction to accept, in the target's units"
+        )
+    if task != "regression" and limit is not None:
+        raise ValueError(
+            f"{field}.checks.max_mean_abs_diff: applies to regression; a {task} model's shadow is "
+            "judged by `agreement`"
+        )
+
+
 def _check_metric(field: str, metric: str, task: str) -> None:
     if metric not in METRICS[task]:
         raise ValueError(
@@ -654,6 +799,8 @@ def _problem(err: Any) -> str:
         shown = ""
     if err["type"] == "extra_forbidden":
         message = "unknown field; check the spelling against docs/spec.md"
+    if err["type"] == "union_tag_not_found":
+        message = f"`kind` is missing; set it to one of {', '.join(STRATEGY_KINDS)}"
     field = _field_path(err["loc"])
     # A whole-spec check names its fields in the message (`estimator.class: ...`).
     return f"{field}: {message}{shown}" if field else f"{message}{shown}"
@@ -666,7 +813,9 @@ def _without_passwords(text: str) -> str:
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
+        if i and loc[i - 1] == "strategy" and part in STRATEGY_KINDS:
+            continue  # pydantic's own step into the union's member: not a field the user wrote
         if isinstance(part, int):
             out += f"[{part}]"
         else:

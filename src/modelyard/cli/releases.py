@@ -26,6 +26,7 @@ from modelyard.spec import load_spec
 
 if TYPE_CHECKING:
     from modelyard.deploy.locks import Lock
+    from modelyard.rollout import Request
 
 
 @app.command()
@@ -38,12 +39,13 @@ def deploy(
     spec: SpecOption = Path("modelyard.yaml"),
 ) -> None:
     """Roll a registered version out to an environment's hosts (no approval asked)."""
-    from modelyard.deploy import release
+    from modelyard.deploy import progressive, release
 
     loaded = load_spec(spec)
     release.target(loaded, environment)  # a wrong environment fails before MLflow is asked
     chosen = release.version_to_deploy(settings(), loaded, version)
-    done = release.deploy(settings(), loaded, environment, chosen, progress, lock=_release_lock())
+    done = progressive.deploy(settings(), loaded, environment, chosen, progress,
+                              lock=_release_lock())  # fmt: skip
     console.print(f"[green]✓[/] {done.model} v{done.version} serves {environment}")
 
 
@@ -157,3 +159,72 @@ def _answer(run_ids: list[str], approve: bool, comment: str) -> None:
     for run_id in run_ids:
         answer_approval(run_id, approve=approve, approver=actor, comment=comment)
         console.print(f"[green]✓[/] run {run_id} {verb} by {actor}")
+
+
+rollout_app = typer.Typer(
+    help="A canary that is walking its steps: where it is, and promote or abort it now.",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("status")
+@reports_errors
+def rollout_status(
+    environment: EnvArgument,
+    spec: SpecOption = Path("modelyard.yaml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The canary's share of traffic, its step and the last window's checks."""
+    from modelyard.deploy import progressive
+
+    loaded = load_spec(spec)
+    state = progressive.status(settings(), loaded.name, environment)
+    if state is None:
+        console.print(f"no canary of {loaded.name} runs in {environment}")
+        return
+    if as_json:
+        console.print_json(json.dumps(state))
+        return
+    done = len(state["analyses"])
+    console.print(
+        f"canary of {state['model']} v{state['version']} in {environment}: "
+        f"{state['percent']} % on v{state['version']}, {100 - state['percent']} % on "
+        f"v{state['baseline']} (steps {state['steps']}, bake {state['bake']} s, "
+        f"{done} window(s) judged)"
+    )
+    if done:
+        last = state["analyses"][-1]
+        table = Table(title=f"step {last['step']} ({last['percent']} %): {last['outcome']}")
+        for column in ("check", "value", "threshold", "verdict"):
+            table.add_column(column)
+        for check in last["checks"]:
+            verdict = {True: "[green]ok[/]", False: "[red]failed[/]"}.get(
+                check["passed"], "[yellow]inconclusive[/]"
+            )
+            value = "n/a" if check["value"] is None else f"{check['value']:.4g}"
+            table.add_row(check["metric"], value, f"{check['threshold']:g}", verdict)
+        console.print(table)
+
+
+def _ask(environment: str, spec: Path, request: Request) -> None:
+    from modelyard.deploy import progressive
+
+    loaded = load_spec(spec)
+    progressive.ask(settings(), loaded.name, environment, request)
+    console.print(f"[green]✓[/] asked the canary of {loaded.name} in {environment} to {request}; "
+                  "it acts within a second")  # fmt: skip
+
+
+@rollout_app.command("promote")
+@reports_errors
+def rollout_promote(environment: EnvArgument, spec: SpecOption = Path("modelyard.yaml")) -> None:
+    """Skip the remaining steps: all traffic to the canary, which becomes the live version."""
+    _ask(environment, spec, "promote")
+
+
+@rollout_app.command("abort")
+@reports_errors
+def rollout_abort(environment: EnvArgument, spec: SpecOption = Path("modelyard.yaml")) -> None:
+    """Roll back now: all traffic to the baseline, the canary stopped, the alias unmoved."""
+    _ask(environment, spec, "abort")

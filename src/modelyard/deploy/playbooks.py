@@ -43,7 +43,9 @@ class PlaybookResult:
     rc: int
     failures: dict[str, str] = field(default_factory=dict)  # host -> why
     touched: list[str] = field(default_factory=list)  # hosts a task ran on (reached hosts)
-    scrape: dict[str, str] = field(default_factory=dict)  # host -> host:port of its /metrics
+    # host -> where its slots are scraped ("blue"/"green": host:port) and which run ("live",
+    # "canary": a slot name or ""), from the role's set_stats
+    slots: dict[str, dict[str, str]] = field(default_factory=dict)
     stdout: Path | None = None
     events: Path | None = None
 
@@ -175,8 +177,9 @@ def _explain_lost_python(result: PlaybookResult) -> None:
 def _note_event(event: dict[str, Any], result: PlaybookResult, progress: Progress) -> None:
     kind = event.get("event", "")
     data = event.get("event_data", {})
-    if kind == "playbook_on_stats":  # the role's set_stats: where each host is scraped
-        result.scrape.update((data.get("artifact_data") or {}).get("model_service_scrape") or {})
+    if kind == "playbook_on_stats":  # the role's set_stats: where each host's slots are scraped
+        stats = (data.get("artifact_data") or {}).get("model_service_scrape_slots") or {}
+        result.slots.update(stats)
         return
     if kind == "playbook_on_play_start":
         progress(f"ansible: {data.get('play', '')}")

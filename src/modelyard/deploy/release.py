@@ -32,7 +32,7 @@ from modelyard.deploy.ledger import Release
 from modelyard.deploy.locks import Lock, check_unmoved, workspace_lock
 from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, run_playbook
 from modelyard.errors import DeployFailed, ModelyardError, SpecError
-from modelyard.monitor.targets import write_targets
+from modelyard.monitor.targets import slot_targets, write_targets
 from modelyard.package.build import trusted_keys
 from modelyard.package.image import flat_wheels, prepare_wheelhouse
 from modelyard.package.push import registry_pull_vars
@@ -150,37 +150,79 @@ def deploy(
     with (lock or workspace_lock(settings))(key, f"{action} v{version} by {actor}"):
         live = ledger.live(settings, spec.name, environment)
         check_unmoved(key, expected, live)
-        return _move(settings, spec, where, version, progress, action, reason, actor, live)
+        return move(settings, spec, where, version, progress, action, reason, actor, live)
 
 
-def _move(
+@dataclass(frozen=True)
+class Move:
+    """One version's release to one environment, ready to run the role's playbooks."""
+
+    where: Target
+    version: str
+    tags: dict[str, str]
+    extravars: dict[str, Any]
+    workdir: Path
+
+    def record(self, spec: Spec, action: str, actor: str, live: Release | None) -> Release:
+        """The ledger record of this move, as if it succeeded (callers replace the outcome)."""
+        return Release(
+            model=spec.name, environment=self.where.environment, action=action,
+            version=self.version, outcome=ledger.SUCCEEDED, actor=actor,
+            previous_version=live.version if live else "",
+            image=str(self.extravars.get("model_service_image", "")),
+            image_digest=self.tags.get("image_id", "") if self.runtime == "container" else "",
+            bundle_digest=self.tags.get("bundle_digest", ""), runtime=self.runtime,
+        )  # fmt: skip
+
+    @property
+    def runtime(self) -> str:
+        return self.where.settings.runtime
+
+
+def prepare(
+    settings: Settings, spec: Spec, where: Target, version: str, action: str, progress: Progress
+) -> Move:
+    tags = _version_tags(settings, spec.name, version)
+    extravars = _extravars(settings, spec, where, version, tags, progress)
+    workdir = _workdir(settings, spec.name, where.environment, action)
+    return Move(where, version, tags, extravars, workdir)
+
+
+def play(
+    settings: Settings,
+    move: Move,
+    playbook: str,
+    step: str,
+    progress: Progress,
+    extra: dict[str, Any] | None = None,
+    limit: list[str] | None = None,
+) -> PlaybookResult:
+    """Run `playbook` for the move with its variables (and `extra`); `step` names the run's
+    folder under the move's, where Ansible's output and events stay."""
+    extravars = move.extravars | (extra or {})
+    return _run(settings, playbook, move.where, extravars, move.workdir / step, progress, limit)
+
+
+def move(
     settings: Settings, spec: Spec, where: Target, version: str, progress: Progress,
     action: str, reason: str, actor: str, live: Release | None,
 ) -> Release:  # fmt: skip
     environment = where.environment
-    workdir = _workdir(settings, spec.name, environment, action)
     playbook = "rollback.yml" if action == "rollback" else "deploy.yml"
-    tags = _version_tags(settings, spec.name, version)
-    extravars = _extravars(settings, spec, where, version, tags, progress)
+    moving = prepare(settings, spec, where, version, action, progress)
     progress(f"{action}: {spec.name} v{version} → {environment} ({where.settings.runtime})")
-    result = _run(settings, playbook, where, extravars, workdir / "ansible", progress)
-    record = Release(
-        model=spec.name, environment=environment, action=action, version=version,
-        outcome=ledger.SUCCEEDED, actor=actor, previous_version=live.version if live else "",
-        reason=reason, image=str(extravars.get("model_service_image", "")),
-        image_digest=tags.get("image_id", "") if where.settings.runtime == "container" else "",
-        bundle_digest=tags.get("bundle_digest", ""),
-        runtime=where.settings.runtime, hosts=",".join(result.touched),
-    )  # fmt: skip
+    result = play(settings, moving, playbook, "ansible", progress)
+    record = replace(moving.record(spec, action, actor, live), reason=reason,
+                     hosts=",".join(result.touched))  # fmt: skip
     files = [p for p in (result.stdout, result.events) if p]
     if not result.ok:
         why = result.reason()
-        why += _put_back(settings, spec, where, live, result, workdir, progress)
+        why += _put_back(settings, spec, where, live, result, moving.workdir, progress)
         ledger.append(settings, replace(record, outcome="failed", reason=why), files)
         raise DeployFailed(f"{action} of {spec.name} v{version} to {environment} failed: {why}")
     registry.set_alias(registry.connect(settings), spec.name, environment, version)
-    if result.scrape:
-        write_targets(settings, spec.name, environment, version, result.scrape)
+    if result.slots:
+        write_targets(settings, spec.name, environment, slot_targets(result.slots, version))
     done = ledger.append(settings, record, files)
     progress(f"{action}: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
     return done

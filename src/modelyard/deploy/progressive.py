@@ -1,0 +1,268 @@
+"""A release by the environment's strategy: all at once (`release.deploy`), or a canary that
+walks its steps (`modelyard.rollout.walk`) on the role's traffic shares, judged from the
+stack's Prometheus, each analysis in the ledger.
+
+A canary starts the new version in each host's idle slot beside the live one and gives it the
+first step's share (deploy.yml in canary mode); ansible/traffic.yml moves the share, promotes
+or aborts. While it runs, `status` shows where it is and `ask` lets an operator promote or
+abort it: the walk reads the request within a second. Nothing moves the alias or calls the new
+version live before the last step passes; a rollback leaves both as they were.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from modelyard import registry
+from modelyard.atomic import replace_file
+from modelyard.config import Settings
+from modelyard.deploy import ledger, release
+from modelyard.deploy.ledger import Release
+from modelyard.deploy.locks import Lock, check_unmoved, workspace_lock
+from modelyard.deploy.playbooks import PlaybookResult
+from modelyard.errors import DeployFailed, ModelyardError
+from modelyard.monitor.canary import SlotWindow, window
+from modelyard.monitor.drift import Prometheus, prometheus_for
+from modelyard.monitor.targets import slot_targets, write_targets
+from modelyard.rollout import SYSTEM_CLOCK, Analysis, Clock, Request, thresholds, walk
+from modelyard.spec import CanaryStrategy, ShadowStrategy, Spec
+
+Progress = Callable[[str], None]
+ANALYSIS = "analysis"  # the ledger action of one judged bake window
+
+
+def deploy(
+    settings: Settings,
+    spec: Spec,
+    environment: str,
+    version: str,
+    progress: Progress,
+    action: str = "deploy",
+    reason: str = "",
+    actor: str | None = None,
+    expected: str | None = None,
+    lock: Lock | None = None,
+    approve: Callable[[], bool] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    on_analysis: Callable[[Analysis], None] = lambda _: None,
+) -> Release:
+    """Release `version` to `environment` by its strategy; see `release.deploy` for the
+    others. `approve` is asked before a canary's last step; `on_analysis` hears of every
+    judged window (the flow publishes each as an artifact)."""
+    plan = spec.deploy.environments[environment].strategy if environment in \
+        spec.deploy.environments else None  # fmt: skip
+    if isinstance(plan, ShadowStrategy):
+        raise DeployFailed(
+            f"deploy.environments.{environment}.strategy: shadow is validated but not carried "
+            "out by this version of modelyard yet; use canary or all_at_once"
+        )
+    if not isinstance(plan, CanaryStrategy):
+        return release.deploy(settings, spec, environment, version, progress, action, reason,
+                              actor, expected, lock)  # fmt: skip
+    where = release.target(spec, environment, settings, progress)
+    actor = actor or release.actor_name(settings)
+    key = f"{spec.name}/{environment}"
+    with (lock or workspace_lock(settings))(key, f"canary v{version} by {actor}"):
+        live = ledger.live(settings, spec.name, environment)
+        check_unmoved(key, expected, live)
+        if live is None or live.version == version:
+            # Nothing else serves to judge it against: the first version goes in whole.
+            progress(f"canary: no other version serves {environment}; deploying all at once")
+            why = reason or "first version: nothing to compare a canary with"
+            return release.move(settings, spec, where, version, progress, action, why, actor,
+                                live)  # fmt: skip
+        record = replace(Release(spec.name, environment, action, version, ledger.SUCCEEDED,
+                                 actor), reason=reason)  # fmt: skip
+        hooks = _Hooks(progress, approve, clock, on_analysis)
+        return _canary(settings, spec, where, plan, record, live, hooks)
+
+
+@dataclass
+class _Canary:
+    """The Ansible side of one running canary: every host's share, promotion and abort."""
+
+    settings: Settings
+    move: release.Move
+    progress: Progress
+    status: Path
+
+    def share(self, percent: int) -> None:
+        self._traffic("weight", f"share-{percent}", {"model_service_canary_weight": percent})
+        self._note(percent=percent)
+
+    def promote(self) -> None:
+        self._traffic("promote", "promote")
+
+    def abort(self) -> None:
+        self._traffic("abort", "abort")
+
+    def _traffic(self, action: str, step: str, extra: dict[str, Any] | None = None) -> None:
+        self.progress(f"canary: {action} {extra or ''}".rstrip())
+        result = release.play(self.settings, self.move, "traffic.yml", step, self.progress,
+                              {"model_service_traffic_action": action} | (extra or {}))  # fmt: skip
+        if not result.ok:
+            raise DeployFailed(f"canary {action} failed: {result.reason()}")
+
+    def _note(self, **changes: Any) -> None:
+        state = json.loads(self.status.read_text()) if self.status.exists() else {}
+        replace_file(self.status, json.dumps(state | changes, indent=2).encode())
+
+
+@dataclass(frozen=True)
+class _Windows:
+    prometheus: Prometheus
+    selector: str  # the environment's series
+    version: str
+    baseline_version: str
+
+    def canary(self, seconds: int) -> SlotWindow:
+        return window(self.prometheus, f'{self.selector},version="{self.version}"', seconds)
+
+    def baseline(self, seconds: int) -> SlotWindow:
+        selector = f'{self.selector},version="{self.baseline_version}"'
+        return window(self.prometheus, selector, seconds)
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    """What the caller hears and decides during a walk."""
+
+    progress: Progress
+    approve: Callable[[], bool] | None
+    clock: Clock
+    on_analysis: Callable[[Analysis], None]
+
+
+def _canary(
+    settings: Settings, spec: Spec, where: release.Target, plan: CanaryStrategy,
+    asked: Release, live: Release, hooks: _Hooks,
+) -> Release:  # fmt: skip
+    """`asked`: the record of the release asked for (action, actor, reason)."""
+    environment, version, progress = where.environment, asked.version, hooks.progress
+    prometheus = prometheus_for(settings)  # a canary nobody can judge must not start
+    move = release.prepare(settings, spec, where, version, "canary", progress)
+    record = replace(move.record(spec, asked.action, asked.actor, live), reason=asked.reason)
+    progress(f"canary: {spec.name} v{version} → {environment} at {plan.steps[0]} %, beside "
+             f"v{live.version}; steps {plan.steps}, bake {plan.bake} s")  # fmt: skip
+    started = release.play(settings, move, "deploy.yml", "start", progress, {
+        "model_service_traffic_mode": "canary", "model_service_canary_weight": plan.steps[0],
+    })  # fmt: skip
+    record = replace(record, hosts=",".join(started.touched))
+    status = status_file(settings, spec.name, environment)
+    traffic = _Canary(settings, move, progress, status)
+    if not started.ok:
+        why = started.reason() + _abort_quietly(traffic, started)
+        _fail(settings, record, why, started)
+    write_targets(settings, spec.name, environment,
+                  slot_targets(started.slots, live.version, version))  # fmt: skip
+    replace_file(status, json.dumps({
+        "model": spec.name, "environment": environment, "version": version,
+        "baseline": live.version, "steps": plan.steps, "percent": plan.steps[0],
+        "bake": plan.bake, "analyses": [],
+    }, indent=2).encode())  # fmt: skip
+    windows = _Windows(prometheus, f'model="{spec.name}",environment="{environment}"',
+                       version, live.version)  # fmt: skip
+
+    def note(analysis: Analysis) -> None:
+        progress(f"canary: {analysis.describe()}")
+        state = json.loads(status.read_text())
+        state["analyses"] = [*state["analyses"], _analysis_json(analysis)]
+        replace_file(status, json.dumps(state, indent=2).encode())
+        ledger.append(settings, replace(record, action=ANALYSIS, outcome=analysis.verdict.outcome,
+                                        reason=analysis.describe()))  # fmt: skip
+        hooks.on_analysis(analysis)
+
+    try:
+        outcome = walk(plan, thresholds(spec, plan.checks), traffic, windows, note, hooks.clock,
+                       lambda: take_request(settings, spec.name, environment),
+                       hooks.approve)  # fmt: skip
+    except (ModelyardError, OSError) as exc:  # Prometheus or a host lost mid-walk
+        why = f"canary stopped: {exc}" + _abort_quietly(traffic, started)
+        _fail(settings, record, why, started)
+    finally:
+        status.unlink(missing_ok=True)
+        request_file(settings, spec.name, environment).unlink(missing_ok=True)
+    if not outcome.promoted:
+        write_targets(settings, spec.name, environment,
+                      slot_targets(started.slots, live.version))  # fmt: skip
+        _fail(settings, record, f"rolled back to v{live.version}: {outcome.reason}", started)
+    registry.set_alias(registry.connect(settings), spec.name, environment, version)
+    promoted = {
+        h: s | {"live": s.get("canary", ""), "canary": ""} for h, s in started.slots.items()
+    }
+    write_targets(settings, spec.name, environment, slot_targets(promoted, version))
+    progress(f"canary: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
+    why = "; ".join(filter(None, [record.reason, f"canary: {outcome.reason}"]))
+    return ledger.append(settings, replace(record, reason=why))
+
+
+def _abort_quietly(traffic: _Canary, started: PlaybookResult) -> str:
+    """Send every host the canary reached back to its live slot; say how that went."""
+    if not started.touched:
+        return ""
+    try:
+        traffic.abort()
+    except DeployFailed as exc:
+        return f" (sending traffic back failed too: {exc}; see docs/operations.md)"
+    return " (all traffic is back on the live version)"
+
+
+def _fail(settings: Settings, record: Release, why: str, result: PlaybookResult) -> None:
+    files = [p for p in (result.stdout, result.events) if p]
+    ledger.append(settings, replace(record, outcome="failed", reason=why), files)
+    raise DeployFailed(f"canary of {record.model} v{record.version} to {record.environment} "
+                       f"failed: {why}")  # fmt: skip
+
+
+def _analysis_json(analysis: Analysis) -> dict[str, Any]:
+    return {
+        "step": analysis.step, "percent": analysis.percent,
+        "outcome": analysis.verdict.outcome, "failures": analysis.failures,
+        "elapsed": round(analysis.elapsed, 1),
+        "checks": [asdict(c) for c in analysis.verdict.checks],
+    }  # fmt: skip
+
+
+# --- operating a running canary ------------------------------------------------------------------
+def _rollouts(settings: Settings) -> Path:
+    folder = settings.workspace / "rollouts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def status_file(settings: Settings, model: str, environment: str) -> Path:
+    return _rollouts(settings) / f"{model}--{environment}.json"
+
+
+def request_file(settings: Settings, model: str, environment: str) -> Path:
+    return _rollouts(settings) / f"{model}--{environment}.request"
+
+
+def status(settings: Settings, model: str, environment: str) -> dict[str, Any] | None:
+    """The running canary's weights, step and last checks; None when none runs."""
+    path = status_file(settings, model, environment)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def ask(settings: Settings, model: str, environment: str, request: Request) -> None:
+    """Ask the running canary to promote or abort now."""
+    if status(settings, model, environment) is None:
+        raise ModelyardError(f"no canary of {model} runs in {environment} from this workspace")
+    replace_file(request_file(settings, model, environment), request.encode())
+
+
+def take_request(settings: Settings, model: str, environment: str) -> Request | None:
+    path = request_file(settings, model, environment)
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    path.unlink(missing_ok=True)
+    return text if text in ("promote", "abort") else None  # type: ignore[return-value]

@@ -1,0 +1,171 @@
+"""The canary's walk on simulated traffic: an environment whose requests split between the
+baseline and the canary by the current share, each bake window generated the way the serving
+app's metrics count it (tests/test_canary.py), on a clock the test moves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from modelyard.monitor.canary import SlotWindow, Thresholds
+from modelyard.rollout import POLL_SECONDS, Analysis, Request, walk
+from modelyard.spec import CanaryStrategy
+from tests.test_canary import generated
+
+LIMITS = Thresholds(
+    success_rate=0.99, latency_budget_ms=200, latency_ratio=1.5, psi=0.2, min_requests=100
+)
+SEEDS = range(6)
+FAULTS = {  # how a bad version differs, and the check that must catch it
+    "errors": ({"error_rate": 0.08}, "success_rate"),
+    "slower": ({"median_ms": 20.0}, "latency_p99_ratio"),
+    "shifted": ({"shift": 0.3}, "prediction_psi"),
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Environment:
+    """Requests at `rate` per second, the canary's share of them by the current percent; the
+    canary differs from the baseline by `fault` (keywords of `generated`)."""
+
+    rng: np.random.Generator
+    first: int
+    rate: float = 10.0
+    fault: dict[str, float] = field(default_factory=dict)
+    moves: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.percent = self.first
+
+    # Traffic
+    def share(self, percent: int) -> None:
+        self.percent = percent
+        self.moves.append(f"share {percent}")
+
+    def promote(self) -> None:
+        self.moves.append("promote")
+
+    def abort(self) -> None:
+        self.moves.append("abort")
+
+    # Windows
+    def canary(self, seconds: int) -> SlotWindow:
+        return generated(self.rng, self._requests(seconds, self.percent), **self.fault)
+
+    def baseline(self, seconds: int) -> SlotWindow:
+        return generated(self.rng, self._requests(seconds, 100 - self.percent))
+
+    def _requests(self, seconds: int, percent: int) -> int:
+        return int(self.rate * seconds * percent / 100)
+
+
+def run(
+    env: Environment,
+    plan: CanaryStrategy,
+    clock: Clock | None = None,
+    requested=lambda: None,
+    approve=None,
+) -> tuple[object, list[Analysis]]:
+    analyses: list[Analysis] = []
+    outcome = walk(plan, LIMITS, env, env, analyses.append, clock or Clock(), requested, approve)
+    return outcome, analyses
+
+
+def plan(**changes: object) -> CanaryStrategy:
+    return CanaryStrategy.model_validate({"kind": "canary", "bake": 300} | changes)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_good_version_walks_every_step_and_is_promoted(seed: int) -> None:
+    steps = plan(steps=[5, 25, 50, 100])
+    env = Environment(np.random.default_rng(seed), first=5)
+    clock = Clock()
+    outcome, analyses = run(env, steps, clock)
+    assert outcome.promoted, outcome.reason
+    assert env.moves == ["share 25", "share 50", "share 100", "promote"]
+    assert [(a.step, a.percent, a.verdict.outcome) for a in analyses] == [
+        (1, 5, "passed"), (2, 25, "passed"), (3, 50, "passed"), (4, 100, "passed")
+    ]  # fmt: skip
+    # The last step has no baseline left: only the canary's own checks are judged.
+    assert {c.metric for c in analyses[-1].verdict.checks} == {"success_rate", "latency_p99_ms"}
+    assert clock.now == pytest.approx(4 * 300)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_bad_version_is_rolled_back_by_the_check_for_its_fault(seed: int, fault: str) -> None:
+    difference, check = FAULTS[fault]
+    env = Environment(np.random.default_rng(seed), first=10, fault=difference)
+    outcome, analyses = run(env, plan(steps=[10, 50, 100], max_failures=0))
+    assert not outcome.promoted and env.moves == ["abort"]
+    assert [c.metric for c in analyses[0].verdict.failed] == [check]
+    assert "step 1 (10 %)" in outcome.reason and check in outcome.reason
+    # What the flow publishes for the window: each check with its value and threshold.
+    table = analyses[0].to_markdown("m v2 canary")
+    failing = next(c for c in analyses[0].verdict.checks if c.metric == check)
+    assert f"| {check} | {failing.value:.4g} | {failing.threshold:g} | **failed** |" in table
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_failures_within_max_failures_bake_the_step_again(seed: int) -> None:
+    difference, _ = FAULTS["errors"]
+    env = Environment(np.random.default_rng(seed), first=10, fault=difference)
+    outcome, analyses = run(env, plan(steps=[10, 50, 100], max_failures=2))
+    assert not outcome.promoted and env.moves == ["abort"]
+    assert [(a.step, a.failures) for a in analyses] == [(1, 1), (1, 2), (1, 3)]
+    assert "3 failed analyses, max_failures is 2" in outcome.reason
+
+
+def test_too_little_traffic_is_never_a_pass_and_ends_at_the_timeout() -> None:
+    env = Environment(np.random.default_rng(0), first=5, rate=0.5)  # 7 requests a window
+    clock = Clock()
+    outcome, analyses = run(env, plan(steps=[5, 100], bake=60, timeout=600), clock)
+    assert not outcome.promoted and env.moves == ["abort"]
+    assert {a.verdict.outcome for a in analyses} == {"inconclusive"}
+    assert len(analyses) == 10 and clock.now <= 600
+    assert outcome.reason.startswith("timeout 600 s reached with step 1 (5 %): inconclusive")
+
+
+@pytest.mark.parametrize("request_", ["abort", "promote"])
+def test_an_operator_is_heard_within_a_second_mid_bake(request_: Request) -> None:
+    env = Environment(np.random.default_rng(1), first=5)
+    clock = Clock()
+    asked_at = 450.0  # during the second step's bake
+
+    def requested() -> Request | None:
+        return request_ if clock.now >= asked_at else None
+
+    outcome, analyses = run(env, plan(steps=[5, 25, 100]), clock, requested)
+    assert outcome.promoted == (request_ == "promote")
+    assert env.moves == ["share 25", request_]
+    assert len(analyses) == 1 and asked_at <= clock.now <= asked_at + POLL_SECONDS
+    assert outcome.reason == f"{request_} asked by an operator at step 2"
+
+
+@pytest.mark.parametrize("approved", [True, False])
+def test_the_last_step_waits_for_the_approval(approved: bool) -> None:
+    env = Environment(np.random.default_rng(2), first=5)
+    asked: list[list[str]] = []
+
+    def approve() -> bool:
+        asked.append(list(env.moves))
+        return approved
+
+    outcome, _ = run(env, plan(steps=[5, 50, 100]), approve=approve)
+    assert asked == [["share 50"]]  # asked once, after step 2 passed and before step 3
+    assert outcome.promoted == approved
+    expected = ["share 50", "share 100", "promote"] if approved else ["share 50", "abort"]
+    assert env.moves == expected
