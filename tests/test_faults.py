@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mlflow import MlflowClient
 
 from modelyard.config import runtime
@@ -45,14 +48,27 @@ def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
     servers, ads, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")  # no image needed: quicker runs
+    # The kill must land between register and the package stage's tags every time, on a busy
+    # machine too (a poll that saw the version late once let the package stage finish). The
+    # run reads its signing key from a FIFO: the export (before register) is given the key,
+    # and the package stage's read (after register) finds no writer and waits there.
+    key = tmp_path / "signing-key.pem"
+    os.mkfifo(key)
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    threading.Thread(target=key.write_bytes, args=(pem,), daemon=True).start()
+    monkeypatch.setenv("MODELYARD_SIGNING_KEY_FILE", str(key))
     model, spec = ads.spec()["name"], str(ads.spec_path)
     log = tmp_path / "run.log"
     exe = Path(sys.executable).with_name("modelyard")
     run = subprocess.Popen([str(exe), "run", "--no-deploy", "--spec", spec],
                            stdout=log.open("w"), stderr=subprocess.STDOUT,
                            start_new_session=True)  # fmt: skip
-    # SIGKILL the whole run the moment its version exists: after `register`, long before the
-    # package stage tags a bundle and the `candidate` alias moves (no handler runs on SIGKILL).
+    # SIGKILL the whole run once its version exists: after `register`, while the package stage
+    # waits for its key, before it tags a bundle and the `candidate` alias moves (no handler
+    # runs on SIGKILL).
     deadline = time.monotonic() + 300
     while not _registered_versions(servers["mlflow"], model):
         assert run.poll() is None, log.read_text()[-3000:]
@@ -60,6 +76,7 @@ def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
         time.sleep(0.02)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=30)
+    monkeypatch.delenv("MODELYARD_SIGNING_KEY_FILE")  # later runs sign with the workspace's key
 
     client = MlflowClient(servers["mlflow"], servers["mlflow"])  # not a global registry URI
     left = client.get_model_version(model, "1")
