@@ -11,7 +11,9 @@ import contextlib
 import http.server
 import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +39,7 @@ from modelyard.outcomes import PipelineOutcome
 from modelyard.ports import free_ports
 from modelyard.spec import Spec, load_spec
 from tests.conftest import Project, run_cli
+from tests.conftest import environment as process_environment
 from tests.hosts import (
     V2_ROW,
     LoadLoop,
@@ -603,3 +606,36 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
     latest = ledger.history(settings, spec.name, "canary")[0]
     assert (latest.action, latest.version, latest.outcome) == ("deploy", "1", "failed")
     assert ledger.live(settings, spec.name, "canary").version == "2"
+
+    # A walk whose process is killed leaves its canary at its share; `rollout abort` then finds
+    # the release lock free and sends the traffic back itself.
+    unhurried = strategy | {"bake": 600, "timeout": 1200}
+    slow = env_spec(registered, "canary-slow", {"canary": {"target": "local", "port": port,
+                                                           "strategy": unhurried}})  # fmt: skip
+    spec_file = str(slow.source_dir / "canary-slow.yaml")
+    walker = subprocess.Popen(
+        [str(Path(sys.executable).with_name("modelyard")), "deploy", "canary", "--version", "1",
+         "--spec", spec_file], start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env=process_environment({"MODELYARD_PROMETHEUS_URL": settings.prometheus}),
+    )  # fmt: skip
+    from tests.test_triggers import wait_until  # tests.test_triggers imports this module
+
+    try:
+        wait_until("the canary to take its share",
+                   lambda: progressive.status(settings, spec.name, "canary"), timeout=180)  # fmt: skip
+    finally:
+        os.killpg(walker.pid, signal.SIGKILL)
+        walker.wait(timeout=30)
+    assert {version_at(front) for _ in range(40)} == {"1", "2"}  # still split: nobody ended it
+    shown = run_cli("rollout", "status", "canary", "--spec", spec_file)
+    assert shown.returncode == 0 and "30 % on v1, 70 % on v2" in shown.stdout, shown.stdout
+    aborted = run_cli("rollout", "abort", "canary", "--spec", spec_file)
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    assert "aborted: v2 serves canary alone, v1 stopped" in aborted.stdout
+    assert {version_at(front) for _ in range(20)} == {"2"}
+    assert len(_containers(f"{spec.name}-canary", settings.workspace)) == 1
+    latest = ledger.history(settings, spec.name, "canary")[0]
+    assert (latest.version, latest.outcome) == ("1", "failed")
+    assert latest.reason == "abort by an operator after the canary's walk stopped"
+    assert progressive.status(settings, spec.name, "canary") is None

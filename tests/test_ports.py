@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 
 import pytest
 
@@ -17,15 +18,20 @@ def _table_of_their_own(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ports, "_TABLE", tmp_path / "ports.json")
 
 
-def _draw(count: int) -> list[int]:
+def _draw(table: str, count: int) -> list[int]:
+    ports._TABLE = Path(table)  # this child's own module: the test's table, not the machine's
     return [free_port() for _ in range(count)]
 
 
-def test_processes_drawing_at_once_never_share_a_port() -> None:
-    # Forked, not spawned: the children keep this test's table (and skip a second of imports
-    # each); what they share is that file, which a fork does not copy.
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        drawn = [port for batch in pool.map(_draw, [150] * 4) for port in batch]
+def test_processes_drawing_at_once_never_share_a_port(tmp_path) -> None:
+    # From a fork server, not forked from this process: a fork of a process with threads (an
+    # xdist worker's) can inherit a lock some thread held, and hung a child in CI (ci27). The
+    # server imports this module once, so the children skip a second of imports each.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["modelyard.ports", __name__])
+    with context.Pool(4) as pool:
+        batches = pool.starmap(_draw, [(str(tmp_path / "ports.json"), 150)] * 4)
+    drawn = [port for batch in batches for port in batch]
     assert len(set(drawn)) == len(drawn) == 600  # unreserved: a collision, p > 0.999
     assert all(1024 < port < _ephemeral_start() for port in drawn)
 

@@ -211,15 +211,15 @@ def _ask(environment: str, spec: Path, request: Request) -> None:
     from modelyard.deploy import progressive
 
     loaded = load_spec(spec)
-    progressive.ask(settings(), loaded.name, environment, request)
-    console.print(f"[green]✓[/] asked the canary of {loaded.name} in {environment} to {request}; "
-                  "it acts within a second")  # fmt: skip
+    done = progressive.ask(settings(), loaded, environment, request, progress, _release_lock())
+    console.print(f"[green]✓[/] {loaded.name} in {environment}: {done}")
 
 
 @rollout_app.command("promote")
 @reports_errors
 def rollout_promote(environment: EnvArgument, spec: SpecOption = Path("modelyard.yaml")) -> None:
-    """Skip the remaining steps: all traffic to the canary, which becomes the live version."""
+    """Skip the remaining steps: all traffic to the canary, which becomes the live version
+    (also after the walk's process died)."""
     _ask(environment, spec, "promote")
 
 

@@ -22,7 +22,7 @@ from modelyard.atomic import replace_file
 from modelyard.config import Settings
 from modelyard.deploy import ledger, release
 from modelyard.deploy.ledger import Release
-from modelyard.deploy.locks import Lock, check_unmoved, workspace_lock
+from modelyard.deploy.locks import Lock, ReleaseConflict, check_unmoved, workspace_lock
 from modelyard.deploy.playbooks import PlaybookResult
 from modelyard.errors import DeployFailed, ModelyardError
 from modelyard.monitor.canary import SlotWindow, window
@@ -162,7 +162,7 @@ def _canary(
     replace_file(status, json.dumps({
         "model": spec.name, "environment": environment, "version": version,
         "baseline": live.version, "steps": plan.steps, "percent": plan.steps[0],
-        "bake": plan.bake, "analyses": [],
+        "bake": plan.bake, "analyses": [], "slots": started.slots,
     }, indent=2).encode())  # fmt: skip
     windows = _Windows(prometheus, f'model="{spec.name}",environment="{environment}"',
                        version, live.version)  # fmt: skip
@@ -198,6 +198,11 @@ def _canary(
     progress(f"canary: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
     why = "; ".join(filter(None, [record.reason, f"canary: {outcome.reason}"]))
     return ledger.append(settings, replace(record, reason=why))
+
+
+def _promoted(slots: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Each host's slots once its canary became the live one."""
+    return {host: s | {"live": s.get("canary", ""), "canary": ""} for host, s in slots.items()}
 
 
 def _abort_quietly(traffic: _Canary, started: PlaybookResult) -> str:
@@ -251,11 +256,59 @@ def status(settings: Settings, model: str, environment: str) -> dict[str, Any] |
         return None
 
 
-def ask(settings: Settings, model: str, environment: str, request: Request) -> None:
-    """Ask the running canary to promote or abort now."""
-    if status(settings, model, environment) is None:
-        raise ModelyardError(f"no canary of {model} runs in {environment} from this workspace")
-    replace_file(request_file(settings, model, environment), request.encode())
+def ask(
+    settings: Settings,
+    spec: Spec,
+    environment: str,
+    request: Request,
+    progress: Progress,
+    lock: Lock | None = None,
+) -> str:
+    """Promote or abort the canary of `spec`'s model in `environment` now. A walk that runs
+    holds the release lock and hears the request within a second; when the lock is free, the
+    walk has died (its process was killed), and this acts on the hosts itself. Returns what
+    was done."""
+    state = status(settings, spec.name, environment)
+    if state is None:
+        raise ModelyardError(f"no canary of {spec.name} runs in {environment} from this workspace")
+    actor = release.actor_name(settings)
+    try:
+        with (lock or workspace_lock(settings))(f"{spec.name}/{environment}",
+                                                f"rollout {request} by {actor}"):  # fmt: skip
+            return _act_for_a_dead_walk(settings, spec, environment, state, request, actor,
+                                        progress)  # fmt: skip
+    except ReleaseConflict:  # the walk holds the lock: it reads the request
+        replace_file(request_file(settings, spec.name, environment), request.encode())
+        return (f"asked the canary's walk to {request}; a running walk acts within a second "
+                "(`rollout status` shows it). A walk whose process died holds a Prefect "
+                "release lock until its lease ends (2 minutes): ask again then")  # fmt: skip
+
+
+def _act_for_a_dead_walk(
+    settings: Settings, spec: Spec, environment: str, state: dict[str, Any], request: Request,
+    actor: str, progress: Progress,
+) -> str:  # fmt: skip
+    version, baseline = str(state["version"]), str(state["baseline"])
+    where = release.target(spec, environment, settings, progress)
+    move = release.prepare(settings, spec, where, version, f"canary-{request}", progress)
+    live = ledger.live(settings, spec.name, environment)
+    why = f"{request} by an operator after the canary's walk stopped"
+    record = replace(move.record(spec, "deploy", actor, live), reason=why)
+    result = release.play(settings, move, "traffic.yml", request, progress,
+                          {"model_service_traffic_action": request})  # fmt: skip
+    record = replace(record, hosts=",".join(result.touched))
+    if not result.ok:
+        _fail(settings, record, result.reason(), result)
+    slots: dict[str, dict[str, str]] = state.get("slots", {})
+    status_file(settings, spec.name, environment).unlink(missing_ok=True)
+    if request == "abort":
+        write_targets(settings, spec.name, environment, slot_targets(slots, baseline))
+        ledger.append(settings, replace(record, outcome="failed"))
+        return f"aborted: v{baseline} serves {environment} alone, v{version} stopped"
+    registry.set_alias(registry.connect(settings), spec.name, environment, version)
+    write_targets(settings, spec.name, environment, slot_targets(_promoted(slots), version))
+    ledger.append(settings, record)
+    return f"promoted: v{version} serves {environment}; alias '{environment}' moved"
 
 
 def take_request(settings: Settings, model: str, environment: str) -> Request | None:
