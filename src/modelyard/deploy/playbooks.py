@@ -53,6 +53,11 @@ class PlaybookResult:
     def ok(self) -> bool:
         return self.status == "successful" and not self.failures
 
+    @property
+    def files(self) -> list[Path]:
+        """Ansible's output and events, for the ledger."""
+        return [p for p in (self.stdout, self.events) if p]
+
     def reason(self) -> str:
         if self.failures:
             return "; ".join(f"{host}: {why}" for host, why in self.failures.items())

@@ -22,7 +22,7 @@ from modelyard.atomic import replace_file
 from modelyard.config import Settings
 from modelyard.deploy import ledger, release
 from modelyard.deploy.ledger import Release
-from modelyard.deploy.locks import Lock, ReleaseConflict, check_unmoved, workspace_lock
+from modelyard.deploy.locks import Lock, ReleaseConflict
 from modelyard.deploy.playbooks import PlaybookResult
 from modelyard.errors import DeployFailed, ModelyardError
 from modelyard.monitor.canary import SlotWindow, window
@@ -53,8 +53,8 @@ def deploy(
     """Release `version` to `environment` by its strategy; see `release.deploy` for the
     others. `approve` is asked before a canary's last step; `on_analysis` hears of every
     judged window (the flow publishes each as an artifact)."""
-    plan = spec.deploy.environments[environment].strategy if environment in \
-        spec.deploy.environments else None  # fmt: skip
+    declared = spec.deploy.environments.get(environment)  # unknown: release.target says so
+    plan = declared.strategy if declared else None
     if isinstance(plan, ShadowStrategy):
         raise DeployFailed(
             f"deploy.environments.{environment}.strategy: shadow is validated but not carried "
@@ -65,10 +65,8 @@ def deploy(
                               actor, expected, lock)  # fmt: skip
     where = release.target(spec, environment, settings, progress)
     actor = actor or release.actor_name(settings)
-    key = f"{spec.name}/{environment}"
-    with (lock or workspace_lock(settings))(key, f"canary v{version} by {actor}"):
-        live = ledger.live(settings, spec.name, environment)
-        check_unmoved(key, expected, live)
+    with release.held(settings, spec, environment, f"canary v{version} by {actor}", expected,
+                      lock) as live:  # fmt: skip
         if live is None or live.version == version:
             # Nothing else serves to judge it against: the first version goes in whole.
             progress(f"canary: no other version serves {environment}; deploying all at once")
@@ -92,7 +90,7 @@ class _Canary:
 
     def share(self, percent: int) -> None:
         self._traffic("weight", f"share-{percent}", {"model_service_canary_weight": percent})
-        self._note(percent=percent)
+        _update_status(self.status, lambda _: {"percent": percent})
 
     def promote(self) -> None:
         self._traffic("promote", "promote")
@@ -106,10 +104,6 @@ class _Canary:
                               {"model_service_traffic_action": action} | (extra or {}))  # fmt: skip
         if not result.ok:
             raise DeployFailed(f"canary {action} failed: {result.reason()}")
-
-    def _note(self, **changes: Any) -> None:
-        state = json.loads(self.status.read_text()) if self.status.exists() else {}
-        replace_file(self.status, json.dumps(state | changes, indent=2).encode())
 
 
 @dataclass(frozen=True)
@@ -169,9 +163,9 @@ def _canary(
 
     def note(analysis: Analysis) -> None:
         progress(f"canary: {analysis.describe()}")
-        state = json.loads(status.read_text())
-        state["analyses"] = [*state["analyses"], _analysis_json(analysis)]
-        replace_file(status, json.dumps(state, indent=2).encode())
+        _update_status(status, lambda state: {
+            "analyses": [*state.get("analyses", []), _analysis_json(analysis)],
+        })  # fmt: skip
         ledger.append(settings, replace(record, action=ANALYSIS, outcome=analysis.verdict.outcome,
                                         reason=analysis.describe()))  # fmt: skip
         hooks.on_analysis(analysis)
@@ -190,19 +184,27 @@ def _canary(
         write_targets(settings, spec.name, environment,
                       slot_targets(started.slots, live.version))  # fmt: skip
         _fail(settings, record, f"rolled back to v{live.version}: {outcome.reason}", started)
-    registry.set_alias(registry.connect(settings), spec.name, environment, version)
-    promoted = {
-        h: s | {"live": s.get("canary", ""), "canary": ""} for h, s in started.slots.items()
-    }
-    write_targets(settings, spec.name, environment, slot_targets(promoted, version))
+    _make_live(settings, spec.name, environment, version, started.slots)
     progress(f"canary: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
     why = "; ".join(filter(None, [record.reason, f"canary: {outcome.reason}"]))
     return ledger.append(settings, replace(record, reason=why))
 
 
-def _promoted(slots: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-    """Each host's slots once its canary became the live one."""
-    return {host: s | {"live": s.get("canary", ""), "canary": ""} for host, s in slots.items()}
+def _make_live(
+    settings: Settings, model: str, environment: str, version: str,
+    slots: dict[str, dict[str, str]],
+) -> None:  # fmt: skip
+    """After a promotion: the alias moves, and Prometheus scrapes each host's canary slot,
+    now its live one, alone."""
+    registry.set_alias(registry.connect(settings), model, environment, version)
+    promoted = {host: s | {"live": s.get("canary", ""), "canary": ""} for host, s in slots.items()}
+    write_targets(settings, model, environment, slot_targets(promoted, version))
+
+
+def _update_status(path: Path, changes: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Apply `changes` (given the status as it is) to a canary's status file, whole."""
+    state = json.loads(path.read_text()) if path.exists() else {}
+    replace_file(path, json.dumps(state | changes(state), indent=2).encode())
 
 
 def _abort_quietly(traffic: _Canary, started: PlaybookResult) -> str:
@@ -217,8 +219,7 @@ def _abort_quietly(traffic: _Canary, started: PlaybookResult) -> str:
 
 
 def _fail(settings: Settings, record: Release, why: str, result: PlaybookResult) -> None:
-    files = [p for p in (result.stdout, result.events) if p]
-    ledger.append(settings, replace(record, outcome="failed", reason=why), files)
+    ledger.append(settings, replace(record, outcome="failed", reason=why), result.files)
     raise DeployFailed(f"canary of {record.model} v{record.version} to {record.environment} "
                        f"failed: {why}")  # fmt: skip
 
@@ -273,9 +274,9 @@ def ask(
         raise ModelyardError(f"no canary of {spec.name} runs in {environment} from this workspace")
     actor = release.actor_name(settings)
     try:
-        with (lock or workspace_lock(settings))(f"{spec.name}/{environment}",
-                                                f"rollout {request} by {actor}"):  # fmt: skip
-            return _act_for_a_dead_walk(settings, spec, environment, state, request, actor,
+        with release.held(settings, spec, environment, f"rollout {request} by {actor}",
+                          lock=lock) as live:  # fmt: skip
+            return _act_for_a_dead_walk(settings, spec, environment, state, request, actor, live,
                                         progress)  # fmt: skip
     except ReleaseConflict:  # the walk holds the lock: it reads the request
         replace_file(request_file(settings, spec.name, environment), request.encode())
@@ -286,12 +287,11 @@ def ask(
 
 def _act_for_a_dead_walk(
     settings: Settings, spec: Spec, environment: str, state: dict[str, Any], request: Request,
-    actor: str, progress: Progress,
+    actor: str, live: Release | None, progress: Progress,
 ) -> str:  # fmt: skip
     version, baseline = str(state["version"]), str(state["baseline"])
     where = release.target(spec, environment, settings, progress)
     move = release.prepare(settings, spec, where, version, f"canary-{request}", progress)
-    live = ledger.live(settings, spec.name, environment)
     why = f"{request} by an operator after the canary's walk stopped"
     record = replace(move.record(spec, "deploy", actor, live), reason=why)
     result = release.play(settings, move, "traffic.yml", request, progress,
@@ -305,8 +305,7 @@ def _act_for_a_dead_walk(
         write_targets(settings, spec.name, environment, slot_targets(slots, baseline))
         ledger.append(settings, replace(record, outcome="failed"))
         return f"aborted: v{baseline} serves {environment} alone, v{version} stopped"
-    registry.set_alias(registry.connect(settings), spec.name, environment, version)
-    write_targets(settings, spec.name, environment, slot_targets(_promoted(slots), version))
+    _make_live(settings, spec.name, environment, version, slots)
     ledger.append(settings, record)
     return f"promoted: v{version} serves {environment}; alias '{environment}' moved"
 

@@ -8,6 +8,7 @@ what serves exactly as they were, plus one record saying what failed and why.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
@@ -15,7 +16,7 @@ import os
 import secrets
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,11 +147,27 @@ def deploy(
     """
     where = target(spec, environment, settings, progress)
     actor = actor or actor_name(settings)
+    with held(settings, spec, environment, f"{action} v{version} by {actor}", expected,
+              lock) as live:  # fmt: skip
+        return move(settings, spec, where, version, progress, action, reason, actor, live)
+
+
+@contextlib.contextmanager
+def held(
+    settings: Settings,
+    spec: Spec,
+    environment: str,
+    holder: str,
+    expected: str | None = None,
+    lock: Lock | None = None,
+) -> Iterator[Release | None]:
+    """Hold the release lock of the model in `environment` (`lock`, default the workspace's)
+    and give what serves there, after checking it is still `expected` (see `deploy`)."""
     key = f"{spec.name}/{environment}"
-    with (lock or workspace_lock(settings))(key, f"{action} v{version} by {actor}"):
+    with (lock or workspace_lock(settings))(key, holder):
         live = ledger.live(settings, spec.name, environment)
         check_unmoved(key, expected, live)
-        return move(settings, spec, where, version, progress, action, reason, actor, live)
+        yield live
 
 
 @dataclass(frozen=True)
@@ -214,16 +231,15 @@ def move(
     result = play(settings, moving, playbook, "ansible", progress)
     record = replace(moving.record(spec, action, actor, live), reason=reason,
                      hosts=",".join(result.touched))  # fmt: skip
-    files = [p for p in (result.stdout, result.events) if p]
     if not result.ok:
         why = result.reason()
         why += _put_back(settings, spec, where, live, result, moving.workdir, progress)
-        ledger.append(settings, replace(record, outcome="failed", reason=why), files)
+        ledger.append(settings, replace(record, outcome="failed", reason=why), result.files)
         raise DeployFailed(f"{action} of {spec.name} v{version} to {environment} failed: {why}")
     registry.set_alias(registry.connect(settings), spec.name, environment, version)
     if result.slots:
         write_targets(settings, spec.name, environment, slot_targets(result.slots, version))
-    done = ledger.append(settings, record, files)
+    done = ledger.append(settings, record, result.files)
     progress(f"{action}: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
     return done
 
