@@ -35,7 +35,7 @@ from modelyard import source, stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings
 from modelyard.deploy import approvals, progressive, release
-from modelyard.errors import GateFailed, ModelyardError
+from modelyard.errors import DeployFailed, GateFailed, ModelyardError
 from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_tags, slug
 from modelyard.outcomes import PipelineOutcome, Released, StageRow, table
 from modelyard.rollout import Analysis
@@ -322,74 +322,109 @@ def deploy_task(
     action: str,
     approval: Approval | None,
     expected: str,
+    asking: str | None = None,
 ) -> Released:
+    """`asking`: the approval request, when the approval comes at a canary's or a shadow's
+    last step (the run pauses there, as it does before an environment otherwise)."""
     logger = get_run_logger()
 
+    kind = spec.deploy.environments[environment].strategy.kind
+
     def publish(analysis: Analysis) -> None:
-        title = f"{spec.name} v{version} canary in {environment}"
+        title = f"{spec.name} v{version} {kind} in {environment}"
         create_markdown_artifact(analysis.to_markdown(title),
                                  key=f"{slug(spec.name)}-{slug(environment)}-canary",
                                  description=f"{title}: {analysis.describe()[:200]}")  # fmt: skip
 
-    record = progressive.deploy(
-        settings, spec, environment, version, logger.info, action,
-        reason=approval.comment if approval else "",
-        actor=approval.approver if approval else None,
-        expected=expected, lock=release_lock(settings), on_analysis=publish,
-    )  # fmt: skip
+    decisions: list[Approval | None] = []
+
+    def approve() -> bool:
+        assert asking is not None
+        decision = _wait_for_approval(settings, spec, environment, version, asking)
+        decisions.append(decision)
+        if decision is None or not decision.approve:
+            _record_rejection(settings, spec, environment, version, decision)
+            return False
+        approvals.approve(settings, spec, environment, version, decision.approver,
+                          decision.comment or "approved at the last step")  # fmt: skip
+        return True
+
+    try:
+        record = progressive.deploy(
+            settings, spec, environment, version, logger.info, action,
+            reason=approval.comment if approval else "",
+            actor=approval.approver if approval else None,
+            expected=expected, lock=release_lock(settings), on_analysis=publish,
+            approve=approve if asking is not None else None,
+        )  # fmt: skip
+    except DeployFailed:
+        if decisions and not (decisions[-1] and decisions[-1].approve):
+            return Released(environment, version, "rejected")  # the rejection is in the ledger
+        raise
     return Released(environment, version, record.outcome)
 
 
 def _release(
     runner: _Stages, ctx: stages.RunContext, outcome: PipelineOutcome, serving: dict[str, str]
 ) -> list[Released]:
-    """Deploy through the spec's environments in order, asking a person where the spec says."""
+    """Deploy through the spec's environments in order, asking a person where the spec says:
+    before the release, or at a canary's or a shadow's last step."""
     spec, version = ctx.spec, outcome.version
     if not spec.deploy.environments:
         runner.logger.info("no deploy.environments in the spec: v%s stays the candidate", version)
     done: list[Released] = []
     for index, environment in enumerate(spec.deploy.environments):
-        approval = None
+        approval, asking = None, None
         if approvals.needs_approval(spec, environment):
-            approval = _wait_for_approval(ctx, environment, outcome, done)
+            asking = stages.approval_request(ctx, environment, outcome,
+                                             [d.environment for d in done])  # fmt: skip
+        if asking is not None and not approvals.at_last_step(spec, environment):
+            approval = _wait_for_approval(ctx.settings, spec, environment, version, asking)
             if approval is None or not approval.approve:
-                _record_rejection(runner, ctx, environment, version, approval)
+                _record_rejection(ctx.settings, spec, environment, version, approval)
+                runner.rows.append(_rejected_row(environment, approval, spec))
                 return done
             label = f"approved by {approval.approver}"
             runner.rows.append(StageRow(f"approve-{environment}", label, 0.0, False))
+            asking = None
         action = "deploy" if index == 0 else "promote"
-        step = (ctx.settings, spec, environment, version, action, approval, serving[environment])
-        done.append(runner.run(f"deploy-{environment}", deploy_task, *step))
+        step = (ctx.settings, spec, environment, version, action, approval, serving[environment],
+                asking)  # fmt: skip
+        released = runner.run(f"deploy-{environment}", deploy_task, *step)
+        if released.outcome == "rejected":  # at the last step: traffic went back
+            runner.rows.append(StageRow(f"approve-{environment}", "rejected", 0.0, False,
+                                        "rejected at the last step"))  # fmt: skip
+            return done
+        done.append(released)
     return done
 
 
+def _rejected_row(environment: str, approval: Approval | None, spec: Spec) -> StageRow:
+    why = approval.comment if approval else f"no decision within {spec.deploy.approval_timeout} s"
+    return StageRow(f"approve-{environment}", "rejected", 0.0, False, why)
+
+
 def _record_rejection(
-    runner: _Stages,
-    ctx: stages.RunContext,
-    environment: str,
-    version: str,
-    approval: Approval | None,
+    settings: Settings, spec: Spec, environment: str, version: str, approval: Approval | None
 ) -> None:
     """A rejection or a timeout: the ledger says so and the environment keeps what it serves."""
-    spec = ctx.spec
     who = approval.approver if approval else "timeout"
     why = approval.comment if approval else f"no decision within {spec.deploy.approval_timeout} s"
-    approvals.reject(ctx.settings, spec, environment, version, who, why or "rejected")
-    runner.rows.append(StageRow(f"approve-{environment}", "rejected", 0.0, False, why))
-    runner.logger.warning("%s v%s not deployed to %s: %s", spec.name, version, environment, why)
+    approvals.reject(settings, spec, environment, version, who, why or "rejected")
+    get_run_logger().warning("%s v%s not deployed to %s: %s", spec.name, version, environment,
+                             why)  # fmt: skip
 
 
 def _wait_for_approval(
-    ctx: stages.RunContext, environment: str, outcome: PipelineOutcome, done: list[Released]
+    settings: Settings, spec: Spec, environment: str, version: str, description: str
 ) -> Approval | None:
-    """Pause until a person answers (UI form or `modelyard approve`); None on timeout."""
-    spec = ctx.spec
-    description = stages.approval_request(ctx, environment, outcome, [d.environment for d in done])
+    """Pause until a person answers (UI form or `modelyard approve`); None on timeout. From a
+    task too (a canary's last step): Prefect pauses the task's flow run."""
     deadline = time.monotonic() + spec.deploy.approval_timeout
     get_run_logger().info(
         "waiting for approval to deploy %s v%s to %s: approve in the Prefect UI, or run "
         "`modelyard approve %s` / `modelyard reject %s`",
-        spec.name, outcome.version, environment, flow_run.id, flow_run.id,
+        spec.name, version, environment, flow_run.id, flow_run.id,
     )  # fmt: skip
     attempt = 0
     while (left := int(deadline - time.monotonic())) > 0:
@@ -410,7 +445,7 @@ def _wait_for_approval(
             "%s may not approve %s (allowed: %s); recorded in the ledger, asking again",
             decision.approver, environment, ", ".join(approvers),
         )  # fmt: skip
-        approvals.refuse(ctx.settings, spec, environment, outcome.version, decision.approver)
+        approvals.refuse(settings, spec, environment, version, decision.approver)
     return None
 
 

@@ -7,11 +7,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelyard import stages
 from modelyard.bundle import load_or_create_key, public_key_text
 from modelyard.package.build import BuiltBundle, build_bundle
-from modelyard.spec import Spec, load_spec
+from modelyard.spec import Estimator, Spec, load_spec
 from tests.conftest import ROOT, free_port, wait_for
 
 TOKEN = "test-token-" + "x" * 20
@@ -24,16 +25,27 @@ class Built:
     trained: stages.TrainResult
     bundle: BuiltBundle
     public_key: str
+    key_file: Path  # the signing key
 
 
-def build_example(example: str, out: Path) -> Built:
+def build_example(
+    example: str,
+    out: Path,
+    estimator: dict[str, Any] | None = None,
+    key_file: Path | None = None,
+) -> Built:
+    """The example trained (with `estimator` instead of its own, given as the spec's
+    `estimator` field) and sealed with the key at `key_file` (default: a new one in `out`)."""
     spec = load_spec(ROOT / "examples" / example / "modelyard.yaml")
+    if estimator is not None:
+        spec = spec.model_copy(update={"estimator": Estimator.model_validate(estimator)})
     prepared = stages.prepare(spec)
     trained = stages.train(spec, prepared.splits)
-    key = load_or_create_key(out / "signing.pem")
+    key_file = key_file or out / "signing.pem"
+    key = load_or_create_key(key_file)
     bundle = build_bundle(spec, trained.model, prepared.splits.eval, out, key,
                           {"model_version": "7", "git_commit": "0" * 40})  # fmt: skip
-    return Built(spec, prepared, trained, bundle, public_key_text(key.public_key()))
+    return Built(spec, prepared, trained, bundle, public_key_text(key.public_key()), key_file)
 
 
 class Server:

@@ -181,7 +181,10 @@ def test_a_window_read_from_prometheus_counts_every_request_of_each_slot(tmp_pat
         assert seen.errors == 0
         assert seen.latency[math.inf] == requests
         assert sum(seen.predictions.values()) == rows_predicted
-    limits = Thresholds(success_rate=0.99, latency_budget_ms=1000, latency_ratio=5,
+    # The same model on both: what is judged here is that real windows can be. p99 of 41
+    # requests is their slowest, and one request of a busy machine (12.9 ms beside 1.8 ms, seen
+    # with CI running alongside) may exceed a tight ratio; generated windows test the ratio.
+    limits = Thresholds(success_rate=0.99, latency_budget_ms=1000, latency_ratio=50,
                         psi=0.25, min_requests=40)  # fmt: skip
     verdict = judge(canary, baseline, limits)
     assert verdict.outcome == "passed", verdict.describe()

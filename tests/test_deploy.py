@@ -11,6 +11,7 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from flows.pipeline import pipeline
 from modelyard.config import Settings, runtime
 from modelyard.deploy import ledger, release
 from modelyard.errors import DeployFailed, SpecError
+from modelyard.monitor.drift import Prometheus
 from modelyard.outcomes import PipelineOutcome
 from modelyard.ports import free_ports
 from modelyard.spec import Spec, load_spec
@@ -548,6 +550,98 @@ def prometheus_stack(registered, tmp_path) -> Iterator[Settings]:
         )
     finally:
         stack.down(settings, ["prometheus"], progress=lambda _: None)
+
+
+def test_a_shadow_gets_copies_clients_never_see_and_switches_in_once_approved(
+    registered, prometheus_stack
+):
+    """v2 as a shadow of v1 under steady load, in an environment with an approver: v2's slot
+    answers copies of half the requests, compares each with v1's bundle and passes on agreement
+    read from the real Prometheus, while clients get v1's answers alone; the flow run then
+    pauses before any traffic moves. Rejected, the shadow stops (the mirror off, v1 alone, the
+    alias unmoved); a second run, approved, switches v2 in."""
+    from modelyard.deploy import progressive
+    from tests.test_monitoring import dashboard_queries
+
+    settings = prometheus_stack
+    port = free_ports(3)
+    strategy = {"kind": "shadow", "sample": 0.5, "duration": 10, "timeout": 120,
+                "checks": {"min_requests": 20, "psi": 0.5}}  # fmt: skip
+    spec = env_spec(registered, "shadow", {"shadow": {
+        "target": "local", "port": port, "strategy": strategy, "approvers": ["alice"]}})  # fmt: skip
+    front = f"http://127.0.0.1:{port}"
+    progressive.deploy(settings, spec, "shadow", "1", lambda _: None)
+
+    with LoadLoop([front], spec.name, TOKEN, pause=0.05) as load:
+        rejected = ShadowRun(settings, spec, "2", expected="1")
+        run_id = rejected.paused()
+        assert set(load.versions[front]) == {"1"}, load.versions  # a shadow answers no client
+        analysis = ledger.history(settings, spec.name, "shadow")[0]
+        assert (analysis.action, analysis.outcome) == ("analysis", "passed"), analysis.reason
+        assert analysis.reason.startswith("shadow (50% of requests copied): passed")
+        assert re.search(r"agreement [\d.]+ \(threshold 0\.95\): ok", analysis.reason)
+        recorded = MlflowClient().get_run(analysis.record_id).data.metrics  # MLflow charts it
+        assert recorded["agreement"] >= 0.95 and recorded["agreement.threshold"] == 0.95
+        prometheus = Prometheus(settings.prometheus)
+        for title, expr in dashboard_queries(spec.name, shadow=True):  # Grafana's panel too
+            assert prometheus.query(expr), f"dashboard panel {title!r} has no data: {expr}"
+        resume_flow_run(run_id, run_input={"approve": False, "approver": "bob",
+                                           "comment": "not this week"})  # fmt: skip
+        assert rejected.released().outcome == "rejected"
+    assert load.failures == [] and set(load.versions[front]) == {"1"}
+    assert version_at(front) == "1"
+    assert MlflowClient().get_model_version_by_alias(spec.name, "shadow").version == "1"
+    assert len(_containers(f"{spec.name}-shadow", settings.workspace)) == 1
+    mirror = next((settings.workspace / "services").rglob(f"{spec.name}-shadow/nginx/mirror.conf"))
+    assert "No shadow runs" in mirror.read_text()
+    failed, rejection = ledger.history(settings, spec.name, "shadow")[:2]
+    assert (rejection.action, rejection.outcome, rejection.actor) == ("reject", "rejected", "bob")
+    assert (failed.action, failed.outcome) == ("promote", "failed")
+    assert "the switch was not approved" in failed.reason
+
+    with LoadLoop([front], spec.name, TOKEN, pause=0.05) as load:
+        approved = ShadowRun(settings, spec, "2", expected="1")
+        resume_flow_run(approved.paused(after=rejected.pauses), run_input={
+            "approve": True, "approver": "alice", "comment": "agrees on real traffic"})  # fmt: skip
+        assert approved.released().outcome == "succeeded"
+    assert load.failures == [] and version_at(front) == "2"
+    assert MlflowClient().get_model_version_by_alias(spec.name, "shadow").version == "2"
+    promoted, approval = ledger.history(settings, spec.name, "shadow")[:2]
+    assert (approval.action, approval.outcome, approval.actor) == ("approve", "approved", "alice")
+    assert (promoted.action, promoted.version, promoted.outcome) == ("promote", "2", "succeeded")
+
+
+class ShadowRun:
+    """A flow run of the deploy task for a progressive environment with approvers, in a
+    background thread: it pauses for the approval at the last step."""
+
+    def __init__(self, settings: Settings, spec: Spec, version: str, expected: str) -> None:
+        from prefect import flow
+
+        from flows.pipeline import deploy_task
+
+        @flow(name="shadow-release")
+        def release_flow() -> Any:
+            return deploy_task(settings, spec, "shadow", version, "promote", None, expected,
+                               asking="## Switch to the new version?")  # fmt: skip
+
+        self.states: list[Any] = []
+        self.pauses: set[str] = set()
+        self.thread = threading.Thread(
+            target=lambda: self.states.append(release_flow(return_state=True)), daemon=True
+        )
+        self.thread.start()
+
+    def paused(self, after: set[str] = frozenset()) -> UUID:
+        pause = paused_run(after=after, timeout=240)
+        self.pauses = set(after) | {pause}
+        return UUID(pause.split(":")[0])
+
+    def released(self, timeout: float = 240) -> Any:
+        self.thread.join(timeout)
+        assert self.states, "the flow run did not finish"
+        assert self.states[0].is_completed(), self.states[0].message
+        return self.states[0].result()
 
 
 def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(

@@ -4,14 +4,14 @@ app's metrics count it (tests/test_canary.py), on a clock the test moves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
 
 from modelyard.monitor.canary import SlotWindow, Thresholds
 from modelyard.rollout import POLL_SECONDS, Analysis, Request, walk
-from modelyard.spec import CanaryStrategy
+from modelyard.spec import CanaryStrategy, ShadowStrategy
 from tests.test_canary import generated
 
 LIMITS = Thresholds(
@@ -169,3 +169,103 @@ def test_the_last_step_waits_for_the_approval(approved: bool) -> None:
     assert outcome.promoted == approved
     expected = ["share 50", "share 100", "promote"] if approved else ["share 50", "abort"]
     assert env.moves == expected
+
+
+@dataclass
+class Shadowed(Environment):
+    """A shadow: it gets copies of `sample` of the requests, all of which the baseline answers,
+    and gives the baseline's class on each compared row with probability `agreement` (or, for a
+    regressor, differs from it by `diff` on average)."""
+
+    sample: float = 0.1
+    agreement: float = 0.99
+    diff: float = 0.0
+
+    def canary(self, seconds: int) -> SlotWindow:
+        copies = int(self.rate * seconds * self.sample)
+        window = generated(self.rng, copies, **self.fault)
+        agreed = float(self.rng.binomial(copies, self.agreement))
+        diffs = float(self.rng.exponential(self.diff, copies).sum()) if self.diff else 0.0
+        return replace(window, compared=float(copies), agreed=agreed, abs_diff=diffs)
+
+
+def shadow(**changes: object) -> ShadowStrategy:
+    return ShadowStrategy.model_validate({"kind": "shadow", "duration": 600} | changes)
+
+
+def run_shadow(env: Shadowed, strategy: ShadowStrategy, approve=None, **limits: float):
+    analyses: list[Analysis] = []
+    judged = replace(LIMITS, **({"agreement": 0.95} | limits))
+    clock = Clock()
+    outcome = walk(strategy, judged, env, env, analyses.append, clock, approve=approve)
+    return outcome, analyses, clock
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("approved", [True, False, None])
+def test_a_shadow_that_follows_the_baseline_switches_in_once_approved(
+    seed: int, approved: bool | None
+) -> None:
+    env = Shadowed(np.random.default_rng(seed), first=0)
+    asked: list[list[str]] = []
+
+    def approve() -> bool:
+        asked.append(list(env.moves))
+        return bool(approved)
+
+    outcome, analyses, clock = run_shadow(env, shadow(sample=0.1),
+                                          approve if approved is not None else None)  # fmt: skip
+    assert [a.verdict.outcome for a in analyses] == ["passed"]
+    assert "agreement" in {c.metric for c in analyses[0].verdict.checks}
+    assert analyses[0].describe().startswith("shadow (10% of requests copied): passed")
+    assert asked == ([] if approved is None else [[]])  # after the pass, before any move
+    assert env.moves == (["abort"] if approved is False else ["promote"])
+    assert outcome.promoted == (approved is not False)
+    assert clock.now == pytest.approx(600)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_shadow_that_disagrees_or_fails_on_its_own_is_stopped(seed: int) -> None:
+    disagrees = Shadowed(np.random.default_rng(seed), first=0, agreement=0.85)
+    outcome, analyses, _ = run_shadow(disagrees, shadow())
+    assert not outcome.promoted and disagrees.moves == ["abort"]
+    assert [c.metric for c in analyses[0].verdict.failed] == ["agreement"]
+    slower = Shadowed(np.random.default_rng(seed), first=0, fault={"median_ms": 20.0})
+    outcome, analyses, _ = run_shadow(slower, shadow())
+    assert not outcome.promoted and slower.moves == ["abort"]
+    assert "latency_p99_ratio" in [c.metric for c in analyses[0].verdict.failed]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_regressors_shadow_is_judged_by_its_mean_difference(seed: int) -> None:
+    close = Shadowed(np.random.default_rng(seed), first=0, diff=0.5)
+    outcome, analyses, _ = run_shadow(close, shadow(), agreement=None, max_mean_abs_diff=1.0)
+    assert outcome.promoted, outcome.reason
+    assert {c.metric for c in analyses[0].verdict.checks} >= {"mean_abs_diff"}
+    assert "agreement" not in {c.metric for c in analyses[0].verdict.checks}
+    far = Shadowed(np.random.default_rng(seed), first=0, diff=2.0)
+    outcome, analyses, _ = run_shadow(far, shadow(), agreement=None, max_mean_abs_diff=1.0)
+    assert not outcome.promoted
+    assert [c.metric for c in analyses[0].verdict.failed] == ["mean_abs_diff"]
+
+
+def test_a_shadow_with_too_few_copies_runs_again_until_its_timeout() -> None:
+    # 1 % of 10 requests/s: 60 copies a duration, under min_requests; the baseline has plenty.
+    env = Shadowed(np.random.default_rng(3), first=0, sample=0.01)
+    outcome, analyses, clock = run_shadow(env, shadow(sample=0.01, timeout=2400))
+    assert {a.verdict.outcome for a in analyses} == {"inconclusive"} and len(analyses) == 4
+    assert not outcome.promoted and env.moves == ["abort"] and clock.now <= 2400
+    assert outcome.reason.startswith("timeout 2400 s reached with shadow (1% of requests copied)")
+
+
+def test_an_analysis_gives_mlflow_each_computed_value_and_every_threshold() -> None:
+    # 0.6 copies a duration: none arrive, so the shadow's own values cannot be computed.
+    env = Shadowed(np.random.default_rng(4), first=0, sample=0.0001)
+    _, analyses, _ = run_shadow(env, shadow(sample=0.0001, timeout=600))
+    metrics = analyses[0].metrics()
+    checks = analyses[0].verdict.checks
+    assert {f"{c.metric}.threshold" for c in checks} <= set(metrics)
+    assert metrics["agreement.threshold"] == 0.95 and metrics["step"] == 1
+    missing = {c.metric for c in checks if c.value is None}
+    assert {"agreement", "success_rate"} <= missing and not missing & set(metrics)
+    assert all(np.isfinite(list(metrics.values())))

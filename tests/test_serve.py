@@ -278,6 +278,58 @@ def test_metrics_count_requests_predictions_and_never_a_500(ads_server):
     assert httpx.get(f"{ads_server.url}/health/live").status_code == 200  # still up after it all
 
 
+def test_a_shadow_compares_the_copies_it_gets_with_the_serving_version(ads: Built, tmp_path):
+    """A slot started with the serving version's bundle as its reference predicts each request
+    the front door copies to it (X-Modelyard-Shadow) with both, and counts the rows whose class
+    agrees: exactly as many as the two scikit-learn models agree on. Requests that are not
+    copies are not compared, nor are copies the shadow itself refuses."""
+    serving = build_example("ad_clicks", tmp_path / "serving", key_file=ads.key_file,
+                            estimator={"class": "sklearn.linear_model.LogisticRegression",
+                                       "params": {"C": 0.0005, "max_iter": 1000}})  # fmt: skip
+    server = Server(ads.bundle.path, ads.public_key, workers=1,
+                    MODELYARD_SHADOW_REFERENCE=str(serving.bundle.path)).start()  # fmt: skip
+    features, _ = sample(ads, rows=200)
+    agreeing = int((expected_values(ads, features) == expected_values(serving, features)).sum())
+    assert 0 < agreeing < 200  # the two models differ, and the counts below must tell
+    body = {"inputs": frame_columns(features)}
+    copy = AUTH | {"X-Modelyard-Shadow": "1"}
+    try:
+        assert httpx.post(f"{server.url}/invocations", json=body, headers=AUTH).status_code == 200
+        response = httpx.post(f"{server.url}/invocations", json=body, headers=copy)
+        assert response.status_code == 200  # the shadow's own answer, which nginx drops
+        assert response.json()["predictions"] == expected_values(ads, features).tolist()
+        bad = {"inputs": frame_columns(features.drop(columns=["device"]))}
+        assert httpx.post(f"{server.url}/invocations", json=bad, headers=copy).status_code == 400
+        text = httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    assert _metric(text, "modelyard_shadow_compared_rows_total") == 200  # the copy alone
+    assert _metric(text, "modelyard_shadow_agreed_rows_total") == agreeing
+    assert _metric(text, "modelyard_shadow_abs_diff_total") == 0
+    assert _metric(text, "modelyard_shadow_unpaired_rows_total") == 0  # the 400 was not compared
+
+
+def test_a_regressors_shadow_sums_differences_and_counts_what_its_reference_cannot_read(
+    ads: Built, house: Built
+):
+    from modelyard.bundle import parse_public_keys, verify
+    from modelyard.serve import codecs
+    from modelyard.serve.runtime import Runtime
+    from modelyard.serve.shadow import Reference, compare
+
+    house_model = Runtime(verify(house.bundle.path, parse_public_keys(house.public_key)))
+    features, _ = sample(house, rows=30)
+    columns = frame_columns(features)
+    predicted = house_model.predict(codecs.to_feeds(columns, house_model.columns, 100)[0])
+    same = Reference(house_model, 100).compare(columns, 30, predicted)
+    assert (same.rows, same.agreed, same.abs_diff, same.unpaired) == (30, 0, 0.0, 0)
+    shifted = predicted._replace(values=predicted.values + 2.5)
+    assert compare(shifted, predicted, regression=True).abs_diff == pytest.approx(75.0)
+    # A reference whose schema refuses the copy (here: another model's columns): unpaired.
+    ads_columns = frame_columns(sample(ads, rows=5)[0])
+    assert Reference(house_model, 100).compare(ads_columns, 5, predicted).unpaired == 5
+
+
 def test_tampered_or_untrusted_bundle_is_refused(ads: Built, tmp_path, capsys):
     tampered = tmp_path / "tampered"
     shutil.copytree(ads.bundle.path, tampered)

@@ -219,6 +219,10 @@ def test_canary_steps_that_climb_to_100_are_taken_and_any_other_order_is_named(t
         ({"kind": "shadow", "checks": {"agreement": 1.5}}, ["strategy.checks.agreement:"]),
         ({"kind": "canary", "checks": {"agreement": 0.9}}, ["strategy.checks.agreement: unknown"]),
         ({"kind": "shadow"}, ["strategy.checks.max_mean_abs_diff: a regression model's shadow"]),
+        (
+            {"kind": "shadow", "duration": 900, "timeout": 600, "checks": {"max_mean_abs_diff": 1}},
+            ["strategy: timeout: 600 s is shorter than the shadow's duration", "at least 900"],
+        ),
         ({"kind": "all_at_once", "bake": 10}, ["strategy.bake: unknown field"]),
     ],
 )

@@ -171,6 +171,15 @@ def _ui_base(settings: Settings) -> str:
     return uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    client.log_batch(run_id, metrics=_metrics(metrics))
+
+
+def _metrics(metrics: dict[str, float]) -> list[mlflow.entities.Metric]:
+    """MLflow's metrics, NaN left out (MLflow stores it, and charts break on it)."""
+    return [mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items() if v == v]
+
+
 def log_training(
     client: MlflowClient,
     run_id: str,
@@ -184,7 +193,7 @@ def log_training(
     """Params, metrics, plots, spec files and the model itself (with signature and example)."""
     client.log_batch(
         run_id,
-        metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items() if v == v],
+        metrics=_metrics(metrics),
         params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()],
     )
     log_files(client, run_id, files, "training")

@@ -1,5 +1,8 @@
 """Progressive delivery: a canary walks its steps, each judged from Prometheus against the
-baseline that serves beside it; a failure sends all traffic back to the baseline at once.
+baseline that serves beside it; a failure sends all traffic back to the baseline at once. A
+shadow is one step with no client traffic: it gets copies of a sample of the requests, is
+judged on its own answers and on how closely they follow the baseline's, and once it passes
+(and is approved, where the environment has approvers) takes all traffic at once.
 
 `walk` is the decision loop alone: it moves traffic through a `Traffic`, reads each bake
 window through `Windows` and hands every analysis to `record`, so it knows nothing of Ansible
@@ -16,13 +19,14 @@ What the systems that do this taught, and this loop keeps:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from modelyard.monitor.canary import SlotWindow, Thresholds, Verdict, judge
-from modelyard.spec import CanaryChecks, CanaryStrategy, Spec
+from modelyard.spec import CanaryChecks, CanaryStrategy, ShadowChecks, ShadowStrategy, Spec
 
 Request = Literal["promote", "abort"]
 POLL_SECONDS = 1.0  # how often a bake looks for an operator's promote or abort
@@ -69,9 +73,23 @@ class Analysis:
     verdict: Verdict
     failures: int  # failed analyses so far, this one included
     elapsed: float  # seconds since the rollout started
+    copied: float | None = None  # a shadow's: the share of requests copied to it
+
+    @property
+    def stage(self) -> str:
+        if self.copied is not None:
+            return f"shadow ({self.copied:.0%} of requests copied)"
+        return f"step {self.step} ({self.percent} %)"
 
     def describe(self) -> str:
-        return f"step {self.step} ({self.percent} %): {self.verdict.describe()}"
+        return f"{self.stage}: {self.verdict.describe()}"
+
+    def metrics(self) -> dict[str, float]:
+        """Each check's value (when it could be computed) and threshold, for the MLflow record."""
+        values = {c.metric: c.value for c in self.verdict.checks
+                  if c.value is not None and math.isfinite(c.value)}  # fmt: skip
+        thresholds = {f"{c.metric}.threshold": c.threshold for c in self.verdict.checks}
+        return values | thresholds | {"step": float(self.step), "percent": float(self.percent)}
 
     def to_markdown(self, title: str) -> str:
         """A table of the window's checks, for a Prefect artifact."""
@@ -81,13 +99,33 @@ class Analysis:
             for c in self.verdict.checks
         ]
         return "\n".join([
-            f"## {title}: step {self.step} ({self.percent} %) {self.verdict.outcome}", "",
+            f"## {title}: {self.stage} {self.verdict.outcome}", "",
             f"{self.failures} failed analyses so far, {self.elapsed:.0f} s into the rollout.", "",
             "| check | value | threshold | verdict |", "|---|---|---|---|", *rows, "",
         ])  # fmt: skip
 
 
 _VERDICTS = {True: "ok", False: "**failed**", None: "inconclusive"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A strategy as the walk sees it."""
+
+    steps: tuple[int, ...]  # the new version's share of client requests at each step
+    bake: int
+    max_failures: int
+    timeout: int
+    copied: float | None = None  # a shadow: the share of requests copied to it
+    # After the last step passes all traffic moves at once (a shadow's switch): the approval,
+    # where one is needed, comes first.
+    switch: bool = False
+
+    @classmethod
+    def of(cls, strategy: CanaryStrategy | ShadowStrategy) -> Plan:
+        if isinstance(strategy, ShadowStrategy):
+            return cls((0,), strategy.duration, 0, strategy.timeout, strategy.sample, switch=True)
+        return cls(tuple(strategy.steps), strategy.bake, strategy.max_failures, strategy.timeout)
 
 
 @dataclass(frozen=True)
@@ -99,7 +137,8 @@ class Outcome:
 
 def thresholds(spec: Spec, checks: CanaryChecks) -> Thresholds:
     """The checks with the latency budget's default filled in: monitoring's budget for p99
-    alerts, else the behaviour gate's."""
+    alerts, else the behaviour gate's. A shadow's comparison is by class agreement for a
+    classifier, by mean absolute difference for a regressor."""
     budget = (
         checks.latency_budget_ms
         or spec.monitoring.latency_budget_ms
@@ -111,11 +150,20 @@ def thresholds(spec: Spec, checks: CanaryChecks) -> Thresholds:
         latency_ratio=checks.latency_ratio,
         psi=checks.psi,
         min_requests=checks.min_requests,
+        **_comparison(spec, checks),
     )
 
 
+def _comparison(spec: Spec, checks: CanaryChecks) -> dict[str, float | None]:
+    if not isinstance(checks, ShadowChecks):
+        return {}
+    if spec.task == "regression":
+        return {"max_mean_abs_diff": checks.max_mean_abs_diff}
+    return {"agreement": checks.agreement}
+
+
 def walk(
-    plan: CanaryStrategy,
+    strategy: CanaryStrategy | ShadowStrategy | Plan,
     limits: Thresholds,
     traffic: Traffic,
     windows: Windows,
@@ -126,7 +174,9 @@ def walk(
 ) -> Outcome:
     """Walk the steps from the first, whose share the deploy already set. Ends promoted (all
     traffic on the canary, which becomes the live slot) or rolled back (all traffic on the
-    baseline, the canary stopped); `approve`, when given, is asked before the last step."""
+    baseline, the canary stopped); `approve`, when given, is asked before all traffic moves to
+    the new version: before a canary's last step, after a shadow passes."""
+    plan = strategy if isinstance(strategy, Plan) else Plan.of(strategy)
     started = clock.monotonic()
     analyses: list[Analysis] = []
     failures, step = 0, 0
@@ -144,7 +194,8 @@ def walk(
         baseline = windows.baseline(plan.bake) if percent < 100 else None
         verdict = judge(windows.canary(plan.bake), baseline, limits)
         failures += verdict.outcome == "failed"
-        analysis = Analysis(step + 1, percent, verdict, failures, clock.monotonic() - started)
+        analysis = Analysis(step + 1, percent, verdict, failures, clock.monotonic() - started,
+                            plan.copied)  # fmt: skip
         analyses.append(analysis)
         record(analysis)
         if verdict.outcome == "failed" and failures > plan.max_failures:
@@ -152,7 +203,10 @@ def walk(
                               f"max_failures is {plan.max_failures}")  # fmt: skip
         if verdict.outcome == "passed":
             if step + 1 == len(plan.steps):
-                return end(True, f"all {len(plan.steps)} steps passed")
+                if plan.switch and approve is not None and not approve():
+                    return end(False, f"{analysis.stage} passed; the switch was not approved")
+                passed = analysis.stage if plan.switch else f"all {len(plan.steps)} steps"
+                return end(True, f"{passed} passed")
             step += 1
             if step + 1 == len(plan.steps) and approve is not None and not approve():
                 return end(False, f"the last step to {plan.steps[step]} % was not approved")

@@ -474,6 +474,20 @@ class ShadowStrategy(_Strict):
         description="Seconds a copy may take before nginx drops it; copies never delay an answer "
         "by more than this.",
     )  # fmt: skip
+    timeout: int = Field(
+        default=7200, ge=10,
+        description="Seconds the shadow may run: a `duration` with too few compared requests "
+        "to judge runs again, up to this; then the shadow is stopped and nothing moves.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _time_for_one_duration(self) -> ShadowStrategy:
+        if self.timeout < self.duration:
+            raise ValueError(
+                f"timeout: {self.timeout} s is shorter than the shadow's duration "
+                f"{self.duration} s; raise it to at least {self.duration}"
+            )
+        return self
 
 
 STRATEGY_KINDS = ("all_at_once", "canary", "shadow")

@@ -175,27 +175,31 @@ def rollout_status(
     spec: SpecOption = Path("modelyard.yaml"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """The canary's share of traffic, its step and the last window's checks."""
+    """The canary's share of traffic (or the shadow's of copies), its step and the last
+    window's checks."""
     from modelyard.deploy import progressive
 
     loaded = load_spec(spec)
     state = progressive.status(settings(), loaded.name, environment)
     if state is None:
-        console.print(f"no canary of {loaded.name} runs in {environment}")
+        console.print(f"no canary or shadow of {loaded.name} runs in {environment}")
         return
     if as_json:
         console.print_json(json.dumps(state))
         return
     done = len(state["analyses"])
-    console.print(
-        f"canary of {state['model']} v{state['version']} in {environment}: "
-        f"{state['percent']} % on v{state['version']}, {100 - state['percent']} % on "
-        f"v{state['baseline']} (steps {state['steps']}, bake {state['bake']} s, "
-        f"{done} window(s) judged)"
-    )
+    if state.get("kind") == "shadow":
+        share = (f"v{state['baseline']} answers every request, v{state['version']} gets copies "
+                 f"of {state['copied']:.0%} of them (duration {state['bake']} s")  # fmt: skip
+    else:
+        percent = state["percent"]
+        share = (f"{percent} % on v{state['version']}, {100 - percent} % on v{state['baseline']} "
+                 f"(steps {state['steps']}, bake {state['bake']} s")  # fmt: skip
+    console.print(f"{state.get('kind', 'canary')} of {state['model']} v{state['version']} in "
+                  f"{environment}: {share}, {done} window(s) judged)")  # fmt: skip
     if done:
         last = state["analyses"][-1]
-        table = Table(title=f"step {last['step']} ({last['percent']} %): {last['outcome']}")
+        table = Table(title=f"{last['stage']}: {last['outcome']}")
         for column in ("check", "value", "threshold", "verdict"):
             table.add_column(column)
         for check in last["checks"]:

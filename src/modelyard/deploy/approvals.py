@@ -22,6 +22,14 @@ def needs_approval(spec: Spec, environment: str) -> bool:
     return list(spec.deploy.environments).index(environment) > 0
 
 
+def at_last_step(spec: Spec, environment: str) -> bool:
+    """Does the approval come at the end of a canary's or a shadow's analysis (before all
+    traffic moves) rather than before the release starts? Approvers then decide on the new
+    version's behaviour on real traffic, not on its offline metrics alone."""
+    strategy = spec.deploy.environments[environment].strategy
+    return needs_approval(spec, environment) and strategy.kind != "all_at_once"
+
+
 def may_decide(spec: Spec, environment: str, approve: bool, approver: str) -> bool:
     """Anyone may reject (it moves nothing); only the environment's approvers, if it lists
     any, may approve."""
@@ -63,6 +71,13 @@ def reject(
 ) -> Release:
     """Record that a person (or a timeout) kept `version` out of `environment`."""
     return _decision(settings, spec, environment, version, actor, reason, "reject", "rejected")
+
+
+def approve(
+    settings: Settings, spec: Spec, environment: str, version: str, actor: str, reason: str
+) -> Release:
+    """Record an approval given while a canary or a shadow waited at its last step."""
+    return _decision(settings, spec, environment, version, actor, reason, "approve", "approved")
 
 
 def refuse(settings: Settings, spec: Spec, environment: str, version: str, actor: str) -> Release:

@@ -50,8 +50,14 @@ class Release:
         return self.outcome == SUCCEEDED and self.action in _SERVING_ACTIONS
 
 
-def append(settings: Settings, release: Release, files: list[Path] | None = None) -> Release:
-    """Write one record; returns it with its time and id. Records are never changed."""
+def append(
+    settings: Settings,
+    release: Release,
+    files: list[Path] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Release:
+    """Write one record; returns it with its time and id. Records are never changed.
+    `metrics`: numbers the MLflow UI can chart and compare across records (an analysis's)."""
     client = registry.connect(settings)
     when = datetime.now(UTC).isoformat(timespec="seconds")
     record = replace(release, when=when)
@@ -61,6 +67,8 @@ def append(settings: Settings, release: Release, files: list[Path] | None = None
     with registry.log_entry(client, settings, EXPERIMENT, name, marked) as entry:
         if files:
             registry.log_files(client, entry.run_id, [f for f in files if f.exists()], "ansible")
+        if metrics:
+            registry.log_metrics(client, entry.run_id, metrics)
         if record.outcome == "failed":
             entry.failure = record.reason or "failed"
     if record.action != WITHDRAW:  # a withdrawn version has no tags left to set

@@ -1,12 +1,14 @@
 """A release by the environment's strategy: all at once (`release.deploy`), or a canary that
-walks its steps (`modelyard.rollout.walk`) on the role's traffic shares, judged from the
-stack's Prometheus, each analysis in the ledger.
+walks its steps or a shadow that gets copies of live requests (`modelyard.rollout.walk`) on the
+role's traffic shares, judged from the stack's Prometheus, each analysis in the ledger.
 
 A canary starts the new version in each host's idle slot beside the live one and gives it the
-first step's share (deploy.yml in canary mode); ansible/traffic.yml moves the share, promotes
-or aborts. While it runs, `status` shows where it is and `ask` lets an operator promote or
-abort it: the walk reads the request within a second. Nothing moves the alias or calls the new
-version live before the last step passes; a rollback leaves both as they were.
+first step's share (deploy.yml in canary mode); a shadow starts it the same way with the live
+version's bundle as its reference and a sample of copies (shadow mode; modelyard.serve.shadow
+compares). ansible/traffic.yml moves the share, promotes or aborts. While it runs, `status`
+shows where it is and `ask` lets an operator promote or abort it: the walk reads the request
+within a second. Nothing moves the alias or calls the new version live before the last step
+passes; a rollback leaves both as they were.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from modelyard.errors import DeployFailed, ModelyardError
 from modelyard.monitor.canary import SlotWindow, window
 from modelyard.monitor.drift import Prometheus, prometheus_for
 from modelyard.monitor.targets import slot_targets, write_targets
-from modelyard.rollout import SYSTEM_CLOCK, Analysis, Clock, Request, thresholds, walk
+from modelyard.rollout import SYSTEM_CLOCK, Analysis, Clock, Plan, Request, thresholds, walk
 from modelyard.spec import CanaryStrategy, ShadowStrategy, Spec
 
 Progress = Callable[[str], None]
@@ -55,22 +57,18 @@ def deploy(
     judged window (the flow publishes each as an artifact)."""
     declared = spec.deploy.environments.get(environment)  # unknown: release.target says so
     plan = declared.strategy if declared else None
-    if isinstance(plan, ShadowStrategy):
-        raise DeployFailed(
-            f"deploy.environments.{environment}.strategy: shadow is validated but not carried "
-            "out by this version of modelyard yet; use canary or all_at_once"
-        )
-    if not isinstance(plan, CanaryStrategy):
+    if not isinstance(plan, CanaryStrategy | ShadowStrategy):
         return release.deploy(settings, spec, environment, version, progress, action, reason,
                               actor, expected, lock)  # fmt: skip
     where = release.target(spec, environment, settings, progress)
     actor = actor or release.actor_name(settings)
-    with release.held(settings, spec, environment, f"canary v{version} by {actor}", expected,
+    kind = plan.kind
+    with release.held(settings, spec, environment, f"{kind} v{version} by {actor}", expected,
                       lock) as live:  # fmt: skip
         if live is None or live.version == version:
             # Nothing else serves to judge it against: the first version goes in whole.
-            progress(f"canary: no other version serves {environment}; deploying all at once")
-            why = reason or "first version: nothing to compare a canary with"
+            progress(f"{kind}: no other version serves {environment}; deploying all at once")
+            why = reason or f"first version: nothing to compare a {kind} with"
             return release.move(settings, spec, where, version, progress, action, why, actor,
                                 live)  # fmt: skip
         record = replace(Release(spec.name, environment, action, version, ledger.SUCCEEDED,
@@ -87,6 +85,7 @@ class _Canary:
     move: release.Move
     progress: Progress
     status: Path
+    kind: str  # canary or shadow, as the operator reads it
 
     def share(self, percent: int) -> None:
         self._traffic("weight", f"share-{percent}", {"model_service_canary_weight": percent})
@@ -99,11 +98,11 @@ class _Canary:
         self._traffic("abort", "abort")
 
     def _traffic(self, action: str, step: str, extra: dict[str, Any] | None = None) -> None:
-        self.progress(f"canary: {action} {extra or ''}".rstrip())
+        self.progress(f"{self.kind}: {action} {extra or ''}".rstrip())
         result = release.play(self.settings, self.move, "traffic.yml", step, self.progress,
                               {"model_service_traffic_action": action} | (extra or {}))  # fmt: skip
         if not result.ok:
-            raise DeployFailed(f"canary {action} failed: {result.reason()}")
+            raise DeployFailed(f"{self.kind} {action} failed: {result.reason()}")
 
 
 @dataclass(frozen=True)
@@ -132,42 +131,43 @@ class _Hooks:
 
 
 def _canary(
-    settings: Settings, spec: Spec, where: release.Target, plan: CanaryStrategy,
+    settings: Settings, spec: Spec, where: release.Target, plan: CanaryStrategy | ShadowStrategy,
     asked: Release, live: Release, hooks: _Hooks,
 ) -> Release:  # fmt: skip
     """`asked`: the record of the release asked for (action, actor, reason)."""
     environment, version, progress = where.environment, asked.version, hooks.progress
     prometheus = prometheus_for(settings)  # a canary nobody can judge must not start
-    move = release.prepare(settings, spec, where, version, "canary", progress)
+    move = release.prepare(settings, spec, where, version, plan.kind, progress)
     record = replace(move.record(spec, asked.action, asked.actor, live), reason=asked.reason)
-    progress(f"canary: {spec.name} v{version} → {environment} at {plan.steps[0]} %, beside "
-             f"v{live.version}; steps {plan.steps}, bake {plan.bake} s")  # fmt: skip
-    started = release.play(settings, move, "deploy.yml", "start", progress, {
-        "model_service_traffic_mode": "canary", "model_service_canary_weight": plan.steps[0],
-    })  # fmt: skip
+    progress(f"{plan.kind}: {spec.name} v{version} → {environment} {_describe(plan)}, beside "
+             f"v{live.version}")  # fmt: skip
+    started = release.play(settings, move, "deploy.yml", "start", progress,
+                           _start_vars(settings, spec, plan, live))  # fmt: skip
     record = replace(record, hosts=",".join(started.touched))
     status = status_file(settings, spec.name, environment)
-    traffic = _Canary(settings, move, progress, status)
+    traffic = _Canary(settings, move, progress, status, plan.kind)
     if not started.ok:
         why = started.reason() + _abort_quietly(traffic, started)
         _fail(settings, record, why, started)
     write_targets(settings, spec.name, environment,
                   slot_targets(started.slots, live.version, version))  # fmt: skip
+    steps = Plan.of(plan)
     replace_file(status, json.dumps({
-        "model": spec.name, "environment": environment, "version": version,
-        "baseline": live.version, "steps": plan.steps, "percent": plan.steps[0],
-        "bake": plan.bake, "analyses": [], "slots": started.slots,
+        "model": spec.name, "environment": environment, "version": version, "kind": plan.kind,
+        "baseline": live.version, "steps": steps.steps, "percent": steps.steps[0],
+        "copied": steps.copied, "bake": steps.bake, "analyses": [], "slots": started.slots,
     }, indent=2).encode())  # fmt: skip
     windows = _Windows(prometheus, f'model="{spec.name}",environment="{environment}"',
                        version, live.version)  # fmt: skip
 
     def note(analysis: Analysis) -> None:
-        progress(f"canary: {analysis.describe()}")
+        progress(f"{plan.kind}: {analysis.describe()}")
         _update_status(status, lambda state: {
             "analyses": [*state.get("analyses", []), _analysis_json(analysis)],
         })  # fmt: skip
         ledger.append(settings, replace(record, action=ANALYSIS, outcome=analysis.verdict.outcome,
-                                        reason=analysis.describe()))  # fmt: skip
+                                        reason=analysis.describe()),
+                      metrics=analysis.metrics())  # fmt: skip
         hooks.on_analysis(analysis)
 
     try:
@@ -175,7 +175,7 @@ def _canary(
                        lambda: take_request(settings, spec.name, environment),
                        hooks.approve)  # fmt: skip
     except (ModelyardError, OSError) as exc:  # Prometheus or a host lost mid-walk
-        why = f"canary stopped: {exc}" + _abort_quietly(traffic, started)
+        why = f"{plan.kind} stopped: {exc}" + _abort_quietly(traffic, started)
         _fail(settings, record, why, started)
     finally:
         status.unlink(missing_ok=True)
@@ -185,9 +185,36 @@ def _canary(
                       slot_targets(started.slots, live.version))  # fmt: skip
         _fail(settings, record, f"rolled back to v{live.version}: {outcome.reason}", started)
     _make_live(settings, spec.name, environment, version, started.slots)
-    progress(f"canary: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
-    why = "; ".join(filter(None, [record.reason, f"canary: {outcome.reason}"]))
+    progress(f"{plan.kind}: {spec.name} v{version} serves {environment}; alias '{environment}' "
+             "moved")  # fmt: skip
+    why = "; ".join(filter(None, [record.reason, f"{plan.kind}: {outcome.reason}"]))
     return ledger.append(settings, replace(record, reason=why))
+
+
+def _describe(plan: CanaryStrategy | ShadowStrategy) -> str:
+    if isinstance(plan, ShadowStrategy):
+        return (f"as a shadow: copies of {plan.sample:.0%} of the requests for {plan.duration} s, "
+                "its answers dropped")  # fmt: skip
+    return f"at {plan.steps[0]} %; steps {plan.steps}, bake {plan.bake} s"
+
+
+def _start_vars(
+    settings: Settings, spec: Spec, plan: CanaryStrategy | ShadowStrategy, live: Release
+) -> dict[str, Any]:
+    """deploy.yml's variables that start the new version beside the live one, not in its place."""
+    if isinstance(plan, CanaryStrategy):
+        return {"model_service_traffic_mode": "canary",
+                "model_service_canary_weight": plan.steps[0]}  # fmt: skip
+    reference = registry.bundle_archive(
+        settings, spec.name, live.version, release.version_tags(settings, spec.name, live.version)
+    )
+    return {
+        "model_service_traffic_mode": "shadow", "model_service_canary_weight": 0,
+        "model_service_shadow_sample": plan.sample,
+        "model_service_mirror_timeout": plan.mirror_timeout,
+        "model_service_shadow_reference_archive": str(reference),
+        "model_service_shadow_reference_version": live.version,
+    }  # fmt: skip
 
 
 def _make_live(
@@ -226,7 +253,7 @@ def _fail(settings: Settings, record: Release, why: str, result: PlaybookResult)
 
 def _analysis_json(analysis: Analysis) -> dict[str, Any]:
     return {
-        "step": analysis.step, "percent": analysis.percent,
+        "step": analysis.step, "percent": analysis.percent, "stage": analysis.stage,
         "outcome": analysis.verdict.outcome, "failures": analysis.failures,
         "elapsed": round(analysis.elapsed, 1),
         "checks": [asdict(c) for c in analysis.verdict.checks],

@@ -199,7 +199,7 @@ class Move:
 def prepare(
     settings: Settings, spec: Spec, where: Target, version: str, action: str, progress: Progress
 ) -> Move:
-    tags = _version_tags(settings, spec.name, version)
+    tags = version_tags(settings, spec.name, version)
     extravars = _extravars(settings, spec, where, version, tags, progress)
     workdir = _workdir(settings, spec.name, where.environment, action)
     return Move(where, version, tags, extravars, workdir)
@@ -275,7 +275,7 @@ def _put_back(
     if live is None or not failed.touched:
         return ""
     progress(f"rollout failed; putting {', '.join(failed.touched)} back on v{live.version}")
-    tags = _version_tags(settings, spec.name, live.version)
+    tags = version_tags(settings, spec.name, live.version)
     extravars = _extravars(settings, spec, where, live.version, tags, progress)
     # Only the hosts the rollout reached: an unreachable one was not changed, and would fail
     # the put-back of the others.
@@ -363,7 +363,7 @@ def _extravars(
     return values
 
 
-def _version_tags(settings: Settings, model: str, version: str) -> dict[str, str]:
+def version_tags(settings: Settings, model: str, version: str) -> dict[str, str]:
     client = registry.connect(settings)
     try:
         return dict(client.get_model_version(model, version).tags)

@@ -34,6 +34,10 @@ class SlotWindow:
     errors: float  # of them, server errors (5xx)
     latency: Mapping[float, float]  # cumulative request counts by upper bound in s (+inf too)
     predictions: Mapping[str, float] = field(default_factory=dict)  # count per prediction bin
+    # A shadow's comparison with the serving version on the copies (modelyard.serve.shadow).
+    compared: float = 0.0  # rows both predicted
+    agreed: float = 0.0  # of them, rows with the same class
+    abs_diff: float = 0.0  # sum of |shadow - serving| over them
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,10 @@ class Thresholds:
     latency_ratio: float  # the canary's p99, at most this times the baseline's
     psi: float  # PSI of the canary's predictions against the baseline's, at most
     min_requests: int  # fewer prediction requests in the window: nothing is judged
+    # A shadow's: the share of compared rows of the same class (classifiers), at least; the
+    # mean |shadow - serving| (regressors), at most. None: not judged.
+    agreement: float | None = None
+    max_mean_abs_diff: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,10 +92,26 @@ def judge(canary: SlotWindow, baseline: SlotWindow | None, limits: Thresholds) -
             _at_most("latency_p99_ratio", _ratio(p99, _p99_ms(baseline)), limits.latency_ratio),
             _at_most("prediction_psi", _prediction_psi(canary, baseline), limits.psi),
         ]  # fmt: skip
+    checks += _shadow_checks(canary, limits)
     too_few = [w for w in (canary, baseline) if w is not None and w.requests < limits.min_requests]
+    compares = limits.agreement is not None or limits.max_mean_abs_diff is not None
+    if compares and canary.compared < limits.min_requests:  # rows compared, for a shadow
+        too_few.append(canary)
     if too_few:  # the values are kept for the record, the verdict waits for more traffic
         checks = [Check(c.metric, c.value, c.threshold, None) for c in checks]
     return Verdict(_outcome(checks), tuple(checks))
+
+
+def _shadow_checks(shadow: SlotWindow, limits: Thresholds) -> list[Check]:
+    """How closely a shadow followed the serving version on the same requests."""
+    checks = []
+    if limits.agreement is not None:
+        agreement = shadow.agreed / shadow.compared if shadow.compared > 0 else None
+        checks.append(_at_least("agreement", agreement, limits.agreement))
+    if limits.max_mean_abs_diff is not None:
+        mean = shadow.abs_diff / shadow.compared if shadow.compared > 0 else None
+        checks.append(_at_most("mean_abs_diff", mean, limits.max_mean_abs_diff))
+    return checks
 
 
 def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
@@ -104,11 +128,18 @@ def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
     predictions = prometheus.values(
         _grown(f"modelyard_prediction_bin_total{{{selector}}}", seconds, "bin"), "bin"
     )
+    shadow = {
+        name: prometheus.values(_grown(f"modelyard_shadow_{name}_total{{{selector}}}", seconds))
+        for name in ("compared_rows", "agreed_rows", "abs_diff")
+    }  # only a shadow's slot has these series; the others read 0
     return SlotWindow(
         requests=requests.get((), 0.0),
         errors=errors.get((), 0.0),
         latency={float(le): count for (le,), count in latency.items()},
         predictions={label: count for (label,), count in predictions.items()},
+        compared=shadow["compared_rows"].get((), 0.0),
+        agreed=shadow["agreed_rows"].get((), 0.0),
+        abs_diff=shadow["abs_diff"].get((), 0.0),
     )
 
 

@@ -6,6 +6,7 @@ reading, decoding and one ONNX Runtime call, which is what keeps one-row latency
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from modelyard.serve import codecs, openapi
+from modelyard.serve import codecs, openapi, shadow
 from modelyard.serve.batching import Batcher
 from modelyard.serve.codecs import ClientError
 from modelyard.serve.metrics import PROBABILITY_BUCKETS, Metrics
@@ -37,7 +38,9 @@ class ServingApp:
         tokens: list[str] | None = None,
         max_body_bytes: int = 5 * 1024 * 1024,
         max_rows: int = 10_000,
+        reference: Runtime | None = None,
     ) -> None:
+        """`reference`: the serving version's model, when this slot runs a shadow of it."""
         self.runtime = runtime
         self.tokens = [t.encode() for t in tokens or [] if t]
         self.max_body = max_body_bytes
@@ -48,7 +51,9 @@ class ServingApp:
         self.metrics = Metrics(
             runtime.name, runtime.version, runtime.digest, buckets,
             runtime.schema.get("reference"), runtime.schema.get("monitoring"),
+            shadow=reference is not None,
         )  # fmt: skip
+        self.reference = None if reference is None else shadow.Reference(reference, max_rows)
         self.batcher = Batcher(runtime, self.metrics.observe_batch)
         self.ready = False
         self._openapi: bytes | None = None
@@ -159,9 +164,21 @@ class ServingApp:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    async def _predict(self, columns: codecs.Columns) -> Prediction:
+    async def _predict(self, columns: codecs.Columns, scope: Scope) -> Prediction:
         values, rows = codecs.validate(columns, self.runtime.columns, self.max_rows)
-        return await self.batcher.predict(values, rows)
+        prediction = await self.batcher.predict(values, rows)
+        if self.reference is not None and shadow.is_copy(scope["headers"]):
+            # Runs once the handler gives the loop back, after the answer is sent: the
+            # comparison is never part of the copy's latency.
+            asyncio.get_running_loop().call_soon(self._compare, columns, rows, prediction)
+        return prediction
+
+    def _compare(self, columns: codecs.Columns, rows: int, prediction: Prediction) -> None:
+        assert self.reference is not None
+        try:
+            self.metrics.observe_shadow(self.reference.compare(columns, rows, prediction))
+        except Exception:  # a comparison never takes the slot down; its count shows the gap
+            log.exception("comparing a copied request with the serving version failed")
 
     # --- handlers: (scope, receive) -> (status, body, headers) ---------------------------------
 
@@ -170,11 +187,11 @@ class ServingApp:
         columns = codecs.mlflow_columns(
             await self._body(receive), content_type, self.runtime.columns
         )
-        return 200, codecs.mlflow_response(await self._predict(columns)), JSON
+        return 200, codecs.mlflow_response(await self._predict(columns, scope)), JSON
 
     async def v2_infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
         columns, wanted, request_id = codecs.v2_columns(await self._body(receive))
-        prediction = await self._predict(columns)
+        prediction = await self._predict(columns, scope)
         response = {
             "model_name": self.runtime.name,
             "model_version": self.runtime.version,

@@ -13,7 +13,7 @@ import asyncio
 import os
 from bisect import bisect_left
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,6 +26,9 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from modelyard.bins import Bins
+
+if TYPE_CHECKING:
+    from modelyard.serve.shadow import Comparison
 
 # 1-2-3-5 steps (no bucket wider than 1.67x) from 0.1 ms to 5 s: a canary's p99 is compared
 # with its baseline's at 1.5x, and a wider bucket's interpolation alone can exceed that
@@ -93,7 +96,10 @@ class Metrics:
         prediction_buckets: list[float],
         reference: dict[str, Any] | None = None,
         monitoring: dict[str, float] | None = None,
+        shadow: bool = False,
     ) -> None:
+        """`shadow`: this slot compares the copies it gets with the serving version's
+        answers (`modelyard.serve.shadow`)."""
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
@@ -131,6 +137,9 @@ class Metrics:
         self._prediction_bins: _BinTally | None = None
         if reference:
             self._drift_metrics(reference)
+        self._shadow: dict[str, float] = {}
+        if shadow:
+            self._shadow_metrics()
         self._requests: dict[tuple[str, int], int] = defaultdict(int)
         self._latency: dict[str, _Tally] = {}
         self._predictions = _Tally(self.prediction_bounds)
@@ -161,6 +170,31 @@ class Metrics:
         """A batch's validated columns, counted into the drift bins."""
         for name, tally in self._inputs.items():
             tally.add(columns[name])
+
+    def observe_shadow(self, comparison: Comparison) -> None:
+        """One copied request compared with the serving version's answer."""
+        for name in self._shadow:
+            self._shadow[name] += getattr(comparison, name)
+        self._schedule_flush()
+
+    def _shadow_metrics(self) -> None:
+        """The comparison's counters, at 0 from the start: a window judges their growth."""
+        self.shadow_counters = {
+            name: Counter(metric, help_text, registry=self.registry)
+            for name, metric, help_text in (
+                ("rows", "modelyard_shadow_compared_rows",
+                 "Copied rows predicted by this and the serving version"),
+                ("agreed", "modelyard_shadow_agreed_rows",
+                 "Compared rows whose class the serving version gave too"),
+                ("abs_diff", "modelyard_shadow_abs_diff",
+                 "Sum of |this - serving| over compared rows (regressors)"),
+                ("unpaired", "modelyard_shadow_unpaired_rows",
+                 "Copied rows the serving version could not predict"),
+            )
+        }  # fmt: skip
+        for counter in self.shadow_counters.values():
+            counter.inc(0)
+        self._shadow = dict.fromkeys(self.shadow_counters, 0.0)
 
     def _monitoring_gauges(self, monitoring: dict[str, float]) -> None:
         """The bundle's alert thresholds, so alert rules read them per model."""
@@ -224,6 +258,10 @@ class Metrics:
             counts.drain_into(self.input_bins, name)
         if self._prediction_bins is not None:
             self._prediction_bins.drain_into(self.prediction_bins)
+        for name, grown in self._shadow.items():
+            if grown:
+                self.shadow_counters[name].inc(grown)
+                self._shadow[name] = 0.0
 
     def render(self) -> bytes:
         self.flush()

@@ -43,6 +43,8 @@ class ServeConfig:
     max_body_bytes: int = 5 * 1024 * 1024
     max_rows: int = 10_000
     socket: str = ""
+    # A shadow's slot: the serving version's bundle, which copied requests are compared with.
+    reference: Path | None = None
 
     @classmethod
     def from_env(cls, bundle: Path, **overrides: object) -> ServeConfig:
@@ -58,9 +60,14 @@ class ServeConfig:
             "max_body_bytes": int(env.get("MODELYARD_SERVE_MAX_BODY_BYTES", str(5 * 1024 * 1024))),
             "max_rows": int(env.get("MODELYARD_SERVE_MAX_ROWS", "10000")),
             "socket": env.get("MODELYARD_SERVE_SOCKET", ""),
+            "reference": _path(env.get("MODELYARD_SHADOW_REFERENCE", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _path(value: str) -> Path | None:
+    return Path(value) if value else None
 
 
 def _read_keys_file(bundle: Path) -> str:
@@ -73,8 +80,10 @@ def build_app(config: ServeConfig) -> ServingApp:
     from modelyard.serve.app import ServingApp
     from modelyard.serve.runtime import Runtime
 
-    verified = verify(config.bundle, parse_public_keys(config.trusted_keys))
-    return ServingApp(Runtime(verified), config.tokens, config.max_body_bytes, config.max_rows)
+    keys = parse_public_keys(config.trusted_keys)
+    runtime = Runtime(verify(config.bundle, keys))
+    reference = None if config.reference is None else Runtime(verify(config.reference, keys))
+    return ServingApp(runtime, config.tokens, config.max_body_bytes, config.max_rows, reference)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -126,8 +135,11 @@ def _run_worker(config: ServeConfig, shared: list[socket.socket]) -> None:
 
 def serve(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code. Refuses an unverifiable bundle."""
+    keys = parse_public_keys(config.trusted_keys)
     try:
-        verify(config.bundle, parse_public_keys(config.trusted_keys))
+        verify(config.bundle, keys)
+        if config.reference is not None:
+            verify(config.reference, keys)
     except BundleError as exc:
         print(f"refusing to serve: {exc}", file=sys.stderr)
         return 3
