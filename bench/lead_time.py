@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from bench.common import replace_section, stamp
+from bench.common import replace_section, stamp, stop_services
 from modelyard.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,20 +226,7 @@ class Bench:
             os.killpg(self.worker.pid, 15)
             self.worker.wait(timeout=60)
         subprocess.run([EXE, "stack", "down"], env=self.env, capture_output=True)
-        roots = str(self.root)
-        listed = subprocess.run(
-            ["docker", "ps", "-aq", "--filter", "label=io.modelyard.root"],
-            capture_output=True, text=True, env=self.env,
-        ).stdout.split()  # fmt: skip
-        for container in listed:
-            label = subprocess.run(
-                ["docker", "inspect", "-f", '{{index .Config.Labels "io.modelyard.root"}}', container],
-                capture_output=True, text=True, env=self.env,
-            ).stdout.strip()  # fmt: skip
-            if label.startswith(roots):
-                subprocess.run(["docker", "rm", "-f", container], capture_output=True, env=self.env)
-        for conf in (self.root / "workspace").rglob("supervisord.conf"):
-            subprocess.run(["supervisorctl", "-c", str(conf), "shutdown"], capture_output=True)
+        stop_services(self.root, self.env)
 
 
 def _epoch(stamp: str) -> float:

@@ -221,7 +221,9 @@ class _NotReady(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_failure_on_the_second_host_puts_every_host_back(registered, ssh_hosts, tmp_path):
+def test_a_failure_on_the_second_host_puts_every_host_back(
+    registered, ssh_hosts, prometheus_stack, tmp_path
+):
     """Two failures on host-b after host-a switched: a failed health check, then host-b lost
     (its sshd and sessions killed) mid-rollout. Each time host-a goes back to v1 and the alias
     and the ledger's idea of what serves stay on v1."""
@@ -229,7 +231,7 @@ def test_a_failure_on_the_second_host_puts_every_host_back(registered, ssh_hosts
     # on a busy machine is never taken for a failure.
     env = ssh_env(ssh_hosts, tmp_path, model_service_ready_timeout=20)
     spec = env_spec(registered, "failing", {"fragile": _environment(env)})
-    settings = runtime()
+    settings = prometheus_stack  # this machine's settings, and a Prometheus for the canary
     release.deploy(settings, spec, "fragile", "1", lambda _: None)
 
     # On host-b something else holds the idle slot's port: v2's container cannot listen there,
@@ -245,6 +247,7 @@ def test_a_failure_on_the_second_host_puts_every_host_back(registered, ssh_hosts
             release.deploy(settings, spec, "fragile", "2", lambda _: None)
     finally:
         blocker.shutdown()
+        blocker.server_close()  # the port is the idle slot's again
     message = str(failed.value)
     assert "host-b" in message and "Wait for the idle slot to be ready" in message
     assert "every host is back on v1" in message
@@ -288,19 +291,79 @@ def test_a_failure_on_the_second_host_puts_every_host_back(registered, ssh_hosts
     assert ledger.live(settings, spec.name, "fragile").version == "1"
     assert ledger.history(settings, spec.name, "fragile")[0].outcome == "failed"
 
+    # A canary of v2 that loses host-b during its first step: the walk cannot move host-b's
+    # share, so it sends host-a back to v1 at once; host-b keeps its share until it answers,
+    # and `rollout abort` then ends it there too. No client request fails meanwhile.
+    from modelyard.deploy import progressive
 
-def test_process_runtime_on_this_machine_and_an_ssh_host(registered, ssh_hosts, tmp_path):
+    strategy = {"kind": "canary", "steps": [50, 100], "bake": 10, "timeout": 60,
+                "checks": {"min_requests": 10, "psi": 0.5}}  # fmt: skip
+    canary = env_spec(registered, "failing-canary",
+                      {"fragile": _environment(env) | {"strategy": strategy}})  # fmt: skip
+    lost.clear()
+
+    def lose_host_b_once_the_canary_has_its_share() -> None:
+        while not lost.is_set():
+            if progressive.status(settings, spec.name, "fragile") is not None:
+                lose_host(host_b)
+                lost.set()
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=lose_host_b_once_the_canary_has_its_share, daemon=True)
+    watcher.start()
+    with (
+        LoadLoop(env["fronts"], spec.name, TOKEN, pause=0.05) as load,
+        pytest.raises(DeployFailed) as failed,
+    ):
+        progressive.deploy(settings, canary, "fragile", "2", lambda _: None)
+    lost.set()
+    watcher.join(10)
+    message = str(failed.value)
+    assert "host-b: unreachable" in message and "sending traffic back failed too" in message
+    assert "`modelyard rollout abort fragile` finishes it" in message, message
+    assert load.failures == []
+    front_a, front_b = env["fronts"]
+    assert {version_at(front_a) for _ in range(20)} == {"1"}
+    assert {version_at(front_b) for _ in range(40)} == {"1", "2"}  # its share, unreached
+    assert progressive.status(settings, spec.name, "fragile") is not None
+    restore_host(ssh_hosts, host_b)
+    aborted = run_cli("rollout", "abort", "fragile", "--spec",
+                      str(canary.source_dir / "failing-canary.yaml"))  # fmt: skip
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    assert "aborted: v1 serves fragile alone" in aborted.stdout
+    assert [version_at(url) for url in env["fronts"]] == ["1", "1"]
+    assert {version_at(front_b) for _ in range(20)} == {"1"}
+    assert progressive.status(settings, spec.name, "fragile") is None
+    assert MlflowClient().get_model_version_by_alias(spec.name, "fragile").version == "1"
+
+
+def test_process_runtime_on_this_machine_and_an_ssh_host(
+    registered, ssh_hosts, prometheus_stack, tmp_path
+):
+    """The process runtime here and over SSH; on the SSH host v2 goes in as a shadow of v1
+    (its slot loads v1's bundle as its reference from the host's releases, not an image)."""
+    from modelyard.deploy import progressive
+
     port = free_ports(3)
     ssh = ssh_env(ssh_hosts, tmp_path, runtime="process", names=("host-a",))
+    shadow = {"kind": "shadow", "sample": 0.5, "duration": 10, "timeout": 60,
+              "checks": {"min_requests": 10, "psi": 0.5}}  # fmt: skip
     environments = {
         "edge-local": {"target": "local", "runtime": "process", "port": port},
-        "edge-ssh": _environment(ssh),
+        "edge-ssh": _environment(ssh) | {"strategy": shadow},
     }
     spec = env_spec(registered, "edge", environments)
-    settings = runtime()
+    settings = prometheus_stack
     for version in ("1", "2"):
-        for environment in environments:
-            release.deploy(settings, spec, environment, version, lambda _: None)
+        release.deploy(settings, spec, "edge-local", version, lambda _: None)
+    progressive.deploy(settings, spec, "edge-ssh", "1", lambda _: None)  # the first goes in whole
+    with LoadLoop(ssh["fronts"], spec.name, TOKEN, pause=0.05) as load:
+        progressive.deploy(settings, spec, "edge-ssh", "2", lambda _: None)
+    assert load.failures == []
+    promoted, analysis = ledger.history(settings, spec.name, "edge-ssh")[:2]
+    assert (promoted.version, promoted.outcome, analysis.action) == ("2", "succeeded", "analysis")
+    assert analysis.outcome == "passed", analysis.reason
+    assert re.search(r"agreement [\d.]+ \(threshold 0\.95\): ok", analysis.reason)
     fronts = [f"http://127.0.0.1:{port}", *ssh["fronts"]]
     assert [version_at(url) for url in fronts] == ["2", "2"]
     for url in fronts:
@@ -582,6 +645,8 @@ def test_a_shadow_gets_copies_clients_never_see_and_switches_in_once_approved(
         assert re.search(r"agreement [\d.]+ \(threshold 0\.95\): ok", analysis.reason)
         recorded = MlflowClient().get_run(analysis.record_id).data.metrics  # MLflow charts it
         assert recorded["agreement"] >= 0.95 and recorded["agreement.threshold"] == 0.95
+        # It got about its sample of the requests the baseline answered in the same window.
+        assert 0.3 < recorded["requests"] / recorded["baseline_requests"] < 0.7, recorded
         prometheus = Prometheus(settings.prometheus)
         for title, expr in dashboard_queries(spec.name, shadow=True):  # Grafana's panel too
             assert prometheus.query(expr), f"dashboard panel {title!r} has no data: {expr}"

@@ -269,3 +269,11 @@ def test_an_analysis_gives_mlflow_each_computed_value_and_every_threshold() -> N
     missing = {c.metric for c in checks if c.value is None}
     assert {"agreement", "success_rate"} <= missing and not missing & set(metrics)
     assert all(np.isfinite(list(metrics.values())))
+
+
+def test_an_analysis_counts_what_each_side_answered() -> None:
+    env = Shadowed(np.random.default_rng(5), first=0, sample=0.25)  # 10 requests/s, 600 s
+    _, analyses, _ = run_shadow(env, shadow(sample=0.25))
+    metrics = analyses[0].metrics()
+    assert (metrics["requests"], metrics["baseline_requests"]) == (1500, 6000)
+    assert "1500 requests to the new version, 6000 to the baseline" in analyses[0].to_markdown("x")

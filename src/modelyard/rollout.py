@@ -89,7 +89,12 @@ class Analysis:
         values = {c.metric: c.value for c in self.verdict.checks
                   if c.value is not None and math.isfinite(c.value)}  # fmt: skip
         thresholds = {f"{c.metric}.threshold": c.threshold for c in self.verdict.checks}
-        return values | thresholds | {"step": float(self.step), "percent": float(self.percent)}
+        verdict = self.verdict
+        counts = {"requests": verdict.requests, "step": float(self.step),
+                  "percent": float(self.percent)}  # fmt: skip
+        if verdict.baseline_requests is not None:
+            counts["baseline_requests"] = verdict.baseline_requests
+        return values | thresholds | counts
 
     def to_markdown(self, title: str) -> str:
         """A table of the window's checks, for a Prefect artifact."""
@@ -100,7 +105,10 @@ class Analysis:
         ]
         return "\n".join([
             f"## {title}: {self.stage} {self.verdict.outcome}", "",
-            f"{self.failures} failed analyses so far, {self.elapsed:.0f} s into the rollout.", "",
+            f"{self.failures} failed analyses so far, {self.elapsed:.0f} s into the rollout; "
+            f"{self.verdict.requests:.0f} requests to the new version"
+            + ("" if self.verdict.baseline_requests is None
+               else f", {self.verdict.baseline_requests:.0f} to the baseline") + ".", "",
             "| check | value | threshold | verdict |", "|---|---|---|---|", *rows, "",
         ])  # fmt: skip
 

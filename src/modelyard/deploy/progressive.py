@@ -86,6 +86,8 @@ class _Canary:
     progress: Progress
     status: Path
     kind: str  # canary or shadow, as the operator reads it
+    # A host could not be sent back (lost mid-walk): the status stays for `rollout abort`.
+    stranded: bool = False
 
     def share(self, percent: int) -> None:
         self._traffic("weight", f"share-{percent}", {"model_service_canary_weight": percent})
@@ -146,17 +148,18 @@ def _canary(
     record = replace(record, hosts=",".join(started.touched))
     status = status_file(settings, spec.name, environment)
     traffic = _Canary(settings, move, progress, status, plan.kind)
-    if not started.ok:
-        why = started.reason() + _abort_quietly(traffic, started)
-        _fail(settings, record, why, started)
-    write_targets(settings, spec.name, environment,
-                  slot_targets(started.slots, live.version, version))  # fmt: skip
     steps = Plan.of(plan)
     replace_file(status, json.dumps({
         "model": spec.name, "environment": environment, "version": version, "kind": plan.kind,
         "baseline": live.version, "steps": steps.steps, "percent": steps.steps[0],
         "copied": steps.copied, "bake": steps.bake, "analyses": [], "slots": started.slots,
     }, indent=2).encode())  # fmt: skip
+    if not started.ok:
+        why = started.reason() + _send_back(traffic, started, environment)
+        _forget(traffic, settings, spec.name, environment)
+        _fail(settings, record, why, started)
+    write_targets(settings, spec.name, environment,
+                  slot_targets(started.slots, live.version, version))  # fmt: skip
     windows = _Windows(prometheus, f'model="{spec.name}",environment="{environment}"',
                        version, live.version)  # fmt: skip
 
@@ -175,11 +178,10 @@ def _canary(
                        lambda: take_request(settings, spec.name, environment),
                        hooks.approve)  # fmt: skip
     except (ModelyardError, OSError) as exc:  # Prometheus or a host lost mid-walk
-        why = f"{plan.kind} stopped: {exc}" + _abort_quietly(traffic, started)
+        why = f"{plan.kind} stopped: {exc}" + _send_back(traffic, started, environment)
         _fail(settings, record, why, started)
     finally:
-        status.unlink(missing_ok=True)
-        request_file(settings, spec.name, environment).unlink(missing_ok=True)
+        _forget(traffic, settings, spec.name, environment)
     if not outcome.promoted:
         write_targets(settings, spec.name, environment,
                       slot_targets(started.slots, live.version))  # fmt: skip
@@ -234,21 +236,31 @@ def _update_status(path: Path, changes: Callable[[dict[str, Any]], dict[str, Any
     replace_file(path, json.dumps(state | changes(state), indent=2).encode())
 
 
-def _abort_quietly(traffic: _Canary, started: PlaybookResult) -> str:
+def _send_back(traffic: _Canary, started: PlaybookResult, environment: str) -> str:
     """Send every host the canary reached back to its live slot; say how that went."""
     if not started.touched:
         return ""
     try:
         traffic.abort()
     except DeployFailed as exc:
-        return f" (sending traffic back failed too: {exc}; see docs/operations.md)"
+        traffic.stranded = True
+        return (f" (sending traffic back failed too: {exc}; once every host answers, "
+                f"`modelyard rollout abort {environment}` finishes it)")  # fmt: skip
     return " (all traffic is back on the live version)"
+
+
+def _forget(traffic: _Canary, settings: Settings, model: str, environment: str) -> None:
+    """The walk is over: its request file goes, and its status unless a host still carries
+    the new version's share (then `rollout status` shows it and `rollout abort` ends it)."""
+    request_file(settings, model, environment).unlink(missing_ok=True)
+    if not traffic.stranded:
+        traffic.status.unlink(missing_ok=True)
 
 
 def _fail(settings: Settings, record: Release, why: str, result: PlaybookResult) -> None:
     ledger.append(settings, replace(record, outcome="failed", reason=why), result.files)
-    raise DeployFailed(f"canary of {record.model} v{record.version} to {record.environment} "
-                       f"failed: {why}")  # fmt: skip
+    raise DeployFailed(f"{record.action} of {record.model} v{record.version} to "
+                       f"{record.environment} failed: {why}")  # fmt: skip
 
 
 def _analysis_json(analysis: Analysis) -> dict[str, Any]:

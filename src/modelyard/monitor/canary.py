@@ -70,6 +70,8 @@ class Check:
 class Verdict:
     outcome: Outcome
     checks: tuple[Check, ...]
+    requests: float = 0.0  # prediction requests the new version answered in the window
+    baseline_requests: float | None = None  # and the baseline (None: it had no share)
 
     @property
     def failed(self) -> list[Check]:
@@ -99,7 +101,8 @@ def judge(canary: SlotWindow, baseline: SlotWindow | None, limits: Thresholds) -
         too_few.append(canary)
     if too_few:  # the values are kept for the record, the verdict waits for more traffic
         checks = [Check(c.metric, c.value, c.threshold, None) for c in checks]
-    return Verdict(_outcome(checks), tuple(checks))
+    return Verdict(_outcome(checks), tuple(checks), canary.requests,
+                   None if baseline is None else baseline.requests)  # fmt: skip
 
 
 def _shadow_checks(shadow: SlotWindow, limits: Thresholds) -> list[Check]:
