@@ -11,7 +11,8 @@ Prometheus), then wrk through the front door in three windows side by side in on
   gap between the two off windows.
 
 Both slots and wrk share this machine's cores, as a shadow shares a host with its baseline.
-Also reported: the share of requests the shadow got, read from Prometheus.
+Also reported: the share of requests the shadow got, from both versions' request counters
+in Prometheus before and after the window with it.
 
 Usage: python -m bench.shadow [--seconds 20] [--connections 8] [--write]
 """
@@ -33,7 +34,7 @@ import yaml
 
 from bench.common import replace_section, stamp, stop_services
 from bench.serving import ROW, TOKEN, wrk
-from modelyard.monitor.canary import window
+from modelyard.monitor.canary import PREDICTION_ROUTES
 from modelyard.monitor.drift import Prometheus
 from modelyard.ports import free_port
 
@@ -63,6 +64,8 @@ class ShadowBench:
             "MODELYARD_SERVE_TOKEN": TOKEN,
             "MODELYARD_ACTOR": "shadow-bench",
             "MODELYARD_STACK_PROMETHEUS_PORT": str(self.prometheus),
+            # Counts read before and after a 20 s window must be fresh: a scrape a second.
+            "MODELYARD_PROMETHEUS_INTERVAL": "1",
         }  # fmt: skip
         self.repo = root / "repo"
         self.shadow: subprocess.Popen | None = None
@@ -134,14 +137,19 @@ class ShadowBench:
             time.sleep(1)
         raise SystemExit("the shadow never started")
 
-    def copied_share(self, seconds: int) -> float:
-        """The shadow's requests over the baseline's, in the last `seconds`."""
+    def answered(self) -> dict[str, float]:
+        """Prediction requests each version's slots answered so far, as Prometheus scraped
+        them (a scrape a second); waits until both versions' series are there."""
         prometheus = Prometheus(f"http://127.0.0.1:{self.prometheus}")
-        selector = f'model="ad_clicks",environment="{ENVIRONMENT}"'
-        time.sleep(3)  # the last scrape of the window
-        shadow = window(prometheus, f'{selector},version="2"', seconds).requests
-        baseline = window(prometheus, f'{selector},version="1"', seconds).requests
-        return shadow / baseline if baseline else float("nan")
+        query = (f'sum by (version) (modelyard_requests_total{{model="ad_clicks",'
+                 f'environment="{ENVIRONMENT}",route=~"{PREDICTION_ROUTES}"}})')  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(3)  # past the next scrape
+            counts = {version: n for (version,), n in prometheus.values(query, "version").items()}
+            if {"1", "2"} <= set(counts):
+                return counts
+        raise SystemExit("Prometheus never scraped both versions' slots")
 
     def stop_shadow(self) -> None:
         self.cli("rollout", "abort", ENVIRONMENT, "--spec", str(self.spec_path))
@@ -178,8 +186,10 @@ def main() -> None:
         bench.set_up()
         off = bench.measure("without a shadow")
         bench.start_shadow()
+        before = bench.answered()
         on = bench.measure(f"with a {SAMPLE:.0%} shadow")
-        share = bench.copied_share(args.seconds)
+        after_on = bench.answered()
+        share = (after_on["2"] - before["2"]) / (after_on["1"] - before["1"])
         bench.stop_shadow()
         after = bench.measure("without, after `rollout abort`")
     finally:
