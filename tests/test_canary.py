@@ -40,6 +40,7 @@ def generated(
     median_ms: float = 5.0,
     error_rate: float = 0.0,
     shift: float = 0.0,
+    refusal_rate: float = 0.0,
 ) -> SlotWindow:
     """A slot's window: lognormal latencies around `median_ms`, a share of 5xx answers, and
     classifier scores (beta-distributed) moved by `shift`, in ten equal bins."""
@@ -49,6 +50,7 @@ def generated(
     return SlotWindow(
         requests=float(requests),
         errors=float(rng.binomial(requests, error_rate)),
+        refused=float(rng.binomial(requests, refusal_rate)),
         latency={b: float(np.sum(seconds <= b)) for b in BOUNDS},
         predictions={f"bin{i}": float(n) for i, n in enumerate(bins)},
     )
@@ -76,6 +78,19 @@ def test_each_bad_canary_is_caught_by_the_check_for_its_fault(seed: int) -> None
     # Slower than the budget although the baseline is as slow: the budget still holds.
     slow_baseline = generated(rng, 5700, median_ms=80)
     assert failed(generated(rng, 300, median_ms=80), slow_baseline) == ["latency_p99_ms"]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_refusing_what_the_baseline_takes_fails_and_shared_refusals_do_not(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    baseline = generated(rng, 2000, refusal_rate=0.02)  # clients' own mistakes, on both sides
+    refusing = generated(rng, 300, refusal_rate=0.08)  # e.g. a column it now requires
+    assert failed(refusing, baseline) == ["success_rate"]
+    assert failed(generated(rng, 300, refusal_rate=0.02), baseline) == []
+    few = replace(generated(rng, 40), refused=2.0)  # 5 % of a small share: within chance
+    assert failed(few, baseline) == []
+    # At 100 % nothing is left to compare with: only server errors count.
+    assert judge(refusing, None, LIMITS).outcome == "passed"
 
 
 def test_too_few_requests_is_inconclusive_whatever_they_show() -> None:

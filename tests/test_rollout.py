@@ -22,6 +22,7 @@ FAULTS = {  # how a bad version differs, and the check that must catch it
     "errors": ({"error_rate": 0.08}, "success_rate"),
     "slower": ({"median_ms": 20.0}, "latency_p99_ratio"),
     "shifted": ({"shift": 0.3}, "prediction_psi"),
+    "refusing": ({"refusal_rate": 0.08}, "success_rate"),
 }
 
 

@@ -10,6 +10,7 @@ cryptography) because the serving image imports it.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -146,9 +147,14 @@ def _check_files(folder: Path, expected: dict[str, str]) -> None:
 
 
 def to_tarball(folder: Path) -> bytes:
-    """A reproducible .tar.gz of the bundle: sorted entries, zero mtimes and owners."""
+    """A reproducible .tar.gz of the bundle: sorted entries, zero mtimes and owners, and a
+    gzip header without a time (tarfile's "w:gz" stamps the current second into it, so two
+    packings a second apart differed: a flaky CI run found it)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w") as tar,
+    ):
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             info = tar.gettarinfo(str(path), arcname=path.relative_to(folder).as_posix())
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""

@@ -374,7 +374,8 @@ class CanaryChecks(_Strict):
 
     success_rate: Fraction = Field(
         default=0.99, description="Share of its prediction requests answered without a server "
-        "error, at least (judged on its own: a failing baseline excuses nothing).",
+        "error, less the share it refuses (4xx) beyond the baseline's, at least (a failing "
+        "baseline excuses nothing).",
     )  # fmt: skip
     latency_budget_ms: float | None = Field(
         default=None, gt=0.0,

@@ -6,7 +6,8 @@ The verdict is `passed`, `failed` or `inconclusive`. What the systems that do th
 - a value that cannot be computed (no series, NaN) is never taken for a good one (Kayenta once
   read NaN as 0 and passed);
 - the success rate is judged absolutely, not only against the baseline's, so a baseline that
-  fails too does not excuse the canary.
+  fails too does not excuse the canary; requests the canary refuses (4xx) beyond the share the
+  baseline refuses count against it.
 
 Everything here is arithmetic on counts; `window` reads them from Prometheus.
 """
@@ -34,6 +35,7 @@ class SlotWindow:
     errors: float  # of them, server errors (5xx)
     latency: Mapping[float, float]  # cumulative request counts by upper bound in s (+inf too)
     predictions: Mapping[str, float] = field(default_factory=dict)  # count per prediction bin
+    refused: float = 0.0  # of them, client errors (4xx): requests the version would not take
     # A shadow's comparison with the serving version on the copies (modelyard.serve.shadow).
     compared: float = 0.0  # rows both predicted
     agreed: float = 0.0  # of them, rows with the same class
@@ -86,7 +88,7 @@ def judge(canary: SlotWindow, baseline: SlotWindow | None, limits: Thresholds) -
     (the last step): then only the absolute checks apply."""
     p99 = _p99_ms(canary)
     checks = [
-        _at_least("success_rate", _success_rate(canary), limits.success_rate),
+        _at_least("success_rate", _success_rate(canary, baseline), limits.success_rate),
         _at_most("latency_p99_ms", p99, limits.latency_budget_ms),
     ]
     if baseline is not None:
@@ -125,6 +127,9 @@ def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
     errors = prometheus.values(
         _grown(f'modelyard_requests_total{{{routes},status=~"5.."}}', seconds)
     )
+    refused = prometheus.values(
+        _grown(f'modelyard_requests_total{{{routes},status=~"4.."}}', seconds)
+    )
     latency = prometheus.values(
         _grown(f"modelyard_request_duration_seconds_bucket{{{routes}}}", seconds, "le"), "le"
     )
@@ -138,6 +143,7 @@ def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
     return SlotWindow(
         requests=requests.get((), 0.0),
         errors=errors.get((), 0.0),
+        refused=refused.get((), 0.0),
         latency={float(le): count for (le,), count in latency.items()},
         predictions={label: count for (label,), count in predictions.items()},
         compared=shadow["compared_rows"].get((), 0.0),
@@ -179,10 +185,33 @@ def quantile(q: float, cumulative: Mapping[float, float]) -> float | None:
     return None
 
 
-def _success_rate(window: SlotWindow) -> float | None:
+def _success_rate(window: SlotWindow, baseline: SlotWindow | None) -> float | None:
+    """The share of requests answered without a server error, less the share it refused
+    beyond what the baseline refuses: a version that turns away values the serving one takes
+    (a column it now requires, a category it lost) fails its clients as surely as a 5xx,
+    while requests both refuse (no token, a malformed body) are the clients' own errors."""
     if not window.requests > 0:
         return None
-    return (window.requests - window.errors) / window.requests
+    rate = (window.requests - window.errors) / window.requests
+    if baseline is None or not baseline.requests > 0:
+        return rate
+    return rate - _excess_refusals(window, baseline)
+
+
+# One-sided 99 %: a refusal share above the baseline's by less is taken for chance (a few bad
+# requests that happened to land on the canary's small share).
+_REFUSAL_Z = 2.33
+
+
+def _excess_refusals(canary: SlotWindow, baseline: SlotWindow) -> float:
+    """How far the canary's share of refused requests exceeds the baseline's, beyond what a
+    two-proportion test puts down to chance at 99 %; 0 when it does not."""
+    ours, theirs = canary.refused / canary.requests, baseline.refused / baseline.requests
+    pooled = (canary.refused + baseline.refused) / (canary.requests + baseline.requests)
+    noise = _REFUSAL_Z * math.sqrt(
+        pooled * (1 - pooled) * (1 / canary.requests + 1 / baseline.requests)
+    )
+    return max(0.0, ours - theirs - noise)
 
 
 def _p99_ms(window: SlotWindow) -> float | None:
