@@ -59,6 +59,50 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.hypothesis_seed = str(random.SystemRandom().getrandbits(64))
 
 
+# The serving images tests build carry the model's name as their OCI title.
+_MODEL_IMAGES = ["docker", "images", "--no-trunc", "--filter",
+                 "label=org.opencontainers.image.title",
+                 "--format", "{{.ID}} {{.Repository}}:{{.Tag}}"]  # fmt: skip
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # xdist's controller, or a run without it
+        session.config.stash[_IMAGES_BEFORE] = _model_images()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Remove the serving images this run built, once every worker is done: each pipeline run
+    builds one, and a machine that runs the suite often filled its disk (711 images, 17 GB).
+    Images that were there before, or that a container still runs, stay."""
+    before = session.config.stash.get(_IMAGES_BEFORE, None)
+    if before is None:
+        return
+    now = _model_images()
+    # Every name of each new image (one pushed to a registry has two): an image goes when its
+    # last name does. Without --force, an image a running container uses is refused, and stays.
+    names = sorted({name for image, names in now.items() if image not in before for name in names})
+    if names:
+        subprocess.run(["docker", "rmi", *names], capture_output=True, timeout=300)
+
+
+_IMAGES_BEFORE = pytest.StashKey[dict[str, set[str]]]()
+
+
+def _model_images() -> dict[str, set[str]]:
+    """Image id -> its names (repository:tag, or the id when it has none)."""
+    if not os.environ.get("DOCKER_HOST") or shutil.which("docker") is None:
+        return {}
+    try:
+        listed = subprocess.run(_MODEL_IMAGES, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return {}
+    images: dict[str, set[str]] = {}
+    for line in listed.stdout.splitlines() if listed.returncode == 0 else []:
+        image, name = line.split(" ", 1)
+        images.setdefault(image, set()).add(image if name == "<none>:<none>" else name)
+    return images
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     if IN_CI:
         return "hypothesis: derandomized (CI=true): every run draws the same examples"
