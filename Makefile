@@ -72,8 +72,9 @@ check: style java tools ## The fast tier (about a minute): ruff, the import cont
 
 # The integration tier runs in parallel (tests/conftest.py keeps apart what workers must not
 # share; tests that share a module fixture stay on one worker). On this 2-core machine with
-# 2 workers the tier took 998 s on a fresh clone (docs/contributing.md); the cores are busy
-# through it, so more workers do not help here. `TEST_WORKERS=N` on a bigger machine.
+# 2 workers the tier took 1060 s on a fresh clone, with 3 workers 1050 s (docs/contributing.md):
+# the cores are busy through it, so more workers do not help here. `TEST_WORKERS=N` on a
+# bigger machine.
 TEST_WORKERS ?= 2
 test: install ## `make lint` and `make check`, then the integration tier: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	@# Side by side, each target's output printed whole when it ends: mypy and ansible-lint use

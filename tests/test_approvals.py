@@ -45,6 +45,21 @@ def test_every_environment_after_the_first_waits_unless_the_spec_says(tmp_path):
     ]  # fmt: skip
 
 
+def test_a_canary_or_a_shadow_is_approved_at_its_last_step_not_before_it_starts(tmp_path):
+    shadow = {"kind": "shadow", "checks": {"agreement": 0.9}}
+    spec = spec_with(tmp_path, {
+        "dev": LOCAL | {"strategy": "canary"},  # the first: no approval at all
+        "staging": LOCAL | {"strategy": "canary"},
+        "shadowed": LOCAL | {"strategy": shadow, "approvers": ["alice"]},
+        "quiet": LOCAL | {"strategy": "canary", "approval": False},
+        "production": LOCAL,  # all at once: asked before the release, as ever
+    })  # fmt: skip
+    at_last = {env: approvals.at_last_step(spec, env) for env in spec.deploy.environments}
+    assert at_last == {"dev": False, "staging": True, "shadowed": True, "quiet": False,
+                       "production": False}  # fmt: skip
+    assert approvals.needs_approval(spec, "production")
+
+
 def test_anyone_may_reject_and_only_listed_approvers_may_approve(tmp_path):
     spec = spec_with(tmp_path, {
         "staging": LOCAL, "production": LOCAL | {"approvers": ["ana", "bo"]},
