@@ -74,12 +74,12 @@ def deploy(
         record = replace(Release(spec.name, environment, action, version, ledger.SUCCEEDED,
                                  actor), reason=reason)  # fmt: skip
         hooks = _Hooks(progress, approve, clock, on_analysis)
-        return _canary(settings, spec, where, plan, record, live, hooks)
+        return _walk(settings, spec, where, plan, record, live, hooks)
 
 
 @dataclass
-class _Canary:
-    """The Ansible side of one running canary: every host's share, promotion and abort."""
+class _HostTraffic:
+    """The Ansible side of one running canary or shadow: every host's share, promotion and abort."""
 
     settings: Settings
     move: release.Move
@@ -132,11 +132,12 @@ class _Hooks:
     on_analysis: Callable[[Analysis], None]
 
 
-def _canary(
+def _walk(
     settings: Settings, spec: Spec, where: release.Target, plan: CanaryStrategy | ShadowStrategy,
     asked: Release, live: Release, hooks: _Hooks,
 ) -> Release:  # fmt: skip
-    """`asked`: the record of the release asked for (action, actor, reason)."""
+    """Start the new version beside the live one, walk the plan, end promoted or rolled back.
+    `asked`: the record of the release asked for (action, actor, reason)."""
     environment, version, progress = where.environment, asked.version, hooks.progress
     prometheus = prometheus_for(settings)  # a canary nobody can judge must not start
     move = release.prepare(settings, spec, where, version, plan.kind, progress)
@@ -147,7 +148,7 @@ def _canary(
                            _start_vars(settings, spec, plan, live))  # fmt: skip
     record = replace(record, hosts=",".join(started.touched))
     status = status_file(settings, spec.name, environment)
-    traffic = _Canary(settings, move, progress, status, plan.kind)
+    traffic = _HostTraffic(settings, move, progress, status, plan.kind)
     steps = Plan.of(plan)
     replace_file(status, json.dumps({
         "model": spec.name, "environment": environment, "version": version, "kind": plan.kind,
@@ -236,7 +237,7 @@ def _update_status(path: Path, changes: Callable[[dict[str, Any]], dict[str, Any
     replace_file(path, json.dumps(state | changes(state), indent=2).encode())
 
 
-def _send_back(traffic: _Canary, started: PlaybookResult, environment: str) -> str:
+def _send_back(traffic: _HostTraffic, started: PlaybookResult, environment: str) -> str:
     """Send every host the canary reached back to its live slot; say how that went."""
     if not started.touched:
         return ""
@@ -249,7 +250,7 @@ def _send_back(traffic: _Canary, started: PlaybookResult, environment: str) -> s
     return " (all traffic is back on the live version)"
 
 
-def _forget(traffic: _Canary, settings: Settings, model: str, environment: str) -> None:
+def _forget(traffic: _HostTraffic, settings: Settings, model: str, environment: str) -> None:
     """The walk is over: its request file goes, and its status unless a host still carries
     the new version's share (then `rollout status` shows it and `rollout abort` ends it)."""
     request_file(settings, model, environment).unlink(missing_ok=True)
