@@ -347,7 +347,7 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(
     port = free_ports(3)
     ssh = ssh_env(ssh_hosts, tmp_path, runtime="process", names=("host-a",))
     shadow = {"kind": "shadow", "sample": 0.5, "duration": 10, "timeout": 60,
-              "checks": {"min_requests": 10, "psi": 0.5}}  # fmt: skip
+              "checks": {"min_requests": 10, "psi": 0.5, "latency_ratio": 3.0}}  # fmt: skip
     environments = {
         "edge-local": {"target": "local", "runtime": "process", "port": port},
         "edge-ssh": _environment(ssh) | {"strategy": shadow},
@@ -628,8 +628,10 @@ def test_a_shadow_gets_copies_clients_never_see_and_switches_in_once_approved(
 
     settings = prometheus_stack
     port = free_ports(3)
+    # p99 of ~100 copies beside a busy machine's other tests is noisy; the ratio check is the
+    # canary test's and test_rollout's to prove, agreement and the pauses are this test's.
     strategy = {"kind": "shadow", "sample": 0.5, "duration": 10, "timeout": 120,
-                "checks": {"min_requests": 20, "psi": 0.5}}  # fmt: skip
+                "checks": {"min_requests": 20, "psi": 0.5, "latency_ratio": 3.0}}  # fmt: skip
     spec = env_spec(registered, "shadow", {"shadow": {
         "target": "local", "port": port, "strategy": strategy, "approvers": ["alice"]}})  # fmt: skip
     front = f"http://127.0.0.1:{port}"

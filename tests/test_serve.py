@@ -300,7 +300,9 @@ def test_a_shadow_compares_the_copies_it_gets_with_the_serving_version(ads: Buil
         assert response.json()["predictions"] == expected_values(ads, features).tolist()
         bad = {"inputs": frame_columns(features.drop(columns=["device"]))}
         assert httpx.post(f"{server.url}/invocations", json=bad, headers=copy).status_code == 400
-        text = httpx.get(f"{server.url}/metrics").text
+        # The comparison runs off the event loop, after the answer: wait for its count.
+        text = metrics_when(server.url, lambda text: _metric(
+            text, "modelyard_shadow_compared_rows_total") > 0)  # fmt: skip
     finally:
         server.stop()
     assert _metric(text, "modelyard_shadow_compared_rows_total") == 200  # the copy alone
@@ -328,6 +330,24 @@ def test_a_regressors_shadow_sums_differences_and_counts_what_its_reference_cann
     # A reference whose schema refuses the copy (here: another model's columns): unpaired.
     ads_columns = frame_columns(sample(ads, rows=5)[0])
     assert Reference(house_model, 100).compare(ads_columns, 5, predicted).unpaired == 5
+
+    # Off the loop, one at a time, at most `backlog` waiting: a copy beyond it is not queued.
+    import asyncio
+
+    from modelyard.serve.shadow import Comparer
+
+    async def two_copies_at_once() -> list:
+        recorded: list = []
+        comparer = Comparer(Reference(house_model, 100), recorded.append, backlog=1)
+        comparer.submit(columns, 30, shifted)
+        comparer.submit(columns, 30, shifted)  # the first still waits: counted unpaired
+        while len(recorded) < 2:
+            await asyncio.sleep(0.01)
+        return recorded
+
+    unpaired, compared = asyncio.run(two_copies_at_once())
+    assert (unpaired.rows, unpaired.unpaired) == (0, 30)
+    assert (compared.rows, compared.abs_diff) == (30, pytest.approx(75.0))
 
 
 def test_tampered_or_untrusted_bundle_is_refused(ads: Built, tmp_path, capsys):

@@ -6,7 +6,6 @@ reading, decoding and one ONNX Runtime call, which is what keeps one-row latency
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -53,7 +52,11 @@ class ServingApp:
             runtime.schema.get("reference"), runtime.schema.get("monitoring"),
             shadow=reference is not None,
         )  # fmt: skip
-        self.reference = None if reference is None else shadow.Reference(reference, max_rows)
+        self.comparer = (
+            None
+            if reference is None
+            else shadow.Comparer(shadow.Reference(reference, max_rows), self.metrics.observe_shadow)
+        )
         self.batcher = Batcher(runtime, self.metrics.observe_batch)
         self.ready = False
         self._openapi: bytes | None = None
@@ -167,18 +170,9 @@ class ServingApp:
     async def _predict(self, columns: codecs.Columns, scope: Scope) -> Prediction:
         values, rows = codecs.validate(columns, self.runtime.columns, self.max_rows)
         prediction = await self.batcher.predict(values, rows)
-        if self.reference is not None and shadow.is_copy(scope["headers"]):
-            # Runs once the handler gives the loop back, after the answer is sent: the
-            # comparison is never part of the copy's latency.
-            asyncio.get_running_loop().call_soon(self._compare, columns, rows, prediction)
+        if self.comparer is not None and shadow.is_copy(scope["headers"]):
+            self.comparer.submit(columns, rows, prediction)  # off the loop, never in a latency
         return prediction
-
-    def _compare(self, columns: codecs.Columns, rows: int, prediction: Prediction) -> None:
-        assert self.reference is not None
-        try:
-            self.metrics.observe_shadow(self.reference.compare(columns, rows, prediction))
-        except Exception:  # a comparison never takes the slot down; its count shows the gap
-            log.exception("comparing a copied request with the serving version failed")
 
     # --- handlers: (scope, receive) -> (status, body, headers) ---------------------------------
 

@@ -14,7 +14,10 @@ the sum of |new - serving| (regressors), and rows the reference could not predic
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +54,39 @@ class Reference:
             log.debug("the reference refused a copied request: %s", exc)
             return Comparison(0, 0, 0.0, rows)
         return compare(prediction, self.runtime.predict(feeds), self.runtime.classes is None)
+
+
+class Comparer:
+    """Compares copies off the event loop, on one thread of its own (ONNX Runtime releases the
+    GIL while it predicts), so that a copy's comparison never delays the next copy's answer:
+    the shadow's latency, which its analysis judges against the baseline's, is its own. At
+    most `backlog` wait; beyond that a copy is counted unpaired instead of queued."""
+
+    def __init__(
+        self, reference: Reference, record: Callable[[Comparison], None], backlog: int = 256
+    ) -> None:
+        self.reference, self.record, self.backlog = reference, record, backlog
+        self._pending = 0
+        self._executor: ThreadPoolExecutor | None = None  # made in the worker, after any fork
+
+    def submit(self, columns: codecs.Columns, rows: int, prediction: Prediction) -> None:
+        if self._pending >= self.backlog:
+            self.record(Comparison(0, 0, 0.0, rows))
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="modelyard-shadow")
+        self._pending += 1
+        compared = asyncio.get_running_loop().run_in_executor(
+            self._executor, self.reference.compare, columns, rows, prediction
+        )
+        compared.add_done_callback(self._done)  # called on the loop: the tallies stay its own
+
+    def _done(self, compared: asyncio.Future[Comparison]) -> None:
+        self._pending -= 1
+        try:
+            self.record(compared.result())
+        except Exception:  # a comparison never takes the slot down; the counts show the gap
+            log.exception("comparing a copied request with the serving version failed")
 
 
 def compare(new: Prediction, serving: Prediction, regression: bool) -> Comparison:
