@@ -171,6 +171,7 @@ def test_a_window_read_from_prometheus_counts_every_request_of_each_slot(tmp_pat
     servers = [blue]
     stack.up(settings, ["prometheus"], progress=lambda _: None)
     try:
+        assert prometheus.scrape_interval() == 1  # read from the configuration it runs
         _scrape(settings, {"blue": blue})
         _predict(blue, rows, requests=150)
         _scraped(prometheus, "blue", requests=150)

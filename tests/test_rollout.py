@@ -278,3 +278,20 @@ def test_an_analysis_counts_what_each_side_answered() -> None:
     metrics = analyses[0].metrics()
     assert (metrics["requests"], metrics["baseline_requests"]) == (1500, 6000)
     assert "1500 requests to the new version, 6000 to the baseline" in analyses[0].to_markdown("x")
+
+
+def test_a_bake_of_few_scrapes_is_warned_about() -> None:
+    from modelyard.monitor.drift import duration_seconds
+    from modelyard.rollout import bake_warning
+
+    assert bake_warning(300, 15.0) is None and bake_warning(10, None) is None
+    warned = bake_warning(30, 15.0)
+    assert warned is not None and "every 15 s" in warned and "lengthen the bake" in warned
+    assert [duration_seconds(t) for t in ("15s", "1m30s", "500ms", "2h", "15", "1x")] == [
+        15,
+        90,
+        0.5,
+        7200,
+        None,
+        None,
+    ]

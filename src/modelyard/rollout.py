@@ -143,6 +143,18 @@ class Outcome:
     analyses: tuple[Analysis, ...] = field(default=())
 
 
+MIN_SCRAPES = 4  # a window of fewer scrapes is judged on one or two samples of each counter
+
+
+def bake_warning(bake: int, scrape_interval: float | None) -> str | None:
+    """What to tell the operator when each window holds too few of Prometheus's scrapes."""
+    if scrape_interval is None or bake >= MIN_SCRAPES * scrape_interval:
+        return None
+    return (f"each {bake} s window holds fewer than {MIN_SCRAPES} of Prometheus's scrapes "
+            f"(every {scrape_interval:g} s), so it is judged on little data: lengthen the "
+            "bake (or duration) or scrape more often")  # fmt: skip
+
+
 def thresholds(spec: Spec, checks: CanaryChecks) -> Thresholds:
     """The checks with the latency budget's default filled in: monitoring's budget for p99
     alerts, else the behaviour gate's. A shadow's comparison is by class agreement for a

@@ -30,7 +30,16 @@ from modelyard.errors import DeployFailed, ModelyardError
 from modelyard.monitor.canary import SlotWindow, window
 from modelyard.monitor.drift import Prometheus, prometheus_for
 from modelyard.monitor.targets import slot_targets, write_targets
-from modelyard.rollout import SYSTEM_CLOCK, Analysis, Clock, Plan, Request, thresholds, walk
+from modelyard.rollout import (
+    SYSTEM_CLOCK,
+    Analysis,
+    Clock,
+    Plan,
+    Request,
+    bake_warning,
+    thresholds,
+    walk,
+)
 from modelyard.spec import CanaryStrategy, ShadowStrategy, Spec
 
 Progress = Callable[[str], None]
@@ -140,6 +149,9 @@ def _walk(
     `asked`: the record of the release asked for (action, actor, reason)."""
     environment, version, progress = where.environment, asked.version, hooks.progress
     prometheus = prometheus_for(settings)  # a canary nobody can judge must not start
+    warning = bake_warning(Plan.of(plan).bake, prometheus.scrape_interval())
+    if warning:
+        progress(f"{plan.kind}: warning: {warning}")
     move = release.prepare(settings, spec, where, version, plan.kind, progress)
     record = replace(move.record(spec, asked.action, asked.actor, live), reason=asked.reason)
     progress(f"{plan.kind}: {spec.name} v{version} → {environment} {_describe(plan)}, beside "

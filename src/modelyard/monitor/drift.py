@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from modelyard import registry
 from modelyard.bins import MISSING, OTHER, psi
@@ -117,6 +118,19 @@ class Prometheus:
             why = body.get("error") or response.text[:300]
             raise ModelyardError(f"Prometheus refused the query {expr!r}: {why}")
         return body["data"]["result"]
+
+    def scrape_interval(self, job: str = "modelyard") -> float | None:
+        """Seconds between scrapes of `job` (else the global default), from the configuration
+        Prometheus runs; None when it cannot be read."""
+        try:
+            response = httpx.get(f"{self.url}/api/v1/status/config", timeout=10)
+            config = yaml.safe_load(response.json()["data"]["yaml"]) or {}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, yaml.YAMLError):
+            return None
+        jobs = {c.get("job_name"): c for c in config.get("scrape_configs") or []}
+        scrape = jobs.get(job) or config.get("global") or {}
+        text = scrape.get("scrape_interval")
+        return duration_seconds(str(text)) if text else None
 
     def values(self, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
         """Series of an instant query keyed by the given labels' values."""
@@ -315,3 +329,15 @@ def _metric_key(name: str) -> str:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def duration_seconds(text: str) -> float | None:
+    """A Prometheus duration ("15s", "1m30s", "500ms") in seconds; None if it is not one."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
