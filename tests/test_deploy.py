@@ -722,8 +722,11 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
 
     settings = prometheus_stack
     port = free_ports(3)
+    # p99 of ~60 requests beside a busy machine's other tests is noisy (identical versions read
+    # 1.66x in ci36): the ratio check is test_rollout's and test_canary's to prove on generated
+    # windows; this test's failing version is the impossible budget below.
     strategy = {"kind": "canary", "steps": [30, 100], "bake": 10, "timeout": 120,
-                "checks": {"min_requests": 20, "psi": 0.5}}  # fmt: skip
+                "checks": {"min_requests": 20, "psi": 0.5, "latency_ratio": 3.0}}  # fmt: skip
     spec = env_spec(registered, "canary", {"canary": {"target": "local", "port": port,
                                                       "strategy": strategy}})  # fmt: skip
     front = f"http://127.0.0.1:{port}"
