@@ -123,12 +123,9 @@ def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
     """What the slot whose series match `selector` (PromQL label matchers, e.g.
     'model="ads",environment="production",slot="green"') did in the last `seconds`."""
     routes = f'{selector},route=~"{PREDICTION_ROUTES}"'
-    requests = prometheus.values(_grown(f"modelyard_requests_total{{{routes}}}", seconds))
-    errors = prometheus.values(
-        _grown(f'modelyard_requests_total{{{routes},status=~"5.."}}', seconds)
-    )
-    refused = prometheus.values(
-        _grown(f'modelyard_requests_total{{{routes},status=~"4.."}}', seconds)
+    # One query by status: all requests, server errors (5xx) and refusals (4xx) from it.
+    by_status = prometheus.values(
+        _grown(f"modelyard_requests_total{{{routes}}}", seconds, "status"), "status"
     )
     latency = prometheus.values(
         _grown(f"modelyard_request_duration_seconds_bucket{{{routes}}}", seconds, "le"), "le"
@@ -141,9 +138,9 @@ def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
         for name in ("compared_rows", "agreed_rows", "abs_diff")
     }  # only a shadow's slot has these series; the others read 0
     return SlotWindow(
-        requests=requests.get((), 0.0),
-        errors=errors.get((), 0.0),
-        refused=refused.get((), 0.0),
+        requests=sum(by_status.values()),
+        errors=sum(n for (status,), n in by_status.items() if status.startswith("5")),
+        refused=sum(n for (status,), n in by_status.items() if status.startswith("4")),
         latency={float(le): count for (le,), count in latency.items()},
         predictions={label: count for (label,), count in predictions.items()},
         compared=shadow["compared_rows"].get((), 0.0),
