@@ -89,7 +89,9 @@ def _split(value: Any, schema: list[Column]) -> Columns:
             "dataframe_split must be {'columns': [...], 'data': [[...], ...]}",
             field="dataframe_split",
         )
-    names = value.get("columns") or [c.name for c in schema]
+    names = value.get("columns")
+    if names is None or names == []:  # left out: the schema's order (`false` or 0 is refused)
+        names = [c.name for c in schema]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ClientError(
             "dataframe_split.columns must be a list of names", field="dataframe_split.columns"
