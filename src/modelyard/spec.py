@@ -379,15 +379,19 @@ class CanaryChecks(_Strict):
     )  # fmt: skip
     latency_budget_ms: float | None = Field(
         default=None, gt=0.0,
-        description="Its p99 serving latency, at most; default: monitoring.latency_budget_ms, "
-        "else behaviour.latency.budget_ms.",
+        description="Its p99 serving latency, at most (beyond chance at 99 %: a small window's "
+        "one slow request does not fail it); default: monitoring.latency_budget_ms, else "
+        "behaviour.latency.budget_ms.",
     )  # fmt: skip
     latency_ratio: float = Field(
-        default=1.5, ge=1.0, description="Its p99, at most this many times the baseline's."
+        default=1.5,
+        ge=1.0,
+        description="Its p99, at most this many times the baseline's (beyond chance at 99 %).",
     )
     psi: float = Field(
         default=0.25, gt=0.0,
-        description="PSI of its predictions against the baseline's over the window, at most.",
+        description="PSI of its predictions against the baseline's over the window, at most "
+        "(when the bin counts differ beyond chance at 99 %).",
     )  # fmt: skip
     min_requests: int = Field(
         default=100, ge=1,
