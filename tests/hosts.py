@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import itertools
 import os
 import signal
 import socket
@@ -16,11 +17,13 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 import yaml
 
@@ -144,14 +147,38 @@ V2_ROW = {"inputs": [
 ]}  # fmt: skip
 
 
+def v2_batches(frame: pd.DataFrame, rows: int) -> list[dict[str, Any]]:
+    """`frame` as V2 requests of `rows` rows each, missing values as nulls (as clients send)."""
+    batches = []
+    for start in range(0, len(frame) - rows + 1, rows):
+        chunk = frame.iloc[start : start + rows]
+        inputs = [
+            {"name": str(name), "shape": [rows],
+             "datatype": "FP32" if pd.api.types.is_numeric_dtype(column) else "BYTES",
+             "data": [None if pd.isna(v) else v for v in column.tolist()]}
+            for name, column in chunk.items()
+        ]  # fmt: skip
+        batches.append({"inputs": inputs})
+    return batches
+
+
 class LoadLoop:
     """Sends one-row V2 requests over keep-alive connections until stopped; counts what answered.
 
     Every request must succeed: a failure is a request a client would have seen fail.
     """
 
-    def __init__(self, urls: list[str], model: str, token: str, pause: float = 0.005) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        model: str,
+        token: str,
+        pause: float = 0.005,
+        bodies: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """`bodies`: V2 requests sent in turn (default: V2_ROW alone)."""
         self.urls, self.model, self.token, self.pause = urls, model, token, pause
+        self.bodies = list(bodies) or [V2_ROW]
         self.versions: dict[str, Counter[str]] = {url: Counter() for url in urls}
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -170,9 +197,11 @@ class LoadLoop:
     def _loop(self, url: str) -> None:
         headers = {"Authorization": f"Bearer {self.token}"}
         with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
-            while not self._stop.is_set():
+            for body in itertools.cycle(self.bodies):
+                if self._stop.is_set():
+                    break
                 try:
-                    response = client.post(f"/v2/models/{self.model}/infer", json=V2_ROW)
+                    response = client.post(f"/v2/models/{self.model}/infer", json=body)
                 except httpx.HTTPError as exc:
                     self.failures.append(f"{url}: {exc!r}")
                     continue

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -50,6 +51,7 @@ from tests.hosts import (
     restore_host,
     start_ssh_hosts,
     stop_ssh_hosts,
+    v2_batches,
 )
 
 pytestmark = pytest.mark.docker
@@ -804,3 +806,121 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
     assert (latest.version, latest.outcome) == ("1", "failed")
     assert latest.reason == "abort by an operator after the canary's walk stopped"
     assert progressive.status(settings, spec.name, "canary") is None
+
+
+def _without_tablets(spec: dict) -> None:
+    next(f for f in spec["features"] if f["name"] == "device")["categories"] = ["desktop", "mobile"]
+
+
+def _a_forest(spec: dict) -> None:
+    # 1000 shallow-ish trees on half-samples: its log loss and gender invariance pass the gates
+    # (0.496, 0.03 moved), and ONNX Runtime spends ~7 ms on 100 rows where the line spends 0.1.
+    params = {"n_estimators": 1000, "min_samples_leaf": 40, "max_features": 0.7,
+              "max_samples": 0.5}  # fmt: skip
+    spec["estimator"] = {"class": "sklearn.ensemble.RandomForestClassifier", "params": params}
+    spec["behaviour"].pop("directional")  # a forest is not monotonic row by row: the user drops it
+    spec["behaviour"]["latency"]["budget_ms"] = 200  # scikit-learn walks 1000 trees in ~100 ms
+
+
+@dataclass(frozen=True)
+class BadVersion:
+    """A version a user could register that only live traffic shows to be bad."""
+
+    story: str
+    data_edit: tuple[str, str] | None  # (old, new) in the example's data.py
+    spec_edit: Callable[[dict], None] | None
+    caught_by: str  # the canary check that must send it back
+
+
+BAD_VERSIONS = (
+    # Its data lost the tablet category, so its schema refuses what clients still send.
+    BadVersion(
+        "refuses tablets",
+        ("p=[0.35, 0.55, 0.10]", "p=[0.40, 0.60, 0.0]"),
+        _without_tablets,
+        "success_rate",
+    ),
+    # A forest instead of a linear model: legitimately heavier, within the budget its user set.
+    BadVersion("heavier", None, _a_forest, "latency_p99_ratio"),
+    # Trained on labels from a shifted process: fewer clicks, so lower scores for the same rows.
+    BadVersion("shifted labels", ("-5.6", "-7.0"), None, "prediction_psi"),
+)
+
+
+def _register_variant(project: Project, bad: BadVersion, baseline: dict[str, str]) -> str:
+    """The project changed as `bad.story` says and committed, then the pipeline run on it as a
+    push would: the version it registered."""
+    source = baseline["data.py"]
+    if bad.data_edit is not None:
+        assert bad.data_edit[0] in source
+        source = source.replace(*bad.data_edit)
+    project.spec_path.with_name("data.py").write_text(source)
+    spec = yaml.safe_load(baseline["spec"])
+    if bad.spec_edit is not None:
+        bad.spec_edit(spec)
+    project.write_spec(spec, commit=bad.story)
+    state = pipeline(spec_path=str(project.spec_path), deploy=False, return_state=True)
+    assert state.is_completed(), f"{bad.story}: {state.message}"
+    return state.result().version
+
+
+def test_three_bad_versions_are_each_sent_back_by_the_check_for_their_fault(
+    registered, prometheus_stack, tmp_path, monkeypatch
+):
+    """Real versions registered by the pipeline, on the process runtime: one refuses values
+    clients send, one is markedly slower, one predicts shifted scores. Each walks in as a
+    canary beside v1 under batches of generated traffic and is sent back by its own check:
+    all traffic on v1 again, the alias unmoved, the ledger naming the metric."""
+    from modelyard.deploy import progressive
+
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")  # the process runtime needs none
+    project = Project(tmp_path / "guarded-repo", "ad_clicks", "guarded-ads")
+    baseline = {"data.py": project.spec_path.with_name("data.py").read_text(),
+                "spec": project.spec_path.read_text()}  # fmt: skip
+    state = pipeline(spec_path=str(project.spec_path), deploy=False, return_state=True)
+    assert state.is_completed(), state.message
+    versions = {bad.story: _register_variant(project, bad, baseline) for bad in BAD_VERSIONS}
+
+    port = free_ports(3)
+    strategy = {"kind": "canary", "steps": [30, 100], "bake": 10, "timeout": 120,
+                "max_failures": 0, "checks": {"min_requests": 20}}  # fmt: skip
+    spec = env_spec(project, "guarded", {"guard": {"target": "local", "runtime": "process",
+                                                   "port": port, "strategy": strategy}})  # fmt: skip
+    settings = prometheus_stack
+    front = f"http://127.0.0.1:{port}"
+    progressive.deploy(settings, spec, "guard", "1", lambda _: None)  # the first goes in whole
+    generate = _load_generator(baseline["data.py"])
+    traffic = generate(4000, 2026).drop(columns="clicked")
+    # ~10 batches of 100 rows a second: each slot's p99 is its model's, not the queue's.
+    batches = v2_batches(traffic, rows=100)
+    for bad in BAD_VERSIONS:
+        story, check, version = bad.story, bad.caught_by, versions[bad.story]
+        with (
+            LoadLoop([front], spec.name, TOKEN, pause=0.1, bodies=batches) as load,
+            pytest.raises(DeployFailed) as failed,
+        ):
+            progressive.deploy(settings, spec, "guard", version, lambda _: None)
+        message = str(failed.value)
+        assert "rolled back to v1: step 1 (30 %): failed" in message, f"{story}: {message}"
+        analysis = ledger.history(settings, spec.name, "guard")[1]
+        assert (analysis.action, analysis.outcome) == ("analysis", "failed"), story
+        assert analysis.version == version
+        failed_checks = re.findall(r"(\w+) \S+ \(threshold [^)]*\): FAILED", analysis.reason)
+        print(f"{story}: {analysis.reason}")  # readings, for a run with -s
+        assert check in failed_checks, f"{story}: {analysis.reason}"
+        if story != "heavier":  # a forest's scores also differ from a line's: PSI may see it too
+            assert failed_checks == [check], f"{story}: {analysis.reason}"
+        # Clients got answers from both versions; refusals only from the one that refuses.
+        assert set(load.versions[front]) <= {"1", version}
+        refused = [f for f in load.failures if " 400 " in f and "tablet" in f]
+        assert load.failures == (refused if story == "refuses tablets" else []), load.failures[:3]
+        assert {version_at(front) for _ in range(20)} == {"1"}, story
+        assert MlflowClient().get_model_version_by_alias(spec.name, "guard").version == "1"
+        assert ledger.live(settings, spec.name, "guard").version == "1"
+        assert progressive.status(settings, spec.name, "guard") is None
+
+
+def _load_generator(source: str) -> Any:
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "data.py", "exec"), namespace)  # the example's own generator
+    return namespace["generate"]
