@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import random
 import shutil
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -361,6 +363,17 @@ def servers(
     for name in ("GITHUB_SHA", "GIT_COMMIT", "CI_COMMIT_SHA", "MODELYARD_GIT_COMMIT"):
         monkeypatch.delenv(name, raising=False)
     return {"mlflow": mlflow_server, "prefect": prefect_api}
+
+
+def example_data(example: str) -> ModuleType:
+    """An example's own data.py, whose `generate` makes the rows its model was trained on."""
+    module_spec = importlib.util.spec_from_file_location(
+        f"{example}_data", ROOT / "examples" / example / "data.py"
+    )
+    assert module_spec and module_spec.loader
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 class Project:

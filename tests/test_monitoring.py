@@ -5,7 +5,6 @@ artifact and exactly one retraining run, and every Grafana panel's query returni
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from modelyard.bins import categorical_bins, numeric_bins, psi
 from modelyard.monitor.drift import ordered_bins
 from modelyard.ports import free_ports
-from tests.conftest import ROOT, Project
+from tests.conftest import ROOT, Project, example_data
 from tests.test_deploy import _stop_services
 from tests.test_triggers import Stack, wait_until
 
@@ -236,12 +235,7 @@ class Client:
 
 def _rows(seed: int) -> list[dict]:
     """Rows of the example's own generator: the distribution the model was trained on."""
-    module_spec = importlib.util.spec_from_file_location(
-        "ad_clicks_data", ROOT / "examples" / "ad_clicks" / "data.py"
-    )
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    frame = module.generate(6000, seed).drop(columns=["clicked"])
+    frame = example_data("ad_clicks").generate(6000, seed).drop(columns=["clicked"])
     return [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
         for row in frame.to_dict("records")
