@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,10 @@ def env_spec(project: Project, name: str, environments: dict, **deploy: object) 
     return load_spec(path)
 
 
-def version_at(url: str) -> str:
-    response = httpx.get(f"{url}/version", timeout=5)
+def version_at(url: str, key: str | None = None) -> str:
+    """The version that answers at `url` (as a client sending X-Modelyard-Key `key`)."""
+    headers = {"X-Modelyard-Key": key} if key else {}
+    response = httpx.get(f"{url}/version", headers=headers, timeout=5)
     assert response.status_code == 200, f"{url}: {response.status_code} {response.text[:300]}"
     return response.json()["model_version"]
 
@@ -637,12 +640,14 @@ def test_a_shadow_gets_copies_clients_never_see_and_switches_in_once_approved(
     spec = env_spec(registered, "shadow", {"shadow": {
         "target": "local", "port": port, "strategy": strategy, "approvers": ["alice"]}})  # fmt: skip
     front = f"http://127.0.0.1:{port}"
+    service = f"{spec.name}-shadow"
     progressive.deploy(settings, spec, "shadow", "1", lambda _: None)
-
+    workers = _front_workers(service, settings.workspace)
     with LoadLoop([front], spec.name, TOKEN, pause=0.05) as load:
         rejected = ShadowRun(settings, spec, "2", expected="1")
         run_id = rejected.paused()
         assert set(load.versions[front]) == {"1"}, load.versions  # a shadow answers no client
+        assert _shares(service, port, settings.workspace) == {"canary": 0, "shadow": 500}
         analysis = ledger.history(settings, spec.name, "shadow")[0]
         assert (analysis.action, analysis.outcome) == ("analysis", "passed"), analysis.reason
         assert analysis.reason.startswith("shadow (50% of requests copied): passed")
@@ -660,9 +665,8 @@ def test_a_shadow_gets_copies_clients_never_see_and_switches_in_once_approved(
     assert load.failures == [] and set(load.versions[front]) == {"1"}
     assert version_at(front) == "1"
     assert MlflowClient().get_model_version_by_alias(spec.name, "shadow").version == "1"
-    assert len(_containers(f"{spec.name}-shadow", settings.workspace)) == 1
-    mirror = next((settings.workspace / "services").rglob(f"{spec.name}-shadow/nginx/mirror.conf"))
-    assert "No shadow runs" in mirror.read_text()
+    assert len(_containers(service, settings.workspace)) == 1
+    assert _shares(service, port, settings.workspace) == {"canary": 0, "shadow": 0}  # no copies
     failed, rejection = ledger.history(settings, spec.name, "shadow")[:2]
     assert (rejection.action, rejection.outcome, rejection.actor) == ("reject", "rejected", "bob")
     assert (failed.action, failed.outcome) == ("promote", "failed")
@@ -678,6 +682,8 @@ def test_a_shadow_gets_copies_clients_never_see_and_switches_in_once_approved(
     promoted, approval = ledger.history(settings, spec.name, "shadow")[:2]
     assert (approval.action, approval.outcome, approval.actor) == ("approve", "approved", "alice")
     assert (promoted.action, promoted.version, promoted.outcome) == ("promote", "2", "succeeded")
+    # Started, stopped and switched with no reload, which closes idle keep-alive connections.
+    assert _front_workers(service, settings.workspace) == workers
 
 
 class ShadowRun:
@@ -735,8 +741,10 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
     front = f"http://127.0.0.1:{port}"
     progress: list[str] = []
 
+    service = f"{spec.name}-canary"
     first = progressive.deploy(settings, spec, "canary", "1", progress.append)
     assert first.reason == "first version: nothing to compare a canary with"
+    workers = _front_workers(service, settings.workspace)
     # ~20 requests/s: enough for min_requests at 30 %, and the cores stay with Ansible.
     with LoadLoop([front], spec.name, TOKEN, pause=0.05) as load:
         second = progressive.deploy(settings, spec, "canary", "2", progress.append)
@@ -794,7 +802,14 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
     finally:
         os.killpg(walker.pid, signal.SIGKILL)
         walker.wait(timeout=30)
-    assert {version_at(front) for _ in range(40)} == {"1", "2"}  # still split: nobody ended it
+    # Still split (nobody ended it): 300 of the 1000 buckets, a request's by its request id,
+    # a client's by its X-Modelyard-Key (one version per key).
+    assert _shares(service, port, settings.workspace) == {"canary": 300, "shadow": 0}
+    answers = Counter(version_at(front) for _ in range(200))
+    assert 30 <= answers["1"] <= 95, answers  # 60 expected; outside: over 4.5 sd off
+    keyed = [{version_at(front, f"client-{i}") for _ in range(4)} for i in range(40)]
+    assert all(len(versions) == 1 for versions in keyed), keyed
+    assert set.union(*keyed) == {"1", "2"}  # 40 keys all on one side: 0.7**40
     shown = run_cli("rollout", "status", "canary", "--spec", spec_file)
     assert shown.returncode == 0 and "30 % on v1, 70 % on v2" in shown.stdout, shown.stdout
     aborted = run_cli("rollout", "abort", "canary", "--spec", spec_file)
@@ -806,10 +821,34 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
     assert (latest.version, latest.outcome) == ("1", "failed")
     assert latest.reason == "abort by an operator after the canary's walk stopped"
     assert progressive.status(settings, spec.name, "canary") is None
+    assert _shares(service, port, settings.workspace) == {"canary": 0, "shadow": 0}
+    # Every step, promotion, rollback and abort moved symlinks: nginx was never reloaded, so
+    # no idle keep-alive connection was closed under a client about to send on it.
+    assert _front_workers(service, settings.workspace) == workers
 
 
 def _without_tablets(spec: dict) -> None:
     next(f for f in spec["features"] if f["name"] == "device")["categories"] = ["desktop", "mobile"]
+
+
+def _front_door(service: str, workspace: Path) -> Path:
+    """The service's folder (model_service_home) on this machine."""
+    return next((workspace / "services").rglob(f"{service}/nginx/nginx.conf")).parent.parent
+
+
+def _front_workers(service: str, workspace: Path) -> set[int]:
+    """The front door's nginx worker processes: a reload replaces every one."""
+    pid = (_front_door(service, workspace) / "nginx/nginx.pid").read_text().strip()
+    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def _shares(service: str, port: int, workspace: Path) -> dict[str, int]:
+    """How many of the front door's 1000 buckets the canary and the shadow hold."""
+    folder = next(
+        p for p in (Path(f"/run/modelyard/{service}-{port}"), _front_door(service, workspace) / "run")
+        if p.exists()
+    ) / "shares"  # fmt: skip
+    return {name: len(list((folder / name).iterdir())) for name in ("canary", "shadow")}
 
 
 @dataclass(frozen=True)
