@@ -445,12 +445,16 @@ def paused_run(after: set[str] = frozenset(), timeout: float = 400) -> str:
 
 def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monkeypatch, tmp_path):
     monkeypatch.setenv("MODELYARD_SERVE_TOKEN", TOKEN)
+    # Three runs about approvals: the process runtime spares each an image build and its infra
+    # gate (the flow's image to a container is test_ssh_rollout's and the trigger tests').
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")
     project = Project(tmp_path / "repo", "ad_clicks", "approval-ads")
     staging, production = free_ports(3), free_ports(3)
     environments = {
-        "staging": {"target": "local", "port": staging},
-        "production": {"target": "local", "port": production, "approvers": ["alice"]},
-    }
+        "staging": {"target": "local", "runtime": "process", "port": staging},
+        "production": {"target": "local", "runtime": "process", "port": production,
+                       "approvers": ["alice"]},
+    }  # fmt: skip
     project.write_spec(project.spec() | {"deploy": {"environments": environments}}, "deploy")
     staging_url, production_url = f"http://127.0.0.1:{staging}", f"http://127.0.0.1:{production}"
     settings = runtime()

@@ -229,7 +229,9 @@ def test_significantly_worse_challenger_is_rejected(house: Project, servers):
     assert versions_and_aliases(client, name) == before
 
 
-def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers):
+def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers, monkeypatch):
+    # Five runs of the stage cache: the image and its infra gate are test_full_run's to prove.
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")
     spec = house.spec()
     spec["dataset"]["seed"] = 1234  # data no other test uses, so the first run starts cold
     house.write_spec(spec, commit="own seed")
