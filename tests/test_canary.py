@@ -168,6 +168,27 @@ def test_missing_or_nan_values_never_pass() -> None:
     assert verdict.outcome == "inconclusive"
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_model_that_costs_more_per_row_fails_its_cost_ratio_however_busy_the_host(
+    seed: int,
+) -> None:
+    """On a busy host both slots' p99 grow: a canary whose model costs 20x per row reads
+    within 1.5x of its baseline's p99, and only the row cost, measured on each server's own CPU
+    clock, shows it. The check is there only when asked for, and never passes without both
+    readings."""
+    rng = np.random.default_rng(seed)
+    busy = replace(contended(rng, 5700, median_ms=20), row_cost=1e-6)
+    heavier = replace(contended(rng, 300, median_ms=21), row_cost=2e-5)
+    limits = replace(LIMITS, cost_ratio=3.0)
+    verdict = judge(heavier, busy, limits)
+    assert [c.metric for c in verdict.failed] == ["model_cost_ratio"], verdict.describe()
+    assert verdict.checks[-1].value == pytest.approx(20)
+    assert judge(replace(heavier, row_cost=1.4e-6), busy, limits).outcome == "passed"
+    assert "model_cost_ratio" not in [c.metric for c in judge(heavier, busy, LIMITS).checks]
+    unread = judge(replace(heavier, row_cost=None), busy, limits)  # a server without the gauge
+    assert unread.outcome == "inconclusive" and unread.checks[-1].passed is None
+
+
 def test_without_a_baseline_only_the_absolute_checks_apply() -> None:
     rng = np.random.default_rng(2)
     verdict = judge(generated(rng, 1000), None, LIMITS)
@@ -242,6 +263,7 @@ def test_a_window_read_from_prometheus_counts_every_request_of_each_slot(tmp_pat
         for server in servers:
             server.stop()
     for seen, requests, rows_predicted in ((baseline, 40, 80), (canary, 41, 80)):
+        assert seen.row_cost is not None and seen.row_cost > 0  # measured by each at its start
         assert seen.errors == 0
         assert seen.latency[math.inf] == requests
         assert sum(seen.predictions.values()) == rows_predicted
@@ -249,7 +271,7 @@ def test_a_window_read_from_prometheus_counts_every_request_of_each_slot(tmp_pat
     # requests is their slowest, and one request of a busy machine (12.9 ms beside 1.8 ms, seen
     # with CI running alongside) may exceed a tight ratio; generated windows test the ratio.
     limits = Thresholds(success_rate=0.99, latency_budget_ms=1000, latency_ratio=50,
-                        psi=0.25, min_requests=40)  # fmt: skip
+                        psi=0.25, min_requests=40, cost_ratio=3.0)  # fmt: skip
     verdict = judge(canary, baseline, limits)
     assert verdict.outcome == "passed", verdict.describe()
     # One request more than the baseline's window holds: too few to vouch for the canary.

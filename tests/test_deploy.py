@@ -855,6 +855,16 @@ def _shares(service: str, port: int, workspace: Path) -> dict[str, int]:
     return {name: len(list((folder / name).iterdir())) for name in ("canary", "shadow")}
 
 
+def _a_forest(spec: dict) -> None:
+    # 200 shallow-ish trees on half-samples: its log loss and gender invariance pass the gates
+    # (0.497 against 0.50 at most; gender moves a prediction by 0.04 at most, 0.05 allowed).
+    params = {"n_estimators": 200, "min_samples_leaf": 40, "max_features": 0.7,
+              "max_samples": 0.5}  # fmt: skip
+    spec["estimator"] = {"class": "sklearn.ensemble.RandomForestClassifier", "params": params}
+    spec["behaviour"].pop("directional")  # a forest is not monotonic row by row: the user drops it
+    spec["behaviour"]["latency"]["budget_ms"] = 100  # and allows scikit-learn's walk of 200 trees
+
+
 @dataclass(frozen=True)
 class BadVersion:
     """A version a user could register that only live traffic shows to be bad."""
@@ -873,6 +883,8 @@ BAD_VERSIONS = (
         _without_tablets,
         "success_rate",
     ),
+    # A forest instead of a linear model: legitimately heavier, within the budget its user set.
+    BadVersion("heavier", None, _a_forest, "model_cost_ratio"),
     # Trained on labels from a shifted process: fewer clicks, so lower scores for the same rows.
     BadVersion("shifted labels", ("-5.6", "-7.0"), None, "prediction_psi"),
 )
@@ -899,9 +911,9 @@ def test_bad_versions_are_each_sent_back_by_the_check_for_their_fault(
     registered, prometheus_stack, tmp_path, monkeypatch
 ):
     """Real versions registered by the pipeline, on the process runtime: one refuses values
-    clients send, one predicts shifted scores. Each walks in as a canary beside v1 under
-    batches of generated traffic and is sent back by its own check alone: all traffic on v1
-    again, the alias unmoved, the ledger naming the metric."""
+    clients send, one is a heavier model, one predicts shifted scores. Each walks in as a canary
+    beside v1 under batches of generated traffic and is sent back by its own check: all traffic
+    on v1 again, the alias unmoved, the ledger naming the metric."""
     from modelyard.deploy import progressive
 
     monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")  # the process runtime needs none
@@ -913,11 +925,13 @@ def test_bad_versions_are_each_sent_back_by_the_check_for_their_fault(
     versions = {bad.story: _register_variant(project, bad, baseline) for bad in BAD_VERSIONS}
 
     port = free_ports(3)
-    # Latency judged loosely (3x) as in the walk test: a busy CI machine slows one slot for a
-    # whole window. A markedly slower version (a 1000-tree forest, 3.9x here on an idle machine)
-    # passed in ci38 beside the other worker, so it is not among these yet (issue 17's note).
+    # p99 judged loosely (3x) as in the walk test: a busy CI machine slows one slot for a whole
+    # window, and a heavier version's p99 with it (a 1000-tree forest, 3.9x its baseline's on
+    # an idle machine, passed 1.5x in ci38 beside the other worker). Its row cost, read on each
+    # server's own CPU clock, does not move with the machine's load.
     strategy = {"kind": "canary", "steps": [30, 100], "bake": 10, "timeout": 120,
-                "max_failures": 0, "checks": {"min_requests": 20, "latency_ratio": 3.0}}  # fmt: skip
+                "max_failures": 0, "checks": {"min_requests": 20, "latency_ratio": 3.0,
+                                              "cost_ratio": 3.0}}  # fmt: skip
     spec = env_spec(project, "guarded", {"guard": {"target": "local", "runtime": "process",
                                                    "port": port, "strategy": strategy}})  # fmt: skip
     settings = prometheus_stack
@@ -940,7 +954,11 @@ def test_bad_versions_are_each_sent_back_by_the_check_for_their_fault(
         assert analysis.version == version
         failed_checks = re.findall(r"(\w+) \S+ \(threshold [^)]*\): FAILED", analysis.reason)
         print(f"{story}: {analysis.reason}")  # readings, for a run with -s
-        assert failed_checks == [check], f"{story}: {analysis.reason}"
+        if story == "heavier":  # a forest's scores are not a line's: PSI may see them too
+            assert check in failed_checks, f"{story}: {analysis.reason}"
+            assert set(failed_checks) <= {check, "prediction_psi"}, f"{story}: {analysis.reason}"
+        else:
+            assert failed_checks == [check], f"{story}: {analysis.reason}"
         # Clients got answers from both versions; refusals only from the one that refuses.
         assert set(load.versions[front]) <= {"1", version}
         refused = [f for f in load.failures if " 400 " in f and "tablet" in f]

@@ -274,6 +274,7 @@ def test_metrics_count_requests_predictions_and_never_a_500(ads_server):
     assert 'modelyard_requests_total{route="/invocations",status="200"}' in text
     assert "modelyard_request_duration_seconds_bucket" in text
     assert "modelyard_prediction_bucket" in text
+    assert 0 < _metric(text, "modelyard_model_row_cpu_seconds") < 0.01  # measured at start
     assert 'status="500"' not in text
     assert httpx.get(f"{ads_server.url}/health/live").status_code == 200  # still up after it all
 

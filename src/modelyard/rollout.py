@@ -170,6 +170,7 @@ def thresholds(spec: Spec, checks: CanaryChecks) -> Thresholds:
         latency_ratio=checks.latency_ratio,
         psi=checks.psi,
         min_requests=checks.min_requests,
+        cost_ratio=checks.cost_ratio,
         **_comparison(spec, checks),
     )
 

@@ -398,6 +398,13 @@ class CanaryChecks(_Strict):
         description="Fewer prediction requests than this on either slot: the window is "
         "inconclusive and the bake goes on (up to `timeout`), never a pass.",
     )  # fmt: skip
+    cost_ratio: float | None = Field(
+        default=None, ge=1.0,
+        description="CPU one row costs its model, at most this many times the baseline's "
+        "(each server measures it at start on the bundle's example, on its own CPU clock, so a "
+        "busy host does not inflate it). Off by default: set it where other work on the hosts "
+        "makes p99 a poor witness of a heavier model, or to guard their capacity.",
+    )  # fmt: skip
 
 
 class ShadowChecks(CanaryChecks):

@@ -15,6 +15,10 @@ The verdict is `passed`, `failed` or `inconclusive`. What the systems that do th
   60 requests. PSI over ten bins is as noisy (about 0.2 between identical versions over 60
   against 140 predictions): a PSI over its threshold fails only when a chi-square test of the
   two windows' bin counts puts the difference beyond chance at 99 %.
+- a p99 also rises and falls with what else the host runs: on a busy host a version several
+  times heavier can read within 1.5x of its baseline's p99 (a 1000-tree forest did beside a CI
+  run's other tests). Where that matters, `cost_ratio` compares what a row costs each model on
+  its server's own CPU clock, which other processes do not inflate.
 
 Everything here is arithmetic on counts; `window` reads them from Prometheus.
 """
@@ -47,6 +51,9 @@ class SlotWindow:
     compared: float = 0.0  # rows both predicted
     agreed: float = 0.0  # of them, rows with the same class
     abs_diff: float = 0.0  # sum of |shadow - serving| over them
+    # CPU seconds a row costs its model, as its server measured at start (serve.runtime.row_cost);
+    # None: not exported.
+    row_cost: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class Thresholds:
     # mean |shadow - serving| (regressors), at most. None: not judged.
     agreement: float | None = None
     max_mean_abs_diff: float | None = None
+    cost_ratio: float | None = None  # the canary's row cost, at most this times the baseline's
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,9 @@ def judge(canary: SlotWindow, baseline: SlotWindow | None, limits: Thresholds) -
             _shift("prediction_psi", _prediction_psi(canary, baseline), limits.psi, canary,
                    baseline),
         ]  # fmt: skip
+        if limits.cost_ratio is not None:  # a measurement, not a sample: no chance to allow for
+            cost = _ratio(canary.row_cost, baseline.row_cost)
+            checks.append(_at_most("model_cost_ratio", cost, limits.cost_ratio))
     checks += _shadow_checks(canary, limits)
     too_few = [w for w in (canary, baseline) if w is not None and w.requests < limits.min_requests]
     compares = limits.agreement is not None or limits.max_mean_abs_diff is not None
@@ -149,6 +160,7 @@ def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
         name: prometheus.values(_grown(f"modelyard_shadow_{name}_total{{{selector}}}", seconds))
         for name in ("compared_rows", "agreed_rows", "abs_diff")
     }  # only a shadow's slot has these series; the others read 0
+    row_cost = prometheus.values(f"min(modelyard_model_row_cpu_seconds{{{selector}}})")
     return SlotWindow(
         requests=sum(by_status.values()),
         errors=sum(n for (status,), n in by_status.items() if status.startswith("5")),
@@ -158,6 +170,7 @@ def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
         compared=shadow["compared_rows"].get((), 0.0),
         agreed=shadow["agreed_rows"].get((), 0.0),
         abs_diff=shadow["abs_diff"].get((), 0.0),
+        row_cost=row_cost.get(()),
     )
 
 

@@ -19,7 +19,7 @@ from modelyard.serve import codecs, openapi, shadow
 from modelyard.serve.batching import Batcher
 from modelyard.serve.codecs import ClientError
 from modelyard.serve.metrics import PROBABILITY_BUCKETS, Metrics
-from modelyard.serve.runtime import Prediction, Runtime
+from modelyard.serve.runtime import Prediction, Runtime, row_cost
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -104,11 +104,13 @@ class ServingApp:
                 return
 
     def _warm_up(self) -> None:
-        """One prediction on the bundle's input example before saying ready."""
+        """Predictions on the bundle's input example before saying ready: the first loads
+        what ONNX Runtime loads lazily, the next measure what a row costs the model."""
         example = self.runtime.schema.get("example")
         if example:
             feeds, _ = codecs.to_feeds(example, self.runtime.columns, self.max_rows)
             self.runtime.predict(feeds)
+            self.metrics.row_cost.set(row_cost(self.runtime, feeds))
 
     # --- routing ------------------------------------------------------------------------------
 

@@ -132,6 +132,14 @@ class Metrics:
             multiprocess_mode="max",
         )
         info.labels(model, version, digest[:16]).set(1)
+        # A canary's cost against the baseline's (monitor.canary): min over the workers, each
+        # measured alone at its start, before the first request.
+        self.row_cost = Gauge(
+            "modelyard_model_row_cpu_seconds",
+            "CPU seconds one row costs the model, measured at start on the bundle's example",
+            registry=registry,
+            multiprocess_mode="min",
+        )
         self._monitoring_gauges(monitoring or {})
         self._inputs: dict[str, _BinTally] = {}
         self._prediction_bins: _BinTally | None = None
