@@ -226,7 +226,6 @@ def _start_vars(
     return {
         "model_service_traffic_mode": "shadow", "model_service_canary_weight": 0,
         "model_service_shadow_sample": plan.sample,
-        "model_service_mirror_timeout": plan.mirror_timeout,
         "model_service_shadow_reference_archive": str(reference),
         "model_service_shadow_reference_version": live.version,
     }  # fmt: skip

@@ -37,7 +37,7 @@ from modelyard.monitor.targets import slot_targets, write_targets
 from modelyard.package.build import trusted_keys
 from modelyard.package.image import flat_wheels, prepare_wheelhouse
 from modelyard.package.push import registry_pull_vars
-from modelyard.spec import Environment, Spec
+from modelyard.spec import Environment, ShadowStrategy, Spec
 
 Progress = Callable[[str], None]
 _CI_ACTORS = ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILD_USER_ID")
@@ -315,6 +315,18 @@ def _run(
                         strategy=settings.ansible_strategy)  # fmt: skip
 
 
+def _mirror_vars(env: Environment) -> dict[str, Any]:
+    """An environment that releases by shadow has nginx offer every request for copying on
+    every deploy, so that a shadow's start and end move its share alone and never reload nginx;
+    the others copy nothing and pay nothing for it."""
+    if not isinstance(env.strategy, ShadowStrategy):
+        return {"model_service_mirror": False}
+    return {
+        "model_service_mirror": True,
+        "model_service_mirror_timeout": env.strategy.mirror_timeout,
+    }
+
+
 def _extravars(
     settings: Settings,
     spec: Spec,
@@ -336,6 +348,7 @@ def _extravars(
         "model_service_max_fail_percentage": round(env.max_fail_percentage * 100),
         "model_service_token": service_token(settings),
         "model_service_smoke_body": {"inputs": _example(bundle)},
+        **_mirror_vars(env),
     }
     if where.settings.target == "local":
         # This machine's services keep their state in the workspace, like everything local.
