@@ -760,7 +760,7 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
     assert [(r.action, r.version, r.outcome) for r in records] == [
         ("deploy", "2", "succeeded"), ("analysis", "2", "passed"), ("analysis", "2", "passed"),
         ("deploy", "1", "succeeded"),
-    ]  # fmt: skip
+    ], [r.reason for r in records]  # fmt: skip
     assert records[2].reason.startswith("step 1 (30 %): passed: success_rate 1 (threshold 0.99)")
     assert "latency_p99_ratio" in records[2].reason and "prediction_psi" in records[2].reason
     targets = json.loads((settings.workspace / "stack/prometheus/targets" /
