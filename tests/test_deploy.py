@@ -738,7 +738,11 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
     # one slot for a whole window (identical versions read 1.66x in ci36, 5x twice in a row in
     # the landing run of 8011b8b): the ratio check is proven on generated windows, and this
     # test's failing version is the impossible budget below.
-    strategy = {"kind": "canary", "steps": [30, 100], "bake": 10, "timeout": 120,
+    # Two failed windows tolerated: ci44 saw identical versions' step judged failed once and
+    # passed on its re-bake. A step failed by the host's noise is judged again, which is what
+    # max_failures is for; the test holds the walk to ending promoted with every step passed.
+    strategy = {"kind": "canary", "steps": [30, 100], "bake": 10, "timeout": 180,
+                "max_failures": 2,
                 "checks": {"min_requests": 20, "psi": 0.5, "latency_ratio": 3.0}}  # fmt: skip
     spec = env_spec(registered, "canary", {"canary": {"target": "local", "port": port,
                                                       "strategy": strategy}})  # fmt: skip
@@ -757,12 +761,17 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
     assert version_at(front) == "2" and second.outcome == "succeeded"
     assert MlflowClient().get_model_version_by_alias(spec.name, "canary").version == "2"
     records = ledger.history(settings, spec.name, "canary")
-    assert [(r.action, r.version, r.outcome) for r in records] == [
-        ("deploy", "2", "succeeded"), ("analysis", "2", "passed"), ("analysis", "2", "passed"),
-        ("deploy", "1", "succeeded"),
-    ], [r.reason for r in records]  # fmt: skip
-    assert records[2].reason.startswith("step 1 (30 %): passed: success_rate 1 (threshold 0.99)")
-    assert "latency_p99_ratio" in records[2].reason and "prediction_psi" in records[2].reason
+    shown = [(r.action, r.version, r.outcome, r.reason) for r in records]
+    assert [r[:3] for r in shown[:1]] + [r[:3] for r in shown[-1:]] == [
+        ("deploy", "2", "succeeded"), ("deploy", "1", "succeeded")], shown  # fmt: skip
+    analyses = records[-2:0:-1]  # between the two deploys, oldest first
+    assert {(r.action, r.version) for r in analyses} == {("analysis", "2")}, shown
+    assert sum(r.outcome == "failed" for r in analyses) <= 2, shown  # inconclusive: re-baked
+    passed = [r.reason for r in analyses if r.outcome == "passed"]
+    # Each step passed once, in order: a failed window is re-baked at its own step.
+    assert [reason.split(":")[0] for reason in passed] == ["step 1 (30 %)", "step 2 (100 %)"], shown
+    assert passed[0].startswith("step 1 (30 %): passed: success_rate 1 (threshold 0.99)"), shown
+    assert "latency_p99_ratio" in passed[0] and "prediction_psi" in passed[0], shown
     targets = json.loads((settings.workspace / "stack/prometheus/targets" /
                           f"{spec.name}-canary.json").read_text())  # fmt: skip
     assert [t["labels"]["version"] for t in targets] == ["2"]  # v1's slot is gone
