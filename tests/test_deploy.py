@@ -607,10 +607,10 @@ def test_an_inventory_without_hosts_is_a_failure_not_a_silent_success(tmp_path):
     assert not result.ok and result.reason()
 
 
-@pytest.fixture
-def prometheus_stack(registered, tmp_path) -> Iterator[Settings]:
-    """The stack's real Prometheus for this workspace, scraping every second: what a canary's
-    analysis reads."""
+@contextlib.contextmanager
+def _stack_prometheus() -> Iterator[Settings]:
+    """The stack's real Prometheus for the workspace the environment names, scraping every
+    second: what a canary's analysis reads."""
     from modelyard import stack
 
     settings = runtime().model_copy(update={"stack_prometheus_port": free_ports(1),
@@ -622,6 +622,23 @@ def prometheus_stack(registered, tmp_path) -> Iterator[Settings]:
         )
     finally:
         stack.down(settings, ["prometheus"], progress=lambda _: None)
+
+
+@pytest.fixture
+def prometheus_stack(registered) -> Iterator[Settings]:
+    """A Prometheus for the registered versions' workspace."""
+    with _stack_prometheus() as settings:
+        yield settings
+
+
+@pytest.fixture
+def own_prometheus(servers, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """A Prometheus for a test's own workspace (`servers`), whose settings serve with the
+    deploy tests' token. No module fixture: the test goes to whichever worker is free."""
+    monkeypatch.setenv("MODELYARD_SERVE_TOKEN", TOKEN)
+    monkeypatch.setenv("MODELYARD_ACTOR", "deploy-tests")
+    with _stack_prometheus() as settings:
+        yield settings
 
 
 def test_a_shadow_gets_copies_clients_never_see_and_switches_in_once_approved(
@@ -917,7 +934,7 @@ def _register_variant(project: Project, bad: BadVersion, baseline: dict[str, str
 
 
 def test_bad_versions_are_each_sent_back_by_the_check_for_their_fault(
-    registered, prometheus_stack, tmp_path, monkeypatch
+    own_prometheus, tmp_path, monkeypatch
 ):
     """Real versions registered by the pipeline, on the process runtime: one refuses values
     clients send, one is a heavier model, one predicts shifted scores. Each walks in as a canary
@@ -943,7 +960,7 @@ def test_bad_versions_are_each_sent_back_by_the_check_for_their_fault(
                                               "cost_ratio": 3.0}}  # fmt: skip
     spec = env_spec(project, "guarded", {"guard": {"target": "local", "runtime": "process",
                                                    "port": port, "strategy": strategy}})  # fmt: skip
-    settings = prometheus_stack
+    settings = own_prometheus
     front = f"http://127.0.0.1:{port}"
     progressive.deploy(settings, spec, "guard", "1", lambda _: None)  # the first goes in whole
     traffic = example_data("ad_clicks").generate(4000, 2026).drop(columns="clicked")
