@@ -71,11 +71,12 @@ check: style java tools ## The fast tier (about a minute): ruff, the import cont
 	$(PYTEST) -m "not integration and not slow" -n auto --dist loadgroup -q
 
 # The integration tier runs in parallel (tests/conftest.py keeps apart what workers must not
-# share; tests that share a module fixture stay on one worker). On this 2-core machine with
-# 2 workers the tier took 1060 s on a fresh clone, with 3 workers 1050 s (docs/contributing.md):
-# the cores are busy through it, so more workers do not help here. `TEST_WORKERS=N` on a
-# bigger machine.
-TEST_WORKERS ?= 2
+# share; tests that share a module fixture stay on one worker). One worker more than the cores:
+# tests spend part of their time waiting (bake windows, scrapes, an alert's `for`, retry
+# back-offs), and a third worker fills it. On this 2-core machine the tier took 941 s with 3
+# workers against 999 s with 2, the cores 90-100 % busy against about 75 % (docs/contributing.md).
+# Capped at 8: each worker runs an MLflow and a Prefect server of its own.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n + 1 < 8 ? n + 1 : 8 )))
 test: install ## `make lint` and `make check`, then the integration tier: real MLflow, Prefect, Docker, sshd and nginx on loopback
 	@# Side by side, each target's output printed whole when it ends: mypy and ansible-lint use
 	@# one core each and the unit tests two, and the engine and packages mostly wait.

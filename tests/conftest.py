@@ -357,7 +357,9 @@ def servers(
     # test_init_then_run_then_serve_a_users_csv's, and `make demo`'s).
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("MODELYARD_WORKSPACE", str(tmp_path / "workspace"))
-    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "always")
+    # No serving image unless a test is about one (it sets "always"): a build and its infra
+    # gate cost a run about 10 s, and most runs prove something else.
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")
     # The wheelhouse is the slow part of a first image build; share it across tests.
     monkeypatch.setenv("MODELYARD_WHEELHOUSE", str(wheelhouse))
     for name in ("GITHUB_SHA", "GIT_COMMIT", "CI_COMMIT_SHA", "MODELYARD_GIT_COMMIT"):

@@ -447,7 +447,6 @@ def test_flow_waits_for_approval_and_a_rejection_keeps_production(servers, monke
     monkeypatch.setenv("MODELYARD_SERVE_TOKEN", TOKEN)
     # Three runs about approvals: the process runtime spares each an image build and its infra
     # gate (the flow's image to a container is test_ssh_rollout's and the trigger tests').
-    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")
     project = Project(tmp_path / "repo", "ad_clicks", "approval-ads")
     staging, production = free_ports(3), free_ports(3)
     environments = {
@@ -942,7 +941,6 @@ def test_bad_versions_are_each_sent_back_by_the_check_for_their_fault(
     on v1 again, the alias unmoved, the ledger naming the metric."""
     from modelyard.deploy import progressive
 
-    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")  # the process runtime needs none
     project = Project(tmp_path / "guarded-repo", "ad_clicks", "guarded-ads")
     baseline = {"data.py": project.spec_path.with_name("data.py").read_text(),
                 "spec": project.spec_path.read_text()}  # fmt: skip

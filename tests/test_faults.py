@@ -47,7 +47,6 @@ def _registered_versions(tracking: str, model: str) -> list[dict]:
 def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
     servers, ads, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")  # no image needed: quicker runs
     # The kill must land between register and the package stage's tags every time, on a busy
     # machine too (a poll that saw the version late once let the package stage finish). The
     # run reads its signing key from a FIFO: the export (before register) is given the key,
@@ -198,6 +197,7 @@ def test_engine_restart_registry_down_and_mlflow_lost_mid_run(
     mlflow = MlflowServer(tmp_path / "mlflow").start()
     registry = Settings(workspace=tmp_path / "registry", stack_registry_port=free_port())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow.url)
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "always")  # the build and push are the point
     monkeypatch.setenv("MODELYARD_IMAGE_REGISTRY", f"127.0.0.1:{registry.stack_registry_port}")
     model, spec = ads.spec()["name"], str(ads.spec_path)
     client = MlflowClient(mlflow.url, mlflow.url)
@@ -267,7 +267,6 @@ def test_a_full_workspace_disk_fails_the_run_clearly_and_loses_nothing(
     workspace.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(workspace)], check=True)
     monkeypatch.setenv("MODELYARD_WORKSPACE", str(workspace))
-    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")
     monkeypatch.setenv("PREFECT_API_URL", servers["prefect"])  # only modelyard's files here
     model, spec = ads.spec()["name"], str(ads.spec_path)
     client = MlflowClient(servers["mlflow"], servers["mlflow"])

@@ -82,7 +82,8 @@ def versions_and_aliases(client: MlflowClient, name: str) -> tuple[list[str], di
 
 
 @pytest.mark.parametrize("example", ["house", "ads"])
-def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_path):
+def test_full_run_registers_a_tagged_candidate(example, servers, request, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "always")  # the image and its infra gate too
     project: Project = request.getfixturevalue(example)
     state, outcome = run_pipeline(project)
     assert state.is_completed(), state.message
@@ -230,8 +231,7 @@ def test_significantly_worse_challenger_is_rejected(house: Project, servers):
 
 
 def test_rerun_reuses_cache_and_changes_invalidate_it(house: Project, servers, monkeypatch):
-    # Five runs of the stage cache: the image and its infra gate are test_full_run's to prove.
-    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")
+    # Five runs of the stage cache (no image: the servers fixture builds none).
     spec = house.spec()
     spec["dataset"]["seed"] = 1234  # data no other test uses, so the first run starts cold
     house.write_spec(spec, commit="own seed")
