@@ -103,7 +103,7 @@ def verify(folder: Path, trusted: list[Ed25519PublicKey]) -> VerifiedBundle:
         raise BundleError("no trusted signing key configured; set MODELYARD_TRUSTED_KEYS")
     body = manifest_path.read_bytes()
     signature = _decode_signature(signature_path)
-    signer = next((k for k in trusted if _signed_by(k, signature, body)), None)
+    signer = next((k for k in trusted if signed_by(k, signature, body)), None)
     if signer is None:
         raise BundleError(f"{folder}: manifest signature does not verify with any trusted key")
     manifest = json.loads(body)
@@ -120,7 +120,7 @@ def _decode_signature(path: Path) -> bytes:
         raise BundleError(f"{path} is not a base64 signature") from exc
 
 
-def _signed_by(key: Ed25519PublicKey, signature: bytes, body: bytes) -> bool:
+def signed_by(key: Ed25519PublicKey, signature: bytes, body: bytes) -> bool:
     try:
         key.verify(signature, body)
     except InvalidSignature:

@@ -10,6 +10,10 @@ Every step that can be interrupted leaves a trace this module knows how to read:
   what the hosts were last successfully given, so the alias follows the ledger.
 
 Each repair is recorded in the ledger (action `withdraw` or `realias`).
+
+It also checks the ledger's chains (`ledger.verify`). A record edited or deleted behind
+modelyard's back cannot be repaired from what is left (its true content is gone), so that is
+reported, never "fixed".
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ def examine(settings: Settings, model: str) -> list[Finding]:
     # Aliases first: a leftover version someone pointed an alias at becomes unaliased (and
     # so withdrawable) once the alias follows the ledger again.
     return _aliases_off_the_ledger(settings, model) + _unfinished_versions(settings, model)
+
+
+def ledger_breaks(settings: Settings, model: str) -> list[str]:
+    """The first break of each of the model's ledger chains, described."""
+    return [f"the release ledger of {name} → {environment}: {breaks[0].describe()}"
+            for (name, environment), breaks in ledger.verify(settings, model).items()
+            if breaks]  # fmt: skip
 
 
 def repair(settings: Settings, finding: Finding, actor: str) -> Release:

@@ -242,7 +242,12 @@ def log_json(
 
 def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     for key, value in tags.items():
-        client.set_tag(run_id, key, str(value)[:_MAX_TAG])
+        client.set_tag(run_id, key, tag_value(value))
+
+
+def tag_value(value: object) -> str:
+    """`value` as MLflow keeps a tag: text, cut at its limit."""
+    return str(value)[:_MAX_TAG]
 
 
 def end_run(client: MlflowClient, run_id: str, failure: str | None = None) -> None:

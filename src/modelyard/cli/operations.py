@@ -92,11 +92,21 @@ def doctor(
     fix: Annotated[bool, typer.Option("--fix", help="Repair what is found.")] = False,
 ) -> None:
     """Find half-finished operations (a version never packaged, an alias the ledger disagrees
-    with) and, with --fix, repair them; exit 1 when something is left to fix."""
+    with) and, with --fix, repair them; check the release ledger's chains; exit 1 when
+    something is left to fix."""
     from modelyard import doctor as checks
     from modelyard.deploy.release import actor_name
 
     names = models or [load_spec(spec).name]
+    # A ledger edited behind modelyard's back stops the doctor: its repairs follow the ledger.
+    tampered = [problem for name in names for problem in checks.ledger_breaks(settings(), name)]
+    for problem in tampered:
+        console.print(
+            f"[red]✗[/] {problem}\n  fix: none here (`modelyard history --verify` "
+            "lists every break): restore them from the MLflow store's backup"
+        )
+    if tampered:
+        raise typer.Exit(1)
     if fix:
         healthy = checks.repair_all(settings(), names, actor_name(settings()), _report)
     else:

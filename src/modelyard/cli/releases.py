@@ -25,8 +25,15 @@ from modelyard.cli.common import (
 from modelyard.spec import load_spec
 
 if TYPE_CHECKING:
+    from modelyard.deploy.chain import Break
     from modelyard.deploy.locks import Lock
     from modelyard.rollout import Request
+
+
+VERIFY_HELP = (
+    "Check each model and environment's chain of records instead of listing them; "
+    "exit 1 naming the first record edited, deleted or reordered."
+)
 
 
 @app.command()
@@ -77,10 +84,14 @@ def history(
     ] = None,
     environment: Annotated[str | None, typer.Option("--env", help="Only this environment.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help=VERIFY_HELP)] = False,
 ) -> None:
     """The release ledger: every deploy, promotion, rejection and rollback, newest first."""
     from modelyard.deploy import ledger
 
+    if verify:
+        _verify_ledger(model, environment, as_json)
+        return
     records = ledger.history(settings(), model, environment)
     if as_json:
         console.print_json(json.dumps([asdict(r) for r in records]))
@@ -96,6 +107,31 @@ def history(
             f"[{colour}]{r.outcome}[/]", r.actor, r.reason[:120],
         )  # fmt: skip
     console.print(table)
+
+
+def _verify_ledger(model: str | None, environment: str | None, as_json: bool) -> None:
+    from modelyard.deploy import ledger
+
+    chains = ledger.verify(settings(), model, environment)
+    if as_json:
+        console.print_json(json.dumps([
+            {"model": m, "environment": e, "intact": not breaks,
+             "breaks": [b.describe() for b in breaks]} for (m, e), breaks in chains.items()
+        ]))  # fmt: skip
+    else:
+        for (name, env), breaks in chains.items():
+            console.print(_chain_verdict(name, env, breaks))
+        if not chains:
+            console.print(f"no release records for {model or 'any model'}")
+    if any(chains.values()):
+        raise typer.Exit(1)
+
+
+def _chain_verdict(model: str, environment: str, breaks: list[Break]) -> str:
+    if not breaks:
+        return f"[green]✓[/] {model} → {environment}: chain intact"
+    lines = [f"[red]✗[/] {model} → {environment}: first break: {breaks[0].describe()}"]
+    return "\n".join(lines + [f"  then: {b.describe()}" for b in breaks[1:]])
 
 
 RunArgument = Annotated[
