@@ -550,6 +550,53 @@ def test_token_rotation_moves_traffic_without_a_failed_request(registered):
     assert [r.outcome for r in switches] == ["succeeded"] * 3
 
 
+def test_a_client_over_its_rate_limit_gets_429s_and_the_others_do_not(registered):
+    """An environment with a rate limit per client key: one key sending as fast as it can gets
+    429s with Retry-After beyond its rate and burst, and never a 5xx; another key sending
+    within its rate meanwhile gets every answer; probes and /version are never limited."""
+    port = free_ports(3)
+    limit = {"per_second": 5, "burst": 5, "by": "key"}
+    spec = env_spec(registered, "limited", {"limited": {"target": "local", "port": port,
+                                                        "rate_limit": limit}})  # fmt: skip
+    release.deploy(runtime(), spec, "limited", "1", print)
+    front = f"http://127.0.0.1:{port}"
+
+    def send(key: str, path: str = f"/v2/models/{spec.name}/infer") -> httpx.Response:
+        headers = {"Authorization": f"Bearer {TOKEN}", "X-Modelyard-Key": key}
+        if path.endswith("/infer"):
+            return httpx.post(f"{front}{path}", json=V2_ROW, headers=headers, timeout=10)
+        return httpx.get(f"{front}{path}", headers=headers, timeout=10)
+
+    greedy: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            greedy.append(send("greedy"))
+
+    flooder = threading.Thread(target=flood)
+    started = time.monotonic()
+    flooder.start()
+    try:
+        calm = []
+        for _ in range(8):  # 4 a second, within 5
+            calm.append(send("calm").status_code)
+            time.sleep(0.25)
+        probes = [send("greedy", p).status_code for p in ("/health/ready", "/version") * 5]
+    finally:
+        stop.set()
+        flooder.join(timeout=30)
+    seconds = time.monotonic() - started
+    assert calm == [200] * 8
+    assert probes == [200] * 10
+    codes = Counter(r.status_code for r in greedy)
+    assert set(codes) == {200, 429}, codes  # refused, never failed
+    assert codes[200] <= 5 * seconds + 5 + 2, (codes, seconds)  # its rate and burst, no more
+    refused = next(r for r in greedy if r.status_code == 429)
+    assert refused.headers["Retry-After"] == "1"
+    assert "rate limit: at most 5 requests a second per client" in refused.json()["error"]
+
+
 def test_two_releases_at_once_move_the_alias_once(registered):
     """v1 and v2 released to one environment (its own: the module's other tests use staging)
     at the same moment, both by callers that saw

@@ -123,6 +123,10 @@ def _edit(client, records: list[Release], settings: Settings) -> None:
     client.set_tag(records[1].record_id, "reason", "nothing happened here")
 
 
+def _drop_tag(client, records: list[Release], settings: Settings) -> None:
+    client.delete_tag(records[1].record_id, "actor")
+
+
 def _resign(client, records: list[Release], settings: Settings) -> None:
     """An edit whose hash is made anew and signed, by a key nobody trusts."""
     run = client.get_run(records[1].record_id)
@@ -163,6 +167,7 @@ def _insert(client, records: list[Release], settings: Settings) -> None:
     ("tamper", "named", "problem"),
     [
         (_edit, 1, "edited: its fields or its place no longer match its hash"),
+        (_drop_tag, 1, "edited: its fields or its place no longer match its hash"),
         (_resign, 1, "does not verify with any trusted key"),
         (_delete_second, 2, "the record before it (seq 2) was deleted or edited"),
         (_delete_newest, None, "points at seq 4, which no record has: the newest records"),

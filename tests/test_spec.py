@@ -244,3 +244,50 @@ def test_a_shadow_is_judged_by_agreement_for_a_classifier_and_by_difference_for_
     assert ads.deploy.environments["production"].strategy.checks.agreement == 0.95
     with pytest.raises(SpecError, match="max_mean_abs_diff: applies to regression"):
         load_spec(_with_strategy(tmp_path, shadow, ADS))
+
+
+def _with_rate_limit(tmp_path: Path, limit: object) -> Path:
+    data = yaml.safe_load(HOUSE.read_text())
+    data["deploy"]["environments"]["production"]["rate_limit"] = limit
+    path = tmp_path / "modelyard.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("limit", "nginx"),
+    [
+        # nginx counts in whole requests a minute: a fraction of one a second is kept.
+        ({"per_second": 0.5}, {"rate": "30r/m", "burst": 1, "by": "address", "retry_after": 2}),
+        (
+            {"per_second": 200, "burst": 50, "by": "key"},
+            {"rate": "12000r/m", "burst": 50, "by": "key", "retry_after": 1},
+        ),
+        ({"per_second": 2.5, "burst": 0}, {"rate": "150r/m", "burst": 0, "retry_after": 1}),
+    ],
+)
+def test_a_rate_limit_becomes_nginxs_limit_req(tmp_path, limit, nginx):
+    from modelyard.deploy.release import _rate_limit_vars
+
+    env = load_spec(_with_rate_limit(tmp_path, limit)).deploy.environments["production"]
+    assert _rate_limit_vars(env)["model_service_rate_limit"].items() >= nginx.items()
+    assert _rate_limit_vars(load_spec(HOUSE).deploy.environments["production"]) == {
+        "model_service_rate_limit": {}
+    }
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        ({"per_second": 0}, "rate_limit.per_second: Input should be greater than 0"),
+        ({"burst": 5}, "rate_limit.per_second: Field required"),
+        ({"per_second": 5, "by": "token"}, "rate_limit.by: Input should be 'address' or 'key'"),
+        ({"per_second": 5, "burst": -1}, "rate_limit.burst: Input should be greater than or"),
+        ({"per_second": 5, "zone": "x"}, "rate_limit.zone: unknown field"),
+    ],
+)
+def test_a_wrong_rate_limit_is_refused_naming_its_field(tmp_path, limit, expected):
+    with pytest.raises(SpecError) as raised:
+        load_spec(_with_rate_limit(tmp_path, limit))
+    assert "deploy.environments.production" in str(raised.value)
+    assert expected in str(raised.value), str(raised.value)

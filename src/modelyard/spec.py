@@ -11,6 +11,7 @@ import importlib
 import inspect
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -509,6 +510,32 @@ Strategy = Annotated[
 ]
 
 
+class RateLimit(_Strict):
+    """How many requests one client may send through the front door (nginx's limit_req: a
+    leaky bucket per client). Over it, a request is answered 429 with Retry-After at once and
+    costs the model nothing; other clients are not slowed. Health probes and /version are not
+    counted."""
+
+    per_second: float = Field(
+        gt=0.0, le=100_000.0, description="Requests a second one client may keep sending."
+    )
+    burst: int | None = Field(
+        default=None, ge=0, le=1_000_000,
+        description="Requests beyond that rate a client may send at once before it is refused; "
+        "default: one second's worth.",
+    )  # fmt: skip
+    by: Literal["address", "key"] = Field(
+        default="address",
+        description="Who a client is: address, its IP as nginx sees it; key, its "
+        "X-Modelyard-Key header (its address when it sends none). A client can send any key: "
+        "use `key` only behind a gateway that sets the header.",
+    )
+
+    @property
+    def burst_requests(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.per_second))
+
+
 class Environment(_Strict):
     """Where and how one environment (staging, production, ...) serves the model."""
 
@@ -549,6 +576,11 @@ class Environment(_Strict):
     )
     aws: AwsHosts | None = Field(
         default=None, description="For `target: aws`: which EC2 instances serve, by tags."
+    )
+    rate_limit: RateLimit | None = Field(
+        default=None,
+        description="Requests per client at the front door (`per_second`, `burst`, `by`); "
+        "default: no limit.",
     )
     strategy: Strategy = Field(
         default_factory=AllAtOnce,

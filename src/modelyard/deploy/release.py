@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import math
 import os
 import secrets
 import tarfile
@@ -327,6 +328,21 @@ def _mirror_vars(env: Environment) -> dict[str, Any]:
     }
 
 
+def _rate_limit_vars(env: Environment) -> dict[str, Any]:
+    """nginx's limit_req for the environment's front door; {} when it has no limit. The rate
+    goes to nginx in requests a minute, which keeps a fraction of one a second."""
+    limit = env.rate_limit
+    if limit is None:
+        return {"model_service_rate_limit": {}}
+    return {"model_service_rate_limit": {
+        "rate": f"{max(1, round(limit.per_second * 60))}r/m",
+        "burst": limit.burst_requests,
+        "by": limit.by,
+        "retry_after": max(1, math.ceil(1 / limit.per_second)),
+        "per_second": f"{limit.per_second:g}",
+    }}  # fmt: skip
+
+
 def _extravars(
     settings: Settings,
     spec: Spec,
@@ -349,6 +365,7 @@ def _extravars(
         "model_service_token": service_token(settings),
         "model_service_smoke_body": {"inputs": _example(bundle)},
         **_mirror_vars(env),
+        **_rate_limit_vars(env),
     }
     if where.settings.target == "local":
         # This machine's services keep their state in the workspace, like everything local.
