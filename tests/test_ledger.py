@@ -214,3 +214,24 @@ def test_records_from_before_the_chain_and_racing_writers_are_not_breaks():
     stranger = Ed25519PrivateKey.generate().public_key()
     assert [b.entry.record_id for b in chain.verify(entries, racing[1], [stranger])
             if b.entry] == ["a", "b", "c"]  # fmt: skip
+
+
+def test_records_signed_by_a_retired_key_verify_once_it_is_a_ledger_key(settings, tmp_path):
+    """A signing-key rotation: records signed by the old key break the chain's trust until the
+    old key's public half is in ledger_keys, which bundles do not trust."""
+    from cryptography.hazmat.primitives import serialization
+
+    from modelyard.bundle import public_key_text
+
+    old = Ed25519PrivateKey.generate()
+    pem = old.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())  # fmt: skip
+    (tmp_path / "old.pem").write_bytes(pem)
+    retired = settings.model_copy(update={"signing_key_file": tmp_path / "old.pem"})
+    record(retired, "deploy", "1")
+    record(settings, "deploy", "2", previous="1")  # signed by the workspace's key from now on
+    breaks = ledger.verify(settings, "m")[("m", "production")]
+    assert [(b.entry.fields["version"] if b.entry else None) for b in breaks] == ["1"], breaks
+    assert breaks[0].problem.endswith("does not verify with any trusted key")
+    trusting = settings.model_copy(update={"ledger_keys": public_key_text(old.public_key())})
+    assert ledger.verify(trusting, "m") == {("m", "production"): []}

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     trusted_keys: str = Field(
         default="", description="Extra base64 Ed25519 public keys whose bundles are accepted."
     )
+    ledger_keys: str = Field(
+        default="",
+        description="Base64 Ed25519 public keys the release ledger's records may also be signed "
+        "by (a signing key retired by a rotation): trusted by `history --verify`, not for bundles.",
+    )
     serve_token: SecretStr | None = Field(
         default=None, description="Bearer token(s), comma-separated, for prediction routes."
     )

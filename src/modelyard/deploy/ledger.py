@@ -132,7 +132,7 @@ def verify(
     settings: Settings, model: str | None = None, environment: str | None = None
 ) -> dict[tuple[str, str], list[chain.Break]]:
     """Each chain's breaks (model, environment → what is wrong, earliest first; [] when
-    nothing is), checked with the keys a local server trusts."""
+    nothing is), checked with the keys a local server trusts and `ledger_keys`."""
     client = registry.connect(settings)
     found = client.get_experiment_by_name(EXPERIMENT)
     if found is None:
@@ -143,7 +143,8 @@ def verify(
         entry = chain.Entry(run.info.run_id, {f.name: tags.get(f.name, "") for f in _FIELDS},
                             chain.parse(tags), run.info.start_time)  # fmt: skip
         chains.setdefault((entry.fields["model"], entry.fields["environment"]), []).append(entry)
-    trusted = parse_public_keys(trusted_keys(settings))
+    # A rotation retires a key from the bundles' trust, not the records it signed.
+    trusted = parse_public_keys(f"{trusted_keys(settings)},{settings.ledger_keys}")
     return {
         key: chain.verify(entries, chain.parse_head(found.tags.get(_head_tag(*key))), trusted)
         for key, entries in sorted(chains.items())
