@@ -168,12 +168,17 @@ def test_every_spec_field_is_documented():
 ADS = ROOT / "examples" / "ad_clicks" / "modelyard.yaml"
 
 
-def _with_strategy(tmp_path: Path, strategy: object, example: Path = HOUSE) -> Path:
+def _with_production(tmp_path: Path, field: str, value: object, example: Path = HOUSE) -> Path:
+    """The example's spec with deploy.environments.production.<field> set to `value`."""
     data = yaml.safe_load(example.read_text())
-    data["deploy"]["environments"]["production"]["strategy"] = strategy
+    data["deploy"]["environments"]["production"][field] = value
     path = tmp_path / "modelyard.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def _with_strategy(tmp_path: Path, strategy: object, example: Path = HOUSE) -> Path:
+    return _with_production(tmp_path, "strategy", strategy, example)
 
 
 def test_strategy_defaults_to_all_at_once_and_a_kind_alone_takes_its_defaults(tmp_path):
@@ -247,11 +252,7 @@ def test_a_shadow_is_judged_by_agreement_for_a_classifier_and_by_difference_for_
 
 
 def _with_rate_limit(tmp_path: Path, limit: object) -> Path:
-    data = yaml.safe_load(HOUSE.read_text())
-    data["deploy"]["environments"]["production"]["rate_limit"] = limit
-    path = tmp_path / "modelyard.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return _with_production(tmp_path, "rate_limit", limit)
 
 
 @pytest.mark.parametrize(

@@ -140,8 +140,8 @@ def verify(
     chains: dict[tuple[str, str], list[chain.Entry]] = {}
     for run in _all_runs(client, found.experiment_id, _query(model, environment)):
         tags = run.data.tags
-        entry = chain.Entry(run.info.run_id, {f.name: tags.get(f.name, "") for f in _FIELDS},
-                            chain.parse(tags), run.info.start_time)  # fmt: skip
+        entry = chain.Entry(run.info.run_id, _fields(tags), chain.parse(tags),
+                            run.info.start_time)  # fmt: skip
         chains.setdefault((entry.fields["model"], entry.fields["environment"]), []).append(entry)
     # A rotation retires a key from the bundles' trust, not the records it signed.
     trusted = parse_public_keys(f"{trusted_keys(settings)},{settings.ledger_keys}")
@@ -192,6 +192,10 @@ def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list[Run]
 
 
 def _from_run(run: object) -> Release:
-    tags = run.data.tags  # type: ignore[attr-defined]
-    values = {f.name: tags.get(f.name, "") for f in _FIELDS}
+    values = _fields(run.data.tags)  # type: ignore[attr-defined]
     return Release(**values, record_id=run.info.run_id)  # type: ignore[attr-defined]
+
+
+def _fields(tags: dict[str, str]) -> dict[str, str]:
+    """A record's fields from its run's tags (what its chain link hashes)."""
+    return {f.name: tags.get(f.name, "") for f in _FIELDS}
