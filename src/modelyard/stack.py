@@ -1,4 +1,5 @@
-"""The local stack: a Prefect server, an MLflow tracking server, a Docker registry and Prometheus.
+"""The local stack: a Prefect server, an MLflow tracking server, a Docker registry, Prometheus and
+Alertmanager.
 
 Each service runs as a detached process on the stack's host (127.0.0.1 by default) with its own
 folder `<workspace>/stack/<name>/` holding its log, its data and `state.json` (pid and URL).
@@ -31,13 +32,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelyard import stackstate
+import yaml
+
+from modelyard import alerting, stackstate
+from modelyard.atomic import replace_file
 from modelyard.config import TELEMETRY_OFF, Settings
 from modelyard.errors import ModelyardError
 
-SERVICES = ("prefect", "mlflow", "registry", "prometheus")
+SERVICES = ("prefect", "mlflow", "registry", "prometheus", "alertmanager")
 # Debian packages that provide the system services (installed by `make stack`).
-PACKAGES = {"registry": "docker-registry", "prometheus": "prometheus"}
+PACKAGES = {
+    "registry": "docker-registry",
+    "prometheus": "prometheus",
+    "alertmanager": "prometheus-alertmanager",
+}
 Progress = Callable[[str], None]
 
 
@@ -52,7 +60,8 @@ class Service:
     health: str  # path that answers 200 once the service is ready
     command: list[str]
     env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold database passwords
-    files: dict[str, str] = field(default_factory=dict)  # config files written before start
+    # Config files written (mode 0600) before start; some hold secrets.
+    files: dict[str, str] = field(default_factory=dict, repr=False)
 
     def folder(self, settings: Settings) -> Path:
         return stack_dir(settings) / self.name
@@ -67,9 +76,10 @@ class Status:
     detail: str = ""
 
 
-_RULES_FILES = (
-    Path(__file__).parent / "monitor" / "prometheus" / "rules.yml",
-    Path(__file__).resolve().parents[2] / "infra" / "prometheus" / "rules.yml",
+# infra/prometheus: in the wheel (pyproject's force-include), else in the source checkout.
+_SHIPPED = (
+    Path(__file__).parent / "monitor" / "prometheus",
+    Path(__file__).resolve().parents[2] / "infra" / "prometheus",
 )
 
 
@@ -83,8 +93,15 @@ def prometheus_targets_dir(settings: Settings) -> Path:
 
 
 def plan(settings: Settings) -> list[Service]:
-    """What `up` starts, in order: the registry and Prometheus first, they are fastest."""
-    return [_registry(settings), _prometheus(settings), _mlflow(settings), _prefect(settings)]
+    """What `up` starts, in order: the registry, Prometheus and Alertmanager first, they are
+    fastest."""
+    return [
+        _registry(settings),
+        _prometheus(settings),
+        _alertmanager(settings),
+        _mlflow(settings),
+        _prefect(settings),
+    ]
 
 
 def up(
@@ -98,6 +115,7 @@ def up(
     services = _select(settings, names)
     _check_installed(services)
     _check_auth(settings, services)
+    _check_alerting(settings, services, progress)
     if any(s.name == "mlflow" for s in services):
         ensure_bucket(settings.artifacts_destination)
     waiting: list[Service] = []  # ours, not answering yet: started now, or still starting
@@ -145,7 +163,11 @@ def running_url(settings: Settings, name: str) -> str | None:
 
 
 def _url(settings: Settings, port: int) -> str:
-    return f"http://{settings.stack_host}:{port}"
+    return f"http://{_address(settings, port)}"
+
+
+def _address(settings: Settings, port: int) -> str:
+    return f"{settings.stack_host}:{port}"
 
 
 def _python_tool(module: str) -> list[str]:
@@ -242,7 +264,7 @@ def _registry(settings: Settings) -> Service:
             "delete": {"enabled": True},
         },
         "http": {
-            "addr": f"{settings.stack_host}:{port}",
+            "addr": _address(settings, port),
             "headers": {"X-Content-Type-Options": ["nosniff"]},
         },
     }
@@ -260,14 +282,17 @@ def _prometheus(settings: Settings) -> Service:
     targets = prometheus_targets_dir(settings)
     port = settings.stack_prometheus_port
     interval = f"{settings.prometheus_interval}s"
+    alertmanager = _address(settings, settings.stack_alertmanager_port)
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         # Alerts and the drift recording rules (PSI per feature and of the predictions).
-        "rule_files": [str(rules_file())],
+        "rule_files": [str(shipped_file("rules.yml"))],
+        # What fires goes to the stack's Alertmanager (started with it by a plain `stack up`).
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
         "scrape_configs": [
             {
                 "job_name": "prometheus",
-                "static_configs": [{"targets": [f"{settings.stack_host}:{port}"]}],
+                "static_configs": [{"targets": [_address(settings, port)]}],
             },
             # Deployed model servers: the deploy stage writes one file per service here, and
             # Prometheus picks files up and drops them without a restart.
@@ -285,7 +310,7 @@ def _prometheus(settings: Settings) -> Service:
             "prometheus",
             f"--config.file={folder / 'prometheus.yml'}",
             f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address={settings.stack_host}:{port}",
+            f"--web.listen-address={_address(settings, port)}",
             "--web.enable-lifecycle",
         ],
         files={
@@ -295,12 +320,55 @@ def _prometheus(settings: Settings) -> Service:
     )
 
 
-def rules_file() -> Path:
-    """infra/prometheus/rules.yml, from the wheel or the source checkout."""
-    for candidate in _RULES_FILES:
-        if candidate.is_file():
-            return candidate
-    raise ModelyardError("modelyard's Prometheus rules (infra/prometheus/rules.yml) are missing")
+def _alertmanager(settings: Settings) -> Service:
+    folder = stack_dir(settings) / "alertmanager"
+    port = settings.stack_alertmanager_port
+    source = _routes_file(settings)
+    routes = _read_yaml(source)
+    files = {}
+    # Else `up` refuses, naming the problems; `status` and `down` need no configuration.
+    if isinstance(routes, dict) and not alerting.problems(settings, routes, source):
+        config, secrets = alerting.configuration(settings, routes, folder)
+        files = {"alertmanager.yml": json.dumps(config, indent=2), **secrets}
+    return Service(
+        name="alertmanager",
+        url=_url(settings, port),
+        health="/-/ready",
+        command=[
+            _first_installed("prometheus-alertmanager", "alertmanager"),
+            f"--config.file={folder / 'alertmanager.yml'}",
+            f"--storage.path={folder / 'data'}",
+            f"--web.listen-address={_address(settings, port)}",
+            f"--web.external-url={_url(settings, port)}",  # the links in its messages
+            # No high-availability gossip: it would listen on 0.0.0.0:9094.
+            "--cluster.listen-address=",
+        ],
+        files=files,
+    )
+
+
+def _routes_file(settings: Settings) -> Path:
+    return settings.alert_routes or shipped_file("alertmanager.yml")
+
+
+def _read_yaml(path: Path) -> object:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _first_installed(*commands: str) -> str:
+    """Debian names the binary prometheus-alertmanager; upstream's tarball, alertmanager."""
+    return next((c for c in commands if shutil.which(c)), commands[0])
+
+
+def shipped_file(name: str) -> Path:
+    """A file of infra/prometheus (rules.yml, alertmanager.yml), from the wheel or the checkout."""
+    for folder in _SHIPPED:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelyardError(f"modelyard's infra/prometheus/{name} is missing from this install")
 
 
 def ensure_bucket(destination: str | None) -> None:
@@ -392,6 +460,22 @@ def _resolved(host: str) -> str:
         return "0.0.0.0"
 
 
+def _check_alerting(settings: Settings, services: list[Service], progress: Progress) -> None:
+    if not any(s.name == "alertmanager" for s in services):
+        return
+    source = _routes_file(settings)
+    found = alerting.problems(settings, _read_yaml(source), source)
+    if found:
+        raise StackError("alertmanager: " + "; ".join(found))
+    channels = alerting.channels(settings)
+    progress(
+        f"alertmanager: alerts go to {' and '.join(channels)}"
+        if channels
+        else "alertmanager: no receiver set (MODELYARD_ALERT_WEBHOOK_URL or "
+        "MODELYARD_ALERT_EMAIL_TO): alerts show in its UI only"
+    )
+
+
 def _check_port_free(service: Service) -> None:
     host, port = service.url.removeprefix("http://").rsplit(":", 1)
     with socket.socket() as probe:
@@ -405,9 +489,7 @@ def _check_port_free(service: Service) -> None:
 def _start(settings: Settings, service: Service) -> None:
     folder = service.folder(settings)
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    for name, text in service.files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(text)
+    write_files(service, folder)
     env = {**os.environ, **TELEMETRY_OFF, **service.env}
     with (folder / "log").open("ab") as log:
         process = subprocess.Popen(
@@ -421,6 +503,12 @@ def _start(settings: Settings, service: Service) -> None:
         )
     state = {"pid": process.pid, "url": service.url, "started": time.time()}
     (folder / "state.json").write_text(json.dumps(state))
+
+
+def write_files(service: Service, folder: Path) -> None:
+    """The service's configuration files, private to the stack's user: some hold secrets."""
+    for name, text in service.files.items():
+        replace_file(folder / name, text.encode(), 0o600)
 
 
 def _wait_healthy(settings: Settings, service: Service, progress: Progress) -> None:

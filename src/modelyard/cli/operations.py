@@ -32,7 +32,8 @@ app.add_typer(stack_app, name="stack")
 ServicesArgument = Annotated[
     list[str] | None,
     typer.Argument(
-        help="prefect, mlflow, registry, prometheus (default: all).", show_default=False
+        help="prefect, mlflow, registry, prometheus, alertmanager (default: all).",
+        show_default=False,
     ),
 ]
 
