@@ -17,12 +17,13 @@ import pytest
 
 from modelyard.config import Settings, runtime
 from modelyard.ports import free_port, free_ports
+from modelyard.stack import SERVICES
 from modelyard.webhook import sign
 from tests.conftest import Project
 from tests.test_deploy import _stop_services, version_at
 
 pytestmark = pytest.mark.docker
-SERVICES = ("prefect", "mlflow", "registry", "prometheus")
+
 HEALTH = {"prefect": "/api/health", "mlflow": "/health", "registry": "/v2/",
           "prometheus": "/-/ready", "alertmanager": "/-/ready"}  # fmt: skip
 # Variables of other tests' servers must not leak into the stack's commands.
