@@ -38,9 +38,10 @@ def live_version_task(settings: Settings, model: str, environment: str) -> str:
 
 @task(name="measure-drift", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def measure_task(
-    prometheus: str, model: str, environment: str, version: str, rules: Monitoring
+    settings: Settings, model: str, environment: str, version: str, rules: Monitoring
 ) -> DriftReport:
-    return drift.measure(drift.Prometheus(prometheus), model, environment, version, rules)
+    prometheus = drift.prometheus_for(settings)
+    return drift.measure(prometheus, model, environment, version, rules)
 
 
 @task(name="record-drift", cache_policy=NONE, persist_result=False, **TRANSIENT)
@@ -76,9 +77,9 @@ def monitor(
     logger = get_run_logger()
     rules = Monitoring(**(monitoring or {}))
     settings = run_settings()
-    prometheus = drift.prometheus_for(settings).url  # none configured: fail before tasks
+    drift.prometheus_for(settings)  # none configured: fail before any task runs
     version = live_version_task(settings, model, environment)
-    report = measure_task(prometheus, model, environment, version, rules)
+    report = measure_task(settings, model, environment, version, rules)
     run_id = record_task(settings, report)
     worst = report.worst
     logger.info(

@@ -125,7 +125,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 # A test is in the integration tier when it is marked `docker` or uses a fixture that starts a
 # server; everything else must run in-process (tests/test_architecture.py keeps that honest).
 SERVER_FIXTURES = frozenset({"servers", "mlflow_server", "prefect_api", "moto", "postgres",
-                             "wheelhouse", "alertmanager_server"})  # fmt: skip
+                             "wheelhouse", "alertmanager_server", "signed_in_stack"})  # fmt: skip
 
 
 # Where a tier's time goes: MODELYARD_TEST_CPU_PROFILE=FILE appends, per test, its wall time and

@@ -113,6 +113,23 @@ class Settings(BaseSettings):
     stack_registry_port: int = Field(default=5001, description="Docker registry.")
     stack_prometheus_port: int = Field(default=9090, description="Prometheus.")
     stack_alertmanager_port: int = Field(default=9093, description="Alertmanager.")
+    stack_password: SecretStr | None = Field(
+        default=None,
+        description="With it set, `stack up` serves the registry, Prometheus and Alertmanager "
+        "over TLS and each requires this password (basic auth, user `stack_username`).",
+    )
+    stack_username: str = Field(default="modelyard", description="That sign-in's user.")
+    stack_tls_cert: Path | None = Field(
+        default=None,
+        description="Certificate chain (PEM) those three present; default: one from a local CA "
+        "that `stack up` creates in <workspace>/stack/tls/.",
+    )
+    stack_tls_key: Path | None = Field(default=None, description="Its private key (PEM).")
+    stack_ca: Path | None = Field(
+        default=None,
+        description="CA (PEM) modelyard trusts for the stack's TLS; default the local CA, or "
+        "the system's when stack_tls_cert is set.",
+    )
     stack_start_timeout: float = Field(
         default=120,
         description="Seconds a service may take to start: the stack's, and the embedded Prefect "

@@ -27,14 +27,17 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
+from pydantic import SecretStr
 
-from modelyard import alerting, stackstate
+from modelyard import alerting, signin, stackstate
 from modelyard.atomic import replace_file
 from modelyard.config import TELEMETRY_OFF, Settings
 from modelyard.errors import ModelyardError
@@ -95,10 +98,12 @@ def prometheus_targets_dir(settings: Settings) -> Path:
 def plan(settings: Settings) -> list[Service]:
     """What `up` starts, in order: the registry, Prometheus and Alertmanager first, they are
     fastest."""
+    # Hashed once for the three: bcrypt is slow on purpose.
+    hashed = signin.password_hash(settings) if signin.access(settings) else None
     return [
-        _registry(settings),
-        _prometheus(settings),
-        _alertmanager(settings),
+        _registry(settings, hashed),
+        _prometheus(settings, hashed),
+        _alertmanager(settings, hashed),
         _mlflow(settings),
         _prefect(settings),
     ]
@@ -116,6 +121,7 @@ def up(
     _check_installed(services)
     _check_auth(settings, services)
     _check_alerting(settings, services, progress)
+    _check_signin(settings, services)
     if any(s.name == "mlflow" for s in services):
         ensure_bucket(settings.artifacts_destination)
     waiting: list[Service] = []  # ours, not answering yet: started now, or still starting
@@ -162,8 +168,9 @@ def running_url(settings: Settings, name: str) -> str | None:
 # --- the services -------------------------------------------------------------------------------
 
 
-def _url(settings: Settings, port: int) -> str:
-    return f"http://{_address(settings, port)}"
+def _url(settings: Settings, port: int, signs_in: bool = False) -> str:
+    scheme = "https" if signs_in else "http"
+    return f"{scheme}://{_address(settings, port)}"
 
 
 def _address(settings: Settings, port: int) -> str:
@@ -253,10 +260,10 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 """
 
 
-def _registry(settings: Settings) -> Service:
+def _registry(settings: Settings, hashed: str | None) -> Service:
     folder = stack_dir(settings) / "registry"
     port = settings.stack_registry_port
-    config = {
+    config: dict[str, Any] = {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text"},
         "storage": {
@@ -268,31 +275,42 @@ def _registry(settings: Settings) -> Service:
             "headers": {"X-Content-Type-Options": ["nosniff"]},
         },
     }
+    files = {}
+    if hashed:
+        signed = signin.registry_config(settings, folder / "htpasswd")
+        config["http"] |= {"tls": signed["tls"]}
+        config["auth"] = signed["auth"]
+        files["htpasswd"] = f"{settings.stack_username}:{hashed}\n"
     return Service(
         name="registry",
-        url=_url(settings, port),
+        url=_url(settings, port, signs_in=bool(hashed)),
         health="/v2/",
         command=["docker-registry", "serve", str(folder / "config.yml")],
-        files={"config.yml": json.dumps(config, indent=2)},  # JSON is YAML
+        files={"config.yml": json.dumps(config, indent=2), **files},  # JSON is YAML
     )
 
 
-def _prometheus(settings: Settings) -> Service:
+def _prometheus(settings: Settings, hashed: str | None) -> Service:
     folder = stack_dir(settings) / "prometheus"
     targets = prometheus_targets_dir(settings)
     port = settings.stack_prometheus_port
     interval = f"{settings.prometheus_interval}s"
     alertmanager = _address(settings, settings.stack_alertmanager_port)
+    # Its scrape of itself and its alerts to Alertmanager sign in like any client.
+    client = signin.prometheus_client(settings, folder) if hashed else {}
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         # Alerts and the drift recording rules (PSI per feature and of the predictions).
         "rule_files": [str(shipped_file("rules.yml"))],
         # What fires goes to the stack's Alertmanager (started with it by a plain `stack up`).
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
+        "alerting": {
+            "alertmanagers": [{"static_configs": [{"targets": [alertmanager]}], **client}]
+        },
         "scrape_configs": [
             {
                 "job_name": "prometheus",
                 "static_configs": [{"targets": [_address(settings, port)]}],
+                **client,
             },
             # Deployed model servers: the deploy stage writes one file per service here, and
             # Prometheus picks files up and drops them without a restart.
@@ -304,7 +322,7 @@ def _prometheus(settings: Settings) -> Service:
     }
     return Service(
         name="prometheus",
-        url=_url(settings, port),
+        url=_url(settings, port, signs_in=bool(hashed)),
         health="/-/ready",
         command=[
             "prometheus",
@@ -312,15 +330,33 @@ def _prometheus(settings: Settings) -> Service:
             f"--storage.tsdb.path={folder / 'data'}",
             f"--web.listen-address={_address(settings, port)}",
             "--web.enable-lifecycle",
+            *_web_config_flag(folder, hashed),
         ],
         files={
             "prometheus.yml": json.dumps(config, indent=2),
             str(targets.relative_to(folder) / ".keep"): "",
+            **_web_config_files(settings, hashed),
+            **({signin.PASSWORD_FILE: _secret(settings.stack_password)} if hashed else {}),
         },
     )
 
 
-def _alertmanager(settings: Settings) -> Service:
+def _web_config_flag(folder: Path, hashed: str | None) -> list[str]:
+    return [f"--web.config.file={folder / 'web.yml'}"] if hashed else []
+
+
+def _web_config_files(settings: Settings, hashed: str | None) -> dict[str, str]:
+    """Prometheus's and Alertmanager's TLS and user."""
+    if not hashed:
+        return {}
+    return {"web.yml": json.dumps(signin.web_config(settings, hashed), indent=2)}
+
+
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value else ""
+
+
+def _alertmanager(settings: Settings, hashed: str | None) -> Service:
     folder = stack_dir(settings) / "alertmanager"
     port = settings.stack_alertmanager_port
     source = _routes_file(settings)
@@ -330,20 +366,22 @@ def _alertmanager(settings: Settings) -> Service:
     if isinstance(routes, dict) and not alerting.problems(settings, routes, source):
         config, secrets = alerting.configuration(settings, routes, folder)
         files = {"alertmanager.yml": json.dumps(config, indent=2), **secrets}
+    url = _url(settings, port, signs_in=bool(hashed))
     return Service(
         name="alertmanager",
-        url=_url(settings, port),
+        url=url,
         health="/-/ready",
         command=[
             _first_installed("prometheus-alertmanager", "alertmanager"),
             f"--config.file={folder / 'alertmanager.yml'}",
             f"--storage.path={folder / 'data'}",
             f"--web.listen-address={_address(settings, port)}",
-            f"--web.external-url={_url(settings, port)}",  # the links in its messages
+            f"--web.external-url={url}",  # the links in its messages
             # No high-availability gossip: it would listen on 0.0.0.0:9094.
             "--cluster.listen-address=",
+            *_web_config_flag(folder, hashed),
         ],
-        files=files,
+        files=files | _web_config_files(settings, hashed),
     )
 
 
@@ -443,8 +481,12 @@ def _check_auth(settings: Settings, services: list[Service]) -> None:
     if ipaddress.ip_address(_resolved(settings.stack_host)).is_loopback:
         return
     needed = {"mlflow": "MODELYARD_MLFLOW_PASSWORD", "prefect": "MODELYARD_PREFECT_AUTH_STRING"}
+    needed |= dict.fromkeys(signin.SERVICES, "MODELYARD_STACK_PASSWORD")
     configured = {"mlflow": settings.mlflow_password, "prefect": settings.prefect_auth_string}
-    missing = [needed[s.name] for s in services if s.name in needed and not configured[s.name]]
+    configured |= dict.fromkeys(signin.SERVICES, settings.stack_password)
+    missing = list(dict.fromkeys(
+        needed[s.name] for s in services if s.name in needed and not configured[s.name]
+    ))  # fmt: skip
     if missing:
         raise StackError(
             f"the stack would listen on {settings.stack_host} without sign-in: set "
@@ -476,8 +518,18 @@ def _check_alerting(settings: Settings, services: list[Service], progress: Progr
     )
 
 
+def _check_signin(settings: Settings, services: list[Service]) -> None:
+    """TLS and password settings that work, and the local CA's certificate when needed."""
+    if not any(s.name in signin.SERVICES for s in services):
+        return
+    found = signin.problems(settings)
+    if found:
+        raise StackError("; ".join(found))
+    signin.prepare(settings)
+
+
 def _check_port_free(service: Service) -> None:
-    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    host, port = urllib.parse.urlsplit(service.url).netloc.rsplit(":", 1)
     with socket.socket() as probe:
         if probe.connect_ex((host, int(port))) == 0:
             raise StackError(
@@ -519,7 +571,7 @@ def _wait_healthy(settings: Settings, service: Service, progress: Progress) -> N
         state = stackstate.read_state(folder)
         if not state or not stackstate.alive(state["pid"]):
             raise StackError(f"{service.name} exited while starting:\n{_tail(folder / 'log')}")
-        if _healthy(service):
+        if _healthy(settings, service):
             return
         if time.monotonic() - announced > 10:
             progress(f"{service.name}: still starting …")
@@ -531,9 +583,15 @@ def _wait_healthy(settings: Settings, service: Service, progress: Progress) -> N
     )
 
 
-def _healthy(service: Service) -> bool:
+def _healthy(settings: Settings, service: Service) -> bool:
+    request = urllib.request.Request(service.url + service.health)
+    context = None
+    access = signin.access(settings)
+    if access and service.url.startswith("https://"):
+        request.add_header("Authorization", access.header())
+        context = access.ssl_context()
     try:
-        with urllib.request.urlopen(service.url + service.health, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -566,7 +624,7 @@ def _status(settings: Settings, service: Service) -> Status:
     pid = state.get("pid") if state else None
     if not stackstate.alive(pid):
         return Status(service.name, service.url, False, None, "not running")
-    healthy = _healthy(service)
+    healthy = _healthy(settings, service)
     return Status(service.name, service.url, healthy, pid, "" if healthy else "not answering")
 
 

@@ -309,8 +309,11 @@ def _run(
     limit: list[str] | None = None,
 ) -> PlaybookResult:
     token = str(extravars["model_service_token"])
-    # Each token of a rotation list on its own, too: any of them alone is a secret.
+    # Each token of a rotation list on its own, too: any of them alone is a secret. So are the
+    # stack registry's sign-in a host pulls with and its password.
     secrets = (token, *(t.strip() for t in token.split(",") if t.strip()))
+    secrets += tuple(str(v) for k, v in extravars.items() if k == "model_service_registry_auth")
+    secrets += (settings.stack_password.get_secret_value(),) if settings.stack_password else ()
     return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=secrets,
                         collections=where.collections, limit=limit,
                         strategy=settings.ansible_strategy)  # fmt: skip
@@ -381,7 +384,7 @@ def _extravars(
                 "to process"
             )
         values["model_service_image"] = tags["image_ref"]
-        values |= registry_pull_vars(tags["image_ref"])
+        values |= registry_pull_vars(settings, tags["image_ref"])
     else:
         archive, digest = _wheelhouse_archive(settings, progress)
         values |= {

@@ -18,10 +18,11 @@ from typing import Any
 import httpx
 import yaml
 
-from modelyard import registry
+from modelyard import registry, signin, stackstate
 from modelyard.bins import MISSING, OTHER, psi
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
+from modelyard.signin import Access
 from modelyard.spec import Monitoring
 
 EXPERIMENT = "modelyard-monitoring"
@@ -101,14 +102,21 @@ class DriftReport:
 
 
 class Prometheus:
-    """Instant queries against Prometheus's HTTP API."""
+    """Instant queries against Prometheus's HTTP API (signed in, for the stack's)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, access: Access | None = None) -> None:
         self.url = url.rstrip("/")
+        self.access = access
+
+    def _get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+        if self.access is None:
+            return httpx.get(f"{self.url}{path}", params=params, timeout=30)
+        return httpx.get(f"{self.url}{path}", params=params, timeout=30,
+                         auth=self.access.auth, verify=self.access.ssl_context())  # fmt: skip
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         try:
-            response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=30)
+            response = self._get("/api/v1/query", {"query": expr})
         except httpx.HTTPError as exc:
             raise ModelyardError(f"Prometheus at {self.url} is unreachable: {exc}") from None
         body = response.json() if response.headers.get("content-type", "").startswith(
@@ -123,7 +131,7 @@ class Prometheus:
         """Seconds between scrapes of `job` (else the global default), from the configuration
         Prometheus runs; None when it cannot be read."""
         try:
-            response = httpx.get(f"{self.url}/api/v1/status/config", timeout=10)
+            response = self._get("/api/v1/status/config")
             config = yaml.safe_load(response.json()["data"]["yaml"]) or {}
         except (httpx.HTTPError, ValueError, KeyError, TypeError, yaml.YAMLError):
             return None
@@ -146,7 +154,9 @@ def prometheus_for(settings: Settings) -> Prometheus:
             "drift checks read Prometheus: start it with `modelyard stack up prometheus`, or set "
             "MODELYARD_PROMETHEUS_URL"
         )
-    return Prometheus(settings.prometheus)
+    # The stack's sign-in goes to the stack's Prometheus only, never to one configured elsewhere.
+    ours = settings.prometheus == stackstate.running_url(settings.workspace, "prometheus")
+    return Prometheus(settings.prometheus, signin.access(settings) if ours else None)
 
 
 def live_version(settings: Settings, model: str, environment: str) -> str:

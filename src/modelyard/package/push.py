@@ -7,8 +7,9 @@ chain), or any registry host[:port]. A version's image is pushed once, as
 tag can never point at other bytes, and a rebuilt image of the same bundle finds its tag
 taken and reuses the image already there. Deploys use the `@sha256:` reference, never a tag.
 
-Credentials: ECR's are a 12-hour token from `get_authorization_token`, handed to the Docker
-SDK in memory for this push; nothing is written to a Docker config, a log or a tag.
+Credentials: ECR's are a 12-hour token from `get_authorization_token`, the stack registry's its
+sign-in (MODELYARD_STACK_PASSWORD), handed to the Docker SDK in memory for this push; nothing
+is written to a Docker config, a log or a tag.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modelyard import signin
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
 from modelyard.package.image import ImageError, docker_client, image_tag
@@ -76,30 +78,46 @@ def push_image(
     return Pushed(repository, tag, digest)
 
 
-def registry_pull_vars(image_ref: str) -> dict[str, str]:
+def registry_pull_vars(settings: Settings, image_ref: str) -> dict[str, str]:
     """The role's registry variables for an image reference: ECR images are pulled with the
-    host's instance role through amazon-ecr-credential-helper; other registries need none."""
+    host's instance role through amazon-ecr-credential-helper; the stack's registry, when it
+    signs in, with its credentials for the pull alone; other registries need none."""
     host = image_ref.split("/", 1)[0]
     if "@sha256:" in image_ref and _ECR_HOST.match(host):
         return {
             "model_service_registry_host": host,
             "model_service_registry_credential_helper": "ecr-login",
         }
+    auth = _stack_auth(settings)
+    if auth and settings.image_registry == "stack" and host == _stack_host(settings):
+        pair = f"{auth['username']}:{auth['password']}".encode()
+        return {
+            "model_service_registry_host": host,
+            "model_service_registry_auth": base64.b64encode(pair).decode(),
+        }
     return {}
+
+
+def _stack_host(settings: Settings) -> str | None:
+    """Where the stack's registry is reached (its push host, if set); None when it is down."""
+    from modelyard.stack import running_url
+
+    url = running_url(settings, "registry")
+    if url is None:
+        return None
+    return settings.image_push_host or url.split("://", 1)[1]
 
 
 def _target(settings: Settings, model: str) -> _Target:
     choice = (settings.image_registry or "").strip()
     if choice == "stack":
-        from modelyard.stack import running_url
-
-        url = running_url(settings, "registry")
-        if url is None:
+        host = _stack_host(settings)
+        if host is None:
             raise ModelyardError(
                 "MODELYARD_IMAGE_REGISTRY=stack, but the stack's registry is not running: "
                 "start it with `modelyard stack up registry`"
             )
-        return _Target(settings.image_push_host or url.split("://", 1)[1], "docker", None)
+        return _Target(host, "docker", _stack_auth(settings))
     if choice == "ecr" or _ECR_HOST.match(choice):
         username, password, endpoint = ecr_login(model)
         host = settings.image_push_host or endpoint
@@ -110,6 +128,14 @@ def _target(settings: Settings, model: str) -> _Target:
             "host[:port] (for example registry.example.com:5000)"
         )
     return _Target(settings.image_push_host or choice, "docker", None)
+
+
+def _stack_auth(settings: Settings) -> dict[str, str] | None:
+    """The stack's sign-in for its registry, when it has one. The building engine reaches a
+    registry on 127.0.0.1 without checking its certificate (Docker counts loopback as an
+    insecure registry); elsewhere it needs the CA in /etc/docker/certs.d/HOST:PORT/ca.crt."""
+    access = signin.access(settings)
+    return {"username": access.username, "password": access.password} if access else None
 
 
 def ecr_login(model: str) -> tuple[str, str, str]:
