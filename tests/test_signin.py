@@ -28,8 +28,11 @@ from modelyard.config import Settings
 from modelyard.errors import ModelyardError
 from modelyard.monitor.drift import Prometheus, prometheus_for
 from modelyard.package.push import push_image, registry_pull_vars
-from modelyard.ports import free_port
-from tests.test_triggers import wait_until
+from modelyard.ports import free_port, free_ports
+from tests.conftest import Project
+from tests.test_aws import _remove_image
+from tests.test_deploy import _stop_services, version_at
+from tests.test_triggers import Stack, wait_until
 
 PASSWORD = "stack-pass-41c9"
 SIGNED_IN = list(signin.SERVICES)
@@ -222,6 +225,49 @@ def test_an_image_is_pushed_signed_in_and_pulled_by_digest_only_with_the_sign_in
         for image_id in {i.id for name in names for i in client.images.list(name=name)}:
             client.images.remove(image_id, force=True)
         client.close()
+
+
+@pytest.mark.docker
+def test_a_deploy_pulls_from_the_signed_in_registry_and_leaves_no_credential(wheelhouse, tmp_path):
+    """The pull path end to end: a run pushes the image with the stack's sign-in; the deploy's
+    host (this machine's engine, the image removed from it first) pulls it by digest with the
+    sign-in, which is gone from the host afterwards and shows in no output or record."""
+    stack = Stack(tmp_path / "workspace", wheelhouse)
+    stack.env |= {"MODELYARD_STACK_PASSWORD": PASSWORD, "MODELYARD_IMAGE_REGISTRY": "stack"}
+    up = stack.cli("stack", "up", "prefect", "mlflow", "registry")
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        project = Project(tmp_path / "repo", "ad_clicks", "signin-ads")
+        port = free_ports(3)
+        project.write_spec(project.spec() | {"deploy": {"environments": {
+            "staging": {"target": "local", "port": port}}}}, "deploy")  # fmt: skip
+        spec = str(project.spec_path)
+        run = stack.cli("run", "--no-deploy", "--spec", spec, MODELYARD_BUILD_IMAGE="always")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        from mlflow.tracking import MlflowClient
+
+        tags = MlflowClient(stack.url("mlflow")).get_model_version("signin-ads", "1").tags
+        assert tags["image_ref"].startswith(f"127.0.0.1:{stack.ports['registry']}/")
+        _remove_image(tags)
+        deployed = stack.cli("deploy", "staging", "--version", "1", "--spec", spec)
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        assert version_at(f"http://127.0.0.1:{port}") == "1"
+        assert _pulled(tags), "the image is not back on the engine: what did the deploy run?"
+        services = stack.workspace / "services"
+        assert not list(services.glob("*/docker/config.json")), "the sign-in stayed on the host"
+        history = stack.cli("history", "signin-ads", "--json")
+        for text in (run.stdout, run.stderr, deployed.stdout, deployed.stderr, history.stdout,
+                     repr(tags)):  # fmt: skip
+            assert PASSWORD not in text and "bW9kZWx5YXJkOnN0YWNrLXBhc3MtNDFjOQ" not in text
+    finally:
+        stack.cli("stack", "down")
+        _stop_services(stack.workspace)
+
+
+def _pulled(tags: dict[str, str]) -> bool:
+    """The engine holds the image by digest again: the deploy pulled it."""
+    found = subprocess.run(["docker", "image", "inspect", tags["image_ref"]], capture_output=True)
+    return found.returncode == 0
 
 
 def _tiny_rootfs() -> bytes:
