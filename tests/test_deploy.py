@@ -12,9 +12,11 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -196,6 +198,13 @@ def test_ssh_rollout_and_rollback_drop_no_request(registered, ssh_hosts, tmp_pat
 
     shown = run_cli("history", spec.name, "--env", "production")
     assert shown.returncode == 0 and shown.stdout.count("succeeded") == 3
+    # Each slot runs as the image's non-root user, with no capability and none to gain.
+    for container in _containers(f"{spec.name}-production", tmp_path):
+        inspected = json.loads(subprocess.run(["docker", "inspect", container], check=True,
+                                              capture_output=True, text=True).stdout)[0]  # fmt: skip
+        assert inspected["Config"]["User"] not in ("", "0", "root", "0:0")
+        assert inspected["HostConfig"]["CapDrop"] == ["ALL"]
+        assert "no-new-privileges" in inspected["HostConfig"]["SecurityOpt"]
 
     # Rollback also works when the current version's container is gone.
     release.deploy(settings, spec, "production", "2", progress.append)
@@ -342,15 +351,28 @@ def test_a_failure_on_the_second_host_puts_every_host_back(
     assert MlflowClient().get_model_version_by_alias(spec.name, "fragile").version == "1"
 
 
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder every user may enter, as /var/lib is (pytest's own are closed to others)."""
+    folder = Path(tempfile.mkdtemp(prefix="modelyard-open-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    _stop_services(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_process_runtime_on_this_machine_and_an_ssh_host(
-    registered, ssh_hosts, prometheus_stack, tmp_path
+    registered, ssh_hosts, prometheus_stack, open_folder, tmp_path
 ):
     """The process runtime here and over SSH; on the SSH host v2 goes in as a shadow of v1
-    (its slot loads v1's bundle as its reference from the host's releases, not an image)."""
+    (its slot loads v1's bundle as its reference from the host's releases, not an image).
+    The SSH host's service folder is open to other users: its slot and nginx's workers drop to
+    the service user. This machine's is in pytest's closed folder: they run as root, and the
+    deploy says why."""
     from modelyard.deploy import progressive
 
     port = free_ports(3)
-    ssh = ssh_env(ssh_hosts, tmp_path, runtime="process", names=("host-a",))
+    ssh = ssh_env(ssh_hosts, open_folder, runtime="process", names=("host-a",))
     shadow = {"kind": "shadow", "sample": 0.5, "duration": 10, "timeout": 60,
               "checks": {"min_requests": 10, "psi": 0.5, "latency_ratio": 3.0}}  # fmt: skip
     environments = {
@@ -359,8 +381,10 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(
     }
     spec = env_spec(registered, "edge", environments)
     settings = prometheus_stack
+    said: list[str] = []
     for version in ("1", "2"):
-        release.deploy(settings, spec, "edge-local", version, lambda _: None)
+        release.deploy(settings, spec, "edge-local", version, said.append)
+    assert any("run as root: modelyard cannot enter" in line for line in said), said
     progressive.deploy(settings, spec, "edge-ssh", "1", lambda _: None)  # the first goes in whole
     with LoadLoop(ssh["fronts"], spec.name, TOKEN, pause=0.05) as load:
         progressive.deploy(settings, spec, "edge-ssh", "2", lambda _: None)
@@ -383,6 +407,44 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(
     supervised = subprocess.run(["supervisorctl", "-c", str(settings.workspace / "services" / "supervisord.conf"), "status"],
                                 capture_output=True, text=True).stdout  # fmt: skip
     assert "deploy-ads-edge-local-green" in supervised and "RUNNING" in supervised
+    # Least privilege on the SSH host: its slots and nginx's workers run as the service user,
+    # never as root; the release and the keys are root's, readable by the service user's group
+    # and closed to others. Here, behind pytest's closed folder, they run as root.
+    processes = _processes()
+    home = open_folder / "host-a" / "deploy-ads-edge-ssh"
+    assert _users(processes, home) == ({"modelyard"}, {"modelyard"})
+    assert _users(processes, settings.workspace / "services" / "deploy-ads-edge-local") == (
+        {"root"}, {"nobody"})  # fmt: skip
+    # A body larger than nginx's memory buffer goes through a temporary file the unprivileged
+    # workers write under the service's folder.
+    rows = [[29, "female", 41, 4, 17.5, "desktop"]] * 3000
+    big = httpx.post(f"{ssh['fronts'][0]}/invocations", json={"inputs": rows},
+                     headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)  # fmt: skip
+    assert big.status_code == 200 and len(big.json()["predictions"]) == 3000, big.text[:300]
+    for path in (home / "trusted_keys", home / "releases" / "2" / "manifest.json"):
+        mode = path.stat().st_mode
+        assert path.owner() == "root" and path.group() == "modelyard", path
+        assert mode & 0o007 == 0 and mode & 0o020 == 0, f"{path}: {oct(mode)}"
+
+
+def _users(processes: list[dict[str, str]], home: Path) -> tuple[set[str], set[str]]:
+    """Who runs the slots of the service at `home`, and who its nginx's workers."""
+    slots = {p["user"] for p in processes if f"{home}/releases/" in p["args"]}
+    masters = [p for p in processes if f"-p {home}/nginx" in p["args"]]
+    assert masters, [p["args"] for p in processes if "nginx" in p["args"]]
+    return slots, {p["user"] for p in processes if p["ppid"] == masters[0]["pid"]}
+
+
+def _processes() -> list[dict[str, str]]:
+    """Every process on the machine: pid, parent, user and command line."""
+    listed = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,user:32=,args="], capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    rows = [line.split(None, 3) for line in listed.splitlines()]
+    return [
+        dict(zip(("pid", "ppid", "user", "args"), row, strict=True))
+        for row in rows
+        if len(row) == 4
+    ]
 
 
 def test_bad_deploy_requests_name_the_field(registered, tmp_path):

@@ -25,6 +25,7 @@ _ANSIBLE_DIRS = (
     Path(__file__).with_name("ansible"),
     Path(__file__).resolve().parents[3] / "ansible",
 )
+_SAYING = ("ansible.builtin.debug", "debug")
 _REPORTED_EVENTS = {
     "runner_on_ok": "ok",
     "runner_on_failed": "FAILED",
@@ -201,6 +202,9 @@ def _note_event(event: dict[str, Any], result: PlaybookResult, progress: Progres
     if label != "ok":
         why = _why(res, task)
         result.failures[host] = (f"unreachable: {why}" if label == "UNREACHABLE" else why)[:2000]
+    elif data.get("task_action") in _SAYING:  # the role says something to the person deploying
+        progress(f"ansible: {host}: {res.get('msg', '')}")
+        return
     elif not res.get("changed"):
         return  # unchanged checks would drown the changes
     progress(f"ansible: {host}: {task} → {label if label != 'ok' else 'changed'}")
