@@ -143,6 +143,12 @@ def prometheus_client(settings: Settings, folder: Path) -> dict[str, Any]:
     return client
 
 
+def client_files(settings: Settings) -> dict[str, str]:
+    """The file beside Prometheus's configuration its own client reads the password from."""
+    found = access(settings)
+    return {PASSWORD_FILE: found.password} if found else {}
+
+
 def _local_files(settings: Settings) -> certs.ServerFiles:
     return certs.local_files(stackstate.stack_dir(settings.workspace) / "tls")
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import SecretStr
 
 from modelyard import alerting, signin, stackstate
 from modelyard.atomic import replace_file
@@ -336,7 +335,7 @@ def _prometheus(settings: Settings, hashed: str | None) -> Service:
             "prometheus.yml": json.dumps(config, indent=2),
             str(targets.relative_to(folder) / ".keep"): "",
             **_web_config_files(settings, hashed),
-            **({signin.PASSWORD_FILE: _secret(settings.stack_password)} if hashed else {}),
+            **(signin.client_files(settings) if hashed else {}),
         },
     )
 
@@ -350,10 +349,6 @@ def _web_config_files(settings: Settings, hashed: str | None) -> dict[str, str]:
     if not hashed:
         return {}
     return {"web.yml": json.dumps(signin.web_config(settings, hashed), indent=2)}
-
-
-def _secret(value: SecretStr | None) -> str:
-    return value.get_secret_value() if value else ""
 
 
 def _alertmanager(settings: Settings, hashed: str | None) -> Service:
