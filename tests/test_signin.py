@@ -15,6 +15,7 @@ import ssl
 import stat
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,6 +173,15 @@ def test_each_service_refuses_without_the_password_and_old_or_plain_protocols(si
         # Nor does a client that does not trust the stack's CA go on.
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + path, auth=access.auth, timeout=10)
+
+
+def test_up_with_other_settings_says_to_restart_instead_of_waiting(signed_in_stack):
+    plain = signed_in_stack.model_copy(update={"stack_password": None})
+    started = time.monotonic()
+    with pytest.raises(stack.StackError, match="stack down registry`, then `stack up` again"):
+        stack.up(plain, ["registry"], progress=quiet)
+    assert time.monotonic() - started < 10  # not the start timeout
+    assert stack.status(signed_in_stack)[0].up  # and it left the running one alone
 
 
 def test_prometheus_scrapes_and_alerts_signed_in_and_modelyard_queries_signed_in(signed_in_stack):

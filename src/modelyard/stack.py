@@ -121,6 +121,7 @@ def up(
     _check_auth(settings, services)
     _check_alerting(settings, services, progress)
     _check_signin(settings, services)
+    _check_same_settings(settings, services)
     if any(s.name == "mlflow" for s in services):
         ensure_bucket(settings.artifacts_destination)
     waiting: list[Service] = []  # ours, not answering yet: started now, or still starting
@@ -521,6 +522,19 @@ def _check_signin(settings: Settings, services: list[Service]) -> None:
     if found:
         raise StackError("; ".join(found))
     signin.prepare(settings)
+
+
+def _check_same_settings(settings: Settings, services: list[Service]) -> None:
+    """A running service started with other settings (sign-in turned on or off, another port)
+    would never answer these: say so at once instead of waiting for it."""
+    for service in services:
+        state = stackstate.read_state(service.folder(settings))
+        if state and stackstate.alive(state.get("pid")) and state.get("url") != service.url:
+            raise StackError(
+                f"{service.name} runs at {state.get('url')}, started with other settings than "
+                f"these ({service.url}): `modelyard stack down {service.name}`, then `stack up` "
+                "again"
+            )
 
 
 def _check_port_free(service: Service) -> None:
