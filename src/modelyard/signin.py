@@ -38,9 +38,12 @@ class Access:
     def auth(self) -> tuple[str, str]:
         return self.username, self.password
 
+    def credentials(self) -> str:
+        """base64 of `user:password`: basic auth's token, and a Docker config's `auth`."""
+        return base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
     def header(self) -> str:
-        pair = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(pair).decode()
+        return "Basic " + self.credentials()
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
@@ -90,7 +93,7 @@ def prepare(settings: Settings) -> None:
     """The local CA and the host's certificate from it, when the settings bring none."""
     if settings.stack_password and not settings.stack_tls_cert:
         hosts = list(dict.fromkeys([settings.stack_host, "localhost", "127.0.0.1"]))
-        certs.local_server_files(stackstate.stack_dir(settings.workspace) / "tls", hosts)
+        certs.local_server_files(_tls_dir(settings), hosts)
 
 
 def password_hash(settings: Settings) -> str:
@@ -150,7 +153,11 @@ def client_files(settings: Settings) -> dict[str, str]:
 
 
 def _local_files(settings: Settings) -> certs.ServerFiles:
-    return certs.local_files(stackstate.stack_dir(settings.workspace) / "tls")
+    return certs.local_files(_tls_dir(settings))
+
+
+def _tls_dir(settings: Settings) -> Path:
+    return stackstate.stack_dir(settings.workspace) / "tls"
 
 
 def _readable(path: Path) -> bool:

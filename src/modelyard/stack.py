@@ -355,11 +355,10 @@ def _web_config_files(settings: Settings, hashed: str | None) -> dict[str, str]:
 def _alertmanager(settings: Settings, hashed: str | None) -> Service:
     folder = stack_dir(settings) / "alertmanager"
     port = settings.stack_alertmanager_port
-    source = _routes_file(settings)
-    routes = _read_yaml(source)
+    routes, problems = _routes(settings)
     files = {}
     # Else `up` refuses, naming the problems; `status` and `down` need no configuration.
-    if isinstance(routes, dict) and not alerting.problems(settings, routes, source):
+    if isinstance(routes, dict) and not problems:
         config, secrets = alerting.configuration(settings, routes, folder)
         files = {"alertmanager.yml": json.dumps(config, indent=2), **secrets}
     url = _url(settings, port, signs_in=bool(hashed))
@@ -381,15 +380,15 @@ def _alertmanager(settings: Settings, hashed: str | None) -> Service:
     )
 
 
-def _routes_file(settings: Settings) -> Path:
-    return settings.alert_routes or shipped_file("alertmanager.yml")
-
-
-def _read_yaml(path: Path) -> object:
+def _routes(settings: Settings) -> tuple[object, list[str]]:
+    """Alertmanager's routes as read (None when unreadable), and what keeps them and the
+    settings from a working configuration."""
+    source = settings.alert_routes or shipped_file("alertmanager.yml")
     try:
-        return yaml.safe_load(path.read_text())
+        routes = yaml.safe_load(source.read_text())
     except (OSError, yaml.YAMLError):
-        return None
+        routes = None
+    return routes, alerting.problems(settings, routes, source)
 
 
 def _first_installed(*commands: str) -> str:
@@ -501,8 +500,7 @@ def _resolved(host: str) -> str:
 def _check_alerting(settings: Settings, services: list[Service], progress: Progress) -> None:
     if not any(s.name == "alertmanager" for s in services):
         return
-    source = _routes_file(settings)
-    found = alerting.problems(settings, _read_yaml(source), source)
+    _, found = _routes(settings)
     if found:
         raise StackError("alertmanager: " + "; ".join(found))
     channels = alerting.channels(settings)

@@ -312,7 +312,8 @@ def _run(
     # Each token of a rotation list on its own, too: any of them alone is a secret. So are the
     # stack registry's sign-in a host pulls with and its password.
     secrets = (token, *(t.strip() for t in token.split(",") if t.strip()))
-    secrets += tuple(str(v) for k, v in extravars.items() if k == "model_service_registry_auth")
+    pull_auth = extravars.get("model_service_registry_auth")
+    secrets += (str(pull_auth),) if pull_auth else ()
     secrets += (settings.stack_password.get_secret_value(),) if settings.stack_password else ()
     return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=secrets,
                         collections=where.collections, limit=limit,

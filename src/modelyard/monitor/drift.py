@@ -109,10 +109,10 @@ class Prometheus:
         self.access = access
 
     def _get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
-        if self.access is None:
-            return httpx.get(f"{self.url}{path}", params=params, timeout=30)
-        return httpx.get(f"{self.url}{path}", params=params, timeout=30,
-                         auth=self.access.auth, verify=self.access.ssl_context())  # fmt: skip
+        signed: dict[str, Any] = {}
+        if self.access is not None:
+            signed = {"auth": self.access.auth, "verify": self.access.ssl_context()}
+        return httpx.get(f"{self.url}{path}", params=params, timeout=30, **signed)
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         try:

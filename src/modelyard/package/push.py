@@ -88,12 +88,11 @@ def registry_pull_vars(settings: Settings, image_ref: str) -> dict[str, str]:
             "model_service_registry_host": host,
             "model_service_registry_credential_helper": "ecr-login",
         }
-    auth = _stack_auth(settings)
-    if auth and settings.image_registry == "stack" and host == _stack_host(settings):
-        pair = f"{auth['username']}:{auth['password']}".encode()
+    access = signin.access(settings)
+    if access and settings.image_registry == "stack" and host == _stack_host(settings):
         return {
             "model_service_registry_host": host,
-            "model_service_registry_auth": base64.b64encode(pair).decode(),
+            "model_service_registry_auth": access.credentials(),
         }
     return {}
 
