@@ -113,14 +113,15 @@ def up(
 ) -> list[Status]:
     """Start the services that are not running and wait until each answers its health route.
 
-    Every binary is checked before anything starts, and a service that fails to come up is
+    The settings and every binary are checked before anything starts, and a service that fails to come up is
     stopped again, so a failed `up` leaves only what was already running.
     """
     services = _select(settings, names)
-    _check_installed(services)
+    # The settings first: a mistake there is named the same on a machine without the servers.
     _check_auth(settings, services)
     _check_alerting(settings, services, progress)
     _check_signin(settings, services)
+    _check_installed(services)
     _check_same_settings(settings, services)
     if any(s.name == "mlflow" for s in services):
         ensure_bucket(settings.artifacts_destination)
