@@ -72,6 +72,43 @@ class Settings(BaseSettings):
     serve_token: SecretStr | None = Field(
         default=None, description="Bearer token(s), comma-separated, for prediction routes."
     )
+    serve_tls: Literal["auto", "local", "off"] = Field(
+        default="auto",
+        description="HTTPS at deployed services' front doors and slot ports: `auto` when a "
+        "certificate is set (serve_tls_cert or serve_tls_cert_file), `local` with one per "
+        "model and environment from the workspace's local CA, `off` plain HTTP.",
+    )
+    serve_tls_cert: str | None = Field(
+        default=None,
+        description="Certificate chain (PEM text) the services present; it must name each "
+        "host's address as the inventory gives it (ansible_host), which the deploy's checks "
+        "and Prometheus connect to.",
+    )
+    serve_tls_cert_file: Path | None = Field(default=None, description="File holding that chain.")
+    serve_tls_key: SecretStr | None = Field(default=None, description="Its private key (PEM).")
+    serve_tls_key_file: Path | None = Field(default=None, description="File holding that key.")
+    serve_tls_ca: Path | None = Field(
+        default=None,
+        description="CA (PEM) the deploy's checks and Prometheus verify the services' "
+        "certificates with; default the local CA with serve_tls=local, else the system's.",
+    )
+    serve_plain_http: Literal["refuse", "redirect"] = Field(
+        default="refuse",
+        description="What a plain-HTTP request to a TLS front door gets: `refuse` (400 naming "
+        "https) or `redirect` (308 to the https URL; the request, with any token in it, has "
+        "already crossed the network in the clear).",
+    )
+    serve_client_ca: str | None = Field(
+        default=None,
+        description="Mutual TLS for /metrics at the front door and for the slots' ports: the "
+        "CA (PEM file) client certificates must chain to, or `local` for the local CA.",
+    )
+    serve_client_cert: Path | None = Field(
+        default=None,
+        description="Client certificate (PEM) modelyard's checks and Prometheus present; "
+        "issued by the local CA with serve_client_ca=local.",
+    )
+    serve_client_key: Path | None = Field(default=None, description="Its private key (PEM).")
     actor: str | None = Field(
         default=None,
         description="Who deploys and approves, for the release ledger; else the CI's user "

@@ -86,14 +86,14 @@ def problems(settings: Settings) -> list[str]:
              "MODELYARD_STACK_TLS_KEY": settings.stack_tls_key,
              "MODELYARD_STACK_CA": settings.stack_ca}  # fmt: skip
     return [f"{name}={path} cannot be read" for name, path in named.items()
-            if path is not None and not _readable(path)]  # fmt: skip
+            if path is not None and not readable(path)]  # fmt: skip
 
 
 def prepare(settings: Settings) -> None:
     """The local CA and the host's certificate from it, when the settings bring none."""
     if settings.stack_password and not settings.stack_tls_cert:
         hosts = list(dict.fromkeys([settings.stack_host, "localhost", "127.0.0.1"]))
-        certs.local_server_files(_tls_dir(settings), hosts)
+        certs.local_server_files(tls_dir(settings), hosts)
 
 
 def password_hash(settings: Settings) -> str:
@@ -153,14 +153,15 @@ def client_files(settings: Settings) -> dict[str, str]:
 
 
 def _local_files(settings: Settings) -> certs.ServerFiles:
-    return certs.local_files(_tls_dir(settings))
+    return certs.local_files(tls_dir(settings))
 
 
-def _tls_dir(settings: Settings) -> Path:
+def tls_dir(settings: Settings) -> Path:
+    """The workspace's local CA and the certificates it issued (the stack's, the services')."""
     return stackstate.stack_dir(settings.workspace) / "tls"
 
 
-def _readable(path: Path) -> bool:
+def readable(path: Path) -> bool:
     try:
         path.read_bytes()
     except OSError:

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from modelyard import alerting, signin, stackstate
+from modelyard import alerting, servetls, signin, stackstate
 from modelyard.atomic import replace_file
 from modelyard.config import TELEMETRY_OFF, Settings
 from modelyard.errors import ModelyardError
@@ -113,14 +114,15 @@ def up(
 ) -> list[Status]:
     """Start the services that are not running and wait until each answers its health route.
 
-    The settings and every binary are checked before anything starts, and a service that fails to come up is
-    stopped again, so a failed `up` leaves only what was already running.
+    The settings and every binary are checked before anything starts, and a service that fails
+    to come up is stopped again, so a failed `up` leaves only what was already running.
     """
     services = _select(settings, names)
     # The settings first: a mistake there is named the same on a machine without the servers.
     _check_auth(settings, services)
     _check_alerting(settings, services, progress)
     _check_signin(settings, services)
+    _check_serving_tls(settings, services)
     _check_installed(services)
     _check_same_settings(settings, services)
     if any(s.name == "mlflow" for s in services):
@@ -295,32 +297,7 @@ def _prometheus(settings: Settings, hashed: str | None) -> Service:
     folder = stack_dir(settings) / "prometheus"
     targets = prometheus_targets_dir(settings)
     port = settings.stack_prometheus_port
-    interval = f"{settings.prometheus_interval}s"
-    alertmanager = _address(settings, settings.stack_alertmanager_port)
-    # Its scrape of itself and its alerts to Alertmanager sign in like any client.
-    client = signin.prometheus_client(settings, folder) if hashed else {}
-    config = {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        # Alerts and the drift recording rules (PSI per feature and of the predictions).
-        "rule_files": [str(shipped_file("rules.yml"))],
-        # What fires goes to the stack's Alertmanager (started with it by a plain `stack up`).
-        "alerting": {
-            "alertmanagers": [{"static_configs": [{"targets": [alertmanager]}], **client}]
-        },
-        "scrape_configs": [
-            {
-                "job_name": "prometheus",
-                "static_configs": [{"targets": [_address(settings, port)]}],
-                **client,
-            },
-            # Deployed model servers: the deploy stage writes one file per service here, and
-            # Prometheus picks files up and drops them without a restart.
-            {
-                "job_name": "modelyard",
-                "file_sd_configs": [{"files": [str(targets / "*.json")]}],
-            },
-        ],
-    }
+    config = _prometheus_config(settings, signs_in=bool(hashed))
     return Service(
         name="prometheus",
         url=_url(settings, port, signs_in=bool(hashed)),
@@ -340,6 +317,71 @@ def _prometheus(settings: Settings, hashed: str | None) -> Service:
             **(signin.client_files(settings) if hashed else {}),
         },
     )
+
+
+def _prometheus_config(settings: Settings, signs_in: bool) -> dict[str, Any]:
+    folder = stack_dir(settings) / "prometheus"
+    interval = f"{settings.prometheus_interval}s"
+    alertmanager = _address(settings, settings.stack_alertmanager_port)
+    itself = _address(settings, settings.stack_prometheus_port)
+    # Its scrape of itself and its alerts to Alertmanager sign in like any client.
+    client = signin.prometheus_client(settings, folder) if signs_in else {}
+    return {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        # Alerts and the drift recording rules (PSI per feature and of the predictions).
+        "rule_files": [str(shipped_file("rules.yml"))],
+        # What fires goes to the stack's Alertmanager (started with it by a plain `stack up`).
+        "alerting": {
+            "alertmanagers": [{"static_configs": [{"targets": [alertmanager]}], **client}]
+        },
+        "scrape_configs": [
+            {
+                "job_name": "prometheus",
+                "static_configs": [{"targets": [itself]}],
+                **client,
+            },
+            _services_job(settings),
+        ],
+    }
+
+
+def _services_job(settings: Settings) -> dict[str, Any]:
+    """Deployed model servers: the deploy stage writes one file per service in the targets
+    folder, and Prometheus picks files up and drops them without a restart. With serving TLS
+    it verifies their certificates (and shows its own, under mutual TLS); each target says
+    whether it speaks https (`__scheme__`), so services deployed before TLS still count."""
+    return {
+        "job_name": "modelyard",
+        "file_sd_configs": [{"files": [str(prometheus_targets_dir(settings) / "*.json")]}],
+        **servetls.scrape_config(settings),
+    }
+
+
+def refresh_services_scrape(settings: Settings, progress: Progress) -> None:
+    """Bring a running stack Prometheus's scrape of the services in line with the settings
+    (serving TLS turned on after it started): its configuration is written again and
+    reloaded, with no restart and no lost data. Nothing happens when it already is."""
+    folder = stack_dir(settings) / "prometheus"
+    path = folder / "prometheus.yml"
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # never started here: `stack up` writes it as the settings say
+    wanted = _services_job(settings)
+    if wanted in current.get("scrape_configs", []):
+        return
+    state = stackstate.read_state(folder)
+    if not state or not stackstate.alive(state.get("pid")):
+        return  # written afresh when it next starts
+    servetls.prepare(settings)
+    current["scrape_configs"] = [
+        job for job in current["scrape_configs"] if job.get("job_name") != wanted["job_name"]
+    ] + [wanted]
+    replace_file(path, json.dumps(current, indent=2).encode(), 0o600)
+    request, context = _signed_in(settings, str(state["url"]) + "/-/reload", "POST")
+    with urllib.request.urlopen(request, timeout=30, context=context):
+        pass
+    progress("prometheus: reloaded to scrape the services as the settings say (serving TLS)")
 
 
 def _web_config_flag(folder: Path, hashed: str | None) -> list[str]:
@@ -523,6 +565,15 @@ def _check_signin(settings: Settings, services: list[Service]) -> None:
     signin.prepare(settings)
 
 
+def _check_serving_tls(settings: Settings, services: list[Service]) -> None:
+    """Prometheus scrapes the services over TLS with files that must exist when it starts."""
+    if not any(s.name == "prometheus" for s in services):
+        return
+    if found := servetls.problems(settings):
+        raise StackError("; ".join(found))
+    servetls.prepare(settings)
+
+
 def _check_same_settings(settings: Settings, services: list[Service]) -> None:
     """A running service started with other settings (sign-in turned on or off, another port)
     would never answer these: say so at once instead of waiting for it."""
@@ -591,13 +642,20 @@ def _wait_healthy(settings: Settings, service: Service, progress: Progress) -> N
     )
 
 
-def _healthy(settings: Settings, service: Service) -> bool:
-    request = urllib.request.Request(service.url + service.health)
-    context = None
+def _signed_in(
+    settings: Settings, url: str, method: str = "GET"
+) -> tuple[urllib.request.Request, ssl.SSLContext | None]:
+    """A request to a stack service, with the stack's sign-in when it speaks https."""
+    request = urllib.request.Request(url, method=method)
     access = signin.access(settings)
-    if access and service.url.startswith("https://"):
+    if access and url.startswith("https://"):
         request.add_header("Authorization", access.header())
-        context = access.ssl_context()
+        return request, access.ssl_context()
+    return request, None
+
+
+def _healthy(settings: Settings, service: Service) -> bool:
+    request, context = _signed_in(settings, service.url + service.health)
     try:
         with urllib.request.urlopen(request, timeout=2, context=context) as response:
             return response.status == 200

@@ -43,7 +43,7 @@ def serve(
     config = ServeConfig.from_env(bundle, host=host, port=port, workers=workers,
                                   trusted_keys=trusted_keys(settings()), tokens=tokens)  # fmt: skip
     console.print(
-        f"serving {bundle} on http://{host}:{port} "
+        f"serving {bundle} on {'https' if config.tls_cert else 'http'}://{host}:{port} "
         f"({config.workers} worker(s), auth {'on' if config.tokens else 'off'})"
     )
     raise typer.Exit(run_server(config))

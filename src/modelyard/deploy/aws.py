@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import yaml
 
 from modelyard.config import Settings
 from modelyard.deploy.collections import ensure_amazon_aws
-from modelyard.deploy.playbooks import PlaybookError, Progress, ansible_env
+from modelyard.deploy.playbooks import Progress, inventory_hosts
 from modelyard.errors import SpecError
 from modelyard.spec import AwsHosts, Spec
 
@@ -76,28 +74,8 @@ def inventory(settings: Settings, spec: Spec, environment: str) -> Path:
 def plan(settings: Settings, spec: Spec, environment: str, progress: Progress) -> list[PlannedHost]:
     """The hosts a deploy of `environment` would touch, as the inventory finds them now."""
     folder = inventory(settings, spec, environment)
-    collections = ensure_amazon_aws(settings, progress)
-    listed = subprocess.run(
-        [str(Path(sys.executable).with_name("ansible-inventory")), "-i", str(folder), "--list"],
-        capture_output=True, text=True, timeout=300, env=os.environ | ansible_env(collections),
-    )  # fmt: skip
-    if listed.returncode != 0:
-        raise PlaybookError(f"the EC2 inventory failed: {listed.stderr.strip()[-1500:]}")
-    out = _plain(json.loads(listed.stdout))
-    hostvars = out.get("_meta", {}).get("hostvars", {})
-    names = out.get("model_hosts", {}).get("hosts", [])
-    return [_planned(name, hostvars.get(name, {})) for name in sorted(names)]
-
-
-def _plain(value: Any) -> Any:
-    """ansible-inventory's JSON wraps templated strings as {"__ansible_unsafe": ...}."""
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+    hosts = inventory_hosts(folder, ensure_amazon_aws(settings, progress))
+    return [_planned(name, facts) for name, facts in hosts.items()]
 
 
 def _planned(name: str, facts: dict[str, Any]) -> PlannedHost:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,40 @@ def ansible_env(collections: Path | None = None) -> dict[str, str]:
     if collections is not None:
         env["ANSIBLE_COLLECTIONS_PATH"] = str(collections)
     return env
+
+
+def inventory_hosts(inventory: Path, collections: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The model_hosts of `inventory` with their variables (group variables merged), as
+    Ansible resolves them: a dynamic inventory (EC2) is asked, not read."""
+    listed = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-inventory")), "-i", str(inventory), "--list"],
+        capture_output=True, text=True, timeout=300, env=os.environ | ansible_env(collections),
+    )  # fmt: skip
+    if listed.returncode != 0:
+        raise PlaybookError(f"the inventory {inventory} failed: {listed.stderr.strip()[-1500:]}")
+    out = _plain(json.loads(listed.stdout))
+    hostvars = out.get("_meta", {}).get("hostvars", {})
+    return {name: hostvars.get(name, {}) for name in sorted(_group_hosts(out, "model_hosts"))}
+
+
+def _group_hosts(listing: dict[str, Any], group: str) -> list[str]:
+    """A group's hosts, its children's included (ansible-inventory lists each group's own)."""
+    entry = listing.get(group, {})
+    found = list(entry.get("hosts", []))
+    for child in entry.get("children", []):
+        found += _group_hosts(listing, child)
+    return found
+
+
+def _plain(value: Any) -> Any:
+    """ansible-inventory's JSON wraps templated strings as {"__ansible_unsafe": ...}."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def run_playbook(

@@ -25,14 +25,14 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from modelyard import registry
+from modelyard import registry, servetls
 from modelyard.atomic import create_private, exclusive
 from modelyard.config import Settings
 from modelyard.deploy import aws, ledger
 from modelyard.deploy.collections import ensure_amazon_aws
 from modelyard.deploy.ledger import Release
 from modelyard.deploy.locks import Lock, check_unmoved, workspace_lock
-from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, run_playbook
+from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, inventory_hosts, run_playbook
 from modelyard.errors import DeployFailed, ModelyardError, SpecError
 from modelyard.monitor.targets import slot_targets, write_targets
 from modelyard.package.build import trusted_keys
@@ -315,6 +315,7 @@ def _run(
     pull_auth = extravars.get("model_service_registry_auth")
     secrets += (str(pull_auth),) if pull_auth else ()
     secrets += (settings.stack_password.get_secret_value(),) if settings.stack_password else ()
+    secrets += servetls.secrets(extravars)
     return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=secrets,
                         collections=where.collections, limit=limit,
                         strategy=settings.ansible_strategy)  # fmt: skip
@@ -347,6 +348,27 @@ def _rate_limit_vars(env: Environment) -> dict[str, Any]:
     }}  # fmt: skip
 
 
+def _tls_vars(settings: Settings, model: str, where: Target) -> dict[str, Any]:
+    """The front doors' and slots' TLS (docs/security.md); the certificate must name the
+    address each host is reached at, so the inventory is read first."""
+    if not servetls.enabled(settings):
+        if found := servetls.problems(settings):
+            raise DeployFailed("; ".join(found))
+        return servetls.role_vars(None)
+    hosts = inventory_hosts(where.inventory, where.collections)
+    addresses = [reached_at(name, facts) for name, facts in hosts.items()]
+    return servetls.role_vars(servetls.serving_tls(settings, model, where.environment, addresses))
+
+
+def reached_at(name: str, facts: dict[str, Any]) -> str:
+    """Where the deploy's checks and Prometheus reach a host's slots: the role's
+    model_service_scrape_host (the bound address, or the host's own on every interface)."""
+    bind = str(facts.get("model_service_bind", "127.0.0.1"))
+    if bind in ("0.0.0.0", "::"):
+        return str(facts.get("ansible_host", name))
+    return bind
+
+
 def _extravars(
     settings: Settings,
     spec: Spec,
@@ -370,6 +392,7 @@ def _extravars(
         "model_service_smoke_body": {"inputs": _example(bundle)},
         **_mirror_vars(env),
         **_rate_limit_vars(env),
+        **_tls_vars(settings, spec.name, where),
     }
     if where.settings.target == "local":
         # This machine's services keep their state in the workspace, like everything local.

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelyard import servetls
 from modelyard.atomic import replace_file
 from modelyard.config import Settings
-from modelyard.stack import prometheus_targets_dir
+from modelyard.stack import prometheus_targets_dir, refresh_services_scrape
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ def slot_targets(
 def write_targets(
     settings: Settings, model: str, environment: str, targets: list[SlotTarget]
 ) -> Path:
+    # Slots speak https with serving TLS on: said per target, as other services may not yet.
+    scheme = {"__scheme__": "https"} if servetls.enabled(settings) else {}
     groups = [
         {
             "targets": [t.address],
@@ -54,6 +57,7 @@ def write_targets(
                 "version": t.version,
                 "host": t.host,
                 "slot": t.slot,
+                **scheme,
             },
         }
         for t in targets
@@ -61,4 +65,5 @@ def write_targets(
     folder = prometheus_targets_dir(settings)
     path = folder / f"{model}-{environment}.json"
     replace_file(path, (json.dumps(groups, indent=2) + "\n").encode())  # no half file is read
+    refresh_services_scrape(settings, progress=lambda _: None)
     return path

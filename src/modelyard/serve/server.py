@@ -7,14 +7,21 @@ keep-alive clients then wait on Nagle's algorithm for ~40 ms per response.
 With MODELYARD_SERVE_SOCKET the workers also accept on one shared Unix socket: the deploy
 role's nginx front door reaches the live slot through a symlink to it, so moving traffic
 between slots is a rename, not an nginx reload that would drop clients' idle connections.
+
+With a certificate (MODELYARD_SERVE_TLS_CERT and _KEY, as PEM text or as *_FILE paths) the TCP
+port speaks TLS 1.2+ only, and with MODELYARD_SERVE_CLIENT_CA it asks every client for a
+certificate (that port is for the deploy's checks and Prometheus; clients use the front door).
+The Unix socket stays plain: nginx ended TLS already, and the socket never leaves the host.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -23,8 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelyard.bundle import BundleError, parse_public_keys, verify
+from modelyard.certs import server_context
 
 if TYPE_CHECKING:  # the app's module loads ONNX Runtime: workers import it, the parent need not
+    import uvicorn
+
     from modelyard.serve.app import ServingApp
 
 log = logging.getLogger("modelyard.serve")
@@ -45,6 +55,10 @@ class ServeConfig:
     socket: str = ""
     # A shadow's slot: the serving version's bundle, which copied requests are compared with.
     reference: Path | None = None
+    # TLS on the TCP port (PEM): certificate chain, key, and the CA client certificates need.
+    tls_cert: bytes = field(default=b"", repr=False)
+    tls_key: bytes = field(default=b"", repr=False)
+    client_ca: bytes = field(default=b"", repr=False)
 
     @classmethod
     def from_env(cls, bundle: Path, **overrides: object) -> ServeConfig:
@@ -61,6 +75,9 @@ class ServeConfig:
             "max_rows": int(env.get("MODELYARD_SERVE_MAX_ROWS", "10000")),
             "socket": env.get("MODELYARD_SERVE_SOCKET", ""),
             "reference": _path(env.get("MODELYARD_SHADOW_REFERENCE", "")),
+            "tls_cert": _pem("MODELYARD_SERVE_TLS_CERT"),
+            "tls_key": _pem("MODELYARD_SERVE_TLS_KEY"),
+            "client_ca": _pem("MODELYARD_SERVE_CLIENT_CA"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -68,6 +85,15 @@ class ServeConfig:
 
 def _path(value: str) -> Path | None:
     return Path(value) if value else None
+
+
+def _pem(name: str) -> bytes:
+    """PEM text from the variable `name`, else from the file `name`_FILE names (a process
+    slot's, readable by its user alone; a container gets the text in its environment)."""
+    if text := os.environ.get(name, ""):
+        return text.encode()
+    path = os.environ.get(f"{name}_FILE", "")
+    return Path(path).read_bytes() if path else b""
 
 
 def _read_keys_file(bundle: Path) -> str:
@@ -116,21 +142,52 @@ def _run_worker(config: ServeConfig, shared: list[socket.socket]) -> None:
 
     app = build_app(config)
     sock = listening_socket(config.host, config.port)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_level="warning",
-            timeout_keep_alive=75,
-            server_header=False,
-            # Nothing reads the client address, so X-Forwarded-* parsing is pure per-request cost.
-            proxy_headers=False,
-        )
+    settings = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=75,
+        server_header=False,
+        # Nothing reads the client address, so X-Forwarded-* parsing is pure per-request cost.
+        proxy_headers=False,
     )
-    server.run(sockets=[sock, *shared])
+    if not config.tls_cert:
+        uvicorn.Server(settings).run(sockets=[sock, *shared])
+        return
+    settings.load()
+    settings.ssl = server_context(config.tls_cert, config.tls_key, config.client_ca)
+    _server_with_plain_sockets(settings, shared).run(sockets=[sock])
+
+
+def _server_with_plain_sockets(
+    settings: uvicorn.Config, plain: list[socket.socket]
+) -> uvicorn.Server:
+    """A uvicorn server whose own sockets speak TLS and that also accepts, without TLS, on
+    `plain` (the front door's Unix socket): uvicorn gives every socket it is passed the same."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.started:
+                return
+            loop = asyncio.get_running_loop()
+            for sock in plain:
+                created = await loop.create_server(self._protocol, sock=sock, backlog=2048)
+                self.servers.append(created)
+
+        def _protocol(self) -> asyncio.Protocol:
+            return self.config.http_protocol_class(  # type: ignore[call-arg]
+                config=self.config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=asyncio.get_running_loop(),
+            )
+
+    return Server(settings)
 
 
 def serve(config: ServeConfig) -> int:
@@ -143,6 +200,13 @@ def serve(config: ServeConfig) -> int:
     except BundleError as exc:
         print(f"refusing to serve: {exc}", file=sys.stderr)
         return 3
+    if config.tls_cert or config.tls_key:
+        try:
+            server_context(config.tls_cert, config.tls_key, config.client_ca)
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            print(f"refusing to serve: MODELYARD_SERVE_TLS_CERT, _KEY or MODELYARD_SERVE_CLIENT_CA "
+                  f"cannot be used: {exc}", file=sys.stderr)  # fmt: skip
+            return 3
     shared = [unix_socket(config.socket)] if config.socket else []
     try:
         if config.workers <= 1:
