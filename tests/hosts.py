@@ -13,6 +13,7 @@ import itertools
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -175,9 +176,15 @@ class LoadLoop:
         token: str,
         pause: float = 0.005,
         bodies: Sequence[dict[str, Any]] = (),
+        verify: ssl.SSLContext | bool = True,
+        keep_alive: bool = True,
     ) -> None:
-        """`bodies`: V2 requests sent in turn (default: V2_ROW alone)."""
+        """`bodies`: V2 requests sent in turn (default: V2_ROW alone). `verify`: how https
+        URLs' certificates are checked. Without `keep_alive` every request opens (and for
+        https, shakes hands on) a connection of its own."""
         self.urls, self.model, self.token, self.pause = urls, model, token, pause
+        self.verify = verify
+        self.limits = httpx.Limits() if keep_alive else httpx.Limits(max_keepalive_connections=0)
         self.bodies = list(bodies) or [V2_ROW]
         self.versions: dict[str, Counter[str]] = {url: Counter() for url in urls}
         self.failures: list[str] = []
@@ -196,7 +203,8 @@ class LoadLoop:
 
     def _loop(self, url: str) -> None:
         headers = {"Authorization": f"Bearer {self.token}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+        with httpx.Client(base_url=url, headers=headers, timeout=10, verify=self.verify,
+                          limits=self.limits) as client:  # fmt: skip
             for body in itertools.cycle(self.bodies):
                 if self._stop.is_set():
                     break

@@ -29,6 +29,7 @@ from uuid import UUID
 import httpx
 import pytest
 import yaml
+from cryptography import x509
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -37,6 +38,7 @@ from prefect.flow_runs import resume_flow_run
 from prefect.input import read_flow_run_input
 
 from flows.pipeline import pipeline
+from modelyard import certs
 from modelyard.config import Settings, runtime
 from modelyard.deploy import ledger, release
 from modelyard.errors import DeployFailed, SpecError
@@ -44,6 +46,7 @@ from modelyard.monitor.drift import Prometheus
 from modelyard.outcomes import PipelineOutcome
 from modelyard.ports import free_ports
 from modelyard.spec import Spec, load_spec
+from tests import tls
 from tests.conftest import Project, example_data, run_cli
 from tests.conftest import environment as process_environment
 from tests.hosts import (
@@ -56,6 +59,7 @@ from tests.hosts import (
     stop_ssh_hosts,
     v2_batches,
 )
+from tests.tls import assert_modern_tls_only
 
 pytestmark = pytest.mark.docker
 TOKEN = "deploy-test-token-0123456789abcdef"
@@ -657,6 +661,66 @@ def test_a_client_over_its_rate_limit_gets_429s_and_the_others_do_not(registered
     refused = next(r for r in greedy if r.status_code == 429)
     assert refused.headers["Retry-After"] == "1"
     assert "rate limit: at most 5 requests a second per client" in refused.json()["error"]
+
+
+def test_https_front_door_verifies_refuses_weak_clients_and_rotates_without_a_failed_request(
+    registered, prometheus_stack
+):
+    """MODELYARD_SERVE_TLS=local with mutual TLS: the front door and the slot's port present a
+    certificate from the local CA that a client verifies, and refuse TLS 1.0/1.1, weak suites
+    and plain HTTP; /metrics and the slot's port need a client certificate, which Prometheus
+    shows (its configuration brought in line by the deploy, without a restart). A new
+    certificate, deployed under load on kept-alive and on fresh connections, drops no request,
+    and new handshakes see it."""
+    from modelyard import servetls, signin
+
+    port = free_ports(3)
+    spec = env_spec(registered, "secure", {"secure": {"target": "local", "port": port}})
+    settings = prometheus_stack.model_copy(
+        update={"serve_tls": "local", "serve_client_ca": "local"}
+    )
+    release.deploy(settings, spec, "secure", "1", print)
+    ca = servetls.trust(settings)
+    assert ca is not None
+    front = f"https://127.0.0.1:{port}"
+    verify = tls.client(ca)
+    assert_modern_tls_only("127.0.0.1", port, ca)
+    assert httpx.get(f"{front}/version", verify=verify, timeout=10).json()["model_version"] == "1"
+    plain = httpx.get(f"http://127.0.0.1:{port}/version", timeout=10)
+    assert plain.status_code == 400 and "speaks HTTPS only: use https://" in plain.json()["error"]
+    # Mutual TLS: /metrics at the front door and everything on the slot's own port.
+    client = servetls.client_files(settings)
+    assert client is not None
+    shown = tls.client(ca, certificate=(client.certificate, client.key))
+    assert httpx.get(f"{front}/metrics", verify=verify, timeout=10).status_code == 403
+    assert httpx.get(f"{front}/metrics", verify=shown, timeout=10).status_code == 200
+    state = settings.workspace / "services" / f"{spec.name}-secure" / "state.json"
+    slot = json.loads(state.read_text())["active"]
+    slot_port = port + (1 if slot == "blue" else 2)
+    tls.handshake("127.0.0.1", slot_port, shown)
+    tls.refused("127.0.0.1", slot_port, verify, "", "certificate required", "closed the connection")
+    # Prometheus scrapes the slot over TLS, showing the client certificate.
+    scrape = Prometheus(prometheus_stack.prometheus_url or "")
+    deadline = time.monotonic() + 60
+    while not scrape.query(f'up{{model="{spec.name}",environment="secure"}} == 1'):
+        assert time.monotonic() < deadline, scrape.query(f'up{{model="{spec.name}"}}')
+        time.sleep(1)
+    # Rotation: a certificate (and key) issued anew, deployed with the same version.
+    before = tls.handshake("127.0.0.1", port, verify).serial_number
+    issued = certs.local_files(signin.tls_dir(settings), f"serve-{spec.name}-secure")
+    issued.certificate.unlink()
+    issued.key.unlink()
+    urls = [front]
+    with (
+        LoadLoop(urls, spec.name, TOKEN, verify=verify) as kept,
+        LoadLoop(urls, spec.name, TOKEN, verify=verify, keep_alive=False, pause=0.02) as fresh,
+    ):
+        release.deploy(settings, spec, "secure", "1", print)
+    assert kept.failures == [] and fresh.failures == []
+    assert sum(kept.versions[front].values()) > 0 and sum(fresh.versions[front].values()) > 0
+    after = tls.handshake("127.0.0.1", port, verify).serial_number
+    assert after != before
+    assert after == x509.load_pem_x509_certificate(issued.certificate.read_bytes()).serial_number
 
 
 def test_two_releases_at_once_move_the_alias_once(registered):
