@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -125,10 +126,10 @@ def env_spec(project: Project, name: str, environments: dict, **deploy: object) 
     return load_spec(path)
 
 
-def version_at(url: str, key: str | None = None) -> str:
+def version_at(url: str, key: str | None = None, verify: ssl.SSLContext | bool = True) -> str:
     """The version that answers at `url` (as a client sending X-Modelyard-Key `key`)."""
     headers = {"X-Modelyard-Key": key} if key else {}
-    response = httpx.get(f"{url}/version", headers=headers, timeout=5)
+    response = httpx.get(f"{url}/version", headers=headers, timeout=5, verify=verify)
     assert response.status_code == 200, f"{url}: {response.status_code} {response.text[:300]}"
     return response.json()["model_version"]
 
@@ -368,11 +369,13 @@ def open_folder() -> Iterator[Path]:
 def test_process_runtime_on_this_machine_and_an_ssh_host(
     registered, ssh_hosts, prometheus_stack, open_folder, tmp_path
 ):
-    """The process runtime here and over SSH; on the SSH host v2 goes in as a shadow of v1
-    (its slot loads v1's bundle as its reference from the host's releases, not an image).
+    """The process runtime here and over SSH, over HTTPS from the local CA; on the SSH host
+    v2 goes in as a shadow of v1 (its slot loads v1's bundle as its reference from the host's
+    releases, not an image), judged on what Prometheus scrapes from its port over TLS.
     The SSH host's service folder is open to other users: its slot and nginx's workers drop to
-    the service user. This machine's is in pytest's closed folder: they run as root, and the
-    deploy says why."""
+    the service user, reading the keys through its group. This machine's is in pytest's closed
+    folder: they run as root, and the deploy says why. Plain HTTP is redirected here."""
+    from modelyard import servetls
     from modelyard.deploy import progressive
 
     port = free_ports(3)
@@ -384,26 +387,35 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(
         "edge-ssh": _environment(ssh) | {"strategy": shadow},
     }
     spec = env_spec(registered, "edge", environments)
-    settings = prometheus_stack
+    settings = prometheus_stack.model_copy(
+        update={"serve_tls": "local", "serve_plain_http": "redirect"}
+    )
     said: list[str] = []
     for version in ("1", "2"):
         release.deploy(settings, spec, "edge-local", version, said.append)
     assert any("run as root: modelyard cannot enter" in line for line in said), said
     progressive.deploy(settings, spec, "edge-ssh", "1", lambda _: None)  # the first goes in whole
-    with LoadLoop(ssh["fronts"], spec.name, TOKEN, pause=0.05) as load:
+    verify = tls.client(servetls.trust(settings))
+    ssh_fronts = [url.replace("http://", "https://") for url in ssh["fronts"]]
+    with LoadLoop(ssh_fronts, spec.name, TOKEN, pause=0.05, verify=verify) as load:
         progressive.deploy(settings, spec, "edge-ssh", "2", lambda _: None)
     assert load.failures == []
     promoted, analysis = ledger.history(settings, spec.name, "edge-ssh")[:2]
     assert (promoted.version, promoted.outcome, analysis.action) == ("2", "succeeded", "analysis")
     assert analysis.outcome == "passed", analysis.reason
     assert re.search(r"agreement [\d.]+ \(threshold 0\.95\): ok", analysis.reason)
-    fronts = [f"http://127.0.0.1:{port}", *ssh["fronts"]]
-    assert [version_at(url) for url in fronts] == ["2", "2"]
+    fronts = [f"https://127.0.0.1:{port}", *ssh_fronts]
+    assert [version_at(url, verify=verify) for url in fronts] == ["2", "2"]
     for url in fronts:
         answer = httpx.post(f"{url}/invocations", json={"inputs": [[29, "female", 41, 4, 17.5, "desktop"]]},
-                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)  # fmt: skip
+                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10, verify=verify)  # fmt: skip
         assert answer.status_code == 200 and answer.json()["predictions"] in ([0], [1])
-        assert httpx.post(f"{url}/invocations", json={}, timeout=10).status_code == 401
+        assert (
+            httpx.post(f"{url}/invocations", json={}, timeout=10, verify=verify).status_code == 401
+        )
+    redirected = httpx.get(f"http://127.0.0.1:{port}/version", timeout=10)
+    assert redirected.status_code == 308
+    assert redirected.headers["location"] == f"https://127.0.0.1:{port}/version"
     # The process runtime ran no container.
     containers = subprocess.run(["docker", "ps", "-q", "--filter", "label=io.modelyard.service=deploy-ads-edge-local"],
                                 capture_output=True, text=True).stdout  # fmt: skip
@@ -418,14 +430,16 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(
     home = open_folder / "host-a" / "deploy-ads-edge-ssh"
     assert _users(processes, home) == ({"modelyard"}, {"modelyard"})
     assert _users(processes, settings.workspace / "services" / "deploy-ads-edge-local") == (
-        {"root"}, {"nobody"})  # fmt: skip
+        {"root"}, {"root"})  # fmt: skip
     # A body larger than nginx's memory buffer goes through a temporary file the unprivileged
     # workers write under the service's folder.
     rows = [[29, "female", 41, 4, 17.5, "desktop"]] * 3000
-    big = httpx.post(f"{ssh['fronts'][0]}/invocations", json={"inputs": rows},
+    big = httpx.post(f"{ssh_fronts[0]}/invocations", json={"inputs": rows}, verify=verify,
                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)  # fmt: skip
     assert big.status_code == 200 and len(big.json()["predictions"]) == 3000, big.text[:300]
-    for path in (home / "trusted_keys", home / "releases" / "2" / "manifest.json"):
+    keys = [*home.glob("tls/slots/*/key.pem"), *home.glob("tls/front/*/key.pem")]
+    assert len(keys) >= 2, keys  # the live slot's copy and the front door's
+    for path in (home / "trusted_keys", home / "releases" / "2" / "manifest.json", *keys):
         mode = path.stat().st_mode
         assert path.owner() == "root" and path.group() == "modelyard", path
         assert mode & 0o007 == 0 and mode & 0o020 == 0, f"{path}: {oct(mode)}"

@@ -198,14 +198,18 @@ def _in_memory(content: bytes) -> Iterator[str]:
         os.close(fd)
 
 
-def problems(certificate: bytes, key: bytes, hosts: list[str], named: str) -> list[str]:
-    """Why `certificate` cannot serve `hosts` with `key`: unreadable, not the key's, ended, or
-    not naming a host clients reach it at. `named` is how the settings call it."""
+def problems(
+    certificate: bytes, key: bytes, hosts: list[str], named: str, trust: Path | None = None
+) -> list[str]:
+    """Why `certificate` cannot serve `hosts` with `key`: unreadable, not the key's, ended, not
+    naming a host clients reach it at, or not chaining to the CAs in `trust` (the system's
+    when None). `named` is how the settings call it."""
     try:
-        leaf = x509.load_pem_x509_certificate(certificate)
+        chain = x509.load_pem_x509_certificates(certificate)
         private = serialization.load_pem_private_key(key, password=None)
     except ValueError as exc:
         return [f"{named}: not a PEM certificate and an unencrypted PEM key ({exc})"]
+    leaf = chain[0]
     found = []
     if leaf.public_key().public_bytes(*_SPKI) != private.public_key().public_bytes(*_SPKI):
         found.append(f"{named}: the key is not the certificate's")
@@ -216,7 +220,35 @@ def problems(certificate: bytes, key: bytes, hosts: list[str], named: str) -> li
         found.append(f"{named}: the certificate does not name {', '.join(unnamed)}, where the "
                      "deploy's checks and Prometheus reach the hosts; add them to its "
                      "subjectAltName, or give the hosts an ansible_host it names")  # fmt: skip
+    elif hosts and not found and (why := _unverified(chain, hosts[0], trust)):
+        found.append(f"{named}: {why}")
     return found
+
+
+def _unverified(chain: list[x509.Certificate], host: str, trust: Path | None) -> str:
+    """Why a client trusting `trust` would refuse `chain` for `host` ("" when it would not)."""
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    source = trust or _system_bundle()
+    if source is None:
+        return ""  # no CA bundle to check against here; the deploy's checks still verify
+    try:
+        store = Store(x509.load_pem_x509_certificates(source.read_bytes()))
+    except ValueError as exc:
+        return f"{source} holds no PEM certificate ({exc})"
+    verifier = PolicyBuilder().store(store).build_server_verifier(_general_name(host))
+    try:
+        verifier.verify(chain[0], chain[1:])
+    except VerificationError as exc:
+        return (f"the certificate does not chain to a CA in {source} ({exc}); set "
+                "MODELYARD_SERVE_TLS_CA to the CA that issued it, with the chain's "
+                "intermediates in the certificate file")  # fmt: skip
+    return ""
+
+
+def _system_bundle() -> Path | None:
+    found = ssl.get_default_verify_paths().cafile
+    return Path(found) if found and Path(found).is_file() else None
 
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

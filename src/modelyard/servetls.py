@@ -107,7 +107,8 @@ def serving_tls(
         chain, key = files.certificate.read_bytes(), files.key.read_bytes()
     else:
         chain, key = _configured_pair(settings)
-        if found := certs.problems(chain, key, hosts, "MODELYARD_SERVE_TLS_CERT"):
+        found = certs.problems(chain, key, hosts, "MODELYARD_SERVE_TLS_CERT", trust(settings))
+        if found:
             raise DeployFailed("; ".join(found))
     return ServingTLS(
         certificate=chain.decode(),

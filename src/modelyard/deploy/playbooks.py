@@ -250,8 +250,17 @@ def _why(res: dict[str, Any], task: str) -> str:
     only 'All items completed')."""
     for item in res.get("results") or []:
         if isinstance(item, dict) and (item.get("failed") or item.get("unreachable")):
-            return str(item.get("msg") or item.get("stderr") or task)
-    return str(res.get("msg") or res.get("stderr") or task)
+            return _message(item, task)
+    return _message(res, task)
+
+
+def _message(res: dict[str, Any], task: str) -> str:
+    """A command's own words when Ansible's say only that it failed (scrubbed later)."""
+    said = str(res.get("msg") or "")
+    output = str(res.get("stderr") or res.get("stdout") or "").strip()
+    if output and said in ("", "non-zero return code"):
+        return f"{task}: {output[-1000:]}"
+    return said or output or task
 
 
 def _tail(stdout: Path, lines: int = 6) -> str:
