@@ -141,7 +141,7 @@ def _usage(cert_sign: bool) -> x509.KeyUsage:
     )  # fmt: skip
 
 
-def _general_name(host: str) -> x509.GeneralName:
+def _general_name(host: str) -> x509.DNSName | x509.IPAddress:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
