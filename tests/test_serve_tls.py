@@ -4,6 +4,7 @@ Prometheus): modern TLS only, mutual TLS when asked, the front door's Unix socke
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ def tls_server(ads: Built, ca: Path, tmp_path: Path, **env: str) -> Server:
                     MODELYARD_SERVE_TLS_CERT_FILE=str(files.certificate),
                     MODELYARD_SERVE_TLS_KEY=files.key.read_text(),
                     MODELYARD_SERVE_SOCKET=str(tmp_path / "slot.sock"), **env)  # fmt: skip
+    # The parent binds the Unix socket; the worker the TCP port, after loading the model.
     deadline = time.monotonic() + 60
-    while not (tmp_path / "slot.sock").is_socket():
+    while not _accepts("127.0.0.1", server.port):
         assert server.process.poll() is None and time.monotonic() < deadline, server.stop()
         time.sleep(0.2)
     return server
@@ -41,6 +43,14 @@ def tls_server(ads: Built, ca: Path, tmp_path: Path, **env: str) -> Server:
 
 def _example(built: Built) -> dict[str, Any]:
     return json.loads((built.bundle.path / "schema.json").read_text())["example"]
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_the_port_speaks_modern_tls_only_and_the_socket_stays_plain(ads, ca, tmp_path):
