@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modelyard import stages
-from modelyard.bundle import load_or_create_key, public_key_text
+from modelyard.bundle import Encryption, load_or_create_key, public_key_text
 from modelyard.package.build import BuiltBundle, build_bundle
 from modelyard.spec import Estimator, Spec, load_spec
 from tests.conftest import ROOT, free_port, wait_for
@@ -33,6 +33,7 @@ def build_example(
     out: Path,
     estimator: dict[str, Any] | None = None,
     key_file: Path | None = None,
+    encryption: Encryption | None = None,
 ) -> Built:
     """The example trained (with `estimator` instead of its own, given as the spec's
     `estimator` field) and sealed with the key at `key_file` (default: a new one in `out`)."""
@@ -44,7 +45,7 @@ def build_example(
     key_file = key_file or out / "signing.pem"
     key = load_or_create_key(key_file)
     bundle = build_bundle(spec, trained.model, prepared.splits.eval, out, key,
-                          {"model_version": "7", "git_commit": "0" * 40})  # fmt: skip
+                          {"model_version": "7", "git_commit": "0" * 40}, encryption)  # fmt: skip
     return Built(spec, prepared, trained, bundle, public_key_text(key.public_key()), key_file)
 
 

@@ -6,6 +6,7 @@ the tests know, and its instances' private addresses are never connected to."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mlflow import MlflowClient
 
+from modelyard.bundle import MANIFEST, decrypt, from_tarball
 from modelyard.config import Settings, runtime
 from modelyard.package.push import push_image
 from modelyard.ports import free_ports
@@ -53,8 +55,14 @@ def aws(moto: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, aws: dict) -> Iterator[Stack]:
     stack = Stack(tmp_path_factory.mktemp("aws") / "workspace", wheelhouse)
+    # Bundles sealed with a data key of their own from KMS: the model is readable nowhere else.
+    kms_key = client("kms", aws).create_key()["KeyMetadata"]["Arn"]
+    # And MLflow's artifacts in S3 written with SSE-KMS (another key: each has its own use).
+    artifacts_key = client("kms", aws).create_key()["KeyMetadata"]["Arn"]
     stack.env |= aws | {"MODELYARD_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow",
-                        "MODELYARD_SERVE_TOKEN": SERVE_TOKEN, "MODELYARD_SIGNING_KEY": SIGNING_KEY}  # fmt: skip
+                        "MODELYARD_ARTIFACTS_KMS_KEY": artifacts_key,
+                        "MODELYARD_SERVE_TOKEN": SERVE_TOKEN, "MODELYARD_SIGNING_KEY": SIGNING_KEY,
+                        "MODELYARD_BUNDLE_KMS_KEY": kms_key}  # fmt: skip
     up = stack.cli("stack", "up", "prefect", "mlflow", "registry")
     assert up.returncode == 0, up.stdout + up.stderr
     # Images go to ECR's API for the repository and the token, and to the real local registry
@@ -103,6 +111,23 @@ def test_pipeline_keeps_artifacts_in_s3_and_images_in_ecr_and_deploy_pulls_by_di
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert any(k.endswith(".bundle.tar.gz") for k in keys)
     assert s3.get_bucket_versioning(Bucket=BUCKET)["Status"] == "Enabled"
+    # Every artifact was put with SSE-KMS and the key; the bucket encrypts with it by default
+    # and its policy denies a put that asks for no or another encryption (moto stores the
+    # policy but, as its docs say, takes no Condition into account: AWS enforces it).
+    artifacts_key = stack.env["MODELYARD_ARTIFACTS_KMS_KEY"]
+    heads = [s3.head_object(Bucket=BUCKET, Key=k) for k in keys]
+    assert {(h.get("ServerSideEncryption"), h.get("SSEKMSKeyId")) for h in heads} == {
+        ("aws:kms", artifacts_key)}  # fmt: skip
+    (rule,) = s3.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rule["ApplyServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "aws:kms", "KMSMasterKeyID": artifacts_key}  # fmt: skip
+    policy = json.loads(s3.get_bucket_policy(Bucket=BUCKET)["Policy"])
+    denied = {json.dumps(st["Condition"], sort_keys=True) for st in policy["Statement"]
+              if st["Effect"] == "Deny" and st["Action"] == "s3:PutObject"}  # fmt: skip
+    assert denied == {
+        '{"StringNotEquals": {"s3:x-amz-server-side-encryption": "aws:kms"}}',
+        '{"Null": {"s3:x-amz-server-side-encryption": "true"}}',
+    }
     mlflow = MlflowClient(stack.url("mlflow"), stack.url("mlflow"))
     tags = mlflow.get_model_version(model, "1").tags
     run_id = tags["bundle_artifact"].removeprefix("runs:/").split("/")[0]
@@ -326,13 +351,23 @@ def test_policies_grant_exactly_what_modelyard_calls_and_load_in_iam(aws):
 # --- secrets ----------------------------------------------------------------------------------------
 
 
-def test_no_configured_secret_appears_anywhere(stack, aws, registered, tmp_path):
-    """The AWS secret key, the serving token and the signing key (its PEM body), searched for in
-    every place a run leaves something: the workspace's files and logs (stack servers, Ansible
-    runs, bundles, databases), MLflow tags, params and artifacts of every run and version (the
-    release ledger included), Prefect's flow runs and artifacts, and the image's layers."""
+def test_no_secret_and_no_plaintext_model_appears_anywhere(
+    stack, aws, project, registered, tmp_path
+):
+    """The AWS secret key, the serving token, the signing key (its PEM body) and the bundle's
+    data key, and the ONNX model in the clear, searched for in every place a run leaves
+    something: the workspace's files and logs (stack servers, Ansible runs, bundles, the
+    deployed service's folder, databases), MLflow tags, params and artifacts of every run and
+    version (the release ledger included), Prefect's flow runs and artifacts, and the image's
+    layers. The bundle was sealed with a KMS data key: only unwrapped, here, does it open."""
+    # Served on this machine (the deploy is a no-op if the other test did it): the host's disk.
+    deployed = stack.cli("deploy", "staging", "--version", "1", "--spec", str(project.spec_path))
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    assert version_at(f"http://127.0.0.1:{registered[1]}") == "1"
+    model, data_key = _opened_model(stack, aws, tmp_path)
     secrets = {"AWS secret key": SECRET, "serving token": SERVE_TOKEN,
-               "signing key": "".join(SIGNING_KEY.splitlines()[1:-1])}  # fmt: skip
+               "signing key": "".join(SIGNING_KEY.splitlines()[1:-1]),
+               "bundle key": base64.b64encode(data_key).decode()}  # fmt: skip
     places: dict[str, bytes] = {}
     for path in stack.workspace.rglob("*"):
         if path.is_file() and path.suffix != ".whl" and path.stat().st_size < 200_000_000:
@@ -360,9 +395,30 @@ def test_no_configured_secret_appears_anywhere(stack, aws, registered, tmp_path)
                                               check=True).stdout  # fmt: skip
     assert len(places) > 50 and any(k.startswith("artifact") for k in places)
 
+    # Pieces of the model's bytes (its weights and trees, not the generic ONNX header).
+    pieces = {f"model bytes at {at}": model[at : at + 48] for at in
+              (len(model) // 4, len(model) // 2, 3 * len(model) // 4, len(model) - 48)}  # fmt: skip
+    wanted = {name: secret.encode() for name, secret in secrets.items()} | pieces
+
     def leaks(where: dict[str, bytes]) -> list[str]:
         return [f"{name} in {place}" for place, data in where.items()
-                for name, secret in secrets.items() if secret.encode() in data]  # fmt: skip
+                for name, secret in wanted.items() if secret in data]  # fmt: skip
 
     assert leaks({"planted": f"token={SERVE_TOKEN}".encode()}) == ["serving token in planted"]
+    assert leaks({"planted": b"x" + model}) == [f"{p} in planted" for p in pieces]
     assert not leaks(places), leaks(places)
+
+
+def _opened_model(stack: Stack, aws: dict, tmp_path: Path) -> tuple[bytes, bytes]:
+    """Version 1's ONNX model in the clear and its data key, as KMS unwraps it."""
+    mlflow = MlflowClient(stack.url("mlflow"), stack.url("mlflow"))
+    artifact = mlflow.get_model_version("aws-ads", "1").tags["bundle_artifact"]
+    run_id, path = artifact.removeprefix("runs:/").split("/", 1)
+    archive = Path(mlflow.download_artifacts(run_id, path, str(tmp_path / "sealed")))
+    folder = from_tarball(archive.read_bytes(), tmp_path / "bundle")
+    sealed = json.loads((folder / MANIFEST).read_text())["encryption"]
+    assert sealed["kms_key"] == stack.env["MODELYARD_BUNDLE_KMS_KEY"]
+    key = client("kms", aws).decrypt(CiphertextBlob=base64.b64decode(sealed["wrapped_key"]))
+    model = decrypt((folder / "model.onnx").read_bytes(), "model.onnx", key["Plaintext"])
+    assert model[:200].count(b"onnx") and len(model) > 1000  # an ONNX model, opened
+    return model, key["Plaintext"]

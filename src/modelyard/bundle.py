@@ -5,23 +5,33 @@ A folder holding `model.onnx` (optional `model.pmml`), `schema.json`, `metadata.
 manifest's exact bytes. Whoever loads a bundle verifies the signature against keys it trusts, then
 every file's hash, before reading anything else. This module is pure (hashlib, json,
 cryptography) because the serving image imports it.
+
+An encrypted bundle (`encryption` in the manifest) holds the model and what it learned from the
+data (`ENCRYPTED`: the ONNX and PMML files, the schema with its example rows and reference bins)
+as AES-256-GCM ciphertext, each file bound to its name; the signature covers the ciphertext.
+`verify` checks the signature first, then decrypts those files into memory with a key it was
+given: a copy of the bundle (on an edge device, in S3, in an image layer) is useless without
+the key, and nothing decrypted is written anywhere.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelyard.atomic import create_private
 
@@ -29,6 +39,8 @@ FORMAT = "modelyard-bundle/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 _CHUNK = 1 << 20
+ENCRYPTED = ("model.onnx", "model.pmml", "schema.json")
+_NONCE_BYTES = 12
 
 
 class BundleError(Exception):
@@ -41,9 +53,64 @@ class VerifiedBundle:
     manifest: dict[str, Any]
     digest: str  # sha256 of manifest.json: names the whole bundle
     key_id: str
+    # An encrypted bundle's files, decrypted in memory by `verify`.
+    opened: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.opened[name] if name in self.opened else (self.path / name).read_bytes()
 
     def read_json(self, name: str) -> dict[str, Any]:
-        return json.loads((self.path / name).read_text())
+        return json.loads(self.read_bytes(name))
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """How a bundle is encrypted: AES-256-GCM with `key`, and where it came from: a key of the
+    settings, or a data key KMS made for this bundle alone (`kms_key`), recorded in the
+    manifest as KMS encrypted it (`wrapped`) for whoever may ask KMS to unwrap it."""
+
+    key: bytes = field(repr=False)
+    kms_key: str = ""
+    wrapped: bytes = b""
+
+    def manifest_entry(self, files: list[str]) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "algorithm": "AES-256-GCM",
+            "key_id": bundle_key_id(self.key),
+            "files": sorted(files),
+        }
+        if self.kms_key:
+            entry |= {
+                "kms_key": self.kms_key,
+                "wrapped_key": base64.b64encode(self.wrapped).decode(),
+            }
+        return entry
+
+
+def bundle_key_id(key: bytes) -> str:
+    """Names a bundle key without giving it away: which of several keys opens a bundle."""
+    return hashlib.sha256(b"modelyard-bundle-key:" + key).hexdigest()[:16]
+
+
+def encrypt(data: bytes, name: str, key: bytes) -> bytes:
+    """`data` as a nonce, then AES-256-GCM ciphertext and tag, bound to the file's `name`."""
+    nonce = os.urandom(_NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, data, name.encode())
+
+
+def parse_bundle_keys(text: str, setting: str = "MODELYARD_BUNDLE_KEY") -> list[bytes]:
+    """Bundle keys as base64 of 32 random bytes, separated by commas, spaces or newlines."""
+    keys = []
+    for token in text.replace(",", " ").split():
+        try:
+            key = base64.b64decode(token, validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) != 32:
+            raise BundleError(f"{setting}: {token[:6]}… is not base64 of a 32-byte key; make "
+                              "one with: openssl rand -base64 32")  # fmt: skip
+        keys.append(key)
+    return keys
 
 
 def sha256_file(path: Path) -> str:
@@ -94,8 +161,11 @@ def seal(folder: Path, private_key: Ed25519PrivateKey, extra: dict[str, Any] | N
     return hashlib.sha256(body).hexdigest()
 
 
-def verify(folder: Path, trusted: list[Ed25519PublicKey]) -> VerifiedBundle:
-    """Check the signature with any trusted key, then each file's hash; nothing else is read."""
+def verify(
+    folder: Path, trusted: list[Ed25519PublicKey], keys: list[bytes] | None = None
+) -> VerifiedBundle:
+    """Check the signature with any trusted key, then each file's hash; nothing else is read
+    before. An encrypted bundle's files are then decrypted into memory with one of `keys`."""
     manifest_path, signature_path = folder / MANIFEST, folder / SIGNATURE
     if not manifest_path.is_file() or not signature_path.is_file():
         raise BundleError(f"{folder} is not a bundle: {MANIFEST} or {SIGNATURE} is missing")
@@ -110,7 +180,37 @@ def verify(folder: Path, trusted: list[Ed25519PublicKey]) -> VerifiedBundle:
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{folder}: unsupported bundle format {manifest.get('format')!r}")
     _check_files(folder, manifest["files"])
-    return VerifiedBundle(folder, manifest, hashlib.sha256(body).hexdigest(), key_id(signer))
+    opened = _open(folder, manifest.get("encryption"), keys or [])
+    return VerifiedBundle(
+        folder, manifest, hashlib.sha256(body).hexdigest(), key_id(signer), opened
+    )
+
+
+def _open(folder: Path, encryption: dict[str, Any] | None, keys: list[bytes]) -> dict[str, bytes]:
+    if not encryption:
+        return {}
+    wanted = encryption.get("key_id", "")
+    key = next((k for k in keys if bundle_key_id(k) == wanted), None)
+    if key is None:
+        given = ", ".join(bundle_key_id(k) for k in keys) or "none"
+        kms = encryption.get("kms_key")
+        unwrap = f", or let modelyard unwrap it with KMS key {kms}" if kms else ""
+        raise BundleError(
+            f"{folder} is encrypted with key {wanted} and no key given opens it (given: {given}); "
+            f"set MODELYARD_BUNDLE_KEY to the key it was sealed with{unwrap}"
+        )
+    return {name: decrypt((folder / name).read_bytes(), name, key, folder)
+            for name in encryption.get("files", [])}  # fmt: skip
+
+
+def decrypt(sealed: bytes, name: str, key: bytes, where: Path | str = "the bundle") -> bytes:
+    """What `encrypt` sealed, in memory; a wrong key or an altered file is refused."""
+    try:
+        return AESGCM(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], name.encode())
+    except InvalidTag:
+        raise BundleError(
+            f"{where}/{name} does not decrypt with key {bundle_key_id(key)}"
+        ) from None
 
 
 def _decode_signature(path: Path) -> bytes:

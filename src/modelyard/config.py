@@ -61,6 +61,17 @@ class Settings(BaseSettings):
         default=None, description="Ed25519 private key (PEM) that signs bundles."
     )
     signing_key_file: Path | None = Field(default=None, description="File holding that key.")
+    bundle_key: SecretStr | None = Field(
+        default=None,
+        description="Encrypt bundles: base64 of a 32-byte AES-256-GCM key (openssl rand -base64 "
+        "32); comma-separated, the first seals and every one opens (a rotation).",
+    )
+    bundle_key_file: Path | None = Field(default=None, description="File holding that key.")
+    bundle_kms_key: str | None = Field(
+        default=None,
+        description="Encrypt bundles with a data key per bundle from this AWS KMS key (id, ARN "
+        "or alias/…), kept in the manifest as KMS wrapped it; a deploy unwraps it.",
+    )
     trusted_keys: str = Field(
         default="", description="Extra base64 Ed25519 public keys whose bundles are accepted."
     )
@@ -247,6 +258,11 @@ class Settings(BaseSettings):
         default=None,
         description="Scale-out: where the MLflow server keeps artifacts, e.g. s3://bucket/mlflow "
         "(S3-compatible stores: MLFLOW_S3_ENDPOINT_URL); default <workspace>/artifacts.",
+    )
+    artifacts_kms_key: str | None = Field(
+        default=None,
+        description="AWS KMS key (ARN, id or alias/…) the MLflow server writes every S3 artifact "
+        "with (SSE-KMS); the bucket's default encryption and its policy then refuse other puts.",
     )
     build_image: Literal["auto", "always", "never"] = Field(
         default="auto",

@@ -126,7 +126,7 @@ def up(
     _check_installed(services)
     _check_same_settings(settings, services)
     if any(s.name == "mlflow" for s in services):
-        ensure_bucket(settings.artifacts_destination)
+        ensure_bucket(settings.artifacts_destination, settings.artifacts_kms_key)
     waiting: list[Service] = []  # ours, not answering yet: started now, or still starting
     to_start: list[Service] = []
     for service in services:
@@ -233,6 +233,10 @@ def _mlflow(settings: Settings) -> Service:
     # The backend URI goes in the environment, not argv: a PostgreSQL password in argv would
     # show in `ps` to every user of the machine. So do the auth app's credentials.
     env = {"MLFLOW_BACKEND_STORE_URI": backend}
+    if settings.artifacts_kms_key:  # every artifact it puts in S3 asks for SSE-KMS with the key
+        env["MLFLOW_S3_UPLOAD_EXTRA_ARGS"] = json.dumps(
+            {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": settings.artifacts_kms_key}
+        )
     files = {}
     if settings.mlflow_password:
         command += ["--app-name", "basic-auth"]
@@ -447,9 +451,11 @@ def shipped_file(name: str) -> Path:
     raise ModelyardError(f"modelyard's infra/prometheus/{name} is missing from this install")
 
 
-def ensure_bucket(destination: str | None) -> None:
+def ensure_bucket(destination: str | None, kms_key: str | None = None) -> None:
     """An S3 artifact destination's bucket, created on first use with versioning (an
-    overwritten artifact can be recovered) and default server-side encryption on.
+    overwritten artifact can be recovered) and default server-side encryption on. With
+    `kms_key`, that encryption is SSE-KMS with the key, and the bucket's policy refuses a put
+    that does not ask for it (modelyard's statements only; the policy's others are kept).
 
     Credentials and endpoint come from the standard AWS chain and `MLFLOW_S3_ENDPOINT_URL`
     (S3-compatible stores), as the MLflow server will use them.
@@ -466,28 +472,69 @@ def ensure_bucket(destination: str | None) -> None:
     bucket = destination.removeprefix("s3://").split("/", 1)[0]
     s3 = boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None)
     try:
-        try:
-            s3.head_bucket(Bucket=bucket)
+        if not _bucket_exists(s3, bucket):
+            region = s3.meta.region_name
+            where = (
+                {}
+                if region in (None, "us-east-1")
+                else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+            )
+            s3.create_bucket(Bucket=bucket, **where)
+            s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        elif not kms_key:
             return
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
-                raise
-        region = s3.meta.region_name
-        where = (
-            {}
-            if region in (None, "us-east-1")
-            else {"CreateBucketConfiguration": {"LocationConstraint": region}}
-        )
-        s3.create_bucket(Bucket=bucket, **where)
-        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-        s3.put_bucket_encryption(
-            Bucket=bucket,
-            ServerSideEncryptionConfiguration={
-                "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
-            },
-        )
+        s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": _default_encryption(kms_key),
+                       "BucketKeyEnabled": bool(kms_key)}]})  # fmt: skip
+        if kms_key:
+            s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(_kms_only_policy(s3, bucket)))
     except (BotoCoreError, ClientError) as exc:
         raise StackError(f"S3 bucket {bucket} for the artifacts: {exc}") from None
+
+
+def _bucket_exists(s3: Any, bucket: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+            raise
+        return False
+    return True
+
+
+def _default_encryption(kms_key: str | None) -> dict[str, str]:
+    if kms_key:
+        return {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": kms_key}
+    return {"SSEAlgorithm": "AES256"}
+
+
+_KMS_ONLY = "ModelyardArtifactsSseKms"  # the Sid prefix of modelyard's statements
+
+
+def _kms_only_policy(s3: Any, bucket: str) -> dict[str, Any]:
+    """The bucket's policy with statements that deny a put not asking for SSE-KMS (AWS's
+    documented pair: another encryption asked for, or none), replacing any earlier ones of
+    modelyard's and keeping everyone else's."""
+    from botocore.exceptions import ClientError
+
+    try:
+        policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+    except ClientError:
+        policy = {"Version": "2012-10-17", "Statement": []}
+    header = "s3:x-amz-server-side-encryption"
+    ours = [
+        {"Sid": f"{_KMS_ONLY}{name}", "Effect": "Deny", "Principal": {"AWS": "*"},
+         "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/*",
+         "Condition": condition}
+        for name, condition in (("Other", {"StringNotEquals": {header: "aws:kms"}}),
+                                ("Missing", {"Null": {header: "true"}}))
+    ]  # fmt: skip
+    kept = [
+        s for s in policy.get("Statement", []) if not str(s.get("Sid", "")).startswith(_KMS_ONLY)
+    ]
+    return policy | {"Statement": kept + ours}
 
 
 # --- processes ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 
 import modelyard
 from modelyard import registry
-from modelyard.bundle import from_tarball
+from modelyard.bundle import bundle_key_id, from_tarball
 from modelyard.checks.behaviour import BUILTIN as BUILTIN_TESTS
 from modelyard.checks.behaviour import run_model_tests
 from modelyard.checks.model import check_model
@@ -35,7 +35,7 @@ from modelyard.data import Splits, features_of, fingerprint, load_with_source, s
 from modelyard.deploy import approvals
 from modelyard.lineage import GitInfo
 from modelyard.outcomes import PipelineOutcome
-from modelyard.package import image, push
+from modelyard.package import image, push, sealing
 from modelyard.package.build import (
     assemble,
     frame_columns,
@@ -347,6 +347,7 @@ def export(ctx: RunContext, splits: Splits, trained: TrainResult) -> Export:
             built = assemble(
                 ctx.spec, onnx, splits.eval, trained.eval_scores, work, signing_key(ctx.settings),
                 {"model_version": "unregistered"}, pmml, trained.classes,
+                sealing.encryption(ctx.settings),
             )  # fmt: skip
         except ParityError:
             worst = [work / "parity.json"]  # the rows that broke parity
@@ -376,9 +377,10 @@ def package(
         "metrics": trained.metrics,
         "mlflow_run_id": ctx.run_id,
     }
+    encryption = sealing.encryption(ctx.settings)
     verified = seal_bundle(
         ctx.spec, exported.onnx, exported.pmml, splits.eval, trained.eval_scores,
-        out / "bundle", signing_key(ctx.settings), metadata, trained.classes,
+        out / "bundle", signing_key(ctx.settings), metadata, trained.classes, encryption,
     )  # fmt: skip
     tarball = pack(verified, out)
     sealed = [tarball, write_parity(out, exported.parity)]
@@ -387,7 +389,10 @@ def package(
         "bundle_digest": verified.digest,
         "bundle_key_id": verified.key_id,
         "bundle_artifact": f"runs:/{ctx.run_id}/bundle/{tarball.name}",
-    }
+        # Which key opens it (never the key): the settings' key id, and KMS's key when wrapped.
+        **({"bundle_encryption_key_id": bundle_key_id(encryption.key),
+            "bundle_encryption": "kms" if encryption.kms_key else "key"} if encryption else {}),
+    }  # fmt: skip
     registry.tag_version(ctx.client, ctx.spec.name, version, tags)
     return tags | {"bundle_path": str(verified.path)}
 

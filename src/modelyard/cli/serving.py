@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,8 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="Processes (default: one per core).")] = None,
 ) -> None:
     """Serve a signed model bundle (MLflow /invocations and Open Inference Protocol V2)."""
-    from modelyard.bundle import from_tarball
+    from modelyard.bundle import MANIFEST, from_tarball
+    from modelyard.package import sealing
     from modelyard.package.build import trusted_keys
     from modelyard.serve.server import ServeConfig
     from modelyard.serve.server import serve as run_server
@@ -40,8 +42,12 @@ def serve(
     secret = settings().serve_token
     token = secret.get_secret_value() if secret else ""
     tokens = token.split(",") if token else None
+    # A KMS-sealed bundle: its data key, unwrapped (MODELYARD_BUNDLE_KEY opens the others).
+    manifest = bundle / MANIFEST
+    unwrapped = sealing.unwrapped(json.loads(manifest.read_text())) if manifest.is_file() else []
     config = ServeConfig.from_env(bundle, host=host, port=port, workers=workers,
-                                  trusted_keys=trusted_keys(settings()), tokens=tokens)  # fmt: skip
+                                  trusted_keys=trusted_keys(settings()), tokens=tokens,
+                                  bundle_keys=sealing.key_text(unwrapped) or None)  # fmt: skip
     console.print(
         f"serving {bundle} on {'https' if config.tls_cert else 'http'}://{host}:{port} "
         f"({config.workers} worker(s), auth {'on' if config.tokens else 'off'})"

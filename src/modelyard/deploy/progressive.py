@@ -157,7 +157,7 @@ def _walk(
     progress(f"{plan.kind}: {spec.name} v{version} → {environment} {_describe(plan)}, beside "
              f"v{live.version}")  # fmt: skip
     started = release.play(settings, move, "deploy.yml", "start", progress,
-                           _start_vars(settings, spec, plan, live))  # fmt: skip
+                           _start_vars(settings, spec, plan, version, live))  # fmt: skip
     record = replace(record, hosts=",".join(started.touched))
     status = status_file(settings, spec.name, environment)
     traffic = _HostTraffic(settings, move, progress, status, plan.kind)
@@ -214,7 +214,11 @@ def _describe(plan: CanaryStrategy | ShadowStrategy) -> str:
 
 
 def _start_vars(
-    settings: Settings, spec: Spec, plan: CanaryStrategy | ShadowStrategy, live: Release
+    settings: Settings,
+    spec: Spec,
+    plan: CanaryStrategy | ShadowStrategy,
+    version: str,
+    live: Release,
 ) -> dict[str, Any]:
     """deploy.yml's variables that start the new version beside the live one, not in its place."""
     if isinstance(plan, CanaryStrategy):
@@ -223,7 +227,9 @@ def _start_vars(
     reference = registry.bundle_archive(
         settings, spec.name, live.version, release.version_tags(settings, spec.name, live.version)
     )
-    return {
+    own = registry.bundle_archive(settings, spec.name, version,
+                                  release.version_tags(settings, spec.name, version))  # fmt: skip
+    return release.bundle_key_vars(settings, [own, reference]) | {
         "model_service_traffic_mode": "shadow", "model_service_canary_weight": 0,
         "model_service_shadow_sample": plan.sample,
         "model_service_shadow_reference_archive": str(reference),

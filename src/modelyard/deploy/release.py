@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from modelyard import registry, servetls
 from modelyard.atomic import create_private, exclusive
+from modelyard.bundle import MANIFEST, decrypt
 from modelyard.config import Settings
 from modelyard.deploy import aws, ledger
 from modelyard.deploy.collections import ensure_amazon_aws
@@ -35,6 +36,7 @@ from modelyard.deploy.locks import Lock, check_unmoved, workspace_lock
 from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, inventory_hosts, run_playbook
 from modelyard.errors import DeployFailed, ModelyardError, SpecError
 from modelyard.monitor.targets import slot_targets, write_targets
+from modelyard.package import sealing
 from modelyard.package.build import trusted_keys
 from modelyard.package.image import flat_wheels, prepare_wheelhouse
 from modelyard.package.push import registry_pull_vars
@@ -316,6 +318,8 @@ def _run(
     secrets += (str(pull_auth),) if pull_auth else ()
     secrets += (settings.stack_password.get_secret_value(),) if settings.stack_password else ()
     secrets += servetls.secrets(extravars)
+    bundle_keys = str(extravars.get("model_service_bundle_key", ""))
+    secrets += tuple(k for k in (bundle_keys, *bundle_keys.split(",")) if k)
     return run_playbook(playbook, where.inventory, extravars, workdir, progress, secrets=secrets,
                         collections=where.collections, limit=limit,
                         strategy=settings.ansible_strategy)  # fmt: skip
@@ -389,7 +393,7 @@ def _extravars(
         "model_service_batch": env.batch,
         "model_service_max_fail_percentage": round(env.max_fail_percentage * 100),
         "model_service_token": service_token(settings),
-        "model_service_smoke_body": {"inputs": _example(bundle)},
+        "model_service_smoke_body": {"inputs": _example(settings, bundle)},
         **_mirror_vars(env),
         **_rate_limit_vars(env),
         **_tls_vars(settings, spec.name, where),
@@ -417,7 +421,7 @@ def _extravars(
             "model_service_wheelhouse_digest": digest,
             "model_service_trusted_keys": trusted_keys(settings).replace(",", "\n") + "\n",
         }
-    return values
+    return values | bundle_key_vars(settings, [bundle])
 
 
 def version_tags(settings: Settings, model: str, version: str) -> dict[str, str]:
@@ -430,12 +434,31 @@ def version_tags(settings: Settings, model: str, version: str) -> dict[str, str]
         ) from None
 
 
-def _example(bundle_archive: Path) -> dict[str, Any]:
-    with tarfile.open(bundle_archive) as tar:
-        member = tar.extractfile("schema.json")
+def _example(settings: Settings, archive: Path) -> dict[str, Any]:
+    """The bundle's input example, for the smoke prediction (decrypted in memory)."""
+    schema = _member(archive, "schema.json")
+    if keys := sealing.opening_keys(settings, json.loads(_member(archive, MANIFEST))):
+        schema = decrypt(schema, "schema.json", keys[0], archive)
+    return json.loads(schema)["example"]
+
+
+def bundle_key_vars(settings: Settings, archives: list[Path]) -> dict[str, Any]:
+    """The key of each encrypted bundle a service loads (its own; a shadow's reference), for
+    the role to hand the server as it hands it the token ("" when none is encrypted)."""
+    keys = [
+        k
+        for a in archives
+        for k in sealing.opening_keys(settings, json.loads(_member(a, MANIFEST)))
+    ]
+    return {"model_service_bundle_key": sealing.key_text(list(dict.fromkeys(keys)))}
+
+
+def _member(archive: Path, name: str) -> bytes:
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile(name)
         if member is None:
-            raise DeployFailed(f"{bundle_archive} has no schema.json")
-        return json.load(member)["example"]
+            raise DeployFailed(f"{archive} has no {name}")
+        return member.read()
 
 
 def _wheelhouse_archive(settings: Settings, progress: Progress) -> tuple[Path, str]:

@@ -163,30 +163,35 @@ def seal_bundle(
     key: Ed25519PrivateKey,
     metadata: dict[str, Any],
     classes: list | None = None,
+    encryption: bundles.Encryption | None = None,
 ) -> bundles.VerifiedBundle:
     """Write the bundle's files into `folder` (replacing it), sign the manifest, verify it.
-    `classes`: a classifier's labels, in the order of its probability columns."""
+    `classes`: a classifier's labels, in the order of its probability columns. With
+    `encryption`, the model and its schema are written encrypted: never in the clear."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    (folder / "model.onnx").write_bytes(onnx_bytes)
-    if pmml_bytes is not None:
-        (folder / "model.pmml").write_bytes(pmml_bytes)
-    _write_json(
-        folder / "schema.json",
-        schema_of(spec, onnx_input_names(onnx_bytes), eval_frame, expected, classes),
-    )
-    _write_json(
-        folder / "metadata.json",
-        {
+    schema = schema_of(spec, onnx_input_names(onnx_bytes), eval_frame, expected, classes)
+    files = {
+        "model.onnx": onnx_bytes,
+        **({"model.pmml": pmml_bytes} if pmml_bytes is not None else {}),
+        "schema.json": _json_bytes(schema),
+        "metadata.json": _json_bytes({
             "model_name": spec.name,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "modelyard_version": modelyard.__version__,
             **metadata,
-        },
-    )
-    bundles.seal(folder, key)
-    return bundles.verify(folder, [key.public_key()])
+        }),
+    }  # fmt: skip
+    sealed = [n for n in files if n in bundles.ENCRYPTED] if encryption else []
+    for name, data in files.items():
+        write = (
+            bundles.encrypt(data, name, encryption.key) if encryption and name in sealed else data
+        )
+        (folder / name).write_bytes(write)
+    extra = {"encryption": encryption.manifest_entry(sealed)} if encryption else None
+    bundles.seal(folder, key, extra)
+    return bundles.verify(folder, [key.public_key()], [encryption.key] if encryption else [])
 
 
 def pack(verified: bundles.VerifiedBundle, out_dir: Path) -> Path:
@@ -215,6 +220,7 @@ def assemble(
     metadata: dict[str, Any],
     pmml_bytes: bytes | None = None,
     classes: list | None = None,
+    encryption: bundles.Encryption | None = None,
 ) -> BuiltBundle:
     """Write, seal, verify and prove the bundle; a failed proof leaves no bundle behind.
 
@@ -223,7 +229,8 @@ def assemble(
     """
     folder = out_dir / "bundle"
     verified = seal_bundle(
-        spec, onnx_bytes, pmml_bytes, eval_frame, expected, folder, key, metadata, classes
+        spec, onnx_bytes, pmml_bytes, eval_frame, expected, folder, key, metadata, classes,
+        encryption,
     )  # fmt: skip
     reports = [prove_onnx(spec, verified, eval_frame, expected)]
     if pmml_bytes is not None:
@@ -246,14 +253,20 @@ def build_bundle(
     out_dir: Path,
     key: Ed25519PrivateKey,
     metadata: dict[str, Any],
+    encryption: bundles.Encryption | None = None,
 ) -> BuiltBundle:
     pmml, _ = pmml_for(model, spec)
     expected = scores(model, features_of(eval_frame, spec), spec.task)
     classes = None if spec.task == "regression" else classes_of(model)
     return assemble(
-        spec, export_onnx(model, spec), eval_frame, expected, out_dir, key, metadata, pmml, classes
-    )
+        spec, export_onnx(model, spec), eval_frame, expected, out_dir, key, metadata, pmml,
+        classes, encryption,
+    )  # fmt: skip
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    path.write_bytes(_json_bytes(payload))
+
+
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, indent=2, sort_keys=True, default=str).encode()

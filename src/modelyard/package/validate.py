@@ -8,6 +8,7 @@ as the bundle computes them on the host.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
@@ -17,9 +18,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from modelyard.bundle import parse_public_keys, verify
+from modelyard.bundle import MANIFEST, parse_public_keys, verify
 from modelyard.checks.report import Check, GateReport
 from modelyard.config import Settings
+from modelyard.package import sealing
 from modelyard.package.image import Progress, docker_client
 from modelyard.ports import free_port
 from modelyard.serve import codecs
@@ -37,14 +39,17 @@ def infra_validate(
     sample: dict[str, list[Any]],
     progress: Progress,
 ) -> GateReport:
-    runtime = Runtime(verify(bundle, parse_public_keys(trusted_keys)))
+    opening = sealing.opening_keys(settings, json.loads((bundle / MANIFEST).read_text()))
+    runtime = Runtime(verify(bundle, parse_public_keys(trusted_keys), opening))
     report = GateReport(gate="infra")
     client = docker_client(settings)
     port, token = free_port(), secrets.token_urlsafe(24)
+    # An encrypted bundle's key reaches the container as the token does: in its environment.
+    key = {"MODELYARD_BUNDLE_KEY": sealing.key_text(opening)} if opening else {}
     container = client.containers.run(
         image, detach=True, network_mode="host", name=f"modelyard-infraval-{uuid.uuid4().hex[:8]}",
         environment={"MODELYARD_SERVE_HOST": "127.0.0.1", "MODELYARD_SERVE_PORT": str(port),
-                     "MODELYARD_SERVE_WORKERS": "1", "MODELYARD_SERVE_TOKEN": token},
+                     "MODELYARD_SERVE_WORKERS": "1", "MODELYARD_SERVE_TOKEN": token, **key},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     progress(f"infra validation: started {image} on {url}")

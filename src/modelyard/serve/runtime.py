@@ -62,8 +62,9 @@ class Runtime:
         self.metadata = bundle.read_json("metadata.json")
         self.digest = bundle.digest
         self.task: str = self.schema["task"]
+        # From memory: an encrypted bundle's model exists decrypted nowhere else.
         self.session = ort.InferenceSession(
-            str(bundle.path / "model.onnx"), _session_options(), providers=["CPUExecutionProvider"]
+            bundle.read_bytes("model.onnx"), _session_options(), providers=["CPUExecutionProvider"]
         )
         graph_types = {i.name: i.type for i in self.session.get_inputs()}
         self.columns = [_column(entry, graph_types) for entry in self.schema["inputs"]]

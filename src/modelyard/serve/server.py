@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelyard.bundle import BundleError, parse_public_keys, verify
+from modelyard.bundle import BundleError, parse_bundle_keys, parse_public_keys, verify
 from modelyard.certs import server_context
 
 if TYPE_CHECKING:  # the app's module loads ONNX Runtime: workers import it, the parent need not
@@ -56,6 +56,8 @@ class ServeConfig:
     # A shadow's slot: the serving version's bundle, which copied requests are compared with.
     reference: Path | None = None
     # TLS on the TCP port (PEM): certificate chain, key, and the CA client certificates need.
+    # Keys that may open an encrypted bundle (base64, MODELYARD_BUNDLE_KEY), not parsed yet.
+    bundle_keys: str = field(default="", repr=False)
     tls_cert: bytes = field(default=b"", repr=False)
     tls_key: bytes = field(default=b"", repr=False)
     client_ca: bytes = field(default=b"", repr=False)
@@ -75,6 +77,7 @@ class ServeConfig:
             "max_rows": int(env.get("MODELYARD_SERVE_MAX_ROWS", "10000")),
             "socket": env.get("MODELYARD_SERVE_SOCKET", ""),
             "reference": _path(env.get("MODELYARD_SHADOW_REFERENCE", "")),
+            "bundle_keys": _pem("MODELYARD_BUNDLE_KEY").decode(),
             "tls_cert": _pem("MODELYARD_SERVE_TLS_CERT"),
             "tls_key": _pem("MODELYARD_SERVE_TLS_KEY"),
             "client_ca": _pem("MODELYARD_SERVE_CLIENT_CA"),
@@ -88,8 +91,8 @@ def _path(value: str) -> Path | None:
 
 
 def _pem(name: str) -> bytes:
-    """PEM text from the variable `name`, else from the file `name`_FILE names (a process
-    slot's, readable by its user alone; a container gets the text in its environment)."""
+    """A secret's text from the variable `name`, else from the file `name`_FILE names (a
+    process slot's, readable by its user alone; a container gets the text in its environment)."""
     if text := os.environ.get(name, ""):
         return text.encode()
     path = os.environ.get(f"{name}_FILE", "")
@@ -107,8 +110,11 @@ def build_app(config: ServeConfig) -> ServingApp:
     from modelyard.serve.runtime import Runtime
 
     keys = parse_public_keys(config.trusted_keys)
-    runtime = Runtime(verify(config.bundle, keys))
-    reference = None if config.reference is None else Runtime(verify(config.reference, keys))
+    opening = parse_bundle_keys(config.bundle_keys)
+    runtime = Runtime(verify(config.bundle, keys, opening))
+    reference = (
+        None if config.reference is None else Runtime(verify(config.reference, keys, opening))
+    )
     return ServingApp(runtime, config.tokens, config.max_body_bytes, config.max_rows, reference)
 
 
@@ -192,11 +198,12 @@ def _server_with_plain_sockets(
 
 def serve(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code. Refuses an unverifiable bundle."""
-    keys = parse_public_keys(config.trusted_keys)
     try:
-        verify(config.bundle, keys)
+        keys = parse_public_keys(config.trusted_keys)
+        opening = parse_bundle_keys(config.bundle_keys)
+        verify(config.bundle, keys, opening)
         if config.reference is not None:
-            verify(config.reference, keys)
+            verify(config.reference, keys, opening)
     except BundleError as exc:
         print(f"refusing to serve: {exc}", file=sys.stderr)
         return 3
