@@ -31,7 +31,7 @@ from flows import logs
 from flows.locks import release_lock
 from flows.process import run_settings
 from flows.retries import TRANSIENT
-from modelyard import source, stages
+from modelyard import card, source, stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings
 from modelyard.deploy import approvals, progressive, release
@@ -158,6 +158,19 @@ def push_image_task(
     ctx: stages.RunContext, version: str, built: stages.ImageResult
 ) -> dict[str, str]:
     return stages.push_image(ctx, version, built)
+
+
+@task(name="model-card", cache_policy=NONE, persist_result=False, **TRANSIENT)
+def model_card_task(
+    ctx: stages.RunContext, version: str, splits: stages.Splits, trained: stages.TrainResult,
+    measured: bool,
+) -> str:
+    made = stages.model_card(ctx, version, splits, trained, measured)
+    create_markdown_artifact(
+        markdown=card.markdown(made), key=f"{slug(ctx.spec.name)}-card",
+        description=f"{ctx.spec.name} v{version}: model card (also in the MLflow run's card/)",
+    )  # fmt: skip
+    return made.version
 
 
 @task(name="validate-infra", cache_policy=NONE, persist_result=False)
@@ -561,6 +574,7 @@ def _gates_and_register(
         tags, bundle_path = stages.version_bundle(ctx, version)
         if not tags.get("image_ref"):  # its first run could not build one (no engine then)
             _image_and_infra_gate(runner, ctx, version, {"bundle_path": bundle_path}, splits)
+    runner.run("model-card", model_card_task, ctx, version, splits, trained, reused)
     stages.promote_candidate(ctx, version)
     cached = [row.stage for row in runner.rows if row.cached]
     return stages.registered(ctx, version, reused, trained, cached, str(flow_run.id), bundle)

@@ -25,6 +25,7 @@ from modelyard.bundle import MANIFEST, decrypt, from_tarball
 from modelyard.config import Settings, runtime
 from modelyard.package.push import push_image
 from modelyard.ports import free_ports
+from modelyard.stack import ensure_bucket
 from tests.conftest import ROOT, Project
 from tests.hosts import SshHosts, start_ssh_hosts, stop_ssh_hosts
 from tests.test_deploy import _stop_services, version_at
@@ -61,6 +62,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, aws: dict)
     artifacts_key = client("kms", aws).create_key()["KeyMetadata"]["Arn"]
     stack.env |= aws | {"MODELYARD_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow",
                         "MODELYARD_ARTIFACTS_KMS_KEY": artifacts_key,
+                        # moto takes no Condition into account: a deny-unencrypted statement
+                        # refuses every put there (checked on a bucket of its own below).
+                        "MODELYARD_ARTIFACTS_BUCKET_POLICY": "leave",
                         "MODELYARD_SERVE_TOKEN": SERVE_TOKEN, "MODELYARD_SIGNING_KEY": SIGNING_KEY,
                         "MODELYARD_BUNDLE_KMS_KEY": kms_key}  # fmt: skip
     up = stack.cli("stack", "up", "prefect", "mlflow", "registry")
@@ -111,9 +115,8 @@ def test_pipeline_keeps_artifacts_in_s3_and_images_in_ecr_and_deploy_pulls_by_di
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert any(k.endswith(".bundle.tar.gz") for k in keys)
     assert s3.get_bucket_versioning(Bucket=BUCKET)["Status"] == "Enabled"
-    # Every artifact was put with SSE-KMS and the key; the bucket encrypts with it by default
-    # and its policy denies a put that asks for no or another encryption (moto stores the
-    # policy but, as its docs say, takes no Condition into account: AWS enforces it).
+    # Every artifact was put with SSE-KMS and the key, and the bucket encrypts with it by
+    # default; the policy that refuses other puts is checked on a bucket of its own.
     artifacts_key = stack.env["MODELYARD_ARTIFACTS_KMS_KEY"]
     heads = [s3.head_object(Bucket=BUCKET, Key=k) for k in keys]
     assert {(h.get("ServerSideEncryption"), h.get("SSEKMSKeyId")) for h in heads} == {
@@ -121,13 +124,7 @@ def test_pipeline_keeps_artifacts_in_s3_and_images_in_ecr_and_deploy_pulls_by_di
     (rule,) = s3.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]["Rules"]
     assert rule["ApplyServerSideEncryptionByDefault"] == {
         "SSEAlgorithm": "aws:kms", "KMSMasterKeyID": artifacts_key}  # fmt: skip
-    policy = json.loads(s3.get_bucket_policy(Bucket=BUCKET)["Policy"])
-    denied = {json.dumps(st["Condition"], sort_keys=True) for st in policy["Statement"]
-              if st["Effect"] == "Deny" and st["Action"] == "s3:PutObject"}  # fmt: skip
-    assert denied == {
-        '{"StringNotEquals": {"s3:x-amz-server-side-encryption": "aws:kms"}}',
-        '{"Null": {"s3:x-amz-server-side-encryption": "true"}}',
-    }
+    _check_kms_only_policy(s3, aws, artifacts_key)
     mlflow = MlflowClient(stack.url("mlflow"), stack.url("mlflow"))
     tags = mlflow.get_model_version(model, "1").tags
     run_id = tags["bundle_artifact"].removeprefix("runs:/").split("/")[0]
@@ -174,6 +171,38 @@ def test_pipeline_keeps_artifacts_in_s3_and_images_in_ecr_and_deploy_pulls_by_di
     for text in (run.stdout, run.stderr, deployed.stdout, deployed.stderr, history.stdout,
                  repr(tags), _image_config(tags["image_ref"])):  # fmt: skip
         assert SECRET not in text
+
+
+def _check_kms_only_policy(s3: object, aws: dict, key: str) -> None:
+    """`stack up`'s policy for a bucket that must hold SSE-KMS objects only: AWS's documented
+    pair of deny statements, added beside the policy's other statements. moto stores it but,
+    as its docs say, takes no Condition into account (it would deny every put): AWS enforces
+    it, so here the statements are checked, not the refusal."""
+    bucket = "modelyard-kms-only"
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    theirs = {"Sid": "TeamReadOnly", "Effect": "Allow", "Principal": {"AWS": "*"},
+              "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}  # fmt: skip
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17",
+                                                           "Statement": [theirs]}))  # fmt: skip
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in aws.items():
+            env.setenv(name, value)
+        for _ in range(2):  # a second `stack up` replaces its statements, adds none
+            ensure_bucket(f"s3://{bucket}/mlflow", key)
+    policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+    assert policy["Statement"][0] == theirs
+    denied = {json.dumps(st["Condition"], sort_keys=True) for st in policy["Statement"][1:]
+              if st["Effect"] == "Deny" and st["Action"] == "s3:PutObject"}  # fmt: skip
+    assert (
+        denied
+        == {
+            '{"StringNotEquals": {"s3:x-amz-server-side-encryption": "aws:kms"}}',
+            '{"Null": {"s3:x-amz-server-side-encryption": "true"}}',
+        }
+        and len(policy["Statement"]) == 3
+    )
+    (rule,) = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rule["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"] == key
 
 
 def _remove_image(tags: dict[str, str]) -> None:

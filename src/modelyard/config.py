@@ -264,6 +264,12 @@ class Settings(BaseSettings):
         description="AWS KMS key (ARN, id or alias/…) the MLflow server writes every S3 artifact "
         "with (SSE-KMS); the bucket's default encryption and its policy then refuse other puts.",
     )
+    artifacts_bucket_policy: Literal["kms-only", "leave"] = Field(
+        default="kms-only",
+        description="With artifacts_kms_key: `kms-only` adds statements to the bucket's policy "
+        "that deny a put without SSE-KMS; `leave` does not touch the policy (it is managed "
+        "elsewhere, e.g. by Terraform).",
+    )
     build_image: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="Build and infra-validate the serving image: 'auto' when a Docker engine "

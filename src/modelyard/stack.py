@@ -126,7 +126,8 @@ def up(
     _check_installed(services)
     _check_same_settings(settings, services)
     if any(s.name == "mlflow" for s in services):
-        ensure_bucket(settings.artifacts_destination, settings.artifacts_kms_key)
+        ensure_bucket(settings.artifacts_destination, settings.artifacts_kms_key,
+                      settings.artifacts_bucket_policy == "kms-only")  # fmt: skip
     waiting: list[Service] = []  # ours, not answering yet: started now, or still starting
     to_start: list[Service] = []
     for service in services:
@@ -451,11 +452,14 @@ def shipped_file(name: str) -> Path:
     raise ModelyardError(f"modelyard's infra/prometheus/{name} is missing from this install")
 
 
-def ensure_bucket(destination: str | None, kms_key: str | None = None) -> None:
+def ensure_bucket(
+    destination: str | None, kms_key: str | None = None, kms_only_policy: bool = True
+) -> None:
     """An S3 artifact destination's bucket, created on first use with versioning (an
     overwritten artifact can be recovered) and default server-side encryption on. With
-    `kms_key`, that encryption is SSE-KMS with the key, and the bucket's policy refuses a put
-    that does not ask for it (modelyard's statements only; the policy's others are kept).
+    `kms_key`, that encryption is SSE-KMS with the key, and (`kms_only_policy`) the bucket's
+    policy refuses a put that does not ask for it (modelyard's statements only; the policy's
+    others are kept).
 
     Credentials and endpoint come from the standard AWS chain and `MLFLOW_S3_ENDPOINT_URL`
     (S3-compatible stores), as the MLflow server will use them.
@@ -486,7 +490,7 @@ def ensure_bucket(destination: str | None, kms_key: str | None = None) -> None:
         s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
             "Rules": [{"ApplyServerSideEncryptionByDefault": _default_encryption(kms_key),
                        "BucketKeyEnabled": bool(kms_key)}]})  # fmt: skip
-        if kms_key:
+        if kms_key and kms_only_policy:
             s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(_kms_only_policy(s3, bucket)))
     except (BotoCoreError, ClientError) as exc:
         raise StackError(f"S3 bucket {bucket} for the artifacts: {exc}") from None

@@ -24,7 +24,7 @@ import sklearn
 from mlflow import MlflowClient
 
 import modelyard
-from modelyard import registry
+from modelyard import card, registry
 from modelyard.bundle import bundle_key_id, from_tarball
 from modelyard.checks.behaviour import BUILTIN as BUILTIN_TESTS
 from modelyard.checks.behaviour import run_model_tests
@@ -318,12 +318,25 @@ def registered(
     )  # fmt: skip
 
 
+def model_card(
+    ctx: RunContext, version: str, splits: Splits, trained: TrainResult, measured: bool
+) -> card.Card:
+    """The version's model card, after its gates: what the record lacks is measured once
+    (unless `measured`: a reused version's run has it), then the card is rendered from the
+    record and kept with the version."""
+    if not measured:
+        facts = card.measure(ctx.spec, splits, trained.model, trained.eval_scores, trained.classes)
+        registry.log_json(ctx.client, ctx.run_id, facts, card.FACTS)
+    return card.publish(ctx.settings, ctx.spec.name, version)
+
+
 def approval_request(
     ctx: RunContext, environment: str, outcome: PipelineOutcome, serving: list[str]
 ) -> str:
     """What an approver of `environment` is shown for the version this run registered."""
     version = ctx.client.get_model_version(ctx.spec.name, outcome.version)
-    links = {"MLflow version": outcome.mlflow_version_url, "training run": outcome.mlflow_run_url}
+    links = {"MLflow version": outcome.mlflow_version_url, "training run": outcome.mlflow_run_url,
+             "model card": f"{outcome.mlflow_run_url} → artifacts card/card.html"}  # fmt: skip
     return approvals.request(
         ctx.spec, environment, outcome.version, outcome.metrics, version.tags, links, serving
     )

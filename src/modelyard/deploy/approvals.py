@@ -6,8 +6,10 @@ spec's, and is the same whether the answer came from the Prefect UI form or `mod
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
+from modelyard import card
 from modelyard.config import Settings
 from modelyard.deploy import ledger
 from modelyard.deploy.ledger import Release
@@ -98,4 +100,6 @@ def _decision(
         outcome=outcome, actor=actor, previous_version=live.version if live else "",
         reason=reason,
     )  # fmt: skip
-    return ledger.append(settings, record)
+    done = ledger.append(settings, record)
+    card.refresh(settings, spec.name, [version], logging.getLogger("modelyard").warning)
+    return done

@@ -25,7 +25,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from modelyard import registry, servetls
+from modelyard import card, registry, servetls
 from modelyard.atomic import create_private, exclusive
 from modelyard.bundle import MANIFEST, decrypt
 from modelyard.config import Settings
@@ -238,11 +238,14 @@ def move(
         why = result.reason()
         why += _put_back(settings, spec, where, live, result, moving.workdir, progress)
         ledger.append(settings, replace(record, outcome="failed", reason=why), result.files)
+        card.refresh(settings, spec.name, [version], progress)
         raise DeployFailed(f"{action} of {spec.name} v{version} to {environment} failed: {why}")
     registry.set_alias(registry.connect(settings), spec.name, environment, version)
     if result.slots:
         write_targets(settings, spec.name, environment, slot_targets(result.slots, version))
     done = ledger.append(settings, record, result.files)
+    # The cards of the version that came in and of the one it replaced say so.
+    card.refresh(settings, spec.name, [version, live.version if live else ""], progress)
     progress(f"{action}: {spec.name} v{version} serves {environment}; alias '{environment}' moved")
     return done
 
