@@ -393,7 +393,7 @@ def test_no_secret_and_no_plaintext_model_appears_anywhere(
     deployed = stack.cli("deploy", "staging", "--version", "1", "--spec", str(project.spec_path))
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     assert version_at(f"http://127.0.0.1:{registered[1]}") == "1"
-    model, data_key = _opened_model(stack, aws, tmp_path)
+    onnx, data_key = _opened_model(stack, aws, tmp_path)
     secrets = {"AWS secret key": SECRET, "serving token": SERVE_TOKEN,
                "signing key": "".join(SIGNING_KEY.splitlines()[1:-1]),
                "bundle key": base64.b64encode(data_key).decode()}  # fmt: skip
@@ -425,8 +425,8 @@ def test_no_secret_and_no_plaintext_model_appears_anywhere(
     assert len(places) > 50 and any(k.startswith("artifact") for k in places)
 
     # Pieces of the model's bytes (its weights and trees, not the generic ONNX header).
-    pieces = {f"model bytes at {at}": model[at : at + 48] for at in
-              (len(model) // 4, len(model) // 2, 3 * len(model) // 4, len(model) - 48)}  # fmt: skip
+    pieces = {f"model bytes at {at}": onnx[at : at + 48] for at in
+              (len(onnx) // 4, len(onnx) // 2, 3 * len(onnx) // 4, len(onnx) - 48)}  # fmt: skip
     wanted = {name: secret.encode() for name, secret in secrets.items()} | pieces
 
     def leaks(where: dict[str, bytes]) -> list[str]:
@@ -434,7 +434,7 @@ def test_no_secret_and_no_plaintext_model_appears_anywhere(
                 for name, secret in wanted.items() if secret in data]  # fmt: skip
 
     assert leaks({"planted": f"token={SERVE_TOKEN}".encode()}) == ["serving token in planted"]
-    assert leaks({"planted": b"x" + model}) == [f"{p} in planted" for p in pieces]
+    assert leaks({"planted": b"x" + onnx}) == [f"{p} in planted" for p in pieces]
     assert not leaks(places), leaks(places)
 
 

@@ -265,8 +265,10 @@ def to_tarball(folder: Path) -> bytes:
 
 
 def from_tarball(blob: bytes, dest: Path) -> Path:
+    """Unpack a bundle tarball. Gzip or not: a `.tar.gz` stored with Content-Encoding gzip (MLflow
+    sets it when it puts an artifact in S3) comes back through HTTP clients already inflated."""
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
         tar.extractall(dest, filter="data")
     return dest
 

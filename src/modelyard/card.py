@@ -30,6 +30,7 @@ from modelyard import registry
 from modelyard.config import Settings
 from modelyard.data import Splits
 from modelyard.deploy import ledger
+from modelyard.errors import ModelyardError
 from modelyard.evaluation import compute_metrics, target_values
 from modelyard.monitor.drift import EXPERIMENT as DRIFT_EXPERIMENT
 from modelyard.spec import Spec
@@ -131,7 +132,10 @@ class Card:
 def gather(settings: Settings, model: str, version: str) -> Card:
     """The card of a registered version, read back from MLflow and the release ledger."""
     client = registry.connect(settings)
-    found = client.get_model_version(model, version)
+    try:
+        found = client.get_model_version(model, version)
+    except MlflowException:
+        raise ModelyardError(f"{model} has no version {version}; see `modelyard models`") from None
     run = client.get_run(found.run_id)
     return Card(
         model=model,
@@ -218,6 +222,9 @@ def summary(card: Card) -> str:
 
 
 class _Page:
+    def title(self, text: str) -> str:
+        raise NotImplementedError
+
     def heading(self, text: str) -> str:
         raise NotImplementedError
 
@@ -229,21 +236,27 @@ class _Page:
 
 
 class _MarkdownPage(_Page):
+    def title(self, text: str) -> str:
+        return f"# {_plain(text)}"
+
     def heading(self, text: str) -> str:
         return f"\n## {text}\n"
 
     def text(self, text: str) -> str:
-        return text
+        return _plain(text)
 
     def table(self, header: list[str], rows: list[list[Any]]) -> str:
         if not rows:
             return "_none recorded_"
-        cells = [[_cell(v).replace("|", "\\|") for v in row] for row in rows]
+        cells = [[_plain(_cell(v)).replace("|", "\\|") for v in row] for row in rows]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 class _HtmlPage(_Page):
+    def title(self, text: str) -> str:
+        return f"<h1>{html.escape(text)}</h1>"
+
     def heading(self, text: str) -> str:
         anchor = text.lower().replace(" ", "-")
         return f'<h2 id="{anchor}">{html.escape(text)}</h2>'
@@ -262,6 +275,11 @@ class _HtmlPage(_Page):
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _plain(text: str) -> str:
+    """Text shown as written where Markdown is rendered (Prefect, MLflow): no markup in it."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "–"
@@ -271,7 +289,7 @@ def _cell(value: Any) -> str:
 
 
 def _render(card: Card, page: _Page) -> list[str]:
-    parts = [page.heading(f"{card.model} v{card.version}").replace("##", "#", 1)]
+    parts = [page.title(f"Model card: {card.model} v{card.version}")]
     for section, build in _BUILDERS.items():
         parts += [page.heading(section), build(card, page)]
     return parts

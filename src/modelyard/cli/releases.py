@@ -109,6 +109,36 @@ def history(
     console.print(table)
 
 
+@app.command()
+@reports_errors
+def card(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="A version number, or @ALIAS (@production).")],
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write the card as an HTML page here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The card's facts as JSON.")] = False,
+) -> None:
+    """A version's model card: intended use, data, metrics with intervals, slices, behaviour,
+    the champion comparison, importance, parity, lineage, releases and drift checks, read
+    from MLflow and the release ledger as they are now."""
+    from modelyard import card as cards
+    from modelyard import registry
+
+    number = version
+    if version.startswith("@"):
+        number = registry.aliases(registry.connect(settings()), model).get(version[1:], "")
+        if not number:
+            raise usage(f"{model} has no alias {version[1:]!r}; see `modelyard models {model}`")
+    made = cards.gather(settings(), model, number)
+    if html is not None:
+        html.write_text(cards.to_html(made))
+    if as_json:
+        console.print_json(json.dumps(made.to_dict(), default=str))
+    else:
+        typer.echo(cards.markdown(made))
+
+
 def _verify_ledger(model: str | None, environment: str | None, as_json: bool) -> None:
     from modelyard.deploy import ledger
 
