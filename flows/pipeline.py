@@ -31,10 +31,10 @@ from flows import logs
 from flows.locks import release_lock
 from flows.process import run_settings
 from flows.retries import TRANSIENT
-from modelyard import card, source, stages
+from modelyard import source, stages
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings
-from modelyard.deploy import approvals, progressive, release
+from modelyard.deploy import approvals, card, progressive, release
 from modelyard.errors import DeployFailed, GateFailed, ModelyardError
 from modelyard.lineage import GitInfo, git_info, model_from_tags, run_name, run_tags, slug
 from modelyard.outcomes import PipelineOutcome, Released, StageRow, table
@@ -162,7 +162,10 @@ def push_image_task(
 
 @task(name="model-card", cache_policy=NONE, persist_result=False, **TRANSIENT)
 def model_card_task(
-    ctx: stages.RunContext, version: str, splits: stages.Splits, trained: stages.TrainResult,
+    ctx: stages.RunContext,
+    version: str,
+    splits: stages.Splits,
+    trained: stages.TrainResult,
     measured: bool,
 ) -> str:
     made = stages.model_card(ctx, version, splits, trained, measured)

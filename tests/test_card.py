@@ -8,7 +8,8 @@ import html
 import numpy as np
 import pytest
 
-from modelyard import card, stages
+from modelyard import stages
+from modelyard.deploy import card
 from modelyard.spec import Estimator, load_spec
 from tests.conftest import ROOT
 from tests.serving import build_example

@@ -24,7 +24,7 @@ import sklearn
 from mlflow import MlflowClient
 
 import modelyard
-from modelyard import card, registry
+from modelyard import registry
 from modelyard.bundle import bundle_key_id, from_tarball
 from modelyard.checks.behaviour import BUILTIN as BUILTIN_TESTS
 from modelyard.checks.behaviour import run_model_tests
@@ -32,7 +32,7 @@ from modelyard.checks.model import check_model
 from modelyard.checks.report import GateReport
 from modelyard.config import Settings
 from modelyard.data import Splits, features_of, fingerprint, load_with_source, split
-from modelyard.deploy import approvals
+from modelyard.deploy import approvals, card
 from modelyard.lineage import GitInfo
 from modelyard.outcomes import PipelineOutcome
 from modelyard.package import image, push, sealing

@@ -122,8 +122,8 @@ def card(
     """A version's model card: intended use, data, metrics with intervals, slices, behaviour,
     the champion comparison, importance, parity, lineage, releases and drift checks, read
     from MLflow and the release ledger as they are now."""
-    from modelyard import card as cards
     from modelyard import registry
+    from modelyard.deploy import card as cards
 
     number = version
     if version.startswith("@"):

@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from modelyard import card
 from modelyard.config import Settings
-from modelyard.deploy import ledger
+from modelyard.deploy import card, ledger
 from modelyard.deploy.ledger import Release
 from modelyard.spec import Spec
 

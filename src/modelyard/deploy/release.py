@@ -25,11 +25,11 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from modelyard import card, registry, servetls
+from modelyard import registry, servetls
 from modelyard.atomic import create_private, exclusive
 from modelyard.bundle import MANIFEST, decrypt
 from modelyard.config import Settings
-from modelyard.deploy import aws, ledger
+from modelyard.deploy import aws, card, ledger
 from modelyard.deploy.collections import ensure_amazon_aws
 from modelyard.deploy.ledger import Release
 from modelyard.deploy.locks import Lock, check_unmoved, workspace_lock

@@ -136,27 +136,31 @@ def gather(settings: Settings, model: str, version: str) -> Card:
         found = client.get_model_version(model, version)
     except MlflowException:
         raise ModelyardError(f"{model} has no version {version}; see `modelyard models`") from None
-    run = client.get_run(found.run_id)
-    return Card(
+    made = Card(
         model=model,
         version=str(version),
         tags=dict(found.tags),
-        metrics=dict(run.data.metrics),
-        facts=(facts := _artifact_json(client, found.run_id, FACTS)),
-        description=facts.get("intended_use", ""),
-        gates={
-            gate: _artifact_json(client, found.run_id, f"gates/{gate}/report.json")
-            for gate in ("data", "model", "behaviour", "infra")
-        },
-        parity=_artifact_json(client, found.run_id, "package/parity.json"),
         releases=[
             _release_row(r)
             for r in reversed(ledger.history(settings, model))
             if r.version == str(version) or r.previous_version == str(version)
         ],
         drift=_drift_checks(client, model, str(version)),
-        run_url=registry.run_url(settings, run.info.experiment_id, found.run_id),
     )
+    if found.run_id:  # a version registered by hand may have no run
+        _read_run(settings, client, found.run_id, made)
+    return made
+
+
+def _read_run(settings: Settings, client: MlflowClient, run_id: str, made: Card) -> None:
+    run = client.get_run(run_id)
+    made.metrics = dict(run.data.metrics)
+    made.facts = _artifact_json(client, run_id, FACTS)
+    made.description = made.facts.get("intended_use", "")
+    made.gates = {gate: _artifact_json(client, run_id, f"gates/{gate}/report.json")
+                  for gate in ("data", "model", "behaviour", "infra")}  # fmt: skip
+    made.parity = _artifact_json(client, run_id, "package/parity.json")
+    made.run_url = registry.run_url(settings, run.info.experiment_id, run_id)
 
 
 def _artifact_json(client: MlflowClient, run_id: str, path: str) -> dict[str, Any]:
@@ -413,8 +417,9 @@ def publish(settings: Settings, model: str, version: str) -> Card:
     client = registry.connect(settings)
     found = gather(settings, model, version)
     run_id = client.get_model_version(model, version).run_id
-    client.log_text(run_id, markdown(found), "card/card.md")
-    client.log_text(run_id, to_html(found), "card/card.html")
+    if run_id:
+        client.log_text(run_id, markdown(found), "card/card.md")
+        client.log_text(run_id, to_html(found), "card/card.html")
     client.update_model_version(model, version, description=summary(found))
     return found
 
@@ -427,5 +432,5 @@ def refresh(
     for version in dict.fromkeys(v for v in versions if v):
         try:
             publish(settings, model, version)
-        except (MlflowException, OSError) as exc:
+        except Exception as exc:  # MLflow's, the network's, a version deleted meanwhile
             say(f"card: v{version}'s model card was not brought up to date ({exc})")
