@@ -77,13 +77,13 @@ def test_every_section_renders_in_markdown_and_escaped_html(tmp_path):
                    "outcome": "succeeded", "actor": "ops", "reason": "latency"}],
     )  # fmt: skip
     text = card.markdown(made)
-    for section in card._SECTIONS:
+    for section in card.SECTIONS:
         assert f"\n## {section}\n" in text
     assert "worse by 3 %" in text and "slice device=mobile" in text and "rollback" in text
     assert "0.7 \\| 0.6" in text  # a pipe in a cell does not split the table
     assert "<script>" not in text  # nor does a spec's text become markup where it is shown
     page = card.to_html(made)
     assert "<script>" not in page and html.escape(hostile) in page
-    assert page.count("<h2 ") == len(card._SECTIONS)
+    assert page.count("<h2 ") == len(card.SECTIONS)
     summary = card.summary(made)
     assert "roc_auc" in summary and "model passed" in summary and "card/card.html" in summary

@@ -41,7 +41,7 @@ from prefect.input import read_flow_run_input
 from flows.pipeline import pipeline
 from modelyard import certs
 from modelyard.config import Settings, runtime
-from modelyard.deploy import ledger, release
+from modelyard.deploy import card, ledger, release
 from modelyard.errors import DeployFailed, SpecError
 from modelyard.monitor.drift import Prometheus
 from modelyard.outcomes import PipelineOutcome
@@ -735,6 +735,56 @@ def test_https_front_door_verifies_refuses_weak_clients_and_rotates_without_a_fa
     after = tls.handshake("127.0.0.1", port, verify).serial_number
     assert after != before
     assert after == x509.load_pem_x509_certificate(issued.certificate.read_bytes()).serial_number
+
+
+def test_a_versions_model_card_matches_its_run_and_shows_a_later_rollback(registered, tmp_path):
+    """The pipeline gave each version a card; a deploy, a second and a rollback later, the
+    card of the version rolled away from says so, in the CLI, in its run's artifacts and in
+    the MLflow version's description; its numbers are its run's; Chromium renders the HTML
+    page with every section on it."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_triggers import CHROMIUM_FLAGS
+
+    port = free_ports(3)
+    spec = env_spec(registered, "carded", {"carded": {"target": "local", "port": port}})
+    settings = runtime()
+    for version in ("1", "2"):
+        release.deploy(settings, spec, "carded", version, print)
+    release.rollback(settings, spec, "carded", print)
+    client = MlflowClient()
+    version = client.get_model_version(spec.name, "2")
+    run = client.get_run(version.run_id)
+    page = tmp_path / "card.html"
+    shown = run_cli("card", spec.name, "2", "--html", str(page))
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    text = shown.stdout
+    for name, value in run.data.metrics.items():  # the run's numbers, each with its interval
+        if name in ("roc_auc", "f1", "log_loss"):
+            assert re.search(rf"\| {name} \| {value:.4g} \| [0-9.e-]+ – [0-9.e-]+ \|", text), name
+    rolled = re.compile(r"\| rollback \| carded \| 1 \| 2 \| succeeded \|")
+    assert rolled.search(text) and "| deploy | carded | 2 | 1 | succeeded |" in text
+    assert f"git_commit | {version.tags['git_commit']}" in text
+    # Kept with the version: the run's card artifact and the version's description, refreshed.
+    kept = Path(client.download_artifacts(version.run_id, "card/card.md", str(tmp_path)))
+    assert rolled.search(kept.read_text())
+    described = client.get_model_version(spec.name, "2").description
+    assert "replaced in carded by v1 (rollback" in described, described
+    by_alias = run_cli("card", spec.name, "@carded", "--json")
+    assert json.loads(by_alias.stdout)["version"] == "1"  # the alias went back with the rollback
+    # Chromium renders the page: every section's heading is there and on the screenshot.
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                             args=CHROMIUM_FLAGS, headless=True)  # fmt: skip
+        tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+        tab.goto(page.as_uri(), wait_until="load")
+        headings = tab.locator("h2").all_inner_texts()
+        boxes = [tab.locator("h2").nth(i).bounding_box() for i in range(len(headings))]
+        shot = tab.screenshot(path=str(tmp_path / "card.png"), full_page=True)
+        browser.close()
+    assert headings == list(card.SECTIONS)
+    assert all(b is not None and b["width"] > 0 and b["height"] > 0 for b in boxes)
+    assert len(shot) > 20_000  # a page of tables, not a blank
 
 
 def test_two_releases_at_once_move_the_alias_once(registered):

@@ -39,7 +39,7 @@ FACTS = "card/facts.json"
 _RESAMPLES = 200  # bootstrap resamples for a metric's interval: ±1 point of a 95 % bound
 _IMPORTANCE_ROWS = 2000  # permutation importance on at most this many evaluation rows
 _IMPORTANCE_REPEATS = 5
-_SECTIONS = (
+SECTIONS = (
     "Intended use", "Data", "Metrics", "Slices", "Behaviour", "Champion",
     "Feature importance", "Export parity", "Lineage", "Releases", "Drift checks",
 )  # fmt: skip
@@ -214,8 +214,7 @@ def summary(card: Card) -> str:
                         for k, v in sorted(card.metrics.items()) if k in intervals)  # fmt: skip
     gates = ", ".join(f"{g} {'passed' if r.get('passed') else 'failed'}"
                       for g, r in card.gates.items() if r)  # fmt: skip
-    releases = [f"{r['action']} to {r['environment']} {r['outcome']} ({r['when'][:10]})"
-                for r in card.releases if r["version"] == card.version]  # fmt: skip
+    releases = [_said(r, card.version) for r in card.releases]
     return "\n\n".join([
         card.description or f"{card.model} v{card.version}",
         f"Evaluation: {metrics or 'no metrics recorded'}. Gates: {gates or 'none recorded'}.",
@@ -279,6 +278,14 @@ class _HtmlPage(_Page):
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _said(entry: dict[str, str], version: str) -> str:
+    """A release as the version's summary tells it: its own, or the one that replaced it."""
+    when = entry["when"][:10]
+    if entry["version"] == version:
+        return f"{entry['action']} to {entry['environment']} {entry['outcome']} ({when})"
+    return f"replaced in {entry['environment']} by v{entry['version']} ({entry['action']}, {when})"
+
+
 def _plain(text: str) -> str:
     """Text shown as written where Markdown is rendered (Prefect, MLflow): no markup in it."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -334,14 +341,24 @@ def _interval(bounds: list[float | None] | None) -> str:
     return f"{_cell(bounds[0])} – {_cell(bounds[1])}"
 
 
-def _checks(gate: str, keep: Callable[[dict[str, Any]], bool]) -> Callable[[Card, _Page], str]:
+def _checks(keep: Callable[[dict[str, Any]], bool], none: str = "") -> Callable[[Card, _Page], str]:
+    """A section of the gates' checks that `keep` picks (the model and behaviour gates');
+    `none`: what to say when there are none, instead of an empty table."""
+
     def build(card: Card, page: _Page) -> str:
-        checks = [c for c in card.gates.get(gate, {}).get("checks", []) if keep(c)]
+        checks = [c for gate in ("model", "behaviour")
+                  for c in card.gates.get(gate, {}).get("checks", []) if keep(c)]  # fmt: skip
+        if not checks and none:
+            return page.text(none)
         return page.table(["check", "result", "detail"],
                           [[c["name"], "passed" if c["passed"] else "failed", c.get("detail", "")]
                            for c in checks])  # fmt: skip
 
     return build
+
+
+def _slice(check: dict[str, Any]) -> bool:
+    return "slice" in str(check["name"])
 
 
 def _importance_table(card: Card, page: _Page) -> str:
@@ -382,16 +399,19 @@ _BUILDERS: dict[str, Callable[[Card, _Page], str]] = {
     "Intended use": _intended_use,
     "Data": _data,
     "Metrics": _metrics,
-    "Slices": _checks("model", lambda c: str(c["name"]).startswith("slice")),
-    "Behaviour": _checks("behaviour", lambda c: True),
-    "Champion": _checks("model", lambda c: str(c["name"]).startswith("champion")),
+    "Slices": _checks(_slice),
+    "Behaviour": _checks(lambda c: not _slice(c), gates=("behaviour",)),
+    "Champion": _checks(
+        lambda c: str(c["name"]).startswith("champion"),
+        none="No version served when this one was registered: there was no champion to beat.",
+    ),
     "Feature importance": _importance_table,
     "Export parity": _parity,
     "Lineage": _lineage,
     "Releases": _releases,
     "Drift checks": _drift,
 }
-assert tuple(_BUILDERS) == _SECTIONS
+assert tuple(_BUILDERS) == SECTIONS
 
 _HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
