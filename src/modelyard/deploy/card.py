@@ -341,12 +341,16 @@ def _interval(bounds: list[float | None] | None) -> str:
     return f"{_cell(bounds[0])} – {_cell(bounds[1])}"
 
 
-def _checks(keep: Callable[[dict[str, Any]], bool], none: str = "") -> Callable[[Card, _Page], str]:
-    """A section of the gates' checks that `keep` picks (the model and behaviour gates');
-    `none`: what to say when there are none, instead of an empty table."""
+def _checks(
+    keep: Callable[[dict[str, Any]], bool],
+    gates: tuple[str, ...] = ("model", "behaviour"),
+    none: str = "",
+) -> Callable[[Card, _Page], str]:
+    """A section of the checks of `gates` that `keep` picks; `none`: what to say when there
+    are none, instead of an empty table."""
 
     def build(card: Card, page: _Page) -> str:
-        checks = [c for gate in ("model", "behaviour")
+        checks = [c for gate in gates
                   for c in card.gates.get(gate, {}).get("checks", []) if keep(c)]  # fmt: skip
         if not checks and none:
             return page.text(none)
