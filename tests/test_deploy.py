@@ -787,6 +787,45 @@ def test_a_versions_model_card_matches_its_run_and_shows_a_later_rollback(regist
     assert len(shot) > 20_000  # a page of tables, not a blank
 
 
+def test_a_version_rebuilds_from_its_lineage_and_says_what_changed(
+    registered, tmp_path, monkeypatch
+):
+    """v1 rebuilt from its commit in a clean worktree predicts exactly as registered; a
+    recorded library version that differs is named; a data file kept out of git (ignored,
+    beside the code) that changed after training stops the rebuild, naming it, exit 1."""
+    from modelyard.rebuild import rebuild
+
+    settings, client = runtime(), MlflowClient()
+    name = registered.spec()["name"]
+    done = rebuild(settings, name, "1", registered.root, print)
+    assert done.outcome == "identical", done  # a seeded estimator: the same ONNX, bit for bit
+    assert client.get_model_version(name, "1").tags["rebuild.outcome"] == done.outcome
+    recorded = client.get_model_version(name, "1").tags["lib.numpy"]
+    client.set_model_version_tag(name, "1", "lib.numpy", "1.0.0")
+    try:
+        told = run_cli("rebuild", name, "1", "--repo", str(registered.root))
+    finally:
+        client.set_model_version_tag(name, "1", "lib.numpy", recorded)
+    assert told.returncode == 0, told.stdout + told.stderr
+    assert f"library differs: numpy: 1.0.0 → {recorded}" in told.stdout + told.stderr
+    # Data the commit does not hold: read from the checkout, and checked by its fingerprint.
+    project = Project(tmp_path / "csv", "ad_clicks", "rebuild-csv")
+    csv = project.spec_path.parent / "data" / "clicks.csv"
+    csv.parent.mkdir()
+    example_data("ad_clicks").generate(3000, 3).to_csv(csv, index=False)
+    (project.root / ".gitignore").write_text("examples/ad_clicks/data/\n")
+    project.write_spec(project.spec() | {"dataset": {"path": "data/clicks.csv"}}, "csv data")
+    monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")
+    state = pipeline(spec_path=str(project.spec_path), deploy=False, return_state=True)
+    assert state.is_completed(), state.message
+    assert rebuild(settings, "rebuild-csv", "1", project.root, print).matched
+    csv.write_text("\n".join(csv.read_text().splitlines()[:-1]) + "\n")  # one row fewer
+    stopped = run_cli("rebuild", "rebuild-csv", "1", "--repo", str(project.root))
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "stopped: the data changed: " in stopped.stdout + stopped.stderr
+    assert client.get_model_version("rebuild-csv", "1").tags["rebuild.outcome"] == "stopped"
+
+
 def test_two_releases_at_once_move_the_alias_once(registered):
     """v1 and v2 released to one environment (its own: the module's other tests use staging)
     at the same moment, both by callers that saw

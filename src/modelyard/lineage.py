@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
+import platform
 import re
 import subprocess
 from collections.abc import Iterable
@@ -87,3 +90,27 @@ def slug(text: str) -> str:
 
 def model_from_tags(tags: Iterable[str]) -> str | None:
     return next((t.removeprefix("model:") for t in tags if t.startswith("model:")), None)
+
+
+# The libraries that decide what a model is (training) and what its export computes: what a
+# rebuild compares with the ones it runs (`modelyard rebuild`).
+LIBRARIES = ("scikit-learn", "numpy", "scipy", "pandas", "skl2onnx", "onnx", "onnxruntime",
+             "onnxmltools", "xgboost", "lightgbm")  # fmt: skip
+
+
+def library_tags() -> dict[str, str]:
+    """`lib.<name>`: the version of each of LIBRARIES installed here, and of Python."""
+    found = {"lib.python": platform.python_version()}
+    for name in LIBRARIES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[f"lib.{name}"] = importlib.metadata.version(name)
+    return found
+
+
+def spec_in_repository(spec_path: Path) -> str:
+    """The spec's path from the root of its git checkout ("" outside one): where a rebuild
+    finds it in the recorded commit."""
+    root = git(spec_path.resolve().parent, "rev-parse", "--show-toplevel")
+    if not root:
+        return ""
+    return spec_path.resolve().relative_to(Path(root).resolve()).as_posix()

@@ -33,7 +33,7 @@ from modelyard.checks.report import GateReport
 from modelyard.config import Settings
 from modelyard.data import Splits, features_of, fingerprint, load_with_source, split
 from modelyard.deploy import approvals, card
-from modelyard.lineage import GitInfo
+from modelyard.lineage import GitInfo, library_tags, spec_in_repository
 from modelyard.outcomes import PipelineOutcome
 from modelyard.package import image, push, sealing
 from modelyard.package.build import (
@@ -188,6 +188,8 @@ def open_run(
     experiment_id = registry.ensure_experiment(client, spec.name, settings)
     tags = {
         **lineage_tags(git, data.fingerprint, data.source, spec),
+        **library_tags(),
+        "spec_path": spec_in_repository(spec_path) if spec_path.is_file() else "",
         "modelyard_version": modelyard.__version__,
         "mlflow.source.git.commit": git.commit,
         **extra_tags,
@@ -269,6 +271,8 @@ def register(
     client = ctx.client
     tags = {
         **ctx.lineage,
+        **library_tags(),
+        "spec_path": spec_in_repository(ctx.spec_path) if ctx.spec_path.is_file() else "",
         "mlflow_run_id": ctx.run_id,
         **{f"gate.{r.gate}": r.verdict for r in reports},
         **extra_tags,

@@ -1,4 +1,4 @@
-"""Commands about a spec and its runs: validate-spec, init, run, models, monitor."""
+"""Commands about a spec and its runs: validate-spec, init, run, models, monitor, rebuild."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from modelyard.cli.common import SpecOption, app, console, err, reports_errors, settings
+from modelyard.cli.common import SpecOption, app, console, err, progress, reports_errors, settings
 from modelyard.errors import ModelyardError, SpecError, disk_full
 from modelyard.spec import load_spec
 
@@ -236,3 +236,23 @@ def monitor(
             console.print(f"  retraining: {outcome.retrain}: {outcome.retrain_detail}")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def rebuild(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="The version to rebuild.")],
+    repo: Annotated[
+        Path, typer.Option("--repo", help="A git checkout that holds the version's commit.")
+    ] = Path("."),
+) -> None:
+    """Rebuild a version from its recorded commit, data and spec, and prove it matches: the
+    same ONNX, the same predictions, or within the spec's parity tolerance. Exit 1 when the
+    data changed or the rebuilt model does not match; the outcome is tagged on the version."""
+    from modelyard.rebuild import rebuild as run_rebuild
+    from modelyard.rebuild import require
+
+    done = run_rebuild(settings(), model, version, repo, progress)
+    console.print(f"rebuild of {model} v{version}: {done.outcome}: {done.detail}")
+    require(done)

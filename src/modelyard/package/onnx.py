@@ -37,9 +37,12 @@ def export_onnx(model: Any, spec: Spec) -> bytes:
     estimator = model.steps[-1][1]
     options = {id(estimator): {"zipmap": False}} if spec.task != "regression" else None
     try:
+        # Named, not skl2onnx's random uuid: the same model exports to the same bytes, which
+        # is what lets a rebuild prove itself bit for bit (modelyard.rebuild).
         graph = convert_sklearn(
-            model, initial_types=inputs, options=options, target_opset=TARGET_OPSET
-        )
+            model, initial_types=inputs, options=options, target_opset=TARGET_OPSET,
+            name=spec.name,
+        )  # fmt: skip
     except Exception as exc:  # skl2onnx raises RuntimeError, NotImplementedError, MissingShape...
         raise ExportError(
             f"cannot export estimator {spec.estimator.class_} to ONNX "
