@@ -380,9 +380,9 @@ def _parity(card: Card, page: _Page) -> str:
 
 def _lineage(card: Card, page: _Page) -> str:
     keys = ("git_commit", "git_branch", "git_dirty", "spec_hash", "data_fingerprint",
-            "bundle_digest", "image_ref", "python", "sklearn", "mlflow_run_id")  # fmt: skip
+            "spec_path", "bundle_digest", "image_ref", "mlflow_run_id")  # fmt: skip
     rows = [[k, card.tags[k]] for k in keys if card.tags.get(k)]
-    rows += [[k, v] for k, v in sorted(card.tags.items()) if k.startswith("lib.")]
+    rows += [[k, v] for k, v in sorted(card.tags.items()) if k.startswith(("lib.", "rebuild."))]
     return page.table(["what", "value"], [*rows, ["MLflow run", card.run_url]])
 
 
