@@ -8,6 +8,7 @@ under supervisord, each behind its own nginx front door.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import json
 import os
@@ -28,6 +29,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+import pandas as pd
 import pytest
 import yaml
 from cryptography import x509
@@ -824,6 +826,72 @@ def test_a_version_rebuilds_from_its_lineage_and_says_what_changed(
     assert stopped.returncode == 1, stopped.stdout + stopped.stderr
     assert "stopped: the data changed: " in stopped.stdout + stopped.stderr
     assert client.get_model_version("rebuild-csv", "1").tags["rebuild.outcome"] == "stopped"
+
+
+def test_batch_scoring_of_200k_rows_agrees_with_the_server_and_resumes_after_a_kill(
+    registered, tmp_path
+):
+    """`modelyard predict` over 200,000 CSV rows (three bad) with v1: killed (SIGKILL) once a
+    chunk is recorded, run again, it ends with every good row scored once (count and hash as a
+    run never killed), the bad rows in the rejects file with the server's reason, and answers
+    equal to a served v1's on a sample."""
+    from modelyard import registry
+    from modelyard.package.build import trusted_keys
+    from tests.serving import TOKEN as SERVER_TOKEN
+    from tests.serving import Server
+
+    frame = example_data("ad_clicks").generate(200_000, 5).drop(columns=["clicked"])
+    frame = frame.astype({"device": object, "age": object})
+    frame.loc[[10, 150_000], "device"] = "smart fridge"
+    frame.loc[199_999, "age"] = "forty"
+    source = tmp_path / "visitors.csv"
+    frame.to_csv(source, index=False)
+    name = registered.spec()["name"]
+
+    def predict(out: str) -> subprocess.Popen:
+        exe = Path(sys.executable).with_name("modelyard")
+        return subprocess.Popen([str(exe), "predict", f"{name}/1", "--input", str(source),
+                                 "--output", str(tmp_path / out), "--chunk-rows", "20000"],
+                                env=process_environment(None), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    straight = predict("straight.parquet")
+    assert straight.wait(timeout=600) == 0, straight.stdout.read() if straight.stdout else ""
+    killed = predict("resumed.parquet")
+    state = tmp_path / "resumed.parquet.parts" / "state.json"
+    deadline = time.monotonic() + 300
+    while not (state.is_file() and json.loads(state.read_text())["done"]):
+        assert killed.poll() is None and time.monotonic() < deadline, "no chunk was recorded"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert len(json.loads(state.read_text())["done"]) < 10  # it died mid-way
+    again = predict("resumed.parquet")
+    said = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and "resuming: chunks [" in said, said[-2000:]
+    scores = {n: pd.read_parquet(tmp_path / f"{n}.parquet") for n in ("straight", "resumed")}
+    assert len(scores["resumed"]) == 199_997 and scores["resumed"]["row"].is_unique
+    digests = {n: hashlib.sha256(f.to_csv(index=False).encode()).hexdigest()
+               for n, f in scores.items()}  # fmt: skip
+    assert digests["resumed"] == digests["straight"]
+    rejects = pd.read_csv(tmp_path / "resumed.rejects.csv")
+    assert sorted(rejects["row"]) == [10, 150_000, 199_999]
+    assert "smart fridge" in rejects.set_index("row").loc[10, "reason"]
+    tags = MlflowClient().get_model_version(name, "1").tags
+    assert set(scores["resumed"]["bundle_digest"]) == {tags["bundle_digest"]}
+    # A served v1 answers a sample exactly as the batch did.
+    bundle = registry.bundle_folder(runtime(), name, "1") / "bundle"
+    server = Server(bundle, trusted_keys(runtime()), workers=1).start()
+    try:
+        sample = frame.drop(index=[10, 150_000, 199_999]).sample(300, random_state=1)
+        split = json.loads(sample.to_json(orient="split", index=False))
+        answer = httpx.post(f"{server.url}/invocations", json={"dataframe_split": split},
+                            headers={"Authorization": f"Bearer {SERVER_TOKEN}"}, timeout=30)  # fmt: skip
+        assert answer.status_code == 200, answer.text[:300]
+    finally:
+        server.stop()
+    batch_says = scores["resumed"].set_index("row").loc[sample.index, "prediction"].tolist()
+    assert answer.json()["predictions"] == batch_says
 
 
 def test_two_releases_at_once_move_the_alias_once(registered):

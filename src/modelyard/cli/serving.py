@@ -1,10 +1,11 @@
-"""`modelyard serve`: a signed bundle behind MLflow's /invocations and the V2 protocol."""
+"""`modelyard serve`: a signed bundle behind MLflow's /invocations and the V2 protocol; and
+`modelyard predict`: the same code over a file or a table."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -62,3 +63,53 @@ def _registered_bundle(uri: str) -> Path:
 
     name, version, tags = registry.resolve_model_uri(registry.connect(settings()), uri)
     return registry.bundle_archive(settings(), name, version, tags)
+
+
+@app.command()
+@reports_errors
+def predict(
+    model: Annotated[str, typer.Argument(help="NAME@ALIAS (iris@production) or NAME/VERSION.")],
+    input_: Annotated[
+        str,
+        typer.Option(
+            "--input",
+            help="A .csv or .parquet file, an s3:// object, or a database URL with --query.",
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", help="Where the scores go (.csv/.parquet).")],
+    rejects: Annotated[
+        Path | None, typer.Option(help="Refused rows and why (default: beside the output).")
+    ] = None,
+    query: Annotated[str | None, typer.Option(help="A SELECT, with a database URL.")] = None,
+    password_env: Annotated[
+        str | None, typer.Option(help="Variable holding the database password.")
+    ] = None,
+    chunk_rows: Annotated[
+        int, typer.Option(help="Rows per chunk (the unit of resuming).")
+    ] = 10_000,
+) -> None:
+    """Score a file or a table with a registered version, in chunks, with the server's
+    validation and ONNX session; rerun the same command to resume a killed run."""
+    from flows.batch import batch_scoring
+    from modelyard import registry
+
+    name, version = _version_of(registry, model)
+    rejected = rejects or output.with_name(f"{output.stem}.rejects.csv")
+    result = batch_scoring(name, version, input_, str(output), str(rejected), chunk_rows, query,
+                           password_env)  # fmt: skip
+    console.print(f"{result['scored']} rows scored by {name} v{version} into {output}; "
+                  f"{result['rejected']} refused into {rejected}")  # fmt: skip
+
+
+def _version_of(registry: Any, ref: str) -> tuple[str, str]:
+    """(name, version) of NAME@ALIAS or NAME/VERSION."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = registry.aliases(registry.connect(settings()), name).get(alias)
+        if not version:
+            raise usage(f"{name} has no alias {alias!r}; see `modelyard models {name}`")
+        return name, version
+    name, _, version = ref.rpartition("/")
+    if not name or not version.isdigit():
+        raise usage(f"{ref}: give NAME@ALIAS or NAME/VERSION")
+    return name, version
