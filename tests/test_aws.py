@@ -299,12 +299,15 @@ def _instance(ec2: object, model: str, environment: str, tags: dict[str, str]) -
 
 POLICIES = ROOT / "infra" / "aws"
 PLACEHOLDERS = {"${ACCOUNT_ID}": "123456789012", "${REGION}": REGION, "${BUCKET}": BUCKET,
-                "${GITHUB_REPOSITORY}": "acme/models"}  # fmt: skip
+                "${GITHUB_REPOSITORY}": "acme/models",
+                "${KMS_KEY_ID}": "1234abcd-12ab-34cd-56ef-1234567890ab"}  # fmt: skip
 # IAM actions whose names differ from the API operation they authorise.
 ACTION_OF = {
     "s3:HeadBucket": "s3:ListBucket",
     "s3:PutBucketEncryption": "s3:PutEncryptionConfiguration",
 }
+# (SSE-KMS puts and gets by the MLflow server need kms:GenerateDataKey and kms:Decrypt on the
+# artifacts' key: the same two actions the bundles' envelope keys need.)
 # Calls made by other programs on modelyard's behalf: MLflow's S3 artifact store, a Docker push
 # to ECR, the aws_ec2 inventory plugin; and the tag ECR's CreateRepository sets.
 CALLED_ELSEWHERE = {
@@ -338,7 +341,8 @@ def _calls_in_code() -> set[str]:
     """Every AWS API operation modelyard's own code calls, as IAM actions (each module talks
     to one service; EC2 is read by the inventory plugin, listed in CALLED_ELSEWHERE)."""
     actions = set()
-    for module, service in (("stack.py", "s3"), ("package/push.py", "ecr")):
+    for module, service in (("stack.py", "s3"), ("package/push.py", "ecr"),
+                            ("package/sealing.py", "kms")):  # fmt: skip
         called = set(re.findall(r"\.([a-z_]+)\(", (ROOT / "src/modelyard" / module).read_text()))
         mapping = boto3.client(service, region_name=REGION).meta.method_to_api_mapping
         for method in called & set(mapping):
@@ -350,7 +354,7 @@ def _calls_in_code() -> set[str]:
 def test_policies_grant_exactly_what_modelyard_calls_and_load_in_iam(aws):
     pipeline, host = _policy("pipeline-policy.json"), _policy("host-policy.json")
     needed = _calls_in_code() | CALLED_ELSEWHERE["pipeline"]
-    assert "ecr:CreateRepository" in needed and "s3:PutBucketVersioning" in needed  # the scan works
+    assert {"ecr:CreateRepository", "s3:PutBucketVersioning", "kms:GenerateDataKey"} <= needed
     granted = _actions(pipeline)
     assert needed <= granted, f"the pipeline policy lacks {sorted(needed - granted)}"
     assert granted <= needed | {"s3:GetBucketLocation", "s3:GetBucketVersioning",
