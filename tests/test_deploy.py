@@ -814,7 +814,7 @@ def test_a_version_rebuilds_from_its_lineage_and_says_what_changed(
     project = Project(tmp_path / "csv", "ad_clicks", "rebuild-csv")
     csv = project.spec_path.parent / "data" / "clicks.csv"
     csv.parent.mkdir()
-    example_data("ad_clicks").generate(3000, 3).to_csv(csv, index=False)
+    example_data("ad_clicks").generate(8000, 7).to_csv(csv, index=False)  # the example's rows
     (project.root / ".gitignore").write_text("examples/ad_clicks/data/\n")
     project.write_spec(project.spec() | {"dataset": {"path": "data/clicks.csv"}}, "csv data")
     monkeypatch.setenv("MODELYARD_BUILD_IMAGE", "never")

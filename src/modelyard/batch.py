@@ -94,7 +94,7 @@ def open_version(settings: Settings, model: str, version: str, folder: Path) -> 
 def score(frame: pd.DataFrame, runtime: Runtime, job: Job, progress: Progress) -> Result:
     """Score `frame` in chunks into `job.output` and `job.rejects`, resuming a killed run."""
     _prepare(job)
-    frame = frame.reset_index(drop=True)  # a row's number is its place in the input
+    frame = _as_read_from_csv(frame.reset_index(drop=True), runtime)  # row number = place
     fingerprint = _fingerprint(frame)
     done = _resume(job, fingerprint)
     chunks = max(1, -(-len(frame) // job.chunk_rows))
@@ -115,6 +115,27 @@ def score(frame: pd.DataFrame, runtime: Runtime, job: Job, progress: Progress) -
         progress(f"batch: chunk {number + 1}/{chunks}: {len(answers)} scored, "
                  f"{len(refused)} rejected")  # fmt: skip
     return _finish(job, result)
+
+
+def _as_read_from_csv(frame: pd.DataFrame, runtime: Runtime) -> pd.DataFrame:
+    """A numeric column pandas read as text (one bad cell makes the whole column text) holds
+    numbers again, as the server's CSV route reads them: text that is a number is the number,
+    and only the cells that are not stay text, for the validation to refuse."""
+    for column in runtime.columns:
+        if column.kind == "numeric" and column.name in frame and frame[column.name].dtype == object:
+            frame[column.name] = frame[column.name].map(_number_or_text)
+    return frame
+
+
+def _number_or_text(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _fingerprint(frame: pd.DataFrame) -> str:
