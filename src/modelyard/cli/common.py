@@ -52,6 +52,18 @@ def usage(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def version_number(model: str, version: str) -> str:
+    """A version as given on the command line: its number, or @ALIAS for the one it names."""
+    if not version.startswith("@"):
+        return version
+    from modelyard import registry
+
+    number = registry.aliases(registry.connect(settings()), model).get(version[1:])
+    if not number:
+        raise usage(f"{model} has no alias {version[1:]!r}; see `modelyard models {model}`")
+    return number
+
+
 def fail(exc: ModelyardError) -> typer.Exit:
     return usage(str(exc), exc.exit_code)
 

@@ -21,6 +21,7 @@ from modelyard.cli.common import (
     reports_errors,
     settings,
     usage,
+    version_number,
 )
 from modelyard.spec import load_spec
 
@@ -122,15 +123,9 @@ def card(
     """A version's model card: intended use, data, metrics with intervals, slices, behaviour,
     the champion comparison, importance, parity, lineage, releases and drift checks, read
     from MLflow and the release ledger as they are now."""
-    from modelyard import registry
     from modelyard.deploy import card as cards
 
-    number = version
-    if version.startswith("@"):
-        number = registry.aliases(registry.connect(settings()), model).get(version[1:], "")
-        if not number:
-            raise usage(f"{model} has no alias {version[1:]!r}; see `modelyard models {model}`")
-    made = cards.gather(settings(), model, number)
+    made = cards.gather(settings(), model, version_number(model, version))
     if html is not None:
         html.write_text(cards.to_html(made))
     if as_json:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from modelyard.cli.common import app, console, reports_errors, settings, usage
+from modelyard.cli.common import app, console, reports_errors, settings, usage, version_number
 
 
 @app.command()
@@ -91,9 +91,8 @@ def predict(
     """Score a file or a table with a registered version, in chunks, with the server's
     validation and ONNX session; rerun the same command to resume a killed run."""
     from flows.batch import batch_scoring
-    from modelyard import registry
 
-    name, version = _version_of(registry, model)
+    name, version = _version_of(model)
     rejected = rejects or output.with_name(f"{output.stem}.rejects.csv")
     result = batch_scoring(name, version, input_, str(output), str(rejected), chunk_rows, query,
                            password_env)  # fmt: skip
@@ -101,14 +100,11 @@ def predict(
                   f"{result['rejected']} refused into {rejected}")  # fmt: skip
 
 
-def _version_of(registry: Any, ref: str) -> tuple[str, str]:
+def _version_of(ref: str) -> tuple[str, str]:
     """(name, version) of NAME@ALIAS or NAME/VERSION."""
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = registry.aliases(registry.connect(settings()), name).get(alias)
-        if not version:
-            raise usage(f"{name} has no alias {alias!r}; see `modelyard models {name}`")
-        return name, version
+    name, at, alias = ref.partition("@")
+    if at:
+        return name, version_number(name, "@" + alias)
     name, _, version = ref.rpartition("/")
     if not name or not version.isdigit():
         raise usage(f"{ref}: give NAME@ALIAS or NAME/VERSION")
