@@ -90,7 +90,7 @@ FUZZ_SCALE ?= 20
 fuzz: install ## The fuzz tests, explored harder than CI does (a failure prints its seed)
 	MODELYARD_FUZZ_SCALE=$(FUZZ_SCALE) CI= $(BIN)/python -m pytest tests/test_fuzz.py
 
-bench: install engine hosts ## Serving vs `mlflow models serve`, lead time push → staging, a soak under load, a shadow's cost to clients; updates docs/benchmarks.md
+bench: install engine hosts ## Serving vs `mlflow models serve`, lead time push → staging, a soak under load, a shadow's cost to clients, batch scoring vs mlflow.pyfunc; updates docs/benchmarks.md
 	infra/scripts/ensure-packages.sh wrk:wrk prometheus:prometheus
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
 	  $(BIN)/python -m bench.serving --seconds $${BENCH_SECONDS:-10} --write
@@ -100,6 +100,7 @@ bench: install engine hosts ## Serving vs `mlflow models serve`, lead time push 
 	  $(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-5} --write
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
 	  $(BIN)/python -m bench.shadow --write
+	$(BIN)/python -m bench.batch --write
 
 format: install
 	$(BIN)/ruff format .
