@@ -80,6 +80,7 @@ def _modelyard(name: str, version: str, source: Path, work: Path) -> int:
 
 def _pyfunc(name: str, version: str, source: Path, work: Path) -> int:
     import mlflow
+
     from modelyard.config import runtime
 
     mlflow.set_tracking_uri(runtime().tracking_uri)
