@@ -109,3 +109,44 @@ def test_parts_of_another_job_are_refused_not_mixed_in(ads, rows, tmp_path):
     done = batch.score(rows, runtime, job, lambda _: None)  # the same job resumes
     assert done.scored + done.rejected == len(rows)
     assert len(pd.read_csv(job.output)) == done.scored
+
+
+def test_every_input_kind_gives_the_same_scores(ads, rows, tmp_path, moto, monkeypatch):
+    """A CSV file, a Parquet file, an s3:// object (moto in server mode) and a SQL query
+    (SQLite) of the same rows are scored alike."""
+    import boto3
+    from sqlalchemy import create_engine
+
+    sample = rows.head(3_000)
+    sample.to_csv(tmp_path / "rows.csv", index=False)
+    sample.astype({"age": float, "device": str, "gender": str}).to_parquet(
+        tmp_path / "rows.parquet", index=False
+    )
+    database = f"sqlite:///{tmp_path / 'rows.db'}"
+    sample.astype({"age": float}).to_sql("visitors", create_engine(database), index=False)
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIAMODELYARDTEST", "AWS_SECRET_ACCESS_KEY": "x",
+                        "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ENDPOINT_URL": moto}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    s3 = boto3.client("s3")
+    s3.create_bucket(
+        Bucket="batch-rows", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+    )
+    s3.upload_file(str(tmp_path / "rows.csv"), "batch-rows", "in/rows.csv")
+    sources = {
+        "csv": (str(tmp_path / "rows.csv"), None),
+        "parquet": (str(tmp_path / "rows.parquet"), None),
+        "s3": ("s3://batch-rows/in/rows.csv", None),
+        "sql": (database, "SELECT * FROM visitors"),
+    }
+    runtime = _runtime(ads)
+    scored = {}
+    for kind, (source, query) in sources.items():
+        out = tmp_path / kind
+        job = batch.Job("ads", "7", "d" * 64, out / "scored.parquet", out / "rejects.csv", 1_000)
+        done = batch.score(batch.read_input(source, query), runtime, job, lambda _: None)
+        assert (done.scored, done.rejected) == (2_999, 1), kind  # row 17's unknown device
+        scored[kind] = pd.read_parquet(job.output)
+    for kind, frame in scored.items():
+        pd.testing.assert_frame_equal(frame, scored["csv"], obj=kind)
+    with pytest.raises(Exception, match=r"give a \.csv or \.parquet file"):
+        batch.read_input(str(tmp_path / "rows.json"))
