@@ -14,9 +14,9 @@ version and the bundle digest on every row.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from modelyard import bundle as bundles
-from modelyard import readers, registry
+from modelyard import readers
 from modelyard.atomic import replace_file
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
 from modelyard.package import sealing
-from modelyard.package.build import frame_columns, trusted_keys
+from modelyard.package.build import frame_columns
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Runtime
 from modelyard.spec import SqlQuery
@@ -82,13 +81,7 @@ def read_input(
 
 def open_version(settings: Settings, model: str, version: str, folder: Path) -> Runtime:
     """The version's bundle, verified (and opened) as the server does, as an ONNX session."""
-    tags = dict(registry.connect(settings).get_model_version(model, version).tags)
-    archive = registry.bundle_archive(settings, model, version, tags)
-    unpacked = bundles.from_tarball(archive.read_bytes(), folder)
-    manifest = json.loads((unpacked / bundles.MANIFEST).read_text())
-    verified = bundles.verify(unpacked, bundles.parse_public_keys(trusted_keys(settings)),
-                              sealing.opening_keys(settings, manifest))  # fmt: skip
-    return Runtime(verified)
+    return Runtime(sealing.open_registered(settings, model, version, folder))
 
 
 def score(frame: pd.DataFrame, runtime: Runtime, job: Job, progress: Progress) -> Result:
@@ -108,8 +101,8 @@ def score(frame: pd.DataFrame, runtime: Runtime, job: Job, progress: Progress) -
         first = number * job.chunk_rows
         chunk = frame.iloc[first : first + job.chunk_rows]
         answers, refused = _score_chunk(chunk, runtime, job)
-        _write_part(job.parts / f"scored-{number:06d}.parquet", answers)
-        _write_part(job.parts / f"rejects-{number:06d}.parquet", refused)
+        _write_table(answers, job.parts / f"scored-{number:06d}.parquet")
+        _write_table(refused, job.parts / f"rejects-{number:06d}.parquet")
         done.add(number)
         _save_state(job, fingerprint, done)
         progress(f"batch: chunk {number + 1}/{chunks}: {len(answers)} scored, "
@@ -220,13 +213,6 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _write_part(path: Path, frame: pd.DataFrame) -> None:
-    """A part file, whole or not at all (written aside, then renamed)."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        frame.to_parquet(handle.name, index=False)
-    Path(handle.name).replace(path)
-
-
 def _finish(job: Job, result: Result) -> Result:
     """Join the parts into the output and rejects files (CSV or Parquet by their names), then
     remove them: the job is done."""
@@ -246,12 +232,14 @@ def _joined(paths: list[Path]) -> pd.DataFrame:
 
 
 def _write_table(frame: pd.DataFrame, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as handle:
-        if path.suffix.lower() == ".parquet":
-            frame.to_parquet(handle.name, index=False)
-        else:
-            frame.to_csv(handle.name, index=False)
-    Path(handle.name).replace(path)
+    """Parquet or CSV by the name, whole or not at all (written aside, then renamed): a part
+    file, the output and the rejects alike."""
+    buffer = io.BytesIO()
+    if path.suffix.lower() == ".parquet":
+        frame.to_parquet(buffer, index=False)
+    else:
+        frame.to_csv(buffer, index=False)
+    replace_file(path, buffer.getvalue())
 
 
 def _prepare(job: Job) -> None:

@@ -11,7 +11,6 @@ tolerance. The outcome is recorded on the version (`rebuild.*` tags, and its car
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +29,7 @@ from modelyard.deploy import card
 from modelyard.errors import ModelyardError
 from modelyard.lineage import library_tags
 from modelyard.package import sealing
-from modelyard.package.build import frame_columns, trusted_keys
+from modelyard.package.build import frame_columns
 from modelyard.package.onnx import export_onnx
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Prediction, Runtime
@@ -106,7 +105,7 @@ def _rebuild(
         say(f"rebuild: data as recorded ({prepared.detail}); training …")
         trained = stages.train(spec, prepared.splits)
         rebuilt = export_onnx(trained.model, spec)
-        registered = _registered(settings, spec.name, done.version, tags)
+        registered = _registered(settings, spec.name, done.version)
         _compare(done, spec, prepared.splits.eval, rebuilt, registered)
 
 
@@ -163,14 +162,10 @@ class _Registered:
         return Runtime(bundles.VerifiedBundle(Path("."), {}, "in-memory", "", files))
 
 
-def _registered(settings: Settings, model: str, version: str, tags: dict[str, str]) -> _Registered:
+def _registered(settings: Settings, model: str, version: str) -> _Registered:
     """The registered bundle's model and schema, verified (and decrypted) in memory."""
-    archive = registry.bundle_archive(settings, model, version, tags)
     with tempfile.TemporaryDirectory() as folder:
-        unpacked = bundles.from_tarball(archive.read_bytes(), Path(folder))
-        manifest = json.loads((unpacked / bundles.MANIFEST).read_text())
-        verified = bundles.verify(unpacked, bundles.parse_public_keys(trusted_keys(settings)),
-                                  sealing.opening_keys(settings, manifest))  # fmt: skip
+        verified = sealing.open_registered(settings, model, version, Path(folder))
         return _Registered(*(verified.read_bytes(n) for n in
                              ("model.onnx", "schema.json", "metadata.json")))  # fmt: skip
 
