@@ -29,8 +29,8 @@ from modelyard import readers
 from modelyard.atomic import replace_file
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
-from modelyard.package import sealing
 from modelyard.package.build import frame_columns
+from modelyard.package.registered import open_registered
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Runtime
 from modelyard.spec import SqlQuery
@@ -81,7 +81,7 @@ def read_input(
 
 def open_version(settings: Settings, model: str, version: str, folder: Path) -> Runtime:
     """The version's bundle, verified (and opened) as the server does, as an ONNX session."""
-    return Runtime(sealing.open_registered(settings, model, version, folder))
+    return Runtime(open_registered(settings, model, version, folder))
 
 
 def score(frame: pd.DataFrame, runtime: Runtime, job: Job, progress: Progress) -> Result:

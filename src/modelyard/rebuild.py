@@ -28,9 +28,9 @@ from modelyard.config import Settings
 from modelyard.deploy import card
 from modelyard.errors import ModelyardError
 from modelyard.lineage import library_tags
-from modelyard.package import sealing
 from modelyard.package.build import frame_columns
 from modelyard.package.onnx import export_onnx
+from modelyard.package.registered import open_registered
 from modelyard.serve import codecs
 from modelyard.serve.runtime import Prediction, Runtime
 from modelyard.spec import Spec, load_spec
@@ -165,7 +165,7 @@ class _Registered:
 def _registered(settings: Settings, model: str, version: str) -> _Registered:
     """The registered bundle's model and schema, verified (and decrypted) in memory."""
     with tempfile.TemporaryDirectory() as folder:
-        verified = sealing.open_registered(settings, model, version, Path(folder))
+        verified = open_registered(settings, model, version, Path(folder))
         return _Registered(*(verified.read_bytes(n) for n in
                              ("model.onnx", "schema.json", "metadata.json")))  # fmt: skip
 

@@ -10,16 +10,11 @@ its data key, and hands the server that one key alone, as it hands it the token.
 from __future__ import annotations
 
 import base64
-import json
-from pathlib import Path
 from typing import Any
 
-from modelyard import bundle as bundles
-from modelyard import registry
 from modelyard.bundle import BundleError, Encryption, bundle_key_id, parse_bundle_keys
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
-from modelyard.package.build import trusted_keys
 
 
 def encryption(settings: Settings) -> Encryption | None:
@@ -77,19 +72,6 @@ def unwrapped(manifest: dict[str, Any]) -> list[bytes]:
             "deploying identity needs kms:Decrypt on it"
         ) from None
     return [answer["Plaintext"]]
-
-
-def open_registered(
-    settings: Settings, model: str, version: str, folder: Path
-) -> bundles.VerifiedBundle:
-    """A registered version's bundle, unpacked into `folder`, verified against the trusted
-    keys and (when encrypted) opened in memory, as the server would."""
-    tags = dict(registry.connect(settings).get_model_version(model, version).tags)
-    archive = registry.bundle_archive(settings, model, version, tags)
-    unpacked = bundles.from_tarball(archive.read_bytes(), folder)
-    manifest = json.loads((unpacked / bundles.MANIFEST).read_text())
-    trusted = bundles.parse_public_keys(trusted_keys(settings))
-    return bundles.verify(unpacked, trusted, opening_keys(settings, manifest))
 
 
 def key_text(keys: list[bytes]) -> str:
