@@ -288,9 +288,11 @@ class MlflowServer:
             "--artifacts-destination", str(self.root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
+        # As `modelyard stack up` starts it: without MLflow's job runner (stack._mlflow).
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with (self.root / "server.log").open("a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)  # fmt: skip
+                                            start_new_session=True, env=env)  # fmt: skip
         wait_for(f"{self.url}/health")
         return self
 

@@ -853,7 +853,8 @@ def test_batch_scoring_of_200k_rows_agrees_with_the_server_and_resumes_after_a_k
         return subprocess.Popen([str(exe), "predict", f"{name}/1", "--input", str(source),
                                  "--output", str(tmp_path / out), "--chunk-rows", "20000"],
                                 env=process_environment(None), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
 
     straight = predict("straight.parquet")
     assert straight.wait(timeout=600) == 0, straight.stdout.read() if straight.stdout else ""
@@ -863,7 +864,9 @@ def test_batch_scoring_of_200k_rows_agrees_with_the_server_and_resumes_after_a_k
     while not (state.is_file() and json.loads(state.read_text())["done"]):
         assert killed.poll() is None and time.monotonic() < deadline, "no chunk was recorded"
         time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
+    # The whole process group, as a crash of the machine would: the temporary Prefect server
+    # the command started dies with it (killed alone, the CLI left it running, ci64).
+    os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=30)
     assert len(json.loads(state.read_text())["done"]) < 10  # it died mid-way
     again = predict("resumed.parquet")

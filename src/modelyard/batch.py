@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from modelyard import readers
+from modelyard import readers, screen
 from modelyard.atomic import replace_file
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
@@ -164,7 +164,7 @@ def _score_chunk(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     scored: list[pd.DataFrame] = []
     refused: list[dict[str, Any]] = []
-    for rows, outcome in _halves(chunk, runtime):
+    for rows, outcome in _outcomes(chunk, runtime):
         if isinstance(outcome, codecs.ClientError):
             refused.append({"row": int(rows.index[0]), "field": outcome.field or "",
                             "reason": outcome.message,
@@ -173,6 +173,23 @@ def _score_chunk(
             scored.append(_answers(rows, outcome, runtime, job))
     answers = pd.concat(scored) if scored else _answers(chunk.iloc[:0], None, runtime, job)
     return answers, pd.DataFrame(refused, columns=["row", "field", "reason", "values"])
+
+
+def _outcomes(chunk: pd.DataFrame, runtime: Runtime) -> Iterator[tuple[pd.DataFrame, Any]]:
+    """(rows, prediction) for the rows the server's validation accepts, (row, its error) for
+    each it refuses. Judged a column at a time (`screen`); a refused row is then put through
+    the server's own per-value validation alone, for its reason. A column `screen` cannot
+    judge as a whole sends the chunk down the per-value path."""
+    try:
+        feeds, refused = screen.feeds(chunk, runtime.columns)
+    except screen.Unjudged:
+        yield from _halves(chunk, runtime)
+        return
+    accepted = ~refused
+    if accepted.any():
+        yield chunk[accepted], runtime.predict({k: v[accepted] for k, v in feeds.items()})
+    for row in np.flatnonzero(refused):
+        yield from _halves(chunk.iloc[[row]], runtime)
 
 
 def _halves(rows: pd.DataFrame, runtime: Runtime) -> Iterator[tuple[pd.DataFrame, Any]]:
@@ -197,15 +214,20 @@ def _answers(rows: pd.DataFrame, prediction: Any, runtime: Runtime, job: Job) ->
     if prediction is None:
         out["prediction"] = pd.Series(dtype=object)
     else:
-        out["prediction"] = [_plain(v) for v in prediction.values.tolist()]
+        values = prediction.values  # labels of a text-labelled model are objects
+        out["prediction"] = (
+            [_plain(v) for v in values.tolist()] if values.dtype == object else values
+        )
         probabilities = prediction.probabilities
         if probabilities is not None and probabilities.ndim == 1:
             out["probability"] = probabilities
         elif probabilities is not None and classes is not None:
             for i, label in enumerate(classes):
                 out[f"probability_{label}"] = probabilities[:, i]
-    out["model_version"] = job.version
-    out["bundle_digest"] = job.digest
+    # The same text on every row: one category each, stored once per Parquet column chunk.
+    same = np.zeros(len(out), dtype=np.int8)
+    out["model_version"] = pd.Categorical.from_codes(same, [job.version])
+    out["bundle_digest"] = pd.Categorical.from_codes(same, [job.digest])
     return out
 
 

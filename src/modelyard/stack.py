@@ -234,6 +234,12 @@ def _mlflow(settings: Settings) -> Service:
     # The backend URI goes in the environment, not argv: a PostgreSQL password in argv would
     # show in `ps` to every user of the machine. So do the auth app's credentials.
     env = {"MLFLOW_BACKEND_STORE_URI": backend}
+    # MLflow 3 starts a job runner beside the server (10 consumers polling its queue) for
+    # GenAI evaluation and trace roll-ups, which modelyard never asks for: off unless the user
+    # turns it on. It took more CPU than the server itself in the test suite (441 s of 3458 s).
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = os.environ.get(
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"
+    )
     if settings.artifacts_kms_key:  # every artifact it puts in S3 asks for SSE-KMS with the key
         env["MLFLOW_S3_UPLOAD_EXTRA_ARGS"] = json.dumps(
             {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": settings.artifacts_kms_key}

