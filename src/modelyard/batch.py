@@ -178,8 +178,8 @@ def _score_chunk(
 def _outcomes(chunk: pd.DataFrame, runtime: Runtime) -> Iterator[tuple[pd.DataFrame, Any]]:
     """(rows, prediction) for the rows the server's validation accepts, (row, its error) for
     each it refuses. Judged a column at a time (`screen`); a refused row is then put through
-    the server's own per-value validation alone, for its reason. A column `screen` cannot
-    judge as a whole sends the chunk down the per-value path."""
+    the server's own per-value validation alone, for its reason. A chunk lacking a column the
+    model takes goes down the per-value path, which names the column for each row."""
     try:
         feeds, refused = screen.feeds(chunk, runtime.columns)
     except screen.Unjudged:

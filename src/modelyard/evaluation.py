@@ -97,11 +97,12 @@ def _share(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
 
 def _resampled_regression(y: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray]:
     error = y - score
-    residual = (error**2).sum(axis=1)
+    squared = error**2
+    residual = squared.sum(axis=1)
     total = ((y - y.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
     # scikit-learn's r2 on a constant target: 1 for a perfect fit, else 0 (force_finite).
     r2 = np.where(total > 0, 1 - residual / np.where(total > 0, total, 1), 1.0 * (residual == 0))
-    return {"rmse": np.sqrt((error**2).mean(axis=1)), "mae": np.abs(error).mean(axis=1), "r2": r2}
+    return {"rmse": np.sqrt(squared.mean(axis=1)), "mae": np.abs(error).mean(axis=1), "r2": r2}
 
 
 def _resampled_auc(positive: np.ndarray, score: np.ndarray) -> np.ndarray:

@@ -13,10 +13,12 @@ every dtype to hold the two equal).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from modelyard.serve import codecs
 from modelyard.serve.codecs import FLOAT32_MAX
 from modelyard.serve.runtime import Column
 from modelyard.values import category_text
@@ -29,15 +31,14 @@ def feeds(frame: pd.DataFrame, schema: list[Column]) -> tuple[dict[str, np.ndarr
     would refuse (their feed values are placeholders). Raises `Unjudged` when the table lacks a
     column the model takes (the per-value path names it for each row)."""
     refused = np.zeros(len(frame), dtype=bool)
-    out: dict[str, np.ndarray] = {}
+    judged: dict[str, Any] = {}
     for column in schema:
         if column.name not in frame:
             raise Unjudged(f"no column {column.name!r}")
         judge = _numeric if column.kind == "numeric" else _categorical
-        values, bad = judge(column, frame[column.name])
+        judged[column.name], bad = judge(column, frame[column.name])
         refused |= bad
-        out[column.feed] = values.astype(column.dtype, copy=False).reshape(-1, 1)
-    return out, refused
+    return codecs.to_arrays(judged, schema), refused  # the server's own feed shapes and types
 
 
 class Unjudged(Exception):
