@@ -836,7 +836,7 @@ def test_batch_scoring_of_200k_rows_agrees_with_the_server_and_resumes_after_a_k
     run never killed), the bad rows in the rejects file with the server's reason, and answers
     equal to a served v1's on a sample."""
     from modelyard import registry
-    from modelyard.package.build import trusted_keys
+    from modelyard.package.keys import trusted_keys
     from tests.serving import TOKEN as SERVER_TOKEN
     from tests.serving import Server
 

@@ -27,7 +27,7 @@ from flows.pipeline import pipeline
 from modelyard import bundle as bundles
 from modelyard.config import runtime
 from modelyard.data import fingerprint, load_dataset
-from modelyard.package.build import trusted_keys
+from modelyard.package.keys import trusted_keys
 from modelyard.ports import free_port
 from modelyard.registry import bundle_folder
 from modelyard.spec import load_spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -104,6 +105,25 @@ def test_every_mlflow_shape_and_v2_agree_with_scikit_learn(example, request):
         np.testing.assert_allclose(
             np.reshape(outputs["predict_proba"]["data"], (-1, 2))[:, 1], proba, atol=1e-5
         )
+
+
+def _mapped_files(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_modelyard_serve_runs_as_deployments_do_without_the_clis_imports(ads_server: Server):
+    """`modelyard serve` becomes `python -m modelyard.serve` (the image's and the process
+    runtime's command): its workers hold ONNX Runtime, not what the CLI imported (scikit-learn,
+    pandas), which tripled their memory and took seconds to start."""
+    parent = ads_server.process.pid
+    command = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    assert command[1:3] == [b"-m", b"modelyard.serve"], command
+    workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+    assert len(workers) == 2
+    for pid in [parent, *workers]:
+        mapped = _mapped_files(pid)
+        assert "/sklearn/" not in mapped and "/pandas/" not in mapped, pid
+    assert all("onnxruntime" in _mapped_files(pid) for pid in workers)
 
 
 def test_tritonclient_gets_correct_predictions(ads: Built, ads_server: Server):

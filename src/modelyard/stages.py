@@ -41,11 +41,10 @@ from modelyard.package.build import (
     frame_columns,
     pack,
     seal_bundle,
-    signing_key,
-    trusted_keys,
     write_parity,
 )
 from modelyard.package.image import ImageResult, image_build_skipped
+from modelyard.package.keys import signing_key, trusted_keys
 from modelyard.package.onnx import export_onnx
 from modelyard.package.parity import ParityError
 from modelyard.package.pmml import pmml_for

@@ -23,7 +23,7 @@ from modelyard import registry
 from modelyard.bundle import parse_public_keys
 from modelyard.config import Settings
 from modelyard.deploy import chain
-from modelyard.package.build import signing_key, trusted_keys
+from modelyard.package.keys import signing_key, trusted_keys
 
 EXPERIMENT = "modelyard-releases"
 SUCCEEDED = "succeeded"

@@ -37,8 +37,8 @@ from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, inventory_ho
 from modelyard.errors import DeployFailed, ModelyardError, SpecError
 from modelyard.monitor.targets import slot_targets, write_targets
 from modelyard.package import sealing
-from modelyard.package.build import trusted_keys
 from modelyard.package.image import flat_wheels, prepare_wheelhouse
+from modelyard.package.keys import trusted_keys
 from modelyard.package.push import registry_pull_vars
 from modelyard.spec import Environment, ShadowStrategy, Spec
 

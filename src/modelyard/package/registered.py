@@ -12,7 +12,7 @@ from modelyard import bundle as bundles
 from modelyard import registry
 from modelyard.config import Settings
 from modelyard.package import sealing
-from modelyard.package.build import trusted_keys
+from modelyard.package.keys import trusted_keys
 
 
 def open_registered(
