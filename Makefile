@@ -91,7 +91,7 @@ fuzz: install ## The fuzz tests, explored harder than CI does (a failure prints 
 	MODELYARD_FUZZ_SCALE=$(FUZZ_SCALE) CI= $(BIN)/python -m pytest tests/test_fuzz.py
 
 bench: install engine hosts ## Serving vs `mlflow models serve`, lead time push → staging, a soak under load, a shadow's cost to clients, batch scoring vs mlflow.pyfunc; updates docs/benchmarks.md
-	infra/scripts/ensure-packages.sh wrk:wrk prometheus:prometheus
+	infra/scripts/ensure-packages.sh wrk:wrk prometheus:prometheus nginx:nginx
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \
 	  $(BIN)/python -m bench.serving --seconds $${BENCH_SECONDS:-10} --write
 	DOCKER_HOST=$$(cat $(DOCKER_HOST_FILE)) MODELYARD_BASE_IMAGE=$(BASE_IMAGE) \

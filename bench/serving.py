@@ -1,11 +1,14 @@
-"""Serving benchmark: modelyard's server vs `mlflow models serve` on the same MLflow version.
+"""Serving benchmark: modelyard's server vs `mlflow models serve` on the same MLflow version,
+against the machine's own limit.
 
 Three models on the ad-clicks data: the example's logistic regression, a random forest and
 LightGBM. For each, both servers run side by side on this machine with one process per core,
 answering one-row requests from wrk over loopback with keep-alive at several concurrencies.
-modelyard runs with bearer auth and Prometheus metrics on. A no-op route (GET /health/live) on
-modelyard's own HTTP stack is the ceiling. Prints a Markdown table; `--write` replaces the
-serving section of docs/benchmarks.md.
+modelyard runs with bearer auth and Prometheus metrics on. The yardstick is what the machine
+answers with no application at all: nginx's `return 200` with as many workers, measured in the
+same run; modelyard's no-op route (GET /health/live) is printed beside it. Each server's memory
+(RSS and PSS of its parent and workers, from /proc) and its time from start to ready are printed
+too. Prints a Markdown table; `--write` replaces the serving section of docs/benchmarks.md.
 
 Usage: python -m bench.serving [--seconds 10] [--write]
 """
@@ -44,7 +47,8 @@ MODELS: dict[str, dict | None] = {
     "LightGBM": {"class": "lightgbm.LGBMClassifier",
                  "params": {"n_estimators": 200, "verbose": -1}},
 }  # fmt: skip
-CEILING = "modelyard no-op (ceiling)"
+NOOP = "modelyard no-op"
+NGINX = "nginx `return 200` (the machine's limit)"
 MLFLOW_IMAGE_DOCS = "1–3.7 GB (as MLflow users report for `mlflow models build-docker`)"
 
 
@@ -60,17 +64,89 @@ class Result:
     errors: int
 
 
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> float:
+    """Seconds from now until `url` answers (call it right after starting `process`)."""
+    started = time.monotonic()
+    while time.monotonic() < started + timeout:
         if process.poll() is not None:
             sys.exit(f"{url} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2):
-                return
+                return time.monotonic() - started
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.02)
     raise TimeoutError(url)
+
+
+def tree_memory(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in MB of `pid` and its descendants: RSS counts shared pages once per process,
+    PSS divides them among the processes sharing them."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    rss = pss = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        pending += children.get(current, [])
+        try:
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        rss += int(re.search(r"^Rss:\s+(\d+)", rollup, re.M).group(1))
+        pss += int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1))
+    return rss / 1024, pss / 1024
+
+
+LARGE_ROWS = 10_000  # modelyard's default MODELYARD_SERVE_MAX_ROWS
+
+
+def large_request() -> dict:
+    """`LARGE_ROWS` rows of the ad-clicks example's own generator, as `dataframe_split`."""
+    sys.path.insert(0, str(ROOT / "examples" / "ad_clicks"))
+    from data import generate
+
+    frame = generate(LARGE_ROWS, 11).drop(columns=["clicked"])
+    return {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+
+
+def timed_request(url: str, body: dict, auth: bool, repeats: int = 5) -> float:
+    """The median seconds one request takes, after one untimed."""
+    ask(url, body, auth)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ask(url, body, auth)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+@dataclass
+class Footprint:
+    server: str
+    ready_s: float
+    rss_mb: float
+    pss_mb: float
+
+
+def nginx(workspace: Path, cores: str) -> tuple[subprocess.Popen, int]:
+    """nginx answering `return 200` with one worker per core: the HTTP ceiling of this machine."""
+    port, folder = free_port(), workspace / "nginx"
+    folder.mkdir()
+    (folder / "nginx.conf").write_text(
+        f"worker_processes {cores};\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\n"
+        "daemon off;\nevents { worker_connections 1024; }\nhttp {\n  access_log off;\n"
+        f'  server {{ listen 127.0.0.1:{port} reuseport; location / {{ return 200 "ok"; }} }}\n}}\n'
+    )
+    process = start(["nginx", "-c", str(folder / "nginx.conf"), "-p", str(folder)], dict(os.environ),
+                    folder / "stdout.log")  # fmt: skip
+    wait_ready(f"http://127.0.0.1:{port}/", process, folder / "error.log")
+    return process, port
 
 
 def train(workspace: Path, estimator: dict | None) -> tuple[str, str, Path]:
@@ -167,31 +243,40 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def run(seconds: int) -> tuple[list[Result], dict[str, str]]:
+def run(seconds: int) -> tuple[list[Result], list[Footprint], dict[str, str]]:
     workspace = Path(tempfile.mkdtemp(prefix="modelyard-bench-"))
     results: list[Result] = []
+    footprints: list[Footprint] = []
     versions: dict[str, tuple[str, str]] = {}  # label -> (model name, version)
-    for label, estimator in MODELS.items():
-        name, version, bundle = train(workspace, estimator)
-        versions[label] = name, version
-        # The no-op ceiling does no model work: measured once, beside the first model.
-        results += serve_both(workspace, name, version, bundle, label, seconds,
-                              ceiling=not results)  # fmt: skip
+    trained = {label: train(workspace, estimator) for label, estimator in MODELS.items()}
+    limit, limit_port = nginx(workspace, str(os.cpu_count() or 1))
+    try:
+        for label, (name, version, bundle) in trained.items():
+            versions[label] = name, version
+            # The yardsticks do no model work: measured once, beside the first model.
+            more, used = serve_both(workspace, name, version, bundle, label, seconds,
+                                    limit_port if not results else None)  # fmt: skip
+            results += more
+            footprints += [f for f in used if f.server not in {x.server for x in footprints}]
+    finally:
+        limit.terminate()
+        limit.wait(timeout=30)
     facts = {
         "versions": ", ".join(f"{label}: {n} v{v}" for label, (n, v) in versions.items()),
         "workers": str(os.cpu_count() or 1),
         "seconds": str(seconds),
         "image": image_size(versions["logistic regression"][1]),
     }
-    return results, facts
+    return results, footprints, facts
 
 
 def serve_both(
     workspace: Path, name: str, version: str, bundle: Path, label: str, seconds: int,
-    ceiling: bool,
-) -> list[Result]:  # fmt: skip
+    limit_port: int | None,
+) -> tuple[list[Result], list[Footprint]]:  # fmt: skip
     """One version served by modelyard (its bundle) and by `mlflow models serve` (the MLflow
-    model), both measured at every concurrency."""
+    model), both measured at every concurrency; with `limit_port`, nginx's `return 200` there
+    and modelyard's no-op route too. Also each server's start-to-ready time and memory."""
     cores = str(os.cpu_count() or 1)
     my_port, ml_port = free_port(), free_port()
     env = {**os.environ, "MODELYARD_WORKSPACE": str(workspace), "MODELYARD_SERVE_TOKEN": TOKEN}
@@ -206,10 +291,13 @@ def serve_both(
                    ml_env, workspace / f"{name}-mlflow.log")  # fmt: skip
     results = []
     try:
-        wait_ready(
-            f"http://127.0.0.1:{my_port}/health/ready", mine, workspace / f"{name}-modelyard.log"
-        )
-        wait_ready(f"http://127.0.0.1:{ml_port}/ping", theirs, workspace / f"{name}-mlflow.log")
+        # Started together, so the later one's figure includes waiting for a core.
+        ready = {
+            "modelyard": wait_ready(f"http://127.0.0.1:{my_port}/health/ready", mine,
+                                    workspace / f"{name}-modelyard.log"),
+            "mlflow models serve": wait_ready(f"http://127.0.0.1:{ml_port}/ping", theirs,
+                                              workspace / f"{name}-mlflow.log"),
+        }  # fmt: skip
         body = {"dataframe_split": ROW}
         answers = {server: ask(f"http://127.0.0.1:{port}/invocations", body, auth)
                    for server, port, auth in (("mlflow", ml_port, False), ("modelyard", my_port, True))}  # fmt: skip
@@ -224,16 +312,29 @@ def serve_both(
                 results.append(
                     Result(label, server, "/invocations", c, *wrk(url, c, seconds, body, auth))
                 )
-            if ceiling:
-                url = f"http://127.0.0.1:{my_port}/health/live"
-                results.append(
-                    Result("—", CEILING, "GET /health/live", c, *wrk(url, c, seconds, None, False))
-                )
+            if limit_port is not None:
+                for server, port, path in ((NGINX, limit_port, "/"),
+                                           (NOOP, my_port, "/health/live")):  # fmt: skip
+                    url = f"http://127.0.0.1:{port}{path}"
+                    results.append(
+                        Result("—", server, f"GET {path}", c, *wrk(url, c, seconds, None, False))
+                    )
+        large = large_request()
+        results += [
+            Result(label, server, f"/invocations, {LARGE_ROWS:,} rows", 1, 1 / seconds_each,
+                   seconds_each * 1000, seconds_each * 1000, 0)
+            for server, port, auth in (("mlflow models serve", ml_port, False),
+                                       ("modelyard", my_port, True))
+            for seconds_each in [timed_request(f"http://127.0.0.1:{port}/invocations", large, auth)]
+        ]  # fmt: skip
+        # After the load: what each server holds once it has served.
+        footprints = [Footprint(server, ready[server], *tree_memory(process.pid))
+                      for server, process in (("modelyard", mine), ("mlflow models serve", theirs))]  # fmt: skip
     finally:
         for process in (mine, theirs):
             process.terminate()
             process.wait(timeout=30)
-    return results
+    return results, footprints
 
 
 def image_size(version: str) -> str:
@@ -245,28 +346,37 @@ def image_size(version: str) -> str:
         return "not built here (see tests/test_image.py, which asserts < 300 MB)"
 
 
-def table(results: list[Result], facts: dict[str, str]) -> str:
-    by = {(r.model, r.server, r.connections): r for r in results}
+def table(results: list[Result], footprints: list[Footprint], facts: dict[str, str]) -> str:
+    one_row = [r for r in results if "rows" not in r.route]  # the large requests: listed below
+    by = {(r.model, r.server, r.connections): r for r in one_row}
     lines = [
         "| model | server | connections | requests/s | p50 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in one_row:
         lines.append(
             f"| {r.model} | {r.server} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
         )
     lines.append("")
     for model in MODELS:
+        large = {r.server: r for r in results if r.model == model and "rows" in r.route}
+        if len(large) == 2:
+            mine, theirs = large["modelyard"], large["mlflow models serve"]
+            lines.append(f"- {model}, one {LARGE_ROWS:,}-row request: modelyard {mine.p50_ms:.0f} "
+                         f"ms, mlflow {theirs.p50_ms:.0f} ms (**{theirs.p50_ms / mine.p50_ms:.1f}×**)")  # fmt: skip
         ratios = []
         for c in CONCURRENCY:
             mine, theirs = by[(model, "modelyard", c)], by[(model, "mlflow models serve", c)]
-            ceiling = by[("—", CEILING, c)]
+            limit = by[("—", NGINX, c)]
             ratios.append(
-                f"{c}: **{mine.rps / theirs.rps:.1f}×** ({mine.rps / ceiling.rps:.0%} of the ceiling)"
+                f"{c}: **{mine.rps / theirs.rps:.1f}×** ({mine.rps / limit.rps:.0%} of nginx)"
             )
         lines.append(
             f"- {model}, modelyard's throughput over mlflow's at concurrency " + "; ".join(ratios)
         )
+    for f in footprints:
+        lines.append(f"- {f.server}: ready {f.ready_s:.2f} s after start; parent and workers "
+                     f"{f.rss_mb:.0f} MB RSS, {f.pss_mb:.0f} MB PSS after the load")  # fmt: skip
     lines.append(
         f"- image: modelyard {facts['image']}; `mlflow models build-docker`: {MLFLOW_IMAGE_DOCS}"
     )
@@ -280,8 +390,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
-    results, facts = run(args.seconds)
-    text = table(results, facts)
+    results, footprints, facts = run(args.seconds)
+    text = table(results, footprints, facts)
     print(text)
     if args.write:
         write_doc(text, facts, args.seconds)

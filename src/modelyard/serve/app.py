@@ -62,12 +62,22 @@ class ServingApp:
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app as ASGI (tests and embedding); `modelyard.serve.http` calls `answer`."""
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
         started = time.perf_counter()
+        route, status, body, headers = await self.answer(scope, receive)
+        # A content-length spares the client chunked framing, which an ASGI server adds without it.
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        self.answered(route, status, started)
+
+    async def answer(self, scope: Scope, receive: Receive) -> tuple[str, int, bytes, list]:
+        """(route as metrics name it, status, body, headers) for one request."""
         route, handler, needs_auth = self._route(scope)
         try:
             if needs_auth and self.tokens:
@@ -84,10 +94,10 @@ class ServingApp:
                 b'{"error_code":"INTERNAL_ERROR","message":"internal error"}',
                 JSON,
             )
-        # A content-length spares the client chunked framing; uvicorn would chunk without it.
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        return route, status, body, headers
+
+    def answered(self, route: str, status: int, started: float) -> None:
+        """Counted once the answer is written (`started`: perf_counter when it arrived)."""
         if route != "/metrics":
             self.metrics.observe(route, status, time.perf_counter() - started)
 
@@ -95,13 +105,17 @@ class ServingApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._warm_up()
-                self.ready = True
+                self.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.ready = False
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def start(self) -> None:
+        """Warm up, then say ready."""
+        self._warm_up()
+        self.ready = True
 
     def _warm_up(self) -> None:
         """Predictions on the bundle's input example before saying ready: the first loads

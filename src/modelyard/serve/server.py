@@ -1,8 +1,9 @@
-"""Run the serving app: verify the bundle, then one uvicorn process per core.
+"""Run the serving app: verify the bundle, then one worker process per core, each serving HTTP
+with `modelyard.serve.http` on uvloop.
 
 Each worker binds its own SO_REUSEPORT socket with TCP_NODELAY set before listening (accepted
-connections inherit it). uvicorn's own `--workers` shares one socket without TCP_NODELAY, and
-keep-alive clients then wait on Nagle's algorithm for ~40 ms per response.
+connections inherit it). A socket shared without TCP_NODELAY (uvicorn's own `--workers`) makes
+keep-alive clients wait on Nagle's algorithm for ~40 ms per response.
 
 With MODELYARD_SERVE_SOCKET the workers also accept on one shared Unix socket: the deploy
 role's nginx front door reaches the live slot through a symlink to it, so moving traffic
@@ -16,7 +17,6 @@ The Unix socket stays plain: nginx ended TLS already, and the socket never leave
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -33,8 +33,6 @@ from modelyard.bundle import BundleError, parse_bundle_keys, parse_public_keys, 
 from modelyard.certs import server_context
 
 if TYPE_CHECKING:  # the app's module loads ONNX Runtime: workers import it, the parent need not
-    import uvicorn
-
     from modelyard.serve.app import ServingApp
 
 log = logging.getLogger("modelyard.serve")
@@ -144,56 +142,21 @@ def unix_socket(path: str) -> socket.socket:
 
 
 def _run_worker(config: ServeConfig, shared: list[socket.socket]) -> None:
-    import uvicorn
+    import uvloop
+
+    from modelyard.serve import http
 
     app = build_app(config)
-    sock = listening_socket(config.host, config.port)
-    settings = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=75,
-        server_header=False,
-        # Nothing reads the client address, so X-Forwarded-* parsing is pure per-request cost.
-        proxy_headers=False,
+    app.start()  # warmed up and ready before the first connection is accepted
+    context = (
+        server_context(config.tls_cert, config.tls_key, config.client_ca)
+        if config.tls_cert
+        else None
     )
-    if not config.tls_cert:
-        uvicorn.Server(settings).run(sockets=[sock, *shared])
-        return
-    settings.load()
-    settings.ssl = server_context(config.tls_cert, config.tls_key, config.client_ca)
-    _server_with_plain_sockets(settings, shared).run(sockets=[sock])
-
-
-def _server_with_plain_sockets(
-    settings: uvicorn.Config, plain: list[socket.socket]
-) -> uvicorn.Server:
-    """A uvicorn server whose own sockets speak TLS and that also accepts, without TLS, on
-    `plain` (the front door's Unix socket): uvicorn gives every socket it is passed the same."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)
-            if not self.started:
-                return
-            loop = asyncio.get_running_loop()
-            for sock in plain:
-                created = await loop.create_server(self._protocol, sock=sock, backlog=2048)
-                self.servers.append(created)
-
-        def _protocol(self) -> asyncio.Protocol:
-            return self.config.http_protocol_class(  # type: ignore[call-arg]
-                config=self.config,
-                server_state=self.server_state,
-                app_state=self.lifespan.state,
-                _loop=asyncio.get_running_loop(),
-            )
-
-    return Server(settings)
+    # The front door's Unix socket stays plain: nginx ended TLS already.
+    listeners = [(listening_socket(config.host, config.port), context)]
+    listeners += [(sock, None) for sock in shared]
+    uvloop.run(http.serve(app, listeners))
 
 
 def serve(config: ServeConfig) -> int:
