@@ -85,7 +85,7 @@ def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body() ->
     async def test(port: int, app: EchoApp, stop: asyncio.Event) -> None:
         reader, writer = await connect(port)
         writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
-                     b"expect: 100-continue\r\n\r\n")  # fmt: skip
+                     b"Expect: 100-Continue\r\n\r\n")  # fmt: skip
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         writer.write(b"hello")

@@ -147,7 +147,8 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         # Clients that ask wait for this before sending a body (curl, for bodies over 1 KiB).
-        if (b"expect", b"100-continue") in self.headers and self.transport is not None:
+        expects = (v.lower() for n, v in self.headers if n == b"expect")
+        if b"100-continue" in expects and self.transport is not None:
             self.transport.write(_CONTINUE)
 
     def on_body(self, chunk: bytes) -> None:
