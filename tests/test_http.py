@@ -23,10 +23,12 @@ class EchoApp:
 
     def __init__(self) -> None:
         self.answered_routes: list[str] = []
+        self.slow_started = asyncio.Event()
 
     async def answer(self, scope: dict[str, Any], receive: http.Receive) -> http.Answer:
         body = (await receive())["body"]
         if scope["path"] == "/slow":
+            self.slow_started.set()
             await asyncio.sleep(0.2)
         said = f"{scope['method']} {scope['path']} {len(body)}".encode()
         return scope["path"], 200, said, [(b"content-type", b"text/plain")]
@@ -147,7 +149,7 @@ def test_a_stop_answers_the_request_in_flight_and_closes_idle_connections() -> N
         idle_reader, idle_writer = await connect(port)
         reader, writer = await connect(port)
         writer.write(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
-        await asyncio.sleep(0.05)  # the request is in the app
+        await asyncio.wait_for(app.slow_started.wait(), timeout=5)  # the request is in the app
         stop.set()
         _status, headers, body = await response(reader)
         assert body == b"GET /slow 0" and headers["connection"] == "close"
