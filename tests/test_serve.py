@@ -117,7 +117,7 @@ def test_modelyard_serve_runs_as_deployments_do_without_the_clis_imports(ads_ser
     pandas), which tripled their memory and took seconds to start."""
     parent = ads_server.process.pid
     command = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-    assert command[1:3] == [b"-m", b"modelyard.serve"], command
+    assert command[1:4] == [b"-P", b"-m", b"modelyard.serve"], command
     workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
     assert len(workers) == 2
     for pid in [parent, *workers]:
