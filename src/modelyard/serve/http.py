@@ -19,7 +19,6 @@ import asyncio
 import collections
 import contextlib
 import email.utils
-import logging
 import signal
 import socket
 import ssl
@@ -35,7 +34,6 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 # The app's answer: (route as metrics name it, status, body, headers besides date and length).
 Answer = tuple[str, int, bytes, list[tuple[bytes, bytes]]]
 
-log = logging.getLogger("modelyard.serve")
 KEEP_ALIVE_SECONDS = 75.0
 # Pipelined requests held per connection before reading pauses.
 MAX_QUEUED = 16
@@ -208,6 +206,9 @@ class Connection(asyncio.Protocol):
 
         app = self.shared.app
         route, status, content, headers = await app.answer(request.scope, receive)
+        if self.transport_gone:  # the client left while the app answered
+            return
+        assert self.transport is not None
         # `closing`: an upgrade was asked for (it is not granted; nothing after it is read).
         keep_alive = request.keep_alive and not (self.closing or self.shared.stopping)
         head = [
@@ -220,9 +221,6 @@ class Connection(asyncio.Protocol):
         head.append(b"\r\n")
         if request.scope["method"] != "HEAD":
             head.append(content)
-        if self.transport_gone:
-            return
-        assert self.transport is not None
         self.transport.write(b"".join(head))  # one write: head and body leave in one segment
         app.answered(route, status, started)
         if not keep_alive:
