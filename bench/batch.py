@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.common import replace_section, stamp
-from bench.serving import ROOT, train
+from bench.serving import ad_clicks_rows, train
 
 REPEATS = 3
 
@@ -50,10 +49,7 @@ def main() -> None:
         os.environ |= {"MODELYARD_WORKSPACE": str(work / "ws"), "MODELYARD_BUILD_IMAGE": "never"}
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         name, version, _ = train(work / "ws", None)
-        sys.path.insert(0, str(ROOT / "examples" / "ad_clicks"))
-        from data import generate  # the example's own generator
-
-        frame = generate(args.rows, 3).drop(columns=["clicked"])
+        frame = ad_clicks_rows(args.rows, 3)
         source = work / "rows.csv"
         frame.to_csv(source, index=False)
         ours = _timed(lambda: _modelyard(name, version, source, work))

@@ -27,11 +27,15 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from bench.common import replace_section, stamp
 from modelyard.ports import free_port
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -106,12 +110,17 @@ def tree_memory(pid: int) -> tuple[float, float]:
 LARGE_ROWS = 10_000  # modelyard's default MODELYARD_SERVE_MAX_ROWS
 
 
-def large_request() -> dict:
-    """`LARGE_ROWS` rows of the ad-clicks example's own generator, as `dataframe_split`."""
+def ad_clicks_rows(rows: int, seed: int) -> pd.DataFrame:
+    """Rows of the ad-clicks example's own generator, without the target."""
     sys.path.insert(0, str(ROOT / "examples" / "ad_clicks"))
     from data import generate
 
-    frame = generate(LARGE_ROWS, 11).drop(columns=["clicked"])
+    return generate(rows, seed).drop(columns=["clicked"])
+
+
+def large_request() -> dict:
+    """`LARGE_ROWS` generated rows as `dataframe_split`."""
+    frame = ad_clicks_rows(LARGE_ROWS, 11)
     return {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
 
 
@@ -124,6 +133,13 @@ def timed_request(url: str, body: dict, auth: bool, repeats: int = 5) -> float:
         ask(url, body, auth)
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+@dataclass
+class LargeRequest:
+    model: str
+    server: str
+    ms: float  # the median of `timed_request`
 
 
 @dataclass
@@ -243,9 +259,12 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def run(seconds: int) -> tuple[list[Result], list[Footprint], dict[str, str]]:
+def run(
+    seconds: int,
+) -> tuple[list[Result], list[LargeRequest], list[Footprint], dict[str, str]]:
     workspace = Path(tempfile.mkdtemp(prefix="modelyard-bench-"))
     results: list[Result] = []
+    large: list[LargeRequest] = []
     footprints: list[Footprint] = []
     versions: dict[str, tuple[str, str]] = {}  # label -> (model name, version)
     trained = {label: train(workspace, estimator) for label, estimator in MODELS.items()}
@@ -254,10 +273,11 @@ def run(seconds: int) -> tuple[list[Result], list[Footprint], dict[str, str]]:
         for label, (name, version, bundle) in trained.items():
             versions[label] = name, version
             # The yardsticks do no model work: measured once, beside the first model.
-            more, used = serve_both(workspace, name, version, bundle, label, seconds,
-                                    limit_port if not results else None)  # fmt: skip
+            more, timed, used = serve_both(workspace, name, version, bundle, label, seconds,
+                                           limit_port if not results else None)  # fmt: skip
             results += more
-            footprints += [f for f in used if f.server not in {x.server for x in footprints}]
+            large += timed
+            footprints = footprints or used  # each server's, beside the first model
     finally:
         limit.terminate()
         limit.wait(timeout=30)
@@ -267,13 +287,13 @@ def run(seconds: int) -> tuple[list[Result], list[Footprint], dict[str, str]]:
         "seconds": str(seconds),
         "image": image_size(versions["logistic regression"][1]),
     }
-    return results, footprints, facts
+    return results, large, footprints, facts
 
 
 def serve_both(
     workspace: Path, name: str, version: str, bundle: Path, label: str, seconds: int,
     limit_port: int | None,
-) -> tuple[list[Result], list[Footprint]]:  # fmt: skip
+) -> tuple[list[Result], list[LargeRequest], list[Footprint]]:  # fmt: skip
     """One version served by modelyard (its bundle) and by `mlflow models serve` (the MLflow
     model), both measured at every concurrency; with `limit_port`, nginx's `return 200` there
     and modelyard's no-op route too. Also each server's start-to-ready time and memory."""
@@ -319,13 +339,12 @@ def serve_both(
                     results.append(
                         Result("—", server, f"GET {path}", c, *wrk(url, c, seconds, None, False))
                     )
-        large = large_request()
-        results += [
-            Result(label, server, f"/invocations, {LARGE_ROWS:,} rows", 1, 1 / seconds_each,
-                   seconds_each * 1000, seconds_each * 1000, 0)
+        body = large_request()
+        large = [
+            LargeRequest(label, server,
+                         1000 * timed_request(f"http://127.0.0.1:{port}/invocations", body, auth))
             for server, port, auth in (("mlflow models serve", ml_port, False),
                                        ("modelyard", my_port, True))
-            for seconds_each in [timed_request(f"http://127.0.0.1:{port}/invocations", large, auth)]
         ]  # fmt: skip
         # After the load: what each server holds once it has served.
         footprints = [Footprint(server, ready[server], *tree_memory(process.pid))
@@ -334,7 +353,7 @@ def serve_both(
         for process in (mine, theirs):
             process.terminate()
             process.wait(timeout=30)
-    return results, footprints
+    return results, large, footprints
 
 
 def image_size(version: str) -> str:
@@ -346,24 +365,25 @@ def image_size(version: str) -> str:
         return "not built here (see tests/test_image.py, which asserts < 300 MB)"
 
 
-def table(results: list[Result], footprints: list[Footprint], facts: dict[str, str]) -> str:
-    one_row = [r for r in results if "rows" not in r.route]  # the large requests: listed below
-    by = {(r.model, r.server, r.connections): r for r in one_row}
+def table(
+    results: list[Result], large: list[LargeRequest], footprints: list[Footprint],
+    facts: dict[str, str],
+) -> str:  # fmt: skip
+    by = {(r.model, r.server, r.connections): r for r in results}
     lines = [
         "| model | server | connections | requests/s | p50 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in one_row:
+    for r in results:
         lines.append(
             f"| {r.model} | {r.server} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
         )
     lines.append("")
     for model in MODELS:
-        large = {r.server: r for r in results if r.model == model and "rows" in r.route}
-        if len(large) == 2:
-            mine, theirs = large["modelyard"], large["mlflow models serve"]
-            lines.append(f"- {model}, one {LARGE_ROWS:,}-row request: modelyard {mine.p50_ms:.0f} "
-                         f"ms, mlflow {theirs.p50_ms:.0f} ms (**{theirs.p50_ms / mine.p50_ms:.1f}×**)")  # fmt: skip
+        timed = {t.server: t.ms for t in large if t.model == model}
+        ours, mlflow = timed["modelyard"], timed["mlflow models serve"]
+        lines.append(f"- {model}, one {LARGE_ROWS:,}-row request: modelyard {ours:.0f} ms, "
+                     f"mlflow {mlflow:.0f} ms (**{mlflow / ours:.1f}×**)")  # fmt: skip
         ratios = []
         for c in CONCURRENCY:
             mine, theirs = by[(model, "modelyard", c)], by[(model, "mlflow models serve", c)]
@@ -390,8 +410,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
-    results, footprints, facts = run(args.seconds)
-    text = table(results, footprints, facts)
+    results, large, footprints, facts = run(args.seconds)
+    text = table(results, large, footprints, facts)
     print(text)
     if args.write:
         write_doc(text, facts, args.seconds)
