@@ -18,15 +18,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from aiosmtpd.controller import Controller
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
-from modelyard.bins import categorical_bins, numeric_bins, psi
+from modelyard.bins import VECTOR_FROM, categorical_bins, numeric_bins, psi
 from modelyard.monitor.drift import ordered_bins
 from modelyard.ports import free_port, free_ports
-from tests.conftest import ROOT, Project, example_data
+from tests.conftest import ROOT, Project, example_data, examples
 from tests.test_deploy import _stop_services
 from tests.test_triggers import Stack, wait_until
 
@@ -68,6 +71,33 @@ def test_bins_and_psi():
     assert devices.labels == ("desktop", "mobile", "other", "missing")
     assert devices.reference == (0.25, 0.5, 0.0, 0.25)
     assert devices.label_of("fridge") == "other" and devices.label_of("") == "missing"
+
+
+_EDGES = (-1.0, 0.0, 1.0, 2.5, 1e30)
+_SOME_NUMBERS = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                          st.sampled_from(_EDGES), st.integers(-3, 3),
+                          st.integers(-(2**70), 2**70), st.booleans())  # fmt: skip
+_SOME_CATEGORIES = st.one_of(st.none(), st.just(math.nan), st.sampled_from(["", "a", "b", "zz"]),
+                             st.integers(-3, 3), st.booleans())  # fmt: skip
+
+
+@given(numbers=st.lists(_SOME_NUMBERS, min_size=1, max_size=300),
+       texts=st.lists(_SOME_CATEGORIES, min_size=1, max_size=300), as_array=st.booleans())  # fmt: skip
+@settings(max_examples=examples(60), deadline=None)
+def test_bins_count_many_values_at_once_as_they_count_one_by_one(numbers, texts, as_array):
+    """Batches of `VECTOR_FROM` values or more are counted a column at a time; every count
+    must equal the one-value-at-a-time loop's, including missing, unknown and huge values."""
+    numeric = numeric_bins([0.0], edges=_EDGES)  # values on the edges are drawn too
+    categorical = categorical_bins(["a", "b", "1"], ["a", "b", "1"])
+    for bins, values in ((numeric, numbers), (categorical, texts)):
+        one_by_one = [0] * len(bins.labels)
+        for value in values:
+            bins.count([value], one_by_one)
+        repeats = 1 + VECTOR_FROM // len(values)  # enough to take the batch path
+        batch = values * repeats
+        at_once = [0] * len(bins.labels)
+        bins.count(np.array(batch, dtype=object) if as_array else batch, at_once)
+        assert at_once == [n * repeats for n in one_by_one]
 
 
 # --- the loop, end to end ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from modelyard import screen
@@ -104,3 +104,55 @@ def test_a_column_the_model_takes_but_the_table_lacks_is_left_to_the_per_value_p
     schema = [Column("x", "numeric", False, None)]
     with pytest.raises(screen.Unjudged, match="no column 'x'"):
         screen.feeds(pd.DataFrame({"y": [1.0]}), schema)
+
+
+# What a decoded request's column may hold: JSON's values, and the floats a CSV cell becomes.
+REQUEST_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([*LEVELS, "", "zz"]),
+)
+# Columns as clients mostly send them (numbers or text, some missing), which the quick path
+# takes, and columns of anything, which it must leave to the loop.
+REQUEST_COLUMNS = st.one_of(
+    st.lists(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                       st.integers(min_value=-(10**40), max_value=10**40)), min_size=1, max_size=12),
+    st.lists(st.one_of(st.none(), st.sampled_from([*LEVELS, "", "zz"])), min_size=1, max_size=12),
+    st.lists(REQUEST_VALUES, min_size=1, max_size=12),
+)  # fmt: skip
+
+
+def _validated(column: Column, values: list) -> list | str:
+    """`codecs.validate`'s values for one column, or its error (message and field)."""
+    try:
+        return codecs.validate({column.name: values}, [column], max_rows=len(values))[0][
+            column.name
+        ]
+    except codecs.ClientError as error:
+        return f"{error.message} [{error.field}]"
+
+
+@settings(max_examples=examples(150), deadline=None)
+@example(values=["a", None], kind="categorical", nullable=False, levels=None)
+@example(values=["a", "zz"], kind="categorical", nullable=True, levels=frozenset(LEVELS))
+@example(values=[1.5, None], kind="numeric", nullable=False, levels=None)
+@example(values=[1, 3.5e38], kind="numeric", nullable=True, levels=None)
+@example(values=["a", 1], kind="categorical", nullable=True, levels=frozenset(LEVELS))
+@given(values=REQUEST_COLUMNS, kind=st.sampled_from(["numeric", "categorical"]),
+       nullable=st.booleans(), levels=st.sampled_from([None, frozenset(LEVELS)]))  # fmt: skip
+def test_a_long_column_is_judged_at_once_as_the_loop_judges_it(values, kind, nullable, levels):
+    """A request's column of `VECTOR_FROM` values or more is checked a column at a time; its
+    values, or its error, equal the row-by-row loop's on the same column."""
+    column = Column("x", kind, nullable, levels if kind == "categorical" else None)
+    long = values * (1 + codecs.VECTOR_FROM // len(values))
+    at_once = _validated(column, long)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(codecs, "VECTOR_FROM", len(long) + 1)  # the loop for every value
+        one_by_one = _validated(column, long)
+    if isinstance(one_by_one, str):
+        assert at_once == one_by_one
+    else:
+        assert isinstance(at_once, list) and len(at_once) == len(one_by_one)
+        assert all(map(_same, at_once, one_by_one)), (at_once[:12], one_by_one[:12])

@@ -1,7 +1,7 @@
 """Fixed bins for drift: built once from the reference data, shared by the bundle, the server's
 counters and the PSI computation, so every side speaks of the same bins by the same labels.
 
-No pandas here: the serving app imports this module to count live inputs.
+No pandas here: the serving app imports this module to count live inputs (numpy it has).
 
 - numeric inputs: up to `NUMERIC_BINS` bins cut at the reference's quantiles (so each holds about
   the same share of the reference), plus `missing`;
@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
+
 NUMERIC_BINS = 10
 PSI_FLOOR = 1e-4
 MISSING = "missing"
 OTHER = "other"
+VECTOR_FROM = 64  # values; below it the plain loop is quicker
 PROBABILITY_EDGES = tuple(round(i / 10, 1) for i in range(1, 10))
 
 
@@ -43,8 +47,16 @@ class Bins:
     def count(self, values: Iterable[Any], counts: list[int]) -> None:
         """Add each value to `counts` (indexed like `labels`): None, NaN and "" (a missing
         category after validation) are `missing`; an unknown category is `other`. The one
-        binning both the bundle's reference and the server's live counters use; the server
-        calls it once per batch, so it stays a plain loop."""
+        binning both the bundle's reference and the server's live counters use. A list or array
+        of `VECTOR_FROM` values or more is counted a column at a time (one by one, a
+        10,000-row request's bins took longer than its prediction); fewer go through the plain
+        loop, whose cost per call is lower."""
+        if (
+            isinstance(values, list | np.ndarray)
+            and len(values) >= VECTOR_FROM
+            and self._count_at_once(values, counts)
+        ):
+            return
         missing = len(self.labels) - 1  # labels end with `missing`
         if self.kind == "numeric":
             edges = self.edges
@@ -54,6 +66,26 @@ class Bins:
             slots, other = self._slots, missing - 1  # ... `other`, `missing`
             for v in values:
                 counts[missing if v is None or v != v else slots.get(v, other)] += 1
+
+    def _count_at_once(self, values: list[Any] | np.ndarray, counts: list[int]) -> bool:
+        """`count` for many values; False (nothing counted) when a numeric signal holds a value
+        that is not a number, so the loop raises as it would."""
+        missing = len(self.labels) - 1
+        if self.kind != "numeric":  # each distinct value looked up once, grouped at C speed
+            slots, other = self._slots, missing - 1
+            listed = values.tolist() if isinstance(values, np.ndarray) else values
+            for v, n in Counter(listed).items():
+                counts[missing if v is None or v != v else slots.get(v, other)] += n
+            return True
+        numbers = _as_numbers(values)
+        if numbers is None:
+            return False
+        # `bisect_right`'s rule, on every value at once.
+        slot = np.searchsorted(np.asarray(self.edges, dtype=np.float64), numbers, side="right")
+        slot[np.isnan(numbers)] = missing
+        for i, n in enumerate(np.bincount(slot, minlength=len(self.labels)).tolist()):
+            counts[i] += n
+        return True
 
     @cached_property
     def _slots(self) -> dict[str, int]:
@@ -88,6 +120,23 @@ class Bins:
             edges=tuple(float(e) for e in data["edges"]),
             reference=tuple(float(r) for r in data["reference"]),
         )
+
+
+def _as_numbers(values: list[Any] | np.ndarray) -> np.ndarray | None:
+    """Float64 with NaN for None, or None unless every value is a number or missing (numpy
+    would read the text "1.5" as a number, where the loop refuses it)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+        return values.astype(np.float64)
+    listed = values.tolist() if isinstance(values, np.ndarray) else values
+    if not set(map(type, listed)) <= _NUMBER_TYPES:
+        return None
+    try:
+        return np.asarray(listed, dtype=np.float64)  # None becomes NaN
+    except OverflowError:  # an integer beyond float64
+        return None
+
+
+_NUMBER_TYPES = frozenset({int, float, bool, type(None)})
 
 
 def numeric_bins(values: Sequence[float], edges: Sequence[float] | None = None) -> Bins:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from modelyard.bins import VECTOR_FROM
 from modelyard.serve.runtime import Column, Prediction
 from modelyard.values import category_text
 
@@ -224,6 +225,8 @@ def _flatten(data: list[Any]) -> list[Any]:
 Values = dict[str, list[Any]]  # validated: floats (NaN for missing) or strings ("" for missing)
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # numeric inputs are float32 tensors
 _LIST = frozenset({list})
+_NUMBERS = frozenset({int, float, type(None)})
+_TEXT, _TEXT_OR_NONE, _NONE = frozenset({str}), frozenset({str, type(None)}), frozenset({None})
 
 
 def to_feeds(
@@ -272,6 +275,10 @@ def _missing(column: Column, row: int) -> ClientError:
 
 
 def _numeric(column: Column, values: list[Any]) -> list[float]:
+    if len(values) >= VECTOR_FROM:
+        checked = _all_numbers(column, values)
+        if checked is not None:
+            return checked
     out: list[float] = []
     append = out.append
     for i, value in enumerate(values):
@@ -295,7 +302,42 @@ def _numeric(column: Column, values: list[Any]) -> list[float]:
     return out
 
 
+def _all_numbers(column: Column, values: list[Any]) -> list[float] | None:
+    """The column as floats (NaN for missing) when every value is an int or a float within
+    float32's range, or missing where the column may be; checked a column at a time. None
+    otherwise: the loop then finds the row to name."""
+    if not set(map(type, values)) <= _NUMBERS:  # `type is`: a bool is not a number here
+        return None
+    try:
+        numbers = np.asarray(values, dtype=np.float64)  # None becomes NaN
+    except OverflowError:  # an integer beyond float64
+        return None
+    fits = np.abs(numbers) <= FLOAT32_MAX  # False for NaN and infinities
+    if not fits.all() and not (column.nullable and (fits | np.isnan(numbers)).all()):
+        return None
+    checked: list[float] = numbers.tolist()
+    return checked
+
+
+def _all_texts(column: Column, values: list[Any]) -> list[str] | None:
+    """The column when every value is known text, or missing where the column may be (made
+    ""); checked a column at a time. None otherwise (codes to turn into text, a value to
+    refuse): the loop does it, row by row."""
+    kinds = set(map(type, values))
+    if not (kinds == _TEXT or (kinds == _TEXT_OR_NONE and column.nullable)):
+        return None
+    if column.categories is not None and not column.categories.issuperset(set(values) - _NONE):
+        return None
+    if kinds == _TEXT:
+        return values
+    return ["" if v is None else v for v in values]  # the model's level for a missing category
+
+
 def _categorical(column: Column, values: list[Any]) -> list[str]:
+    if len(values) >= VECTOR_FROM:
+        checked = _all_texts(column, values)
+        if checked is not None:
+            return checked
     out: list[str] = []
     append = out.append
     allowed = column.categories

@@ -49,11 +49,13 @@ class Prediction(NamedTuple):
         return self.probabilities if self.probabilities.ndim == 1 else self.probabilities.max(1)
 
     @property
-    def drift_values(self) -> list[Any]:
+    def drift_values(self) -> np.ndarray | list[str]:
         """What the prediction drift bins count: the scores, or a multiclass model's labels."""
         if self.probabilities is not None and self.probabilities.ndim == 2:
-            return [category_text(label) for label in self.values.tolist()]
-        return self.scores.tolist()
+            labels = self.values.tolist()
+            texts = {label: category_text(label) for label in set(labels)}  # a few classes
+            return [texts[label] for label in labels]
+        return self.scores
 
 
 class Runtime:
