@@ -24,13 +24,16 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
+from bench import mlserver as bench_mlserver
 from bench.common import replace_section, stamp
 from modelyard.ports import free_port
 
@@ -51,6 +54,7 @@ MODELS: dict[str, dict | None] = {
     "LightGBM": {"class": "lightgbm.LGBMClassifier",
                  "params": {"n_estimators": 200, "verbose": -1}},
 }  # fmt: skip
+MODELYARD, MLFLOW, MLSERVER = "modelyard", "mlflow models serve", "MLServer 1.7.1"
 NOOP = "modelyard no-op"
 NGINX = "nginx `return 200` (the machine's limit)"
 MLFLOW_IMAGE_DOCS = "1–3.7 GB (as MLflow users report for `mlflow models build-docker`)"
@@ -118,10 +122,11 @@ def ad_clicks_rows(rows: int, seed: int) -> pd.DataFrame:
     return generate(rows, seed).drop(columns=["clicked"])
 
 
-def large_request() -> dict:
-    """`LARGE_ROWS` generated rows as `dataframe_split`."""
+def large_split() -> dict:
+    """`LARGE_ROWS` generated rows, `dataframe_split`'s value."""
     frame = ad_clicks_rows(LARGE_ROWS, 11)
-    return {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+    split: dict = json.loads(frame.to_json(orient="split", index=False))
+    return split
 
 
 def timed_request(url: str, body: dict, auth: bool, repeats: int = 5) -> float:
@@ -260,9 +265,11 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
 
 
 def run(
-    seconds: int,
+    seconds: int, with_mlserver: bool
 ) -> tuple[list[Result], list[LargeRequest], list[Footprint], dict[str, str]]:
     workspace = Path(tempfile.mkdtemp(prefix="modelyard-bench-"))
+    cache = Path(os.environ.get("MODELYARD_WORKSPACE", ROOT / ".modelyard")) / "bench"
+    mlserver = bench_mlserver.environment(cache, BIN / "uv") if with_mlserver else None
     results: list[Result] = []
     large: list[LargeRequest] = []
     footprints: list[Footprint] = []
@@ -273,8 +280,8 @@ def run(
         for label, (name, version, bundle) in trained.items():
             versions[label] = name, version
             # The yardsticks do no model work: measured once, beside the first model.
-            more, timed, used = serve_both(workspace, name, version, bundle, label, seconds,
-                                           limit_port if not results else None)  # fmt: skip
+            more, timed, used = serve_all(workspace, name, version, bundle, label, seconds,
+                                          limit_port if not results else None, mlserver)  # fmt: skip
             results += more
             large += timed
             footprints = footprints or used  # each server's, beside the first model
@@ -286,82 +293,133 @@ def run(
         "workers": str(os.cpu_count() or 1),
         "seconds": str(seconds),
         "image": image_size(versions["logistic regression"][1]),
+        "process runtime": process_runtime_size(workspace),
     }
     return results, large, footprints, facts
 
 
-def serve_both(
-    workspace: Path, name: str, version: str, bundle: Path, label: str, seconds: int,
-    limit_port: int | None,
-) -> tuple[list[Result], list[LargeRequest], list[Footprint]]:  # fmt: skip
-    """One version served by modelyard (its bundle) and by `mlflow models serve` (the MLflow
-    model), both measured at every concurrency; with `limit_port`, nginx's `return 200` there
-    and modelyard's no-op route too. Also each server's start-to-ready time and memory."""
+@dataclass
+class Peer:
+    """A server under test: how it started, where it answers and how it is spoken to."""
+
+    name: str
+    process: subprocess.Popen
+    url: str  # its inference route
+    auth: bool
+    request: Callable[[dict], dict]  # a `dataframe_split` -> its request body
+    predictions: Callable[[dict], list]  # its answer -> one prediction per row
+    ready_s: float = 0.0
+
+
+def _mlflow_shape(split: dict) -> dict:
+    return {"dataframe_split": split}
+
+
+def _mlflow_predictions(answer: dict) -> list:
+    predictions: list = answer["predictions"]
+    return predictions
+
+
+def start_peers(
+    workspace: Path, name: str, version: str, bundle: Path, mlserver: Path | None
+) -> list[Peer]:
+    """modelyard on the bundle, `mlflow models serve` and MLServer on the registered model,
+    each with one worker per core, started one after another so each one's time to ready is
+    its own."""
     cores = str(os.cpu_count() or 1)
+    tracking = f"sqlite:///{workspace / 'mlflow.db'}"
+    peers = []
     my_port, ml_port = free_port(), free_port()
     env = {**os.environ, "MODELYARD_WORKSPACE": str(workspace), "MODELYARD_SERVE_TOKEN": TOKEN}
-    mine = start([str(BIN / "modelyard"), "serve", str(bundle), "--port", str(my_port), "--workers", cores],
-                 env, workspace / f"{name}-modelyard.log")  # fmt: skip
-    ml_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
-              "MLFLOW_DISABLE_TELEMETRY": "true",
+    ml_env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MLFLOW_DISABLE_TELEMETRY": "true",
               # mlflow execs `uvicorn` by name: it must find the venv's.
               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    theirs = start([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}/{version}", "-p", str(ml_port),
-                    "-h", "127.0.0.1", "--env-manager", "local", "-w", cores],
-                   ml_env, workspace / f"{name}-mlflow.log")  # fmt: skip
+    launches = [
+        (MODELYARD, [str(BIN / "modelyard"), "serve", str(bundle), "--port", str(my_port), "--workers", cores],
+         env, my_port, "/health/ready", "/invocations", True, _mlflow_shape, _mlflow_predictions),
+        (MLFLOW, [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}/{version}", "-p", str(ml_port),
+                  "-h", "127.0.0.1", "--env-manager", "local", "-w", cores],
+         ml_env, ml_port, "/ping", "/invocations", False, _mlflow_shape, _mlflow_predictions),
+    ]  # fmt: skip
+    if mlserver is not None:
+        folder = bench_mlserver.model_folder(workspace, tracking, name, version)
+        launches.append((MLSERVER, [str(mlserver), "start", str(folder)], dict(os.environ),
+                         bench_mlserver.port(folder), "/v2/health/ready", f"/v2/models/{name}/infer",
+                         False, bench_mlserver.v2_request, bench_mlserver.predictions))  # fmt: skip
+    for server, command, server_env, port, ready, route, auth, shape, read in launches:
+        log = workspace / f"{name}-{server.split()[0].lower()}.log"
+        process = start(command, server_env, log)
+        peer = Peer(server, process, f"http://127.0.0.1:{port}{route}", auth, shape, read)
+        peers.append(peer)
+        peer.ready_s = wait_ready(f"http://127.0.0.1:{port}{ready}", process, log)
+    return peers
+
+
+def serve_all(
+    workspace: Path, name: str, version: str, bundle: Path, label: str, seconds: int,
+    limit_port: int | None, mlserver: Path | None,
+) -> tuple[list[Result], list[LargeRequest], list[Footprint]]:  # fmt: skip
+    """One version served by every peer, each measured at every concurrency; with
+    `limit_port`, nginx's `return 200` there and modelyard's no-op route too. Also each
+    server's start-to-ready time and memory, and one large request's time."""
+    peers = start_peers(workspace, name, version, bundle, mlserver)
     results = []
     try:
-        # Started together, so the later one's figure includes waiting for a core.
-        ready = {
-            "modelyard": wait_ready(f"http://127.0.0.1:{my_port}/health/ready", mine,
-                                    workspace / f"{name}-modelyard.log"),
-            "mlflow models serve": wait_ready(f"http://127.0.0.1:{ml_port}/ping", theirs,
-                                              workspace / f"{name}-mlflow.log"),
-        }  # fmt: skip
-        body = {"dataframe_split": ROW}
-        answers = {server: ask(f"http://127.0.0.1:{port}/invocations", body, auth)
-                   for server, port, auth in (("mlflow", ml_port, False), ("modelyard", my_port, True))}  # fmt: skip
-        if answers["mlflow"] != answers["modelyard"]:
-            sys.exit(f"the servers disagree on the benchmark row ({label}): {answers}")
+        row = {peer.name: peer.predictions(ask(peer.url, peer.request(ROW), peer.auth))
+               for peer in peers}  # fmt: skip
+        if len({json.dumps(answer) for answer in row.values()}) != 1:
+            sys.exit(f"the servers disagree on the benchmark row ({label}): {row}")
         for c in CONCURRENCY:
-            for server, port, auth in (
-                ("mlflow models serve", ml_port, False),
-                ("modelyard", my_port, True),
-            ):
-                url = f"http://127.0.0.1:{port}/invocations"
-                results.append(
-                    Result(label, server, "/invocations", c, *wrk(url, c, seconds, body, auth))
-                )
+            for peer in peers:
+                results.append(Result(label, peer.name, "/invocations", c,
+                                      *wrk(peer.url, c, seconds, peer.request(ROW), peer.auth)))  # fmt: skip
             if limit_port is not None:
+                my_port = urllib.parse.urlsplit(peers[0].url).port
                 for server, port, path in ((NGINX, limit_port, "/"),
                                            (NOOP, my_port, "/health/live")):  # fmt: skip
                     url = f"http://127.0.0.1:{port}{path}"
                     results.append(
                         Result("—", server, f"GET {path}", c, *wrk(url, c, seconds, None, False))
                     )
-        body = large_request()
-        large = [
-            LargeRequest(label, server,
-                         1000 * timed_request(f"http://127.0.0.1:{port}/invocations", body, auth))
-            for server, port, auth in (("mlflow models serve", ml_port, False),
-                                       ("modelyard", my_port, True))
-        ]  # fmt: skip
+        split = large_split()
+        large = [LargeRequest(label, peer.name, 1000 * timed_request(peer.url, peer.request(split), peer.auth))
+                 for peer in peers]  # fmt: skip
         # After the load: what each server holds once it has served.
-        footprints = [Footprint(server, ready[server], *tree_memory(process.pid))
-                      for server, process in (("modelyard", mine), ("mlflow models serve", theirs))]  # fmt: skip
+        footprints = [Footprint(peer.name, peer.ready_s, *tree_memory(peer.process.pid))
+                      for peer in peers]  # fmt: skip
     finally:
-        for process in (mine, theirs):
-            process.terminate()
-            process.wait(timeout=30)
+        for peer in peers:
+            peer.process.terminate()
+            peer.process.wait(timeout=30)
     return results, large, footprints
+
+
+def process_runtime_size(workspace: Path) -> str:
+    """The size on disk of what a process-runtime host installs: the serving wheelhouse put
+    into a virtualenv by the same script the hosts run."""
+    from modelyard.config import Settings
+    from modelyard.package.image import INSTALLER, flat_wheels, prepare_wheelhouse
+
+    house = prepare_wheelhouse(Settings(workspace=workspace), lambda _: None)
+    flat = flat_wheels(house, workspace / "process-runtime-wheels")
+    venv = workspace / "process-runtime"
+    # The interpreter this virtualenv was made from: the wheels are for its Python version.
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run(["sh", str(flat / INSTALLER), str(venv), base], check=True)
+    size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
+    return f"{size / 1e6:.0f} MB"
 
 
 def image_size(version: str) -> str:
     try:
-        out = subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", f"modelyard/ad_clicks:{version}"],
+        # Tagged by version and bundle digest: found by its labels, the newest first.
+        newest = subprocess.run(["docker", "image", "ls", "-q", "--filter", "label=io.modelyard.model.name=ad_clicks",
+                                 "--filter", f"label=io.modelyard.model.version={version}"],
+                                capture_output=True, text=True, check=True).stdout.split()[0]  # fmt: skip
+        out = subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", newest],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         return f"{int(out) / 1e6:.0f} MB"
-    except (OSError, subprocess.CalledProcessError, ValueError):
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
         return "not built here (see tests/test_image.py, which asserts < 300 MB)"
 
 
@@ -381,25 +439,24 @@ def table(
     lines.append("")
     for model in MODELS:
         timed = {t.server: t.ms for t in large if t.model == model}
-        ours, mlflow = timed["modelyard"], timed["mlflow models serve"]
-        lines.append(f"- {model}, one {LARGE_ROWS:,}-row request: modelyard {ours:.0f} ms, "
-                     f"mlflow {mlflow:.0f} ms (**{mlflow / ours:.1f}×**)")  # fmt: skip
-        ratios = []
+        ours = timed.pop(MODELYARD)
+        lines.append(f"- {model}, one {LARGE_ROWS:,}-row request: modelyard {ours:.0f} ms; "
+                     + "; ".join(f"{peer} {ms:.0f} ms (**{ms / ours:.1f}×** modelyard's)"
+                                 for peer, ms in timed.items()))  # fmt: skip
         for c in CONCURRENCY:
-            mine, theirs = by[(model, "modelyard", c)], by[(model, "mlflow models serve", c)]
-            limit = by[("—", NGINX, c)]
-            ratios.append(
-                f"{c}: **{mine.rps / theirs.rps:.1f}×** ({mine.rps / limit.rps:.0%} of nginx)"
-            )
-        lines.append(
-            f"- {model}, modelyard's throughput over mlflow's at concurrency " + "; ".join(ratios)
-        )
+            mine, limit = by[(model, MODELYARD, c)], by[("—", NGINX, c)]
+            over = [f"**{mine.rps / r.rps:,.0f}×** {r.server}'s" for r in results
+                    if (r.model, r.connections) == (model, c) and r.server != MODELYARD]  # fmt: skip
+            lines.append(f"- {model}, {c} connections: modelyard {mine.rps / limit.rps:.0%} of "
+                         f"nginx; " + ", ".join(over))  # fmt: skip
     for f in footprints:
         lines.append(f"- {f.server}: ready {f.ready_s:.2f} s after start; parent and workers "
                      f"{f.rss_mb:.0f} MB RSS, {f.pss_mb:.0f} MB PSS after the load")  # fmt: skip
     lines.append(
         f"- image: modelyard {facts['image']}; `mlflow models build-docker`: {MLFLOW_IMAGE_DOCS}"
     )
+    lines.append(f"- a process-runtime host's serving environment: {facts['process runtime']} on "
+                 "disk, only what serving imports (tests/test_deploy.py checks the list)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -409,8 +466,10 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--without-mlserver", action="store_true",
+                        help="leave MLServer out (it is installed from PyPI on first use)")  # fmt: skip
     args = parser.parse_args()
-    results, large, footprints, facts = run(args.seconds)
+    results, large, footprints, facts = run(args.seconds, not args.without_mlserver)
     text = table(results, large, footprints, facts)
     print(text)
     if args.write:

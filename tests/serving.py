@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,34 @@ def build_example(
     bundle = build_bundle(spec, trained.model, prepared.splits.eval, out, key,
                           {"model_version": "7", "git_commit": "0" * 40}, encryption)  # fmt: skip
     return Built(spec, prepared, trained, bundle, public_key_text(key.public_key()), key_file)
+
+
+# Run by a serving environment's own python with a bundle's path: which of the installed
+# distributions serving leaves unimported once its app is built and warm and its HTTP layer and
+# event loop are loaded (the last line printed, as JSON).
+SERVING_IMPORTS = """
+import json, sys
+from importlib.metadata import distributions, packages_distributions
+from pathlib import Path
+import uvloop
+import modelyard.serve.http
+from modelyard.serve.server import ServeConfig, build_app
+build_app(ServeConfig.from_env(Path(sys.argv[1]))).start()
+owners = packages_distributions()
+def norm(name):
+    return name.lower().replace("_", "-")
+imported = {norm(d) for m in list(sys.modules) for d in owners.get(m.split(".")[0], [])}
+installed = {norm(d.metadata["Name"]) for d in distributions()}
+print(json.dumps({"unused": sorted(installed - imported), "installed": sorted(installed)}))
+"""
+
+
+def unused_distributions(printed: str) -> list[str]:
+    """What `SERVING_IMPORTS` found installed and never imported, from its output."""
+    report = json.loads(printed.strip().splitlines()[-1])
+    assert "modelyard" in report["installed"], report
+    unused: list[str] = report["unused"]
+    return unused
 
 
 class Server:

@@ -62,6 +62,7 @@ from tests.hosts import (
     stop_ssh_hosts,
     v2_batches,
 )
+from tests.serving import SERVING_IMPORTS, unused_distributions
 from tests.tls import assert_modern_tls_only
 
 pytestmark = pytest.mark.docker
@@ -433,6 +434,14 @@ def test_process_runtime_on_this_machine_and_an_ssh_host(
     assert _users(processes, home) == ({"modelyard"}, {"modelyard"})
     assert _users(processes, settings.workspace / "services" / "deploy-ads-edge-local") == (
         {"root"}, {"root"})  # fmt: skip
+    # The host's environment holds only what serving imports (infra/docker/install-serving.sh):
+    # its own python, with the slot's environment, on the slot's release.
+    slot = next(p for p in processes if f"{home}/releases/" in p["args"])
+    environ = Path(f"/proc/{slot['pid']}/environ").read_bytes().split(b"\0")
+    printed = subprocess.run([slot["args"].split()[0], "-c", SERVING_IMPORTS, slot["args"].split()[-1]],
+                             env=dict(v.decode().split("=", 1) for v in environ if b"=" in v),
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert unused_distributions(printed) == []
     # A body larger than nginx's memory buffer goes through a temporary file the unprivileged
     # workers write under the service's folder.
     rows = [[29, "female", 41, 4, 17.5, "desktop"]] * 3000

@@ -14,7 +14,7 @@ from modelyard.package.image import build_image, docker_client
 from modelyard.package.validate import infra_validate
 from modelyard.ports import free_port
 from tests.conftest import wait_for
-from tests.serving import TOKEN, Built, build_example
+from tests.serving import SERVING_IMPORTS, TOKEN, Built, build_example, unused_distributions
 from tests.test_serve import AUTH, BAD, expected_values, sample, v2_request
 
 pytestmark = pytest.mark.docker
@@ -75,6 +75,16 @@ def test_image_is_small_labelled_non_root_with_healthcheck(settings: Settings, i
     listed = {c["name"].lower() for c in image.sbom["components"]}
     assert {"onnxruntime", "numpy", "modelyard"} <= listed
     assert not listed & {"scikit-learn", "pandas", "mlflow", "prefect", "pip"}
+
+
+def test_the_image_holds_only_what_serving_imports(settings: Settings, image):
+    """Every distribution in the image's environment is imported by the server: none of the
+    serving dependencies' own dependencies it never loads (onnxruntime's protobuf), no pip."""
+    printed = docker_client(settings).containers.run(
+        image.ref, entrypoint=["python3", "-c", SERVING_IMPORTS, "/srv/modelyard/bundle"],
+        network_mode="none", remove=True,
+    )  # fmt: skip
+    assert unused_distributions(printed.decode()) == []
 
 
 def test_sbom_is_cyclonedx_with_hashes(image):

@@ -37,7 +37,7 @@ from modelyard.deploy.playbooks import PlaybookResult, ansible_dir, inventory_ho
 from modelyard.errors import DeployFailed, ModelyardError, SpecError
 from modelyard.monitor.targets import slot_targets, write_targets
 from modelyard.package import sealing
-from modelyard.package.image import flat_wheels, prepare_wheelhouse
+from modelyard.package.image import INSTALLER, flat_wheels, prepare_wheelhouse, shipped_file
 from modelyard.package.keys import trusted_keys
 from modelyard.package.push import registry_pull_vars
 from modelyard.spec import Environment, ShadowStrategy, Spec
@@ -470,6 +470,7 @@ def _wheelhouse_archive(settings: Settings, progress: Progress) -> tuple[Path, s
     # By content, not time: prepare_wheelhouse rewrites requirements.txt on every call, and a
     # new digest means a new archive here and a new virtualenv on every host.
     digest = hashlib.sha256((house / "requirements.txt").read_bytes())
+    digest.update(shipped_file(INSTALLER).read_bytes())
     for path in sorted(house.rglob("*.whl")):  # modelyard's wheel sits under its source digest
         digest.update(f"{path.relative_to(house)}:{path.stat().st_size}\n".encode())
     short = digest.hexdigest()[:16]

@@ -26,11 +26,18 @@ from modelyard.atomic import exclusive, replace_file
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
 
-# Shipped inside the wheel (see pyproject.toml); in a source checkout it is infra/docker/Dockerfile.
-_DOCKERFILES = (
-    Path(__file__).with_name("Dockerfile"),
-    Path(__file__).resolve().parents[3] / "infra" / "docker" / "Dockerfile",
-)
+INSTALLER = "install-serving.sh"
+
+
+def shipped_file(name: str) -> Path:
+    """A file of infra/docker: inside the wheel (see pyproject.toml) or the source checkout."""
+    for candidate in (Path(__file__).with_name(name),
+                      Path(__file__).resolve().parents[3] / "infra" / "docker" / name):  # fmt: skip
+        if candidate.is_file():
+            return candidate
+    raise ImageError(f"{name} is missing from modelyard's package; reinstall modelyard")
+
+
 Progress = Callable[[str], None]
 
 
@@ -168,13 +175,15 @@ def _pip(*args: str) -> None:
 
 
 def flat_wheels(house: Path, wheels: Path) -> Path:
-    """The serving runtime's wheels in one folder: the pinned requirements plus modelyard's."""
+    """The serving runtime's wheels in one folder: the pinned requirements plus modelyard's, and
+    the script that installs them."""
     wheels.mkdir(parents=True)
     for wheel in (house / "deps").glob("*.whl"):
         shutil.copy2(wheel, wheels)
     for wheel in (house / "modelyard").rglob("modelyard-*.whl"):
         shutil.copy2(wheel, wheels)
     shutil.copy2(house / "requirements.txt", wheels / "requirements.txt")
+    shutil.copy2(shipped_file(INSTALLER), wheels / INSTALLER)
     return wheels
 
 
@@ -182,7 +191,7 @@ def build_context(house: Path, bundle: Path, trusted_keys: str, dest: Path) -> P
     flat_wheels(house, dest / "wheels")
     shutil.copytree(bundle, dest / "bundle", ignore=shutil.ignore_patterns("*.tar.gz"))
     (dest / "trusted_keys").write_text(trusted_keys.replace(",", "\n") + "\n")
-    shutil.copy2(next(p for p in _DOCKERFILES if p.is_file()), dest / "Dockerfile")
+    shutil.copy2(shipped_file("Dockerfile"), dest / "Dockerfile")
     return dest
 
 
