@@ -51,7 +51,8 @@ def model_folder(workspace: Path, tracking_uri: str, name: str, model_version: s
         "name": name, "implementation": "mlserver_sklearn.SKLearnModel",
         "parameters": {"uri": "./model.joblib", "version": model_version},
     }))  # fmt: skip
-    http, grpc, metrics = free_ports(3)
+    http = free_ports(3)
+    grpc, metrics = http + 1, http + 2
     (folder / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "http_port": http, "grpc_port": grpc, "metrics_port": metrics,
         "parallel_workers": os.cpu_count() or 1, "debug": False,

@@ -311,6 +311,10 @@ class Peer:
     ready_s: float = 0.0
 
 
+def _number(value: object) -> object:
+    return float(value) if isinstance(value, int | float) else value
+
+
 def _mlflow_shape(split: dict) -> dict:
     return {"dataframe_split": split}
 
@@ -367,7 +371,8 @@ def serve_all(
     try:
         row = {peer.name: peer.predictions(ask(peer.url, peer.request(ROW), peer.auth))
                for peer in peers}  # fmt: skip
-        if len({json.dumps(answer) for answer in row.values()}) != 1:
+        # As numbers: MLServer gives a label 1 as 1.0.
+        if len({json.dumps([_number(v) for v in answer]) for answer in row.values()}) != 1:
             sys.exit(f"the servers disagree on the benchmark row ({label}): {row}")
         for c in CONCURRENCY:
             for peer in peers:
