@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from modelyard.bins import VECTOR_FROM, categorical_bins, numeric_bins, psi
 from modelyard.monitor.drift import ordered_bins
 from modelyard.ports import free_port, free_ports
+from modelyard.serve.metrics import LATENCY_BUCKETS, _Tally
 from tests.conftest import ROOT, Project, example_data, examples
 from tests.test_deploy import _stop_services
 from tests.test_triggers import Stack, wait_until
@@ -98,6 +99,23 @@ def test_bins_count_many_values_at_once_as_they_count_one_by_one(numbers, texts,
         at_once = [0] * len(bins.labels)
         bins.count(np.array(batch, dtype=object) if as_array else batch, at_once)
         assert at_once == [n * repeats for n in one_by_one]
+
+
+@given(scores=st.lists(st.one_of(st.sampled_from(LATENCY_BUCKETS), st.floats(0, 6, width=32)),
+                      min_size=1, max_size=200), wide=st.booleans())  # fmt: skip
+@settings(max_examples=examples(40), deadline=None)
+def test_a_batchs_scores_fill_the_histogram_as_one_by_one(scores, wide):
+    """The prediction histogram's buckets and sum for a batch, counted at once, equal the
+    one-value-at-a-time ones, values on the bucket bounds included."""
+    batch = np.array(
+        scores * (1 + VECTOR_FROM // len(scores)), dtype=np.float64 if wide else np.float32
+    )
+    at_once, one_by_one = _Tally(LATENCY_BUCKETS), _Tally(LATENCY_BUCKETS)
+    at_once.add_all(batch)
+    for value in batch.tolist():
+        one_by_one.add(value)
+    assert at_once.counts == one_by_one.counts
+    assert at_once.total == pytest.approx(one_by_one.total, rel=1e-12)
 
 
 # --- the loop, end to end ------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class _Tally:
         slots[np.isnan(values)] = 0  # where `bisect_left` puts a NaN
         for slot, n in enumerate(np.bincount(slots, minlength=len(self.counts)).tolist()):
             self.counts[slot] += n
-        self.total += float(values.sum())
+        self.total += float(values.sum(dtype=np.float64))
 
     def drain_into(self, child: Any) -> None:
         # prometheus_client keeps one value per bucket (non-cumulative) and a sum; add to them.
