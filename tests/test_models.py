@@ -21,6 +21,8 @@ from modelyard.data import Splits, conform, model_input, split
 from modelyard.package.build import build_bundle, frame_columns
 from modelyard.package.onnx import ExportError
 from modelyard.package.pmml import export_pmml, pmml_for, prove_pmml
+from modelyard.serve import codecs
+from modelyard.serve import runtime as runtime_module
 from modelyard.serve.app import ServingApp
 from modelyard.serve.runtime import Runtime
 from modelyard.spec import Behaviour, Gates, Spec
@@ -110,6 +112,7 @@ def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) ->
     assert built.parity.passed and built.parity.rows == len(splits.eval)
     runtime = Runtime(verify(built.path, parse_public_keys(_public(key))))
     assert [c.name for c in runtime.columns] == spec.feature_names  # requests keep the names
+    _assert_parts_answer_as_the_whole(runtime, splits.eval.loc[:, spec.feature_names])
     rows = splits.eval.loc[:, spec.feature_names].head(20)
     mlflow, v2 = asyncio.run(_ask(ServingApp(runtime), rows))
     expected = trained.eval_scores[:20]
@@ -132,6 +135,24 @@ def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) ->
         predict = next(o for o in v2["outputs"] if o["name"] == "predict")
         assert predict["datatype"] == ("INT64" if coded else "BYTES")
         assert predict["data"] == mlflow["predictions"]
+
+
+def _assert_parts_answer_as_the_whole(runtime: Runtime, frame: pd.DataFrame) -> None:
+    """A batch large enough to run in parts, side by side, answers row for row as one run of
+    the whole batch does."""
+    # Drawn, not tiled: every part must hold rows of its own for the order to show.
+    many = frame.sample(3 * runtime_module.PART_ROWS + 7, replace=True, random_state=0)
+    feeds, _ = codecs.to_feeds(frame_columns(many), runtime.columns, max_rows=len(many))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime_module, "_CORES", 3)  # parts even on a one-core machine
+        in_parts = runtime.predict(feeds)
+        patch.setattr(runtime_module, "PART_ROWS", len(many) + 1)
+        whole = runtime.predict(feeds)
+    np.testing.assert_array_equal(in_parts.values, whole.values)
+    if whole.probabilities is not None:
+        np.testing.assert_allclose(
+            in_parts.probabilities, whole.probabilities, rtol=1e-6, atol=1e-9
+        )
 
 
 @pytest.mark.slow  # a JVM per case: about two minutes for the matrix, so `make test` only

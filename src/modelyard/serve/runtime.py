@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -93,13 +97,43 @@ class Runtime:
     def predict(self, feeds: dict[str, np.ndarray]) -> Prediction:
         """`feeds`: an (n, 1) array per graph input: numbers as the graph declares them (float64
         in current bundles, float32 in older ones), str objects for categorical."""
-        outputs = self.session.run(None, feeds)
+        outputs = self._outputs(feeds)
         if self.task == "regression":
             return Prediction(values=outputs[0].reshape(-1).astype(np.float64), probabilities=None)
         labels, probabilities = outputs[0].reshape(-1), outputs[1].astype(np.float64)
         if self.task == "binary_classification":
             return Prediction(values=labels.astype(np.int64), probabilities=probabilities[:, 1])
         return Prediction(values=labels, probabilities=probabilities)
+
+    def _outputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The session's outputs; a batch of 2 × `PART_ROWS` rows or more runs in parts, one
+        per core, side by side."""
+        rows = len(next(iter(feeds.values())))
+        parts = min(_CORES, rows // PART_ROWS)
+        if parts < 2:
+            return list(self.session.run(None, feeds))
+        cuts = np.linspace(0, rows, parts + 1, dtype=int).tolist()
+        pieces = [{k: v[a:b] for k, v in feeds.items()} for a, b in pairwise(cuts)]
+        later = [_parts_pool().submit(self.session.run, None, piece) for piece in pieces[1:]]
+        answered = [self.session.run(None, pieces[0]), *(f.result() for f in later)]
+        return [np.concatenate(output) for output in zip(*answered, strict=True)]
+
+
+# The session has one thread, so a one-row request pays no thread hand-offs, but a large batch
+# (a 10,000-row request, a batch-scoring chunk) would then use one core. `run` releases the GIL
+# and may be called from several threads, so such a batch runs in parts on every core at once,
+# on the same session: no second copy of the model in memory (a forest's 10,000 rows: 83 ms in
+# one part, 40 ms in two on two cores). Rows are predicted independently, so the parts' outputs
+# put back in order are the whole batch's.
+PART_ROWS = 1024
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def _parts_pool() -> ThreadPoolExecutor:
+    """Threads for a large batch's other parts (the caller's thread runs the first), made at
+    first use: in a serving worker, after the fork."""
+    return ThreadPoolExecutor(max_workers=max(_CORES - 1, 1), thread_name_prefix="onnx-part")
 
 
 _NUMBER_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}
