@@ -1,16 +1,18 @@
-"""Serving benchmark: modelyard's server vs `mlflow models serve` on the same MLflow version,
-against the machine's own limit.
+"""Serving benchmark: modelyard's server vs `mlflow models serve` and MLServer on the same MLflow
+version, against the machine's own limit.
 
 Three models on the ad-clicks data: the example's logistic regression, a random forest and
-LightGBM. For each, both servers run side by side on this machine with one process per core,
-answering one-row requests from wrk over loopback with keep-alive at several concurrencies.
-modelyard runs with bearer auth and Prometheus metrics on. The yardstick is what the machine
-answers with no application at all: nginx's `return 200` with as many workers, measured in the
-same run; modelyard's no-op route (GET /health/live) is printed beside it. Each server's memory
-(RSS and PSS of its parent and workers, from /proc) and its time from start to ready are printed
-too. Prints a Markdown table; `--write` replaces the serving section of docs/benchmarks.md.
+LightGBM. For each, the three servers run side by side on this machine with one process per
+core (started one after another, measured in turn), answering one-row requests from wrk over
+loopback with keep-alive at several concurrencies. modelyard runs with bearer auth and
+Prometheus metrics on. The yardstick is what the machine answers with no application at all:
+nginx's `return 200` with as many workers, measured in the same run; modelyard's no-op route
+(GET /health/live) is printed beside it. Each server's memory (RSS and PSS of its parent and
+workers, from /proc), its time from start to ready and one 10,000-row request's time are
+printed too, and the image's and a process-runtime host's environment's sizes. Prints a
+Markdown table; `--write` replaces the serving section of docs/benchmarks.md.
 
-Usage: python -m bench.serving [--seconds 10] [--write]
+Usage: python -m bench.serving [--seconds 10] [--write] [--without-mlserver]
 """
 
 from __future__ import annotations
@@ -253,7 +255,7 @@ def wrk(
 
 
 def ask(url: str, body: dict, auth: bool) -> dict:
-    """One request before measuring: both servers must answer 200 and agree."""
+    """One request before measuring: the server must answer 200 (the caller compares the answers)."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=_headers(auth))
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -491,8 +493,8 @@ def main() -> None:
 def write_doc(text: str, facts: dict[str, str], seconds: int) -> None:
     replace_section("serving", (
         f"{stamp()}; {facts['versions']}; {facts['workers']} worker processes per server, "
-        f"wrk {seconds} s per cell, one-row `dataframe_split` requests with keep-alive, both servers "
-        "running side by side. Command: `make bench`.\n\n" + text
+        f"wrk {seconds} s per cell, one-row requests with keep-alive, the servers "
+        "running side by side and measured in turn. Command: `make bench`.\n\n" + text
     ))  # fmt: skip
 
 
