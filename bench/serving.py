@@ -359,13 +359,23 @@ def start_peers(
         launches.append((MLSERVER, [str(mlserver), "start", str(folder)], dict(os.environ),
                          bench_mlserver.port(folder), "/v2/health/ready", f"/v2/models/{name}/infer",
                          False, bench_mlserver.v2_request, bench_mlserver.predictions))  # fmt: skip
-    for server, command, server_env, port, ready, route, auth, shape, read in launches:
-        log = workspace / f"{name}-{server.split()[0].lower()}.log"
-        process = start(command, server_env, log)
-        peer = Peer(server, process, f"http://127.0.0.1:{port}{route}", auth, shape, read)
-        peers.append(peer)
-        peer.ready_s = wait_ready(f"http://127.0.0.1:{port}{ready}", process, log)
+    try:
+        for server, command, server_env, port, ready, route, auth, shape, read in launches:
+            log = workspace / f"{name}-{server.split()[0].lower()}.log"
+            process = start(command, server_env, log)
+            peer = Peer(server, process, f"http://127.0.0.1:{port}{route}", auth, shape, read)
+            peers.append(peer)
+            peer.ready_s = wait_ready(f"http://127.0.0.1:{port}{ready}", process, log)
+    except BaseException:  # one that never got ready (sys.exit): stop those already up
+        stop_peers(peers)
+        raise
     return peers
+
+
+def stop_peers(peers: list[Peer]) -> None:
+    for peer in peers:
+        peer.process.terminate()
+        peer.process.wait(timeout=30)
 
 
 def serve_all(
@@ -402,9 +412,7 @@ def serve_all(
         footprints = [Footprint(peer.name, peer.ready_s, *tree_memory(peer.process.pid))
                       for peer in peers]  # fmt: skip
     finally:
-        for peer in peers:
-            peer.process.terminate()
-            peer.process.wait(timeout=30)
+        stop_peers(peers)
     return results, large, footprints
 
 
