@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,19 +11,24 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 
-def lint_imports(*args: str) -> subprocess.CompletedProcess:
+def lint_imports(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess:
+    """lint-imports on the sources under `root` (found first on the path, before the editable
+    install's), with the contracts of its pyproject.toml."""
     lint = Path(sys.executable).with_name("lint-imports")
-    return subprocess.run([str(lint), *args], cwd=ROOT, capture_output=True, text=True)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    return subprocess.run([str(lint), *args], cwd=root, capture_output=True, text=True, env=env)
 
 
-def lint_with_probe(module: str, source: str) -> subprocess.CompletedProcess:
-    """lint-imports with a planted module (a path under src/modelyard), removed afterwards."""
-    probe = ROOT / "src" / "modelyard" / module
-    probe.write_text(source)
-    try:
-        return lint_imports("--no-cache")
-    finally:
-        probe.unlink()
+def lint_with_probe(module: str, source: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """lint-imports on a copy of the sources with a planted module (a path under
+    src/modelyard). A copy: planted in the checkout, it broke the contracts for every test
+    and lint run reading the tree at the same time (seen in `make check`, another worker)."""
+    for package in ("src/modelyard", "flows"):
+        shutil.copytree(ROOT / package, tmp_path / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copy2(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "src" / "modelyard" / module).write_text(source)
+    return lint_imports("--no-cache", root=tmp_path)
 
 
 def test_import_contracts_hold():
@@ -31,9 +38,9 @@ def test_import_contracts_hold():
     assert "The core's layers KEPT" in done.stdout
 
 
-def test_contract_catches_a_violation():
+def test_contract_catches_a_violation(tmp_path: Path):
     """The contract is live: a core module that imports prefect breaks it."""
-    done = lint_with_probe("_contract_probe.py", "import prefect  # noqa: F401\n")
+    done = lint_with_probe("_contract_probe.py", "import prefect  # noqa: F401\n", tmp_path)
     assert done.returncode != 0
     assert "modelyard._contract_probe -> prefect" in done.stdout
 
@@ -53,9 +60,10 @@ def test_no_two_top_level_modules_import_each_other() -> None:
     assert not cycles, f"modules importing each other: {cycles}"
 
 
-def test_layers_contract_catches_an_import_pointing_up() -> None:
+def test_layers_contract_catches_an_import_pointing_up(tmp_path: Path) -> None:
     """The serving app importing the stages (a layer above it) breaks the layers contract."""
-    done = lint_with_probe("serve/_layer_probe.py", "import modelyard.stages  # noqa: F401\n")
+    done = lint_with_probe("serve/_layer_probe.py", "import modelyard.stages  # noqa: F401\n",
+                           tmp_path)  # fmt: skip
     assert done.returncode != 0
     assert "The core's layers BROKEN" in done.stdout
     assert "modelyard.serve._layer_probe -> modelyard.stages" in done.stdout
