@@ -83,8 +83,7 @@ class Bins:
         # `bisect_right`'s rule, on every value at once.
         slot = np.searchsorted(np.asarray(self.edges, dtype=np.float64), numbers, side="right")
         slot[np.isnan(numbers)] = missing
-        for i, n in enumerate(np.bincount(slot, minlength=len(self.labels)).tolist()):
-            counts[i] += n
+        add_slots(counts, slot)
         return True
 
     @cached_property
@@ -123,20 +122,31 @@ class Bins:
 
 
 def _as_numbers(values: list[Any] | np.ndarray) -> np.ndarray | None:
-    """Float64 with NaN for None, or None unless every value is a number or missing (numpy
-    would read the text "1.5" as a number, where the loop refuses it)."""
+    """Float64 with NaN for None, or None unless every value is a number or missing."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
         return values.astype(np.float64)
-    listed = values.tolist() if isinstance(values, np.ndarray) else values
-    if not set(map(type, listed)) <= _NUMBER_TYPES:
+    return as_float64(values.tolist() if isinstance(values, np.ndarray) else values, _NUMBER_TYPES)
+
+
+_NUMBER_TYPES: frozenset[type] = frozenset({int, float, bool, type(None)})
+
+
+def as_float64(values: Sequence[Any], kinds: frozenset[type]) -> np.ndarray | None:
+    """`values` as float64 (None becomes NaN) when the type of each is exactly one of `kinds`;
+    None otherwise, or for an integer beyond float64. The types are checked first: numpy would
+    read the text "1.5" as a number."""
+    if not set(map(type, values)) <= kinds:
         return None
     try:
-        return np.asarray(listed, dtype=np.float64)  # None becomes NaN
-    except OverflowError:  # an integer beyond float64
+        return np.asarray(values, dtype=np.float64)
+    except OverflowError:
         return None
 
 
-_NUMBER_TYPES = frozenset({int, float, bool, type(None)})
+def add_slots(counts: list[int], slots: np.ndarray) -> None:
+    """Add to each of `counts` how many of `slots` hold its index."""
+    for i, n in enumerate(np.bincount(slots, minlength=len(counts)).tolist()):
+        counts[i] += n
 
 
 def numeric_bins(values: Sequence[float], edges: Sequence[float] | None = None) -> Bins:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from modelyard.bins import VECTOR_FROM
+from modelyard.bins import VECTOR_FROM, as_float64
 from modelyard.serve.runtime import Column, Prediction
 from modelyard.values import category_text
 
@@ -225,7 +225,7 @@ def _flatten(data: list[Any]) -> list[Any]:
 Values = dict[str, list[Any]]  # validated: floats (NaN for missing) or strings ("" for missing)
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # numeric inputs are float32 tensors
 _LIST = frozenset({list})
-_NUMBERS = frozenset({int, float, type(None)})
+_NUMBERS: frozenset[type] = frozenset({int, float, type(None)})
 _TEXT, _TEXT_OR_NONE, _NONE = frozenset({str}), frozenset({str, type(None)}), frozenset({None})
 
 
@@ -306,11 +306,8 @@ def _all_numbers(column: Column, values: list[Any]) -> list[float] | None:
     """The column as floats (NaN for missing) when every value is an int or a float within
     float32's range, or missing where the column may be; checked a column at a time. None
     otherwise: the loop then finds the row to name."""
-    if not set(map(type, values)) <= _NUMBERS:  # `type is`: a bool is not a number here
-        return None
-    try:
-        numbers = np.asarray(values, dtype=np.float64)  # None becomes NaN
-    except OverflowError:  # an integer beyond float64
+    numbers = as_float64(values, _NUMBERS)  # `type is`: a bool is not a number here
+    if numbers is None:
         return None
     fits = np.abs(numbers) <= FLOAT32_MAX  # False for NaN and infinities
     if not fits.all() and not (column.nullable and (fits | np.isnan(numbers)).all()):

@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from modelyard.bins import VECTOR_FROM, Bins
+from modelyard.bins import VECTOR_FROM, Bins, add_slots
 
 if TYPE_CHECKING:
     from modelyard.serve.shadow import Comparison
@@ -65,8 +65,7 @@ class _Tally:
             return
         slots = np.searchsorted(np.asarray(self.bounds), values, side="left")
         slots[np.isnan(values)] = 0  # where `bisect_left` puts a NaN
-        for slot, n in enumerate(np.bincount(slots, minlength=len(self.counts)).tolist()):
-            self.counts[slot] += n
+        add_slots(self.counts, slots)
         self.total += float(values.sum(dtype=np.float64))
 
     def drain_into(self, child: Any) -> None:

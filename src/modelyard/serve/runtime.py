@@ -126,7 +126,7 @@ class Runtime:
 # one part, 40 ms in two on two cores). Rows are predicted independently, so the parts' outputs
 # put back in order are the whole batch's.
 PART_ROWS = 1024
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_CORES = os.cpu_count() or 1  # as the server counts them for its default number of workers
 
 
 @functools.cache
