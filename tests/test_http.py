@@ -112,6 +112,24 @@ def test_chunked_bodies_are_joined_and_an_oversized_one_is_cut_one_byte_past_the
     with_server(test)
 
 
+def test_after_a_large_body_is_answered_its_memory_is_given_back(monkeypatch) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(http, "TRIM_AFTER_BYTES", MAX_BODY // 2)
+    monkeypatch.setattr(http, "_MALLOC_TRIM", trims.append)
+
+    async def test(port: int, app: EchoApp, stop: asyncio.Event) -> None:
+        reader, writer = await connect(port)
+        for size in (MAX_BODY // 2 - 1, MAX_BODY // 2):
+            writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % size
+                         + b"x" * size)  # fmt: skip
+            assert (await response(reader))[2] == f"POST /p {size}".encode()
+        await asyncio.sleep(0)  # the trim is queued behind the answer
+        assert trims == [0]  # after the large body alone
+        writer.close()
+
+    with_server(test)
+
+
 def test_http_1_0_and_connection_close_end_the_connection_after_the_answer() -> None:
     async def test(port: int, app: EchoApp, stop: asyncio.Event) -> None:
         for request in (b"GET /a HTTP/1.0\r\n\r\n",

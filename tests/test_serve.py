@@ -299,6 +299,23 @@ def test_metrics_count_requests_predictions_and_never_a_500(ads_server):
     assert httpx.get(f"{ads_server.url}/health/live").status_code == 200  # still up after it all
 
 
+def test_the_supervisor_holds_no_model_or_bundle_code(ads_server):
+    """Every page the supervisor maps is counted again in each worker it forks: it checks the
+    bundle in a child of its own and never loads ONNX Runtime, numpy or cryptography, which the
+    workers load for themselves."""
+    supervisor = ads_server.process.pid  # `modelyard serve` execs the server in its process
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
+    workers = [int(pid) for pid in children.split()]
+    assert len(workers) == 2
+
+    def libraries(pid: int) -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    for library in ("onnxruntime", "_multiarray_umath", "cryptography"):
+        assert library not in libraries(supervisor), library
+        assert all(library in libraries(worker) for worker in workers), library
+
+
 def test_a_shadow_compares_the_copies_it_gets_with_the_serving_version(ads: Built, tmp_path):
     """A slot started with the serving version's bundle as its reference predicts each request
     the front door copies to it (X-Modelyard-Shadow) with both, and counts the rows whose class

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import email.utils
 import signal
 import socket
@@ -40,6 +41,11 @@ MAX_QUEUED = 16
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+# After a large request (a 10,000-row body is about 440 KB) the C allocator keeps the pages its
+# decoding used; glibc's malloc_trim gives the free ones back: about 6 MB a worker after
+# 10,000-row requests, for 0.1 ms. Other C libraries (musl) have no such call and need none.
+TRIM_AFTER_BYTES = 256 * 1024
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 class App(Protocol):
@@ -223,6 +229,9 @@ class Connection(asyncio.Protocol):
             head.append(content)
         self.transport.write(b"".join(head))  # one write: head and body leave in one segment
         app.answered(route, status, started)
+        if len(body) >= TRIM_AFTER_BYTES and _MALLOC_TRIM is not None:
+            # Queued: by the time it runs, this request's objects are gone.
+            asyncio.get_running_loop().call_soon(_MALLOC_TRIM, 0)
         if not keep_alive:
             self._close()
         elif self.drained is not None:
