@@ -42,7 +42,7 @@ _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: cl
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 # After a large request (a 10,000-row body is about 440 KB) the C allocator keeps the pages its
-# decoding used; glibc's malloc_trim gives the free ones back: about 6 MB a worker after
+# decoding used; glibc's malloc_trim gives the free ones back: about 4 MB a worker after
 # 10,000-row requests, for 0.1 ms. Other C libraries (musl) have no such call and need none.
 TRIM_AFTER_BYTES = 256 * 1024
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
