@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import gc
 import glob
 import importlib.util
+import itertools
 import os
 import random
 import shutil
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import yaml
+from _pytest.mark.expression import Expression
 from hypothesis import HealthCheck, settings
 
 from modelyard.config import Settings, disable_telemetry
@@ -150,6 +155,80 @@ def _machine_cpu_seconds() -> float:
     with open("/proc/stat") as stat:
         ticks = [int(n) for n in stat.readline().split()[1:]]
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """A test module none of whose tests the `-m` expression can select is left out without
+    being imported: `make check` then never loads the integration modules' Prefect, MLflow
+    server and pipeline imports (3 s of each worker's collection)."""
+    expression = config.option.markexpr
+    if expression and collection_path.name.startswith("test_") and collection_path.suffix == ".py":
+        return unselectable(collection_path, expression) or None
+    return None
+
+
+def unselectable(module: Path, expression: str) -> bool:
+    """Whether `expression` (as `-m` takes it) selects no test of `module`, judged from the
+    marks its `pytestmark` gives every test, whatever other marks each test may have."""
+    given = module_marks(module)
+    if "docker" in given:
+        given.add("integration")  # as pytest_itemcollected marks each of its tests
+    compiled = Expression.compile(expression)
+    free = sorted(compiled.idents() - given)
+    for chosen in itertools.product((False, True), repeat=len(free)):
+        present = given | {name for name, on in zip(free, chosen, strict=True) if on}
+        try:
+            if compiled.evaluate(functools.partial(_has_mark, present)):
+                return False
+        except _Undecided:
+            return False
+    return True
+
+
+class _Undecided(Exception):
+    """A mark's arguments are asked for (`-m "slow(reason='x')"`): pytest judges those."""
+
+
+def _has_mark(present: set[str], name: str, /, **kwargs: object) -> bool:
+    if kwargs:
+        raise _Undecided
+    return name in present
+
+
+def module_marks(module: Path) -> set[str]:
+    """The names of the marks a module's last top-level `pytestmark = ...` gives all its tests;
+    none if it is set any other way (in a block, added to), as only importing would tell."""
+    try:
+        tree = ast.parse(module.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return set()  # pytest reports it when it imports the module
+    top = [node for node in tree.body
+           if isinstance(node, ast.Assign) and _sets_pytestmark(node)]  # fmt: skip
+    stores = [node for node in ast.walk(tree)
+              if isinstance(node, ast.Name) and node.id == "pytestmark"
+              and isinstance(node.ctx, ast.Store)]  # fmt: skip
+    if not top or len(stores) != sum(map(_sets_pytestmark, top)):
+        return set()
+    return {
+        node.attr for node in ast.walk(top[-1].value)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "mark"
+    }  # fmt: skip
+
+
+def _sets_pytestmark(node: ast.Assign) -> int:
+    """How many of `node`'s targets are `pytestmark`."""
+    return sum(
+        isinstance(target, ast.Name) and target.id == "pytestmark" for target in node.targets
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After pytest's own last collection: each test process then exits without the
+    interpreter's final collections over all the tests imported (2-3 s a worker; as the CLI
+    does, modelyard.cli)."""
+    gc.freeze()
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:

@@ -220,3 +220,37 @@ class LoadLoop:
                 # ~200 requests/s per host by default: enough to catch a dropped switch,
                 # without starving the Ansible run under test of the machine's two cores.
                 self._stop.wait(self.pause)
+
+
+def stop_services(*roots: Path) -> None:
+    """Stop what the tests deployed under `roots`: containers by their root label, supervisord
+    per service root. Nothing else on the engine is touched."""
+    listed = subprocess.run(
+        ["docker", "ps", "-a", "--filter", "label=io.modelyard.root",
+         "--format", '{{.ID}} {{.Label "io.modelyard.root"}}'],
+        capture_output=True, text=True,
+    ).stdout.splitlines()  # fmt: skip
+    ids = [line.split()[0] for line in listed
+           if any(line.split(maxsplit=1)[1].startswith(str(root)) for root in roots)]  # fmt: skip
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+    for root in roots:
+        for conf in root.rglob("supervisord.conf"):
+            subprocess.run(["supervisorctl", "-c", str(conf), "shutdown"], capture_output=True)
+
+
+def version_at(url: str, key: str | None = None, verify: ssl.SSLContext | bool = True) -> str:
+    """The version that answers at `url` (as a client sending X-Modelyard-Key `key`)."""
+    headers = {"X-Modelyard-Key": key} if key else {}
+    response = httpx.get(f"{url}/version", headers=headers, timeout=5, verify=verify)
+    assert response.status_code == 200, f"{url}: {response.status_code} {response.text[:300]}"
+    return response.json()["model_version"]
+
+
+def remove_image(tags: dict[str, str]) -> None:
+    """Take a version's image off the engine (every tag of it), so that a deploy must pull it."""
+    refs = [tags["image_local_ref"], f"{tags['image_repository']}:{tags['image_tag']}",
+            tags["image_ref"]]  # fmt: skip
+    subprocess.run(["docker", "rmi", "--force", *refs], capture_output=True)
+    gone = subprocess.run(["docker", "image", "inspect", tags["image_ref"]], capture_output=True)
+    assert gone.returncode != 0, "the image is still on the engine; the deploy would not pull"

@@ -20,7 +20,7 @@ from modelyard import stack
 from modelyard.config import Settings
 from modelyard.ports import free_port
 from tests.conftest import ROOT
-from tests.test_triggers import wait_until
+from tests.stacks import wait_until
 
 RULES = ROOT / "infra" / "prometheus"
 SECRETS = {"password": "relay-pass-7d1f", "token": "hook-token-93ab", "url": "s3cr3t-path"}

@@ -16,7 +16,10 @@ from pydantic import SecretStr
 from modelyard.config import Settings
 from modelyard.errors import ModelyardError
 from modelyard.registry import signed_in_user
-from tests.test_triggers import Stack
+from tests.stacks import Stack
+
+# Every test here needs a server: `make check` need not even import the module.
+pytestmark = pytest.mark.integration
 
 ADMIN, PASSWORD = "yard-admin", "team-stack-password-7f3a9c"
 AUTH_STRING = "ops:team-prefect-secret-51be02"

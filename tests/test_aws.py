@@ -27,9 +27,15 @@ from modelyard.package.push import push_image
 from modelyard.ports import free_ports
 from modelyard.stack import ensure_bucket
 from tests.conftest import ROOT, Project
-from tests.hosts import SshHosts, start_ssh_hosts, stop_ssh_hosts
-from tests.test_deploy import _stop_services, version_at
-from tests.test_triggers import Stack
+from tests.hosts import (
+    SshHosts,
+    remove_image,
+    start_ssh_hosts,
+    stop_services,
+    stop_ssh_hosts,
+    version_at,
+)
+from tests.stacks import Stack
 
 pytestmark = pytest.mark.docker
 REGION = "eu-west-1"
@@ -75,7 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, aws: dict)
                   "MODELYARD_IMAGE_PUSH_HOST": stack.url("registry").removeprefix("http://")}  # fmt: skip
     yield stack
     stack.cli("stack", "down")
-    _stop_services(stack.workspace)
+    stop_services(stack.workspace)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +157,7 @@ def test_pipeline_keeps_artifacts_in_s3_and_images_in_ecr_and_deploy_pulls_by_di
     assert manifest.headers["Docker-Content-Digest"] == tags["image_digest"]
 
     # Deploy pulls by digest: the image is gone from the engine before the deploy.
-    _remove_image(tags)
+    remove_image(tags)
     deployed = stack.cli("deploy", "staging", "--version", "1", "--spec", spec)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     assert version_at(f"http://127.0.0.1:{port}") == "1"
@@ -203,14 +209,6 @@ def _check_kms_only_policy(s3: object, aws: dict, key: str) -> None:
     )
     (rule,) = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
     assert rule["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"] == key
-
-
-def _remove_image(tags: dict[str, str]) -> None:
-    refs = [tags["image_local_ref"], f"{tags['image_repository']}:{tags['image_tag']}",
-            tags["image_ref"]]  # fmt: skip
-    subprocess.run(["docker", "rmi", "--force", *refs], capture_output=True)
-    gone = subprocess.run(["docker", "image", "inspect", tags["image_ref"]], capture_output=True)
-    assert gone.returncode != 0, "the image is still on the engine; the deploy would not pull"
 
 
 def _image_config(ref: str) -> str:
@@ -277,7 +275,7 @@ def test_ec2_hosts_found_by_tags_receive_the_deploy(
         for host in ssh_hosts.hosts:
             assert version_at(f"http://127.0.0.1:{fronts[host.name]}") == "1"
     finally:
-        _stop_services(tmp_path)  # the hosts' services live under the test's folder
+        stop_services(tmp_path)  # the hosts' services live under the test's folder
     history = json.loads(stack.cli("history", model, "--env", "production", "--json").stdout)
     assert set(history[0]["hosts"].split(",")) == set(chosen.values())
     assert SECRET not in deployed.stdout + deployed.stderr

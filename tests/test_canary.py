@@ -27,7 +27,7 @@ from modelyard.monitor.drift import Prometheus
 from modelyard.serve.metrics import LATENCY_BUCKETS
 from tests.conftest import free_port
 from tests.serving import TOKEN, Server, build_example
-from tests.test_triggers import wait_until
+from tests.stacks import wait_until
 
 BOUNDS = (*LATENCY_BUCKETS, math.inf)
 LIMITS = Thresholds(

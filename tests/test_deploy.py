@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -59,10 +58,13 @@ from tests.hosts import (
     lose_host,
     restore_host,
     start_ssh_hosts,
+    stop_services,
     stop_ssh_hosts,
     v2_batches,
+    version_at,
 )
 from tests.serving import SERVING_IMPORTS, unused_distributions
+from tests.stacks import wait_until
 from tests.tls import assert_modern_tls_only
 
 pytestmark = pytest.mark.docker
@@ -95,30 +97,13 @@ def registered(
             state = pipeline(spec_path=str(project.spec_path), deploy=False, return_state=True)
             assert state.is_completed(), state.message
         yield project
-        _stop_services(root / "workspace")
+        stop_services(root / "workspace")
 
 
 @pytest.fixture(autouse=True)
 def _stop_test_services(tmp_path: Path) -> Iterator[None]:
     yield
-    _stop_services(tmp_path)
-
-
-def _stop_services(*roots: Path) -> None:
-    """Stop what the tests deployed under `roots`: containers by their root label, supervisord
-    per service root. Nothing else on the engine is touched."""
-    listed = subprocess.run(
-        ["docker", "ps", "-a", "--filter", "label=io.modelyard.root",
-         "--format", '{{.ID}} {{.Label "io.modelyard.root"}}'],
-        capture_output=True, text=True,
-    ).stdout.splitlines()  # fmt: skip
-    ids = [line.split()[0] for line in listed
-           if any(line.split(maxsplit=1)[1].startswith(str(root)) for root in roots)]  # fmt: skip
-    if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
-    for root in roots:
-        for conf in root.rglob("supervisord.conf"):
-            subprocess.run(["supervisorctl", "-c", str(conf), "shutdown"], capture_output=True)
+    stop_services(tmp_path)
 
 
 def env_spec(project: Project, name: str, environments: dict, **deploy: object) -> Spec:
@@ -127,14 +112,6 @@ def env_spec(project: Project, name: str, environments: dict, **deploy: object) 
     path = project.spec_path.with_name(f"{name}.yaml")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_spec(path)
-
-
-def version_at(url: str, key: str | None = None, verify: ssl.SSLContext | bool = True) -> str:
-    """The version that answers at `url` (as a client sending X-Modelyard-Key `key`)."""
-    headers = {"X-Modelyard-Key": key} if key else {}
-    response = httpx.get(f"{url}/version", headers=headers, timeout=5, verify=verify)
-    assert response.status_code == 200, f"{url}: {response.status_code} {response.text[:300]}"
-    return response.json()["model_version"]
 
 
 def ssh_env(
@@ -365,7 +342,7 @@ def open_folder() -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="modelyard-open-", dir="/tmp"))
     folder.chmod(0o755)
     yield folder
-    _stop_services(folder)
+    stop_services(folder)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -1179,7 +1156,6 @@ def test_a_canary_walks_its_steps_under_load_and_a_failing_one_goes_back(
         stderr=subprocess.STDOUT,
         env=process_environment({"MODELYARD_PROMETHEUS_URL": settings.prometheus}),
     )  # fmt: skip
-    from tests.test_triggers import wait_until  # tests.test_triggers imports this module
 
     try:
         wait_until("the canary to take its share",

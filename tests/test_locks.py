@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from flows.locks import limit_name, release_lock
 from modelyard.config import Settings
 from modelyard.deploy.locks import ReleaseConflict, workspace_lock
 
@@ -85,6 +84,8 @@ def test_an_asker_that_loses_by_a_hair_still_names_the_holder(tmp_path: Path) ->
 
 
 def test_prefect_lock_is_one_slot_per_model_and_environment(prefect_api: str) -> None:
+    from flows.locks import limit_name, release_lock  # Prefect: this test's alone
+
     lock = release_lock(Settings(prefect_api_url=prefect_api))
     held, release = threading.Event(), threading.Event()
 

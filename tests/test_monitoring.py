@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from modelyard.ports import free_port, free_ports
 from tests.conftest import ROOT, Project, example_data
-from tests.test_deploy import _stop_services
-from tests.test_triggers import Stack, wait_until
+from tests.hosts import stop_services
+from tests.stacks import Stack, wait_until
 
 RULES = ROOT / "infra" / "prometheus"
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "modelyard-model.json"
@@ -89,7 +89,7 @@ def stack(
     assert WEBHOOK_TOKEN not in up.stdout + up.stderr
     yield stack
     stack.cli("stack", "down")
-    _stop_services(stack.workspace)
+    stop_services(stack.workspace)
 
 
 pytestmark = pytest.mark.docker

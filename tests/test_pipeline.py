@@ -33,6 +33,9 @@ from modelyard.registry import bundle_folder
 from modelyard.spec import load_spec
 from tests.conftest import Project, environment, run_cli, wait_for
 
+# Every test here needs a server: `make check` need not even import the module.
+pytestmark = pytest.mark.integration
+
 GATES = ("gate.data", "gate.model", "gate.behaviour")
 
 

@@ -8,10 +8,14 @@ from pathlib import Path
 
 import boto3
 import httpx
+import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import Project
-from tests.test_triggers import Stack
+from tests.stacks import Stack
+
+# Every test here needs a server: `make check` need not even import the module.
+pytestmark = pytest.mark.integration
 
 BUCKET = "modelyard-scale-out"
 

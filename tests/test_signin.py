@@ -31,9 +31,8 @@ from modelyard.monitor.drift import Prometheus, prometheus_for
 from modelyard.package.push import push_image, registry_pull_vars
 from modelyard.ports import free_port, free_ports
 from tests.conftest import Project
-from tests.test_aws import _remove_image
-from tests.test_deploy import _stop_services, version_at
-from tests.test_triggers import Stack, wait_until
+from tests.hosts import remove_image, stop_services, version_at
+from tests.stacks import Stack, wait_until
 
 PASSWORD = "stack-pass-41c9"
 SIGNED_IN = list(signin.SERVICES)
@@ -258,7 +257,7 @@ def test_a_deploy_pulls_from_the_signed_in_registry_and_leaves_no_credential(whe
 
         tags = MlflowClient(stack.url("mlflow")).get_model_version("signin-ads", "1").tags
         assert tags["image_ref"].startswith(f"127.0.0.1:{stack.ports['registry']}/")
-        _remove_image(tags)
+        remove_image(tags)
         deployed = stack.cli("deploy", "staging", "--version", "1", "--spec", spec)
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
         assert version_at(f"http://127.0.0.1:{port}") == "1"
@@ -271,7 +270,7 @@ def test_a_deploy_pulls_from_the_signed_in_registry_and_leaves_no_credential(whe
             assert PASSWORD not in text and "bW9kZWx5YXJkOnN0YWNrLXBhc3MtNDFjOQ" not in text
     finally:
         stack.cli("stack", "down")
-        _stop_services(stack.workspace)
+        stop_services(stack.workspace)
 
 
 def _pulled(tags: dict[str, str]) -> bool:

@@ -18,6 +18,9 @@ from modelyard.errors import DataError
 from tests.conftest import Postgres
 from tests.sources import expected_fingerprint, spec_reading, table
 
+# Every test here needs a server: `make check` need not even import the module.
+pytestmark = pytest.mark.integration
+
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
        "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,52 +19,13 @@ from modelyard.ports import free_port, free_ports
 from modelyard.stack import SERVICES
 from modelyard.webhook import sign
 from tests.conftest import Project
-from tests.test_deploy import _stop_services, version_at
+from tests.hosts import stop_services, version_at
+from tests.stacks import FOREIGN, Stack, wait_until
 
 pytestmark = pytest.mark.docker
 
 HEALTH = {"prefect": "/api/health", "mlflow": "/health", "registry": "/v2/",
           "prometheus": "/-/ready", "alertmanager": "/-/ready"}  # fmt: skip
-# Variables of other tests' servers must not leak into the stack's commands.
-FOREIGN = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MODELYARD_MLFLOW_TRACKING_URI",
-           "MODELYARD_PREFECT_API_URL", "GITHUB_SHA", "GIT_COMMIT", "MODELYARD_GIT_COMMIT")  # fmt: skip
-
-
-class Stack:
-    def __init__(self, workspace: Path, wheelhouse: Path) -> None:
-        self.workspace = workspace
-        self.ports = {name: free_port() for name in SERVICES}
-        self.env = {
-            **{k: v for k, v in os.environ.items() if k not in FOREIGN},
-            "MODELYARD_WORKSPACE": str(workspace),
-            "MODELYARD_WHEELHOUSE": str(wheelhouse),
-            "MODELYARD_ACTOR": "trigger-tests",
-            **{f"MODELYARD_STACK_{n.upper()}_PORT": str(p) for n, p in self.ports.items()},
-        }
-
-    def url(self, service: str) -> str:
-        return f"http://127.0.0.1:{self.ports[service]}"
-
-    def cli(self, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
-        exe = Path(sys.executable).with_name("modelyard")
-        return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd,
-                              env={**self.env, **env}, timeout=600)  # fmt: skip
-
-    def worker(self, pool: str, name: str, log: Path, **env: str) -> subprocess.Popen:
-        exe = Path(sys.executable).with_name("modelyard")
-        return subprocess.Popen(
-            [str(exe), "worker", "--pool", pool, "--name", name, "--limit", "1", "--poll", "1"],
-            env={**self.env, **env},
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-    def flow_runs(self, *tags: str) -> list[dict]:
-        body: dict = {"sort": "EXPECTED_START_TIME_ASC"}
-        if tags:
-            body["flow_runs"] = {"tags": {"all_": list(tags)}}
-        response = httpx.post(f"{self.url('prefect')}/api/flow_runs/filter", json=body, timeout=10)
-        response.raise_for_status()
-        return response.json()
 
 
 @pytest.fixture(scope="module")
@@ -75,22 +35,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterato
     assert up.returncode == 0, up.stdout + up.stderr
     yield stack
     stack.cli("stack", "down")
-    _stop_services(stack.workspace)
+    stop_services(stack.workspace)
 
 
 def _stop(process: subprocess.Popen) -> None:
     os.killpg(process.pid, 15)
     process.wait(timeout=60)
-
-
-def wait_until(what: str, check: object, timeout: float = 600) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()  # type: ignore[operator]
-        if found:
-            return found
-        time.sleep(2)
-    raise TimeoutError(f"{what} within {timeout} s")
 
 
 # --- the stack -----------------------------------------------------------------------------------
