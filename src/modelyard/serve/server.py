@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 # worker it forks (RSS). The bundle check (cryptography) and TLS are the workers' imports, and
 # the supervisor's own check runs in a child of its own (`_refusal_apart`).
 if TYPE_CHECKING:  # the app's module loads ONNX Runtime: workers import it, the parent need not
+    from modelyard.bundle import VerifiedBundle
     from modelyard.serve.app import ServingApp
 
 log = logging.getLogger("modelyard.serve")
@@ -104,17 +105,23 @@ def _read_keys_file(bundle: Path) -> str:
 
 def build_app(config: ServeConfig) -> ServingApp:
     """Verify, then load: nothing in the bundle is read before its signature checks out."""
-    from modelyard.bundle import parse_bundle_keys, parse_public_keys, verify
     from modelyard.serve.app import ServingApp
     from modelyard.serve.runtime import Runtime
 
+    bundle, reference = _verified(config)
+    return ServingApp(Runtime(bundle), config.tokens, config.max_body_bytes, config.max_rows,
+                      None if reference is None else Runtime(reference))  # fmt: skip
+
+
+def _verified(config: ServeConfig) -> tuple[VerifiedBundle, VerifiedBundle | None]:
+    """The bundle and the shadow's reference (if any), each checked against the trusted keys
+    and opened with the bundle keys; BundleError if either fails."""
+    from modelyard.bundle import parse_bundle_keys, parse_public_keys, verify
+
     keys = parse_public_keys(config.trusted_keys)
     opening = parse_bundle_keys(config.bundle_keys)
-    runtime = Runtime(verify(config.bundle, keys, opening))
-    reference = (
-        None if config.reference is None else Runtime(verify(config.reference, keys, opening))
-    )
-    return ServingApp(runtime, config.tokens, config.max_body_bytes, config.max_rows, reference)
+    bundle = verify(config.bundle, keys, opening)
+    return bundle, None if config.reference is None else verify(config.reference, keys, opening)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -186,15 +193,11 @@ def _refusal(config: ServeConfig) -> int:
     settings cannot be used; else 0."""
     import ssl
 
-    from modelyard.bundle import BundleError, parse_bundle_keys, parse_public_keys, verify
+    from modelyard.bundle import BundleError
     from modelyard.certs import server_context
 
     try:
-        keys = parse_public_keys(config.trusted_keys)
-        opening = parse_bundle_keys(config.bundle_keys)
-        verify(config.bundle, keys, opening)
-        if config.reference is not None:
-            verify(config.reference, keys, opening)
+        _verified(config)
     except BundleError as exc:
         print(f"refusing to serve: {exc}", file=sys.stderr)
         return 3
