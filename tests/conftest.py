@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import gc
 import glob
@@ -12,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
+from unittest import mock
 
 import pytest
 import yaml
@@ -301,21 +304,52 @@ def wait_for(url: str, timeout: float = 90.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def _template(run_root: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """A database made once for all the run's workers (`make` writes it), as one file."""
+    from modelyard.atomic import exclusive
+
+    database = run_root / f"{name}-template" / f"{name}.db"
+    with exclusive(run_root / f"{name}-template.lock"):
+        if not database.exists():
+            made = database.with_name("making.db")
+            made.parent.mkdir(exist_ok=True)
+            make(made)
+            with sqlite3.connect(made) as db:  # fold a write-ahead log into the file itself
+                db.execute(f"VACUUM INTO '{database.with_name('vacuumed.db')}'")
+            database.with_name("vacuumed.db").rename(database)
+    return database
+
+
 @pytest.fixture(scope="session")
 def _empty_mlflow_db(run_root: Path) -> Path:
     """A SQLite MLflow store with its schema made: creating one runs MLflow's migrations, which
-    take seconds; copying this one takes milliseconds. One for all the run's workers."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    take seconds; copying this one takes milliseconds."""
 
-    from modelyard.atomic import exclusive
+    def make(path: Path) -> None:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    database = run_root / "mlflow-template" / "mlflow.db"
-    with exclusive(run_root / "mlflow-template.lock"):
-        if not database.exists():
-            made = database.with_name("making.db")
-            SqlAlchemyStore(f"sqlite:///{made}", str(database.parent / "artifacts"))
-            made.rename(database)
-    return database
+        SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts"))
+
+    return _template(run_root, "mlflow", make)
+
+
+@pytest.fixture(scope="session")
+def empty_prefect_db(run_root: Path) -> Path:
+    """A SQLite Prefect database with every migration applied. A Prefect server that starts on
+    a new file migrates it first: 7-13 s of CPU, against 5 s for the whole start on this one."""
+
+    def make(path: Path) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+            env={**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": sqlite_url(path)},
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+
+    return _template(run_root, "prefect", make)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
 
 
 @pytest.fixture(scope="session")
@@ -392,17 +426,34 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prefect API server (Prefect's own test harness starts it in a subprocess)."""
+def prefect_api(tmp_path_factory: pytest.TempPathFactory, empty_prefect_db: Path) -> Iterator[str]:
+    """A real Prefect API server (Prefect's own test harness starts it in a subprocess), on a
+    copy of the migrated template database."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     storage = tmp_path_factory.mktemp("prefect-storage")
     with (
         temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
-        prefect_test_harness(server_startup_timeout=120),
+        _prefect_harness(tmp_path_factory.mktemp("prefect-db"), empty_prefect_db),
     ):
         yield str(PREFECT_API_URL.value())
+
+
+@contextlib.contextmanager
+def _prefect_harness(folder: Path, template: Path) -> Iterator[None]:
+    """`prefect_test_harness` with its database file in `folder`, copied from `template`. The
+    harness names a new temporary folder for it; this hands it `folder` instead."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+    from prefect.testing import utilities
+
+    database = folder / "prefect-test.db"  # the name the harness gives it
+    shutil.copy(template, database)
+    with contextlib.ExitStack() as stack:
+        with mock.patch.object(utilities, "mkdtemp", lambda: str(folder)):
+            stack.enter_context(utilities.prefect_test_harness(server_startup_timeout=120))
+        used = PREFECT_SERVER_DATABASE_CONNECTION_URL.value()
+        assert used == sqlite_url(database), f"the harness no longer uses {database}: {used}"
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

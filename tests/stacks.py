@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +20,12 @@ FOREIGN = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MODELYARD_MLFLOW_TRACKING_
 
 
 class Stack:
-    def __init__(self, workspace: Path, wheelhouse: Path) -> None:
+    def __init__(self, workspace: Path, wheelhouse: Path, prefect_db: Path) -> None:
         self.workspace = workspace
+        # Prefect's database with its migrations applied (conftest.empty_prefect_db), where
+        # `stack up` keeps it: Prefect then starts in seconds instead of migrating a new file.
+        (workspace / "prefect").mkdir(parents=True)
+        shutil.copy(prefect_db, workspace / "prefect" / "prefect.db")
         self.ports = {name: free_port() for name in SERVICES}
         self.env = {
             **{k: v for k, v in os.environ.items() if k not in FOREIGN},

@@ -31,8 +31,10 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_a_team_stack_requires_sign_in_and_modelyard_signs_in(ads, tmp_path, wheelhouse):
-    stack = Stack(tmp_path / "workspace", wheelhouse)
+def test_a_team_stack_requires_sign_in_and_modelyard_signs_in(
+    ads, tmp_path, wheelhouse, empty_prefect_db
+):
+    stack = Stack(tmp_path / "workspace", wheelhouse, empty_prefect_db)
     signed_in = {**stack.env, "MODELYARD_MLFLOW_USERNAME": ADMIN, "MODELYARD_MLFLOW_PASSWORD":
                  PASSWORD, "MODELYARD_PREFECT_AUTH_STRING": AUTH_STRING,
                  "MODELYARD_BUILD_IMAGE": "never"}  # fmt: skip

@@ -60,8 +60,10 @@ def aws(moto: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, aws: dict) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("aws") / "workspace", wheelhouse)
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, empty_prefect_db: Path, aws: dict
+) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("aws") / "workspace", wheelhouse, empty_prefect_db)
     # Bundles sealed with a data key of their own from KMS: the model is readable nowhere else.
     kms_key = client("kms", aws).create_key()["KeyMetadata"]["Arn"]
     # And MLflow's artifacts in S3 written with SSE-KMS (another key: each has its own use).

@@ -64,10 +64,13 @@ def receivers() -> Iterator[tuple[Webhook, Mailbox]]:
 
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, receivers: tuple[Webhook, Mailbox]
+    tmp_path_factory: pytest.TempPathFactory,
+    wheelhouse: Path,
+    empty_prefect_db: Path,
+    receivers: tuple[Webhook, Mailbox],
 ) -> Iterator[Stack]:
     webhook, mailbox = receivers
-    stack = Stack(tmp_path_factory.mktemp("monitoring") / "workspace", wheelhouse)
+    stack = Stack(tmp_path_factory.mktemp("monitoring") / "workspace", wheelhouse, empty_prefect_db)
     # The shipped routes, as a team's own file (MODELYARD_ALERT_ROUTES) that sends a new group
     # after a second instead of 30: the drift alert is the point, not the wait.
     routes = yaml.safe_load((RULES / "alertmanager.yml").read_text())

@@ -20,12 +20,14 @@ pytestmark = pytest.mark.integration
 BUCKET = "modelyard-scale-out"
 
 
-def test_stack_on_postgresql_and_s3_runs_the_pipeline(postgres, moto, tmp_path, wheelhouse):
+def test_stack_on_postgresql_and_s3_runs_the_pipeline(
+    postgres, moto, tmp_path, wheelhouse, empty_prefect_db
+):
     s3 = moto
     port, psql, password = postgres.port, postgres.psql, postgres.password
     for database in ("prefect", "mlflow"):
         psql(f"CREATE DATABASE {database} OWNER modelyard")
-    stack = Stack(tmp_path / "workspace", wheelhouse)
+    stack = Stack(tmp_path / "workspace", wheelhouse, empty_prefect_db)
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": s3}  # fmt: skip
     stack.env |= aws | {

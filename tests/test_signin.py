@@ -237,11 +237,13 @@ def test_an_image_is_pushed_signed_in_and_pulled_by_digest_only_with_the_sign_in
 
 
 @pytest.mark.docker
-def test_a_deploy_pulls_from_the_signed_in_registry_and_leaves_no_credential(wheelhouse, tmp_path):
+def test_a_deploy_pulls_from_the_signed_in_registry_and_leaves_no_credential(
+    wheelhouse, tmp_path, empty_prefect_db
+):
     """The pull path end to end: a run pushes the image with the stack's sign-in; the deploy's
     host (this machine's engine, the image removed from it first) pulls it by digest with the
     sign-in, which is gone from the host afterwards and shows in no output or record."""
-    stack = Stack(tmp_path / "workspace", wheelhouse)
+    stack = Stack(tmp_path / "workspace", wheelhouse, empty_prefect_db)
     stack.env |= {"MODELYARD_STACK_PASSWORD": PASSWORD, "MODELYARD_IMAGE_REGISTRY": "stack"}
     up = stack.cli("stack", "up", "prefect", "mlflow", "registry")
     assert up.returncode == 0, up.stdout + up.stderr

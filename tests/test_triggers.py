@@ -29,8 +29,10 @@ HEALTH = {"prefect": "/api/health", "mlflow": "/health", "registry": "/v2/",
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("stack") / "workspace", wheelhouse)
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, empty_prefect_db: Path
+) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("stack") / "workspace", wheelhouse, empty_prefect_db)
     up = stack.cli("stack", "up")
     assert up.returncode == 0, up.stdout + up.stderr
     yield stack
