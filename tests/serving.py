@@ -81,8 +81,10 @@ def unused_distributions(printed: str) -> list[str]:
 class Server:
     """`modelyard serve` as a subprocess on a free loopback port."""
 
-    def __init__(self, bundle: Path, public_key: str, workers: int = 2, **env: str) -> None:
-        self.port = free_port()
+    def __init__(
+        self, bundle: Path, public_key: str, workers: int = 2, port: int = 0, **env: str
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("modelyard")
         self.process = subprocess.Popen(

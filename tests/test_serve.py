@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import httpx
@@ -405,6 +406,29 @@ def test_tampered_or_untrusted_bundle_is_refused(ads: Built, tmp_path, capsys):
     other_key = public_key_text(Ed25519PrivateKey.generate().public_key())
     assert serve(ServeConfig(bundle=ads.bundle.path, trusted_keys=other_key)) == 3
     assert "does not verify with any trusted key" in capsys.readouterr().err
+
+
+def test_a_port_something_listens_on_is_refused(ads: Built, ads_server: Server, capsys):
+    """The workers bind with SO_REUSEPORT, which would let a second server bind a port the first
+    holds and take a share of its connections: `modelyard serve` refuses the port instead (exit
+    3), and the first keeps answering."""
+    from modelyard.serve.server import ServeConfig, serve
+
+    second = Server(ads.bundle.path, ads.public_key, port=ads_server.port)
+    try:
+        output = second.process.communicate(timeout=60)[0]
+    finally:
+        second.process.kill()  # one that started after all (the old behaviour) must not stay
+    assert second.process.returncode == 3
+    assert f"refusing to serve: 127.0.0.1:{ads_server.port} is taken" in output
+    assert httpx.get(f"{ads_server.url}/health/ready").status_code == 200
+
+    # Any listener, checked in this process with one worker (no fork): the same refusal.
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        taken = other.getsockname()[1]
+        config = ServeConfig(bundle=ads.bundle.path, trusted_keys=ads.public_key, port=taken)
+        assert serve(config) == 3
+    assert f"127.0.0.1:{taken} is taken" in capsys.readouterr().err
 
 
 def test_concurrent_requests_each_get_their_own_answer(house: Built, house_server: Server):

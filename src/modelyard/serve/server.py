@@ -125,8 +125,7 @@ def _verified(config: ServeConfig) -> tuple[VerifiedBundle, VerifiedBundle | Non
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -134,6 +133,31 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _port_refusal(config: ServeConfig) -> int:
+    """3, said on stderr, if something listens on the port already; else 0.
+
+    The workers bind with SO_REUSEPORT, which lets any process of the same user bind the port
+    beside them: a second server started on it (another model, a slot left running) would not
+    fail but take a share of the connections, answers and metrics scrapes mixed between the
+    two. This bind, without SO_REUSEPORT, fails while anything listens there."""
+    probe = socket.socket(_family(config.host), socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+    try:
+        probe.bind((config.host, config.port))
+    except OSError as exc:
+        print(f"refusing to serve: {config.host}:{config.port} is taken ({exc.strerror}); stop "
+              "what listens there or choose another MODELYARD_SERVE_PORT / --port",
+              file=sys.stderr)  # fmt: skip
+        return 3
+    finally:
+        probe.close()
+    return 0
 
 
 def unix_socket(path: str) -> socket.socket:
@@ -171,6 +195,7 @@ def _run_worker(config: ServeConfig, shared: list[socket.socket]) -> None:
 def serve(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code. Refuses an unverifiable bundle."""
     refused = _refusal(config) if config.workers <= 1 else _refusal_apart(config)
+    refused = refused or _port_refusal(config)
     if refused:
         return refused
     shared = [unix_socket(config.socket)] if config.socket else []
