@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -429,6 +433,30 @@ def test_a_port_something_listens_on_is_refused(ads: Built, ads_server: Server, 
         config = ServeConfig(bundle=ads.bundle.path, trusted_keys=ads.public_key, port=taken)
         assert serve(config) == 3
     assert f"127.0.0.1:{taken} is taken" in capsys.readouterr().err
+
+
+def test_workers_stop_when_their_supervisor_is_killed(ads: Built):
+    """A supervisor killed outright (SIGKILL, the OOM killer) takes its workers with it: left
+    running they would keep the port, and the server's restart would be refused it."""
+    server = Server(ads.bundle.path, ads.public_key).start()
+    supervisor = server.process.pid
+    workers = [
+        int(p) for p in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    ]
+    assert len(workers) == 2
+    try:
+        os.kill(supervisor, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if Path(f"/proc/{w}").exists()], "workers outlived it"
+        restarted = Server(ads.bundle.path, ads.public_key, port=server.port).start()
+        restarted.stop()
+    finally:
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
 
 
 def test_concurrent_requests_each_get_their_own_answer(house: Built, house_server: Server):

@@ -251,15 +251,36 @@ def _refusal_apart(config: ServeConfig) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+def _stop_with(supervisor: int) -> None:
+    """Ask Linux for SIGTERM when the supervisor dies (killed outright, or by the OOM killer):
+    a worker left behind would keep serving unsupervised and keep the port, which the server's
+    restart would then find taken (`_port_refusal`)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no such request
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _supervise(config: ServeConfig, shared: list[socket.socket]) -> int:
     children: dict[int, int] = {}
     stopping = False
+
+    supervisor = os.getpid()
 
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # child
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _stop_with(supervisor)
             try:
                 _run_worker(config, shared)
             finally:
