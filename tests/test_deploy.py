@@ -495,14 +495,23 @@ class FlowInThread:
         return state.result()
 
 
-def paused_run(after: set[str] = frozenset(), timeout: float = 400) -> str:
-    """The id of a flow run waiting for approval (not one of `after`, already answered)."""
+def paused_run(
+    after: set[str] = frozenset(),
+    timeout: float = 400,
+    ended: Callable[[], str | None] | None = None,
+) -> str:
+    """The id of a flow run waiting for approval (not one of `after`, already answered).
+    `ended`: why the run being waited for ended without pausing, else None (then no pause can
+    come: the wait stops with that reason instead of at the timeout)."""
     paused = FlowRunFilter(
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
     )
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
+            why = ended() if ended is not None else None
+            if why is not None:
+                raise AssertionError(f"the flow run ended without pausing for approval: {why}")
             runs = [r for r in client.read_flow_runs(flow_run_filter=paused)]
             fresh = [r for r in runs if f"{r.id}:{r.state.state_details.pause_key}" not in after]
             if fresh:
@@ -1061,9 +1070,13 @@ class ShadowRun:
         self.thread.start()
 
     def paused(self, after: set[str] = frozenset()) -> UUID:
-        pause = paused_run(after=after, timeout=240)
+        pause = paused_run(after=after, timeout=240, ended=self._ended)
         self.pauses = set(after) | {pause}
         return UUID(pause.split(":")[0])
+
+    def _ended(self) -> str | None:
+        """The run's end state when it ended (a failed analysis: the reason), else None."""
+        return f"{self.states[0].type.value}: {self.states[0].message}" if self.states else None
 
     def released(self, timeout: float = 240) -> Any:
         self.thread.join(timeout)
