@@ -314,9 +314,10 @@ def _template(run_root: Path, name: str, make: Callable[[Path], None]) -> Path:
             made = database.with_name("making.db")
             made.parent.mkdir(exist_ok=True)
             make(made)
+            vacuumed = database.with_name("vacuumed.db")
             with sqlite3.connect(made) as db:  # fold a write-ahead log into the file itself
-                db.execute(f"VACUUM INTO '{database.with_name('vacuumed.db')}'")
-            database.with_name("vacuumed.db").rename(database)
+                db.execute("VACUUM INTO ?", (str(vacuumed),))
+            vacuumed.rename(database)
     return database
 
 

@@ -78,6 +78,11 @@ def unused_distributions(printed: str) -> list[str]:
     return unused
 
 
+def children_of(pid: int | str) -> list[int]:
+    """The processes `pid` forked that still run (a server's workers, nginx's)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 class Server:
     """`modelyard serve` as a subprocess on a free loopback port."""
 

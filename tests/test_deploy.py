@@ -63,7 +63,7 @@ from tests.hosts import (
     v2_batches,
     version_at,
 )
-from tests.serving import SERVING_IMPORTS, unused_distributions
+from tests.serving import SERVING_IMPORTS, children_of, unused_distributions
 from tests.stacks import wait_until
 from tests.tls import assert_modern_tls_only
 
@@ -1213,7 +1213,7 @@ def _front_door(service: str, workspace: Path) -> Path:
 def _front_workers(service: str, workspace: Path) -> set[int]:
     """The front door's nginx worker processes: a reload replaces every one."""
     pid = (_front_door(service, workspace) / "nginx/nginx.pid").read_text().strip()
-    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    return set(children_of(pid))
 
 
 def _shares(service: str, port: int, workspace: Path) -> dict[str, int]:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from modelyard.bundle import public_key_text
 from modelyard.package.build import frame_columns
-from tests.serving import TOKEN, Built, Server, build_example
+from tests.serving import TOKEN, Built, Server, build_example, children_of
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # With test_package: both read the house example that `built_house` builds once per worker.
@@ -123,7 +123,7 @@ def test_modelyard_serve_runs_as_deployments_do_without_the_clis_imports(ads_ser
     parent = ads_server.process.pid
     command = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
     assert command[1:4] == [b"-P", b"-m", b"modelyard.serve"], command
-    workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+    workers = children_of(parent)
     assert len(workers) == 2
     for pid in [parent, *workers]:
         mapped = _mapped_files(pid)
@@ -309,8 +309,7 @@ def test_the_supervisor_holds_no_model_or_bundle_code(ads_server):
     bundle in a child of its own and never loads ONNX Runtime, numpy or cryptography, which the
     workers load for themselves."""
     supervisor = ads_server.process.pid  # `modelyard serve` execs the server in its process
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
-    workers = [int(pid) for pid in children.split()]
+    workers = children_of(supervisor)
     assert len(workers) == 2
 
     def libraries(pid: int) -> str:
@@ -440,9 +439,7 @@ def test_workers_stop_when_their_supervisor_is_killed(ads: Built):
     running they would keep the port, and the server's restart would be refused it."""
     server = Server(ads.bundle.path, ads.public_key).start()
     supervisor = server.process.pid
-    workers = [
-        int(p) for p in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    ]
+    workers = children_of(supervisor)
     assert len(workers) == 2
     try:
         os.kill(supervisor, signal.SIGKILL)
@@ -451,8 +448,11 @@ def test_workers_stop_when_their_supervisor_is_killed(ads: Built):
         while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [w for w in workers if Path(f"/proc/{w}").exists()], "workers outlived it"
-        restarted = Server(ads.bundle.path, ads.public_key, port=server.port).start()
-        restarted.stop()
+        restarted = Server(ads.bundle.path, ads.public_key, port=server.port)
+        try:
+            restarted.start()
+        finally:
+            restarted.stop()
     finally:
         for worker in workers:
             with contextlib.suppress(ProcessLookupError):
