@@ -463,10 +463,12 @@ def test_concurrent_requests_each_get_their_own_answer(house: Built, house_serve
     """Requests batched into one ONNX Runtime call must still get their own rows back."""
     import asyncio
 
-    features, _ = sample(house, 200)
+    features, _ = sample(house, 400)
     expected = expected_values(house, features)
     columns = frame_columns(features)
-    sizes = [1 + i % 4 for i in range(60)]  # mixed request sizes, 150 rows in all
+    # Mixed request sizes, 319 rows in all: long ones (their numeric columns validated into
+    # arrays) joined in one batch with short ones (lists).
+    sizes = [70, 1, 2, 96, 3] + [1 + i % 4 for i in range(60)]
     starts = np.cumsum([0, *sizes[:-1]])
 
     async def one(client: httpx.AsyncClient, start: int, size: int) -> list[float]:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from modelyard.serve.codecs import Values, to_arrays
 from modelyard.serve.runtime import Prediction, Runtime
@@ -69,10 +72,11 @@ class Batcher:
                 prediction = self.runtime.predict(to_arrays(joined, schema))
                 results = [prediction]
             else:
-                joined = {c.name: [] for c in schema}
+                lists: dict[str, list[Any]] = {c.name: [] for c in schema}
                 for item in batch:
-                    for name, column in joined.items():
-                        column.extend(item.values[name])
+                    for name, column in lists.items():
+                        column.extend(_listed(item.values[name]))
+                joined = dict(lists)
                 prediction = self.runtime.predict(to_arrays(joined, schema))
                 results = _split(prediction, [p.rows for p in batch])
         except Exception as exc:  # surfaces in each waiting handler, which answers 500
@@ -88,6 +92,11 @@ class Batcher:
             # written before the batch is counted (a 10,000-row batch's drift bins take
             # milliseconds), and a metrics bug never fails a request.
             asyncio.get_running_loop().call_soon(self.observe, joined, prediction)
+
+
+def _listed(values: list[Any] | np.ndarray) -> list[Any]:
+    """A long numeric column arrives as a float64 array: joined as floats, not numpy scalars."""
+    return values.tolist() if isinstance(values, np.ndarray) else values
 
 
 def _split(prediction: Prediction, sizes: list[int]) -> list[Prediction]:

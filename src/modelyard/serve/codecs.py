@@ -222,7 +222,10 @@ def _flatten(data: list[Any]) -> list[Any]:
 # --- validation into ONNX feeds ---------------------------------------------------------------
 
 
-Values = dict[str, list[Any]]  # validated: floats (NaN for missing) or strings ("" for missing)
+# Validated columns: floats (NaN for missing) or strings ("" for missing). A long numeric column
+# stays the float64 array its check made: to_arrays and the drift bins take it as it is (turned
+# back into a list of floats and into an array again, it cost a 10,000-row request 1.5 ms).
+Values = dict[str, list[Any] | np.ndarray]
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # numeric inputs are float32 tensors
 _LIST = frozenset({list})
 _NUMBERS: frozenset[type] = frozenset({int, float, type(None)})
@@ -274,7 +277,7 @@ def _missing(column: Column, row: int) -> ClientError:
     )
 
 
-def _numeric(column: Column, values: list[Any]) -> list[float]:
+def _numeric(column: Column, values: list[Any]) -> list[float] | np.ndarray:
     if len(values) >= VECTOR_FROM:
         checked = _all_numbers(column, values)
         if checked is not None:
@@ -302,8 +305,8 @@ def _numeric(column: Column, values: list[Any]) -> list[float]:
     return out
 
 
-def _all_numbers(column: Column, values: list[Any]) -> list[float] | None:
-    """The column as floats (NaN for missing) when every value is an int or a float within
+def _all_numbers(column: Column, values: list[Any]) -> np.ndarray | None:
+    """The column as float64 (NaN for missing) when every value is an int or a float within
     float32's range, or missing where the column may be; checked a column at a time. None
     otherwise: the loop then finds the row to name."""
     numbers = as_float64(values, _NUMBERS)  # `type is`: a bool is not a number here
@@ -312,8 +315,7 @@ def _all_numbers(column: Column, values: list[Any]) -> list[float] | None:
     fits = np.abs(numbers) <= FLOAT32_MAX  # False for NaN and infinities
     if not fits.all() and not (column.nullable and (fits | np.isnan(numbers)).all()):
         return None
-    checked: list[float] = numbers.tolist()
-    return checked
+    return numbers
 
 
 def _all_texts(column: Column, values: list[Any]) -> list[str] | None:

@@ -13,7 +13,7 @@ import asyncio
 import os
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -175,7 +175,9 @@ class Metrics:
         tally.add(seconds)
         self._schedule_flush()
 
-    def observe_batch(self, columns: dict[str, list[Any]], prediction: Any) -> None:
+    def observe_batch(
+        self, columns: Mapping[str, Sequence[Any] | np.ndarray], prediction: Any
+    ) -> None:
         """A batch's validated inputs and its Prediction: rows, distribution, drift bins."""
         self.observe_predictions(prediction.scores, prediction.drift_values)
         self.observe_inputs(columns)
@@ -188,7 +190,7 @@ class Metrics:
         if self._prediction_bins is not None:
             self._prediction_bins.add(drift_values)
 
-    def observe_inputs(self, columns: dict[str, list[Any]]) -> None:
+    def observe_inputs(self, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> None:
         """A batch's validated columns, counted into the drift bins."""
         for name, tally in self._inputs.items():
             tally.add(columns[name])
