@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import schemathesis
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
@@ -216,6 +217,99 @@ def test_codecs_answer_any_bytes_with_columns_or_a_client_error(
         codecs.validate(codecs.mlflow_columns(body, content_type, SCHEMA), SCHEMA, max_rows=100)
     except ClientError as exc:
         assert exc.status in (400, 413, 415) and exc.message
+
+
+# A schema of every kind of column the one-pass decoder types differently.
+WIDE = [
+    *SCHEMA,
+    Column("clicks", "numeric", False, None),
+    Column("note", "categorical", True, None),
+]
+WIDE_CELL = st.one_of(
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.booleans(),
+    st.sampled_from(["desktop", "mobile", "tablet", ""]),
+    st.sampled_from([3.5e38, -1e39, 1e300, 2**128, 7]),  # past float32's range; a category code
+    JSON_VALUES,
+)
+
+
+def _fitting(column: Column) -> st.SearchStrategy:
+    """Values the column takes as they are: most rows are a client's plain request."""
+    if column.kind == "numeric":
+        kind = st.integers(-(10**9), 10**9) | st.floats(-1e30, 1e30, allow_nan=False)
+    elif column.categories is not None:
+        kind = st.sampled_from(sorted(column.categories))
+    else:
+        kind = st.text(max_size=5)
+    return kind | st.none() if column.nullable else kind
+
+
+# Half the bodies are plain requests; in the others, three values in four fit their column.
+WIDE_ROWS = st.lists(st.tuples(*map(_fitting, WIDE)).map(list), min_size=1, max_size=4) | st.lists(
+    st.tuples(*(st.one_of(*[_fitting(c)] * 3, WIDE_CELL) for c in WIDE)).map(list),
+    min_size=1,
+    max_size=4,
+)
+WIDE_COLUMNS = st.sampled_from(
+    [None, [], [c.name for c in WIDE], [c.name for c in reversed(WIDE)], ["age", "device"]]
+)
+
+
+def _fits(column: Column, value: Any) -> bool:
+    """A value the general path takes for the column as it is (category codes aside)."""
+    if value is None:
+        return column.nullable
+    if column.kind == "numeric":
+        return type(value) in (int, float) and abs(value) <= codecs.FLOAT32_MAX
+    return type(value) is str and (column.categories is None or value in column.categories)
+
+
+def _plain(values: Any) -> list:
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@example(rows=[[3.5e38, "desktop", 1, None]], repeat=1, columns=None, other=None)
+@example(rows=[[True, "mobile", 1, "x"]], repeat=1, columns=None, other=None)
+@example(rows=[[1, 7, 1, "x"]], repeat=1, columns=None, other=None)  # a code: general path
+@example(rows=[[None, "mobile", None, None]], repeat=20, columns=None, other=None)
+@given(rows=WIDE_ROWS,
+       repeat=st.sampled_from([1, 1, 20]), columns=WIDE_COLUMNS,
+       other=st.sampled_from([None, None, None, "instances"]))  # fmt: skip
+def test_the_one_pass_decoder_takes_only_what_the_general_path_takes_and_gives_the_same(
+    rows: list, repeat: int, columns: list | None, other: str | None
+) -> None:
+    """`SplitDecoder` answers a dataframe_split body with exactly the values the general path
+    (`mlflow_columns` + `validate`) gives, or leaves it to that path; and it takes every body
+    whose columns are the schema's, in its order, holding values that fit as they are."""
+    rows = rows * repeat  # 20 × up to 4 rows: long columns, checked as arrays
+    split: dict[str, Any] = {"data": rows} | ({} if columns is None else {"columns": columns})
+    payload: dict[str, Any] = {"dataframe_split": split} | ({other: []} if other else {})
+    body = json.dumps(payload).encode()
+    fast = codecs.SplitDecoder(WIDE).values(body, max_rows=60)
+    try:
+        general = codecs.validate(codecs.mlflow_columns(body, "application/json", WIDE), WIDE,
+                                  max_rows=60)  # fmt: skip
+    except ClientError:
+        general = None
+    in_order = not columns or columns == [c.name for c in WIDE]
+    fitting = all(_fits(c, v) for row in rows for c, v in zip(WIDE, row, strict=True))
+    if general is not None and in_order and not other and fitting:
+        assert fast is not None, "a plain request left to the general path"
+    if fast is None:
+        return
+    assert general is not None, "the decoder took what the general path refuses"
+    assert fast[1] == general[1]
+    for column in WIDE:
+        mine, theirs = fast[0][column.name], general[0][column.name]
+        assert isinstance(mine, np.ndarray) == isinstance(theirs, np.ndarray), column.name
+        assert [(type(v), v) for v in _plain(mine) if v == v] == [
+            (type(v), v) for v in _plain(theirs) if v == v
+        ], column.name
+        assert [v != v for v in _plain(mine)] == [v != v for v in _plain(theirs)], column.name
 
 
 # --- the spec loader ------------------------------------------------------------------------------

