@@ -146,8 +146,9 @@ class SplitDecoder:
     """`dataframe_split` bodies whose columns are the schema's in its order (or left out),
     decoded and checked in one pass: msgspec parses each row into a tuple of the schema's types,
     numbers within float32's range, categories among the declared ones, null only where a column
-    may be missing. A 10,000-row body: 2.1 ms where orjson's parse alone took 5.9 and the
-    checks a column at a time 3 more; a one-row request skips about 12 µs of Python.
+    may be missing. Timed side by side on a 10,000-row body, the typed decode took a third of
+    orjson's plain parse alone (rows become tuples, and category strings are the declared ones,
+    not new objects), and the checks a column at a time after that parse are gone.
 
     `values` gives what `validate` would, or None for anything else (another shape, another
     column order, a value to refuse, integer codes for a category, too many rows): the general
