@@ -299,7 +299,7 @@ def _scraped(prometheus: Prometheus, slot: str, requests: int, seconds: int = 30
     """The slot's last `seconds` once Prometheus has scraped `requests` in them."""
 
     def seen() -> SlotWindow | None:
-        found = window(prometheus, f'slot="{slot}"', seconds)
+        found = window(prometheus, f'slot="{slot}"', seconds, time.time())
         return found if found.requests >= requests else None
 
     found = wait_until(f"Prometheus to scrape {requests} requests of {slot}", seen, timeout=60)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pytest
 
-from modelyard.monitor.canary import SlotWindow, Thresholds
+from modelyard.monitor.canary import SlotWindow, Thresholds, window
+from modelyard.monitor.drift import Prometheus
 from modelyard.rollout import POLL_SECONDS, Analysis, Request, walk
 from modelyard.spec import CanaryStrategy, ShadowStrategy
 from tests.test_canary import generated
@@ -63,10 +64,10 @@ class Environment:
         self.moves.append("abort")
 
     # Windows
-    def canary(self, seconds: int) -> SlotWindow:
+    def canary(self, seconds: int, at: float) -> SlotWindow:
         return generated(self.rng, self._requests(seconds, self.percent), **self.fault)
 
-    def baseline(self, seconds: int) -> SlotWindow:
+    def baseline(self, seconds: int, at: float) -> SlotWindow:
         return generated(self.rng, self._requests(seconds, 100 - self.percent))
 
     def _requests(self, seconds: int, percent: int) -> int:
@@ -182,7 +183,7 @@ class Shadowed(Environment):
     agreement: float = 0.99
     diff: float = 0.0
 
-    def canary(self, seconds: int) -> SlotWindow:
+    def canary(self, seconds: int, at: float) -> SlotWindow:
         copies = int(self.rate * seconds * self.sample)
         window = generated(self.rng, copies, **self.fault)
         agreed = float(self.rng.binomial(copies, self.agreement))
@@ -295,3 +296,42 @@ def test_a_bake_of_few_scrapes_is_warned_about() -> None:
         None,
         None,
     ]
+
+
+class _Recording(Prometheus):
+    """Answers every instant query with nothing, noting when it was asked to evaluate it."""
+
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:9")
+        self.instants: list[float | None] = []
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        self.instants.append(at)
+        return []
+
+
+def test_a_slots_window_is_read_at_one_instant() -> None:
+    """Each series of a window is asked for at the same evaluation time: a scrape between two
+    queries must not shift one counter's window (agreed rows) against another's (compared)."""
+    prometheus = _Recording()
+    window(prometheus, 'slot="green"', 10, 1_796_000_000.5)
+    assert len(prometheus.instants) >= 5 and set(prometheus.instants) == {1_796_000_000.5}
+
+
+def test_both_sides_of_an_analysis_are_judged_at_one_instant() -> None:
+    seen: list[tuple[str, float]] = []
+
+    class Noted(Environment):
+        def canary(self, seconds: int, at: float) -> SlotWindow:
+            seen.append(("canary", at))
+            return super().canary(seconds, at)
+
+        def baseline(self, seconds: int, at: float) -> SlotWindow:
+            seen.append(("baseline", at))
+            return super().baseline(seconds, at)
+
+    outcome, _ = run(Noted(np.random.default_rng(1), first=5), plan(steps=[5, 50, 100]))
+    assert outcome.promoted, outcome.reason
+    # The baseline is read before the canary at 5 % and 50 %; at 100 % it answers nothing.
+    assert [kind for kind, _ in seen] == ["baseline", "canary"] * 2 + ["canary"], seen
+    assert seen[0][1] == seen[1][1] and seen[2][1] == seen[3][1], seen

@@ -43,11 +43,12 @@ class Traffic(Protocol):
 
 
 class Windows(Protocol):
-    """What each side did over the last `seconds`."""
+    """What each side did over the `seconds` before `at` (Unix seconds; one instant for both
+    sides of an analysis, so that they are judged over the same window)."""
 
-    def canary(self, seconds: int) -> SlotWindow: ...
+    def canary(self, seconds: int, at: float) -> SlotWindow: ...
 
-    def baseline(self, seconds: int) -> SlotWindow: ...
+    def baseline(self, seconds: int, at: float) -> SlotWindow: ...
 
 
 class Clock(Protocol):
@@ -212,8 +213,9 @@ def walk(
         if request is not None:
             return end(request == "promote", f"{request} asked by an operator at step {step + 1}")
         # At 100 % the baseline answers nothing: only the canary's own checks apply.
-        baseline = windows.baseline(plan.bake) if percent < 100 else None
-        verdict = judge(windows.canary(plan.bake), baseline, limits)
+        at = time.time()
+        baseline = windows.baseline(plan.bake, at) if percent < 100 else None
+        verdict = judge(windows.canary(plan.bake, at), baseline, limits)
         failures += verdict.outcome == "failed"
         analysis = Analysis(step + 1, percent, verdict, failures, clock.monotonic() - started,
                             plan.copied)  # fmt: skip

@@ -123,12 +123,12 @@ class _Windows:
     version: str
     baseline_version: str
 
-    def canary(self, seconds: int) -> SlotWindow:
-        return window(self.prometheus, f'{self.selector},version="{self.version}"', seconds)
+    def canary(self, seconds: int, at: float) -> SlotWindow:
+        return window(self.prometheus, f'{self.selector},version="{self.version}"', seconds, at)
 
-    def baseline(self, seconds: int) -> SlotWindow:
+    def baseline(self, seconds: int, at: float) -> SlotWindow:
         selector = f'{self.selector},version="{self.baseline_version}"'
-        return window(self.prometheus, selector, seconds)
+        return window(self.prometheus, selector, seconds, at)
 
 
 @dataclass(frozen=True)

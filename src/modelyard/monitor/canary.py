@@ -142,25 +142,30 @@ def _shadow_checks(shadow: SlotWindow, limits: Thresholds) -> list[Check]:
     return checks
 
 
-def window(prometheus: Prometheus, selector: str, seconds: int) -> SlotWindow:
+def window(prometheus: Prometheus, selector: str, seconds: int, at: float) -> SlotWindow:
     """What the slot whose series match `selector` (PromQL label matchers, e.g.
-    'model="ads",environment="production",slot="green"') did in the last `seconds`."""
+    'model="ads",environment="production",slot="green"') did in the `seconds` before `at` (Unix
+    seconds). Every query is evaluated at that one instant: asked each at its own, a scrape
+    landing between two of them moves one series' window and not the other's (the likely cause
+    of a shadow that read agreement 0.88 between two identical versions in CI)."""
     routes = f'{selector},route=~"{PREDICTION_ROUTES}"'
     # One query by status: all requests, server errors (5xx) and refusals (4xx) from it.
     by_status = prometheus.values(
-        _grown(f"modelyard_requests_total{{{routes}}}", seconds, "status"), "status"
+        _grown(f"modelyard_requests_total{{{routes}}}", seconds, "status"), "status", at=at
     )
     latency = prometheus.values(
-        _grown(f"modelyard_request_duration_seconds_bucket{{{routes}}}", seconds, "le"), "le"
+        _grown(f"modelyard_request_duration_seconds_bucket{{{routes}}}", seconds, "le"), "le", at=at
     )
     predictions = prometheus.values(
-        _grown(f"modelyard_prediction_bin_total{{{selector}}}", seconds, "bin"), "bin"
+        _grown(f"modelyard_prediction_bin_total{{{selector}}}", seconds, "bin"), "bin", at=at
     )
     shadow = {
-        name: prometheus.values(_grown(f"modelyard_shadow_{name}_total{{{selector}}}", seconds))
+        name: prometheus.values(
+            _grown(f"modelyard_shadow_{name}_total{{{selector}}}", seconds), at=at
+        )
         for name in ("compared_rows", "agreed_rows", "abs_diff")
     }  # only a shadow's slot has these series; the others read 0
-    row_cost = prometheus.values(f"min(modelyard_model_row_cpu_seconds{{{selector}}})")
+    row_cost = prometheus.values(f"min(modelyard_model_row_cpu_seconds{{{selector}}})", at=at)
     return SlotWindow(
         requests=sum(by_status.values()),
         errors=sum(n for (status,), n in by_status.items() if status.startswith("5")),

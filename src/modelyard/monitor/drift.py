@@ -114,9 +114,11 @@ class Prometheus:
             signed = {"auth": self.access.auth, "verify": self.access.ssl_context()}
         return httpx.get(f"{self.url}{path}", params=params, timeout=30, **signed)
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query, evaluated at `at` (Unix seconds) or when Prometheus gets it."""
+        params = {"query": expr} | ({} if at is None else {"time": f"{at:.3f}"})
         try:
-            response = self._get("/api/v1/query", {"query": expr})
+            response = self._get("/api/v1/query", params)
         except httpx.HTTPError as exc:
             raise ModelyardError(f"Prometheus at {self.url} is unreachable: {exc}") from None
         body = response.json() if response.headers.get("content-type", "").startswith(
@@ -140,11 +142,13 @@ class Prometheus:
         text = scrape.get("scrape_interval")
         return duration_seconds(str(text)) if text else None
 
-    def values(self, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
-        """Series of an instant query keyed by the given labels' values."""
+    def values(
+        self, expr: str, *labels: str, at: float | None = None
+    ) -> dict[tuple[str, ...], float]:
+        """Series of an instant query (at `at`) keyed by the given labels' values."""
         return {
             tuple(r["metric"].get(label, "") for label in labels): float(r["value"][1])
-            for r in self.query(expr)
+            for r in self.query(expr, at)
         }
 
 
