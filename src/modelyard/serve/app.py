@@ -197,7 +197,7 @@ class ServingApp:
         content_type = _header(scope, b"content-type").split(";")[0].strip().lower()
         body = await self._body(receive)
         # A shadow compares copies as clients sent them: those take the general path.
-        if self.comparer is None and content_type in ("", "application/json"):
+        if self.comparer is None and codecs.is_json(content_type):
             decoded = self.split_decoder.values(body, self.max_rows)
             if decoded is not None:
                 return 200, codecs.mlflow_response(await self.batcher.predict(*decoded)), JSON

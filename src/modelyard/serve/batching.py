@@ -67,6 +67,7 @@ class Batcher:
     def _run(self, batch: list[_Pending]) -> None:
         try:
             schema = self.runtime.columns
+            joined: Values
             if len(batch) == 1:
                 joined = batch[0].values
                 prediction = self.runtime.predict(to_arrays(joined, schema))
@@ -79,7 +80,7 @@ class Batcher:
                         # A long numeric column is a float64 array: joined as floats, not as
                         # numpy scalars. Inline: this runs per request and column at c=32.
                         column.extend(part.tolist() if type(part) is np.ndarray else part)
-                joined = dict(lists)
+                joined = lists
                 prediction = self.runtime.predict(to_arrays(joined, schema))
                 results = _split(prediction, [p.rows for p in batch])
         except Exception as exc:  # surfaces in each waiting handler, which answers 500

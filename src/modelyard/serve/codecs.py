@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -67,7 +68,7 @@ def parse_json(body: bytes) -> Any:
 def mlflow_columns(body: bytes, content_type: str, schema: list[Column]) -> Columns:
     if content_type.startswith("text/csv"):
         return csv_columns(body, schema)
-    if content_type and not content_type.startswith("application/json"):
+    if not is_json(content_type):
         raise ClientError(
             f"unsupported Content-Type {content_type!r}; use application/json or text/csv",
             status=415,
@@ -87,6 +88,12 @@ def mlflow_columns(body: bytes, content_type: str, schema: list[Column]) -> Colu
     if key == "dataframe_records":
         return _records(value, key)
     return _loose(value, key, schema)
+
+
+def is_json(content_type: str) -> bool:
+    """What `/invocations` reads as JSON: a body with no Content-Type, or application/json
+    (`content_type` lower-cased, its parameters cut)."""
+    return not content_type or content_type.startswith("application/json")
 
 
 def _split(value: Any, schema: list[Column]) -> Columns:
@@ -293,7 +300,7 @@ def _flatten(data: list[Any]) -> list[Any]:
 # Validated columns: floats (NaN for missing) or strings ("" for missing). A long numeric column
 # stays the float64 array its check made: to_arrays and the drift bins take it as it is (turned
 # back into a list of floats and into an array again, it cost a 10,000-row request 1.5 ms).
-Values = dict[str, list[Any] | np.ndarray]
+Values = Mapping[str, list[Any] | np.ndarray]
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # numeric inputs are float32 tensors
 _LIST = frozenset({list})
 _NUMBERS: frozenset[type] = frozenset({int, float, type(None)})
