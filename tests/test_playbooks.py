@@ -34,7 +34,7 @@ def test_mitogen_is_the_default_and_runs_a_playbook_with_this_ansible(tmp_path: 
     """A Mitogen release that does not fit the installed ansible-core fails here, not in a
     deploy: Ansible refuses an unknown or broken strategy before the first task."""
     assert Settings().ansible_strategy == "mitogen"
-    env = strategy_env("linear")
+    env = strategy_env("mitogen")
     assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
     assert (Path(env["ANSIBLE_STRATEGY_PLUGINS"]) / "mitogen_linear.py").is_file()
     playbook = tmp_path / "echo.yml"
@@ -67,7 +67,7 @@ def test_linear_needs_nothing_and_a_missing_mitogen_names_the_setting(
     assert Settings(ansible_strategy="linear").ansible_strategy == "linear"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PlaybookError, match="MODELYARD_ANSIBLE_STRATEGY=linear"):
-        strategy_env("linear")
+        strategy_env("mitogen")
 
 
 def test_a_host_python_mitogen_cannot_run_fails_the_host_with_the_fix(tmp_path: Path) -> None:

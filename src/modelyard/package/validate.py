@@ -46,8 +46,9 @@ def infra_validate(
     port, token = free_port(), secrets.token_urlsafe(24)
     # An encrypted bundle's key reaches the container as the token does: in its environment.
     key = {"MODELYARD_BUNDLE_KEY": sealing.key_text(opening)} if opening else {}
+    name = f"modelyard-infraval-{uuid.uuid4().hex[:8]}"
     container = client.containers.run(
-        image, detach=True, network_mode="host", name=f"modelyard-infraval-{uuid.uuid4().hex[:8]}",
+        image, detach=True, network_mode="host", name=name,
         environment={"MODELYARD_SERVE_HOST": "127.0.0.1", "MODELYARD_SERVE_PORT": str(port),
                      "MODELYARD_SERVE_WORKERS": "1", "MODELYARD_SERVE_TOKEN": token, **key},
     )  # fmt: skip
@@ -72,7 +73,9 @@ def infra_validate(
         report.data["logs"] = container.logs(tail=50).decode(errors="replace")
         container.remove(force=True)
         client.close()
-    report.data.update({"image": image, "rows_replayed": len(next(iter(sample.values()), []))})
+    report.data.update(
+        {"image": image, "container": name, "rows_replayed": len(next(iter(sample.values()), []))}
+    )
     return report
 
 
