@@ -25,13 +25,16 @@ class EchoApp:
         self.answered_routes: list[str] = []
         self.slow_started = asyncio.Event()
 
-    async def answer(self, scope: dict[str, Any], receive: http.Receive) -> http.Answer:
-        body = (await receive())["body"]
-        if scope["path"] == "/slow":
-            self.slow_started.set()
-            await asyncio.sleep(0.2)
+    def handle(
+        self, scope: dict[str, Any], body: bytes, respond: Callable[[http.Answer], None]
+    ) -> None:
         said = f"{scope['method']} {scope['path']} {len(body)}".encode()
-        return scope["path"], 200, said, [(b"content-type", b"text/plain")]
+        answer = scope["path"], 200, said, [(b"content-type", b"text/plain")]
+        if scope["path"] == "/slow":  # answered later, as a batched prediction is
+            self.slow_started.set()
+            asyncio.get_running_loop().call_later(0.2, respond, answer)
+        else:
+            respond(answer)
 
     def answered(self, route: str, status: int, started: float) -> None:
         self.answered_routes.append(route)
@@ -178,6 +181,28 @@ def test_a_stop_answers_the_request_in_flight_and_closes_idle_connections() -> N
             pass
         else:
             assert await asyncio.wait_for(refused[0].read(), timeout=5) == b""
+        for w in (writer, idle_writer):
+            w.close()
+
+    with_server(test)
+
+
+def test_a_connection_idle_past_the_keep_alive_is_closed_and_a_used_one_is_not(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(http, "KEEP_ALIVE_SECONDS", 1.0)
+
+    async def test(port: int, app: EchoApp, stop: asyncio.Event) -> None:
+        idle_reader, idle_writer = await connect(port)
+        reader, writer = await connect(port)
+        for _ in range(5):  # 2.5 s of requests, never 1 s apart
+            writer.write(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert (await response(reader))[2] == b"GET /a 0"
+            await asyncio.sleep(0.5)
+        # Closed by the sweep after 1-2 s idle; the busy connection was never closed.
+        assert await asyncio.wait_for(idle_reader.read(), timeout=5) == b""
+        writer.write(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await response(reader))[2] == b"GET /b 0"
         for w in (writer, idle_writer):
             w.close()
 

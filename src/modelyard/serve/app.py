@@ -1,11 +1,15 @@
-"""The ASGI app: MLflow's `/invocations` and the Open Inference Protocol V2 over one runtime.
+"""The serving app: MLflow's `/invocations` and the Open Inference Protocol V2 over one runtime.
 
-A plain ASGI callable rather than a framework: per request it does only routing, auth, body
-reading, decoding and one ONNX Runtime call, which is what keeps one-row latency in microseconds.
+No framework: per request it does only routing, auth, decoding and its share of one ONNX
+Runtime call, which is what keeps one-row latency in microseconds. `modelyard.serve.http` hands
+it whole requests (`handle`) and it answers through a callback: at once, or for a prediction
+when its batch has run, with no task or future per request. It is also an ASGI app, for tests
+and embedding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -24,6 +28,14 @@ from modelyard.serve.runtime import Prediction, Runtime, row_cost
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+# A handler's answer: (status, body, headers besides date and length), or what went wrong.
+Reply = tuple[int, bytes, Headers]
+Replier = Callable[[Reply | Exception], None]
+# (scope, body, reply) -> its reply now, or None when it will call `reply` once its batch has run.
+Handler = Callable[[Scope, bytes, Replier], Reply | None]
+# What `handle` answers: (route as metrics name it, status, body, headers).
+Answer = tuple[str, int, bytes, Headers]
 
 log = logging.getLogger("modelyard.serve")
 JSON = [(b"content-type", b"application/json")]
@@ -63,39 +75,42 @@ class ServingApp:
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The app as ASGI (tests and embedding); `modelyard.serve.http` calls `answer`."""
+        """The app as ASGI (tests and embedding); `modelyard.serve.http` calls `handle`."""
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
         started = time.perf_counter()
-        route, status, body, headers = await self.answer(scope, receive)
+        body = await self._read_body(receive)
+        answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self.handle(scope, body, answered.set_result)
+        route, status, content, headers = await answered
         # A content-length spares the client chunked framing, which an ASGI server adds without it.
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        headers = [*headers, (b"content-length", str(len(content)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": content})
         self.answered(route, status, started)
 
-    async def answer(self, scope: Scope, receive: Receive) -> tuple[str, int, bytes, list]:
-        """(route as metrics name it, status, body, headers) for one request."""
+    def handle(self, scope: Scope, body: bytes, respond: Callable[[Answer], None]) -> None:
+        """Answer one request: `respond` is called once, now or when its batch has run. `body`
+        may be cut one byte past `max_body` (the handlers that read it then answer 413)."""
         route, handler, needs_auth = self._route(scope)
+
+        def reply(result: Reply | Exception) -> None:
+            status, content, headers = (
+                _failure(result, route) if isinstance(result, Exception) else result
+            )
+            respond((route, status, content, headers))
+
         try:
             if needs_auth and self.tokens:
                 self._authorise(scope)
-            status, body, headers = await handler(scope, receive)
-        except ClientError as exc:
-            status, body, headers = exc.status, exc.body(), JSON
-            if exc.status == 401:
-                headers = [*JSON, (b"www-authenticate", b'Bearer realm="modelyard"')]
-        except Exception:  # a bug of ours, never a client mistake: log it, answer 500
-            log.exception("unhandled error on %s", route)
-            status, body, headers = (
-                500,
-                b'{"error_code":"INTERNAL_ERROR","message":"internal error"}',
-                JSON,
-            )
-        return route, status, body, headers
+            now = handler(scope, body, reply)
+        except Exception as exc:
+            now = _failure(exc, route)
+        if now is not None:
+            reply(now)
 
     def answered(self, route: str, status: int, started: float) -> None:
         """Counted once the answer is written (`started`: perf_counter when it arrived)."""
@@ -129,7 +144,7 @@ class ServingApp:
 
     # --- routing ------------------------------------------------------------------------------
 
-    def _route(self, scope: Scope) -> tuple[str, Any, bool]:
+    def _route(self, scope: Scope) -> tuple[str, Handler, bool]:
         path: str = scope["path"]
         method: str = scope["method"]
         simple = _ROUTES.get((method, path))
@@ -142,7 +157,7 @@ class ServingApp:
             return path, _method_not_allowed, False
         return "other", _not_found, False
 
-    def _route_v2(self, method: str, path: str) -> tuple[str, Any, bool]:
+    def _route_v2(self, method: str, path: str) -> tuple[str, Handler, bool]:
         parts = path.split("/")[3:]  # name[, versions, v][, infer|ready]
         if parts and parts[0] != self.runtime.name:
             return "/v2/models/{name}", _unknown_model(parts[0]), False
@@ -172,53 +187,74 @@ class ServingApp:
         if not supplied or not any([hmac.compare_digest(supplied, t) for t in self.tokens]):
             raise ClientError("missing or invalid bearer token", status=401)
 
-    async def _body(self, receive: Receive) -> bytes:
+    async def _read_body(self, receive: Receive) -> bytes:
+        """An ASGI request's body, held up to one byte past `max_body` as the HTTP layer holds
+        it."""
         chunks, size = [], 0
         while True:
             message = await receive()
             chunk = message.get("body", b"")
+            if size <= self.max_body:
+                chunks.append(chunk[: self.max_body + 1 - size])
             size += len(chunk)
-            if size > self.max_body:
-                raise ClientError(f"request body over {self.max_body} bytes", status=413)
-            chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    async def _predict(self, columns: codecs.Columns, scope: Scope) -> Prediction:
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self.max_body:
+            raise ClientError(f"request body over {self.max_body} bytes", status=413)
+
+    def _predict(
+        self, columns: codecs.Columns, scope: Scope, reply: Replier,
+        encode: Callable[[Prediction], bytes],
+    ) -> None:  # fmt: skip
         values, rows = codecs.validate(columns, self.runtime.columns, self.max_rows)
-        prediction = await self.batcher.predict(values, rows)
-        if self.comparer is not None and shadow.is_copy(scope["headers"]):
-            self.comparer.submit(columns, rows, prediction)  # off the loop, never in a latency
-        return prediction
+        comparer = self.comparer if shadow.is_copy(scope["headers"]) else None
 
-    # --- handlers: (scope, receive) -> (status, body, headers) ---------------------------------
+        def done(outcome: Prediction | Exception) -> None:
+            if comparer is not None and not isinstance(outcome, Exception):
+                comparer.submit(columns, rows, outcome)  # off the loop, never in a latency
+            _encoded(outcome, encode, reply)
 
-    async def invocations(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        self.batcher.submit(values, rows, done)
+
+    # --- handlers: (scope, body, reply) -> a reply now, or None when `reply` is called later ---
+
+    def invocations(self, scope: Scope, body: bytes, reply: Replier) -> Reply | None:
+        self._check_size(body)
         content_type = _header(scope, b"content-type").split(";")[0].strip().lower()
-        body = await self._body(receive)
         # A shadow compares copies as clients sent them: those take the general path.
         if self.comparer is None and codecs.is_json(content_type):
             decoded = self.split_decoder.values(body, self.max_rows)
             if decoded is not None:
-                return 200, codecs.mlflow_response(await self.batcher.predict(*decoded)), JSON
+                self.batcher.submit(
+                    *decoded, lambda outcome: _encoded(outcome, codecs.mlflow_response, reply)
+                )
+                return None
         columns = codecs.mlflow_columns(body, content_type, self.runtime.columns)
-        return 200, codecs.mlflow_response(await self._predict(columns, scope)), JSON
+        self._predict(columns, scope, reply, codecs.mlflow_response)
+        return None
 
-    async def v2_infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
-        columns, wanted, request_id = codecs.v2_columns(await self._body(receive))
-        prediction = await self._predict(columns, scope)
-        response = {
-            "model_name": self.runtime.name,
-            "model_version": self.runtime.version,
-            "id": request_id,
-            "outputs": codecs.v2_outputs(prediction, wanted),
-        }
-        return 200, orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY), JSON
+    def v2_infer(self, scope: Scope, body: bytes, reply: Replier) -> Reply | None:
+        self._check_size(body)
+        columns, wanted, request_id = codecs.v2_columns(body)
 
-    async def live(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+        def encode(prediction: Prediction) -> bytes:
+            response = {
+                "model_name": self.runtime.name,
+                "model_version": self.runtime.version,
+                "id": request_id,
+                "outputs": codecs.v2_outputs(prediction, wanted),
+            }
+            return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+
+        self._predict(columns, scope, reply, encode)
+        return None
+
+    def live(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         return 200, b'{"status":"alive"}', JSON
 
-    async def readiness(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def readiness(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         body = {
             "status": "ready" if self.ready else "starting",
             "model": self.runtime.name,
@@ -227,17 +263,17 @@ class ServingApp:
         }
         return (200 if self.ready else 503), orjson.dumps(body), JSON
 
-    async def v2_live(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def v2_live(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         return 200, b'{"live":true}', JSON
 
-    async def v2_ready(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def v2_ready(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         return (200 if self.ready else 503), orjson.dumps({"ready": self.ready}), JSON
 
-    async def v2_model_ready(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def v2_model_ready(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         body = {"name": self.runtime.name, "ready": self.ready}
         return (200 if self.ready else 503), orjson.dumps(body), JSON
 
-    async def v2_server_metadata(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def v2_server_metadata(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         body = {
             "name": "modelyard",
             "version": self.runtime.metadata.get("modelyard_version", ""),
@@ -245,7 +281,7 @@ class ServingApp:
         }
         return 200, orjson.dumps(body), JSON
 
-    async def v2_model_metadata(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def v2_model_metadata(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         inputs = [
             {
                 "name": c.name,
@@ -271,17 +307,17 @@ class ServingApp:
         }
         return 200, orjson.dumps(body), JSON
 
-    async def openapi_route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def openapi_route(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         if self._openapi is None:  # built once: the schema never changes while serving
             self._openapi = orjson.dumps(
                 openapi.document(self.runtime, bool(self.tokens), self.max_rows, self.max_body)
             )
         return 200, self._openapi, JSON
 
-    async def metrics_route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def metrics_route(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         return 200, self.metrics.render(), [(b"content-type", self.metrics.content_type.encode())]
 
-    async def version_route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    def version_route(self, scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         body = {
             k: self.runtime.metadata.get(k) for k in ("model_name", "model_version", "git_commit")
         }
@@ -311,16 +347,42 @@ def _header(scope: Scope, name: bytes) -> str:
     return ""
 
 
-async def _not_found(scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+def _not_found(scope: Scope, _body: bytes, _reply: Replier) -> Reply:
     raise ClientError(f"no route {scope['method']} {scope['path']}", status=404)
 
 
-async def _method_not_allowed(scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+def _method_not_allowed(scope: Scope, _body: bytes, _reply: Replier) -> Reply:
     raise ClientError(f"{scope['method']} is not allowed on {scope['path']}", status=405)
 
 
-def _unknown_model(name: str) -> Callable[[Scope, Receive], Awaitable[tuple[int, bytes, list]]]:
-    async def handler(scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+def _unknown_model(name: str) -> Handler:
+    def handler(scope: Scope, _body: bytes, _reply: Replier) -> Reply:
         raise ClientError(f"unknown model {name!r}", status=404)
 
     return handler
+
+
+def _encoded(
+    outcome: Prediction | Exception, encode: Callable[[Prediction], bytes], reply: Replier
+) -> None:
+    try:
+        result: Reply | Exception = (
+            outcome if isinstance(outcome, Exception) else (200, encode(outcome), JSON)
+        )
+    except Exception as exc:
+        result = exc
+    reply(result)
+
+
+def _failure(exc: Exception, route: str) -> Reply:
+    """A client's mistake in its own words; anything else is a bug of ours: logged, 500."""
+    if isinstance(exc, ClientError):
+        if exc.status == 401:
+            return (
+                exc.status,
+                exc.body(),
+                [*JSON, (b"www-authenticate", b'Bearer realm="modelyard"')],
+            )
+        return exc.status, exc.body(), JSON
+    log.error("unhandled error on %s", route, exc_info=exc)
+    return 500, b'{"error_code":"INTERNAL_ERROR","message":"internal error"}', JSON

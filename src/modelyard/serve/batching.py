@@ -6,11 +6,15 @@ request of a turn arrives, so it runs as soon as the requests already read from 
 have been decoded. Under light load a batch is one request; under concurrency the fixed cost of
 a session run (about 15 µs for the examples) is shared. Each request is validated before it
 joins, so a bad request can never fail its neighbours.
+
+A request hands in a callback, not a future to await: the flush answers every request of its
+batch in one pass, where a future would wake each request's task on a later turn of the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +25,16 @@ from modelyard.serve.codecs import Values, to_arrays
 from modelyard.serve.runtime import Prediction, Runtime
 
 MAX_BATCH_ROWS = 4096
+# A request's answer: its slice of the batch's prediction, or why the batch failed.
+Done = Callable[[Prediction | Exception], None]
+log = logging.getLogger("modelyard.serve")
 
 
 @dataclass
 class _Pending:
     values: Values
     rows: int
-    future: asyncio.Future[Prediction]
+    done: Done
 
 
 class Batcher:
@@ -41,15 +48,13 @@ class Batcher:
         self._pending: list[_Pending] = []
         self._scheduled = False
 
-    async def predict(self, values: Values, rows: int) -> Prediction:
-        """`values`: one request's validated columns (see codecs.validate)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Prediction] = loop.create_future()
-        self._pending.append(_Pending(values, rows, future))
+    def submit(self, values: Values, rows: int, done: Done) -> None:
+        """`values`: one request's validated columns (see codecs.validate); `done` is called
+        once, on the loop, with the request's prediction or the batch's error."""
+        self._pending.append(_Pending(values, rows, done))
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)
-        return await future
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         pending, self._pending, self._scheduled = self._pending, [], False
@@ -83,19 +88,24 @@ class Batcher:
                 joined = lists
                 prediction = self.runtime.predict(to_arrays(joined, schema))
                 results = _split(prediction, [p.rows for p in batch])
-        except Exception as exc:  # surfaces in each waiting handler, which answers 500
+        except Exception as exc:  # handed to each request, which answers 500
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+                _hand(item.done, exc)
             return
         for item, result in zip(batch, results, strict=True):
-            if not item.future.done():  # the client may have gone away meanwhile
-                item.future.set_result(result)
+            _hand(item.done, result)
         if self.observe is not None:
-            # After the answers, and queued behind the handlers they wake: the answers are
-            # written before the batch is counted (a 10,000-row batch's drift bins take
-            # milliseconds), and a metrics bug never fails a request.
+            # Queued, after the answers just written: they leave before the batch is counted (a
+            # 10,000-row batch's drift bins take milliseconds), and a metrics bug never fails a
+            # request.
             asyncio.get_running_loop().call_soon(self.observe, joined, prediction)
+
+
+def _hand(done: Done, outcome: Prediction | Exception) -> None:
+    try:
+        done(outcome)
+    except Exception:  # one request's failure to answer must not keep the others waiting
+        log.exception("answering a batched request failed")
 
 
 def _split(prediction: Prediction, sizes: list[int]) -> list[Prediction]:

@@ -20,18 +20,18 @@ import collections
 import contextlib
 import ctypes
 import email.utils
+import functools
 import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Protocol
 
 import httptools
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 # The app's answer: (route as metrics name it, status, body, headers besides date and length).
 Answer = tuple[str, int, bytes, list[tuple[bytes, bytes]]]
 
@@ -53,7 +53,9 @@ class App(Protocol):
 
     max_body: int
 
-    async def answer(self, scope: dict[str, Any], receive: Receive) -> Answer: ...
+    def handle(
+        self, scope: dict[str, Any], body: bytes, respond: Callable[[Answer], None]
+    ) -> None: ...
 
     def answered(self, route: str, status: int, started: float) -> None: ...
 
@@ -82,6 +84,13 @@ class _Shared:
             self._date = email.utils.formatdate(now, usegmt=True).encode()
         return self._date
 
+    def close_idle(self) -> None:
+        """Close the connections that have waited over KEEP_ALIVE_SECONDS for a request."""
+        oldest = time.monotonic() - KEEP_ALIVE_SECONDS
+        for connection in list(self.connections):
+            if connection.idle_since is not None and connection.idle_since < oldest:
+                connection._close()
+
 
 class Connection(asyncio.Protocol):
     def __init__(self, shared: _Shared) -> None:
@@ -92,9 +101,11 @@ class Connection(asyncio.Protocol):
         self.busy = False
         self.reading = True
         self.closing = False
-        self.idle: asyncio.TimerHandle | None = None
-        self.drained: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[None] | None = None
+        # Since when it has waited for a request (monotonic seconds); the worker's sweep closes
+        # it after KEEP_ALIVE_SECONDS. A timer per request cost a handle and a cancel each.
+        self.idle_since: float | None = None
+        self.paused = False  # the client reads slower than we write: answer nothing more yet
+        self.answering = False
         self._reset()
 
     def _reset(self) -> None:
@@ -114,15 +125,9 @@ class Connection(asyncio.Protocol):
         self.shared.connections.discard(self)
         self.closing = True
         self.queue.clear()
-        if self.idle is not None:
-            self.idle.cancel()
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
+        self.idle_since = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -131,12 +136,11 @@ class Connection(asyncio.Protocol):
             self._refuse()
 
     def pause_writing(self) -> None:
-        self.drained = asyncio.get_running_loop().create_future()
+        self.paused = True
 
     def resume_writing(self) -> None:
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
-        self.drained = None
+        self.paused = False
+        self._next()
 
     # --- httptools' callbacks ------------------------------------------------------------------
 
@@ -177,23 +181,30 @@ class Connection(asyncio.Protocol):
         if len(self.queue) > MAX_QUEUED and self.transport is not None:
             self.transport.pause_reading()
             self.reading = False
-        if not self.busy:
-            self.busy = True
-            # Held: the loop keeps only a weak reference to a task.
-            self.task = asyncio.get_running_loop().create_task(self._answer_queued())
+        self._next()
 
     # --- answering -----------------------------------------------------------------------------
 
-    async def _answer_queued(self) -> None:
+    def _next(self) -> None:
+        """Hand the app the queued requests one at a time, in order. No task per request: the
+        app answers through `_respond`, at once or when the request's batch has run."""
+        if self.answering:  # `_respond` called from inside the loop below: it goes on
+            return
+        self.answering = True
         try:
-            while self.queue and not self.transport_gone:
+            while self.queue and not (self.busy or self.paused or self.transport_gone):
                 request = self.queue.popleft()
                 if not self.reading and len(self.queue) <= MAX_QUEUED // 2 and self.transport:
                     self.transport.resume_reading()
                     self.reading = True
-                await self._answer(request)
+                self.busy = True
+                started = time.perf_counter()
+                respond = functools.partial(self._respond, request, started)
+                self.shared.app.handle(request.scope, request.body, respond)
         finally:
-            self.busy = False
+            self.answering = False
+        if self.busy or (self.queue and not self.transport_gone):
+            return
         if self.shared.stopping:
             self._close()
         elif not self.transport_gone:
@@ -203,17 +214,20 @@ class Connection(asyncio.Protocol):
     def transport_gone(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    async def _answer(self, request: _Request) -> None:
-        started = time.perf_counter()
-        body = request.body
+    def _respond(self, request: _Request, started: float, answer: Answer) -> None:
+        self.busy = False
+        route, status, content, headers = answer
+        if not self.transport_gone:  # else the client left while the app answered
+            self._write(request, status, content, headers)
+            self.shared.app.answered(route, status, started)
+            if len(request.body) >= TRIM_AFTER_BYTES and _MALLOC_TRIM is not None:
+                # Queued: by the time it runs, this request's objects are gone.
+                asyncio.get_running_loop().call_soon(_MALLOC_TRIM, 0)
+        self._next()
 
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        app = self.shared.app
-        route, status, content, headers = await app.answer(request.scope, receive)
-        if self.transport_gone:  # the client left while the app answered
-            return
+    def _write(
+        self, request: _Request, status: int, content: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         assert self.transport is not None
         # `closing`: an upgrade was asked for (it is not granted; nothing after it is read).
         keep_alive = request.keep_alive and not (self.closing or self.shared.stopping)
@@ -228,14 +242,8 @@ class Connection(asyncio.Protocol):
         if request.scope["method"] != "HEAD":
             head.append(content)
         self.transport.write(b"".join(head))  # one write: head and body leave in one segment
-        app.answered(route, status, started)
-        if len(body) >= TRIM_AFTER_BYTES and _MALLOC_TRIM is not None:
-            # Queued: by the time it runs, this request's objects are gone.
-            asyncio.get_running_loop().call_soon(_MALLOC_TRIM, 0)
         if not keep_alive:
             self._close()
-        elif self.drained is not None:
-            await self.drained
 
     def _refuse(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -248,14 +256,21 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def _wait_idle(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(KEEP_ALIVE_SECONDS, self._close)
+        self.idle_since = time.monotonic()
 
     def stop(self) -> None:
         """A graceful stop: an idle connection closes now, a busy one after its answers."""
         if not self.busy:
             self._close()
+
+
+def _sweep_every_second(shared: _Shared) -> asyncio.Task[None]:
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            shared.close_idle()
+
+    return asyncio.get_running_loop().create_task(sweep())
 
 
 async def serve(
@@ -275,7 +290,9 @@ async def serve(
         await loop.create_server(lambda: Connection(shared), sock=sock, ssl=context, backlog=2048)
         for sock, context in listeners
     ]
+    sweeping = _sweep_every_second(shared)
     await stop.wait()
+    sweeping.cancel()
     shared.stopping = True
     for server in servers:
         server.close()
