@@ -22,20 +22,18 @@ import orjson
 from modelyard.serve import codecs, openapi, shadow
 from modelyard.serve.batching import Batcher
 from modelyard.serve.codecs import ClientError
+from modelyard.serve.http import Answer, Headers
 from modelyard.serve.metrics import PROBABILITY_BUCKETS, Metrics
 from modelyard.serve.runtime import Prediction, Runtime, row_cost
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
 # A handler's answer: (status, body, headers besides date and length), or what went wrong.
 Reply = tuple[int, bytes, Headers]
 Replier = Callable[[Reply | Exception], None]
 # (scope, body, reply) -> its reply now, or None when it will call `reply` once its batch has run.
 Handler = Callable[[Scope, bytes, Replier], Reply | None]
-# What `handle` answers: (route as metrics name it, status, body, headers).
-Answer = tuple[str, int, bytes, Headers]
 
 log = logging.getLogger("modelyard.serve")
 JSON = [(b"content-type", b"application/json")]
@@ -209,7 +207,8 @@ class ServingApp:
         encode: Callable[[Prediction], bytes],
     ) -> None:  # fmt: skip
         values, rows = codecs.validate(columns, self.runtime.columns, self.max_rows)
-        comparer = self.comparer if shadow.is_copy(scope["headers"]) else None
+        copy = self.comparer is not None and shadow.is_copy(scope["headers"])
+        comparer = self.comparer if copy else None
 
         def done(outcome: Prediction | Exception) -> None:
             if comparer is not None and not isinstance(outcome, Exception):

@@ -32,8 +32,9 @@ from typing import Any, Protocol
 
 import httptools
 
+Headers = list[tuple[bytes, bytes]]
 # The app's answer: (route as metrics name it, status, body, headers besides date and length).
-Answer = tuple[str, int, bytes, list[tuple[bytes, bytes]]]
+Answer = tuple[str, int, bytes, Headers]
 
 KEEP_ALIVE_SECONDS = 75.0
 # Pipelined requests held per connection before reading pauses.
@@ -110,7 +111,7 @@ class Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: Headers = []
         self.body: list[bytes] = []
         self.size = 0
 
@@ -225,9 +226,7 @@ class Connection(asyncio.Protocol):
                 asyncio.get_running_loop().call_soon(_MALLOC_TRIM, 0)
         self._next()
 
-    def _write(
-        self, request: _Request, status: int, content: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None:
+    def _write(self, request: _Request, status: int, content: bytes, headers: Headers) -> None:
         assert self.transport is not None
         # `closing`: an upgrade was asked for (it is not granted; nothing after it is read).
         keep_alive = request.keep_alive and not (self.closing or self.shared.stopping)
@@ -259,8 +258,9 @@ class Connection(asyncio.Protocol):
         self.idle_since = time.monotonic()
 
     def stop(self) -> None:
-        """A graceful stop: an idle connection closes now, a busy one after its answers."""
-        if not self.busy:
+        """A graceful stop: an idle connection closes now, a busy one after its answers (also
+        those queued behind a client that reads slowly)."""
+        if not self.busy and not self.queue:
             self._close()
 
 
