@@ -1,14 +1,16 @@
 """The model bundle: the unit that moves from the registry to a serving host.
 
-A folder holding `model.onnx` (optional `model.pmml`), `schema.json`, `metadata.json` and
+A folder holding `model.onnx` (optional: `model.pmml`, and `forest.npz`, a tree ensemble's trees
+for the serving runtime's kernel, see modelyard.serve.forest), `schema.json`, `metadata.json` and
 `manifest.json` (SHA-256 of every other file), plus `manifest.sig`, an Ed25519 signature of the
 manifest's exact bytes. Whoever loads a bundle verifies the signature against keys it trusts, then
 every file's hash, before reading anything else. This module is pure (hashlib, json,
 cryptography) because the serving image imports it.
 
 An encrypted bundle (`encryption` in the manifest) holds the model and what it learned from the
-data (`ENCRYPTED`: the ONNX and PMML files, the schema with its example rows and reference bins)
-as AES-256-GCM ciphertext, each file bound to its name; the signature covers the ciphertext.
+data (`ENCRYPTED`: the ONNX, PMML and forest files, the schema with its example rows and
+reference bins) as AES-256-GCM ciphertext, each file bound to its name; the signature covers the
+ciphertext.
 `verify` checks the signature first, then decrypts those files into memory with a key it was
 given: a copy of the bundle (on an edge device, in S3, in an image layer) is useless without
 the key, and nothing decrypted is written anywhere.
@@ -39,7 +41,7 @@ FORMAT = "modelyard-bundle/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 _CHUNK = 1 << 20
-ENCRYPTED = ("model.onnx", "model.pmml", "schema.json")
+ENCRYPTED = ("model.onnx", "model.pmml", "forest.npz", "schema.json")
 _NONCE_BYTES = 12
 
 

@@ -405,6 +405,8 @@ def package(
         "bundle_digest": verified.digest,
         "bundle_key_id": verified.key_id,
         "bundle_artifact": f"runs:/{ctx.run_id}/bundle/{tarball.name}",
+        # Whether large batches of a tree ensemble go through the tree kernel, or why not.
+        "tree_kernel": verified.read_json("metadata.json")["tree_kernel"],
         # Which key opens it (never the key): the settings' key id, and KMS's key when wrapped.
         **({"bundle_encryption_key_id": bundle_key_id(encryption.key),
             "bundle_encryption": "kms" if encryption.kms_key else "key"} if encryption else {}),

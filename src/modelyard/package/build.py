@@ -23,10 +23,12 @@ from modelyard import bins as drift_bins
 from modelyard import bundle as bundles
 from modelyard.data import features_of
 from modelyard.evaluation import classes_of, scores
+from modelyard.package.forest import export_forest
 from modelyard.package.onnx import export_onnx, onnx_input_names
 from modelyard.package.parity import ParityError, ParityReport, compare
 from modelyard.package.pmml import pmml_for, prove_pmml
 from modelyard.serve import codecs
+from modelyard.serve.forest import BUNDLE_FILE as FOREST
 from modelyard.serve.runtime import Runtime
 from modelyard.spec import Spec
 from modelyard.values import category_text
@@ -156,14 +158,17 @@ def seal_bundle(
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     schema = schema_of(spec, onnx_input_names(onnx_bytes), eval_frame, expected, classes)
+    trees = export_forest(onnx_bytes)
     files = {
         "model.onnx": onnx_bytes,
         **({"model.pmml": pmml_bytes} if pmml_bytes is not None else {}),
+        **({FOREST: trees.archive} if trees.archive is not None else {}),
         "schema.json": _json_bytes(schema),
         "metadata.json": _json_bytes({
             "model_name": spec.name,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "modelyard_version": modelyard.__version__,
+            "tree_kernel": trees.note,
             **metadata,
         }),
     }  # fmt: skip

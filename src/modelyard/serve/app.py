@@ -138,6 +138,7 @@ class ServingApp:
         if example:
             feeds, _ = codecs.to_feeds(example, self.runtime.columns, self.max_rows)
             self.runtime.predict(feeds)
+            self.runtime.check_trees(feeds)
             self.metrics.row_cost.set(row_cost(self.runtime, feeds))
 
     # --- routing ------------------------------------------------------------------------------
