@@ -15,7 +15,9 @@ DOCKER_HOST_FILE := $(MODELYARD_WORKSPACE)/docker_host
 # compiled here, for modelyard's sources too: where PYTHONDONTWRITEBYTECODE is set (as on the
 # CI machine) nothing else would, and every process would compile MLflow, Prefect and
 # scikit-learn anew (the integration tier took 40 % longer so).
-$(BIN)/modelyard: pyproject.toml constraints.txt
+# The build compiles the serving runtime's tree kernel (hatch_build.py), hence a C compiler.
+$(BIN)/modelyard: pyproject.toml constraints.txt hatch_build.py src/modelyard/serve/_forest.c
+	infra/scripts/ensure-packages.sh cc:gcc
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt uv
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c constraints.txt \

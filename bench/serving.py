@@ -146,6 +146,22 @@ def timed_request(url: str, body: dict, auth: bool, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def wait_idle(share: float = 0.9, timeout: float = 15) -> None:
+    """Until the cores are at least `share` idle over a quarter second (from /proc/stat)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = _cpu_times()
+        time.sleep(0.25)
+        after = _cpu_times()
+        spent = [b - a for a, b in zip(before, after, strict=True)]
+        if sum(spent) and (spent[3] + spent[4]) / sum(spent) >= share:  # idle, iowait
+            return
+
+
+def _cpu_times() -> list[int]:
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def _headers(auth: bool) -> dict[str, str]:
     return {"Content-Type": "application/json"} | (
         {"Authorization": f"Bearer {TOKEN}"} if auth else {}
@@ -406,6 +422,7 @@ def serve_all(
                         Result("—", server, f"GET {path}", c, *wrk(url, c, seconds, None, False))
                     )
         split = large_split()
+        wait_idle()  # a peer may still be answering what the last load left queued
         large = [LargeRequest(label, peer.name, 1000 * timed_request(peer.url, peer.request(split), peer.auth))
                  for peer in peers]  # fmt: skip
         # After the load: what each server holds once it has served.

@@ -2,7 +2,8 @@
 column names are as awkward as real datasets' (spaces, dots, dashes, unicode, leading digits,
 Python keywords, names that collide once sanitised): fit, export to ONNX, seal a signed bundle,
 prove parity on the whole evaluation split through the serving code, and answer both protocols
-from the real ASGI app. In-process: no Docker, no servers."""
+from the real ASGI app; tree ensembles answer large batches through the tree kernel as through
+ONNX Runtime. In-process: no Docker, no servers."""
 
 from __future__ import annotations
 
@@ -113,6 +114,9 @@ def test_estimator_exports_proves_and_serves(supported, task, tmp_path: Path) ->
     runtime = Runtime(verify(built.path, parse_public_keys(_public(key))))
     assert [c.name for c in runtime.columns] == spec.feature_names  # requests keep the names
     _assert_parts_answer_as_the_whole(runtime, splits.eval.loc[:, spec.feature_names])
+    _assert_the_tree_kernel_answers_as_onnx_runtime(
+        runtime, splits.eval.loc[:, spec.feature_names], supported.family in ("tree", "boosting")
+    )
     rows = splits.eval.loc[:, spec.feature_names].head(20)
     mlflow, v2 = asyncio.run(_ask(ServingApp(runtime), rows))
     expected = trained.eval_scores[:20]
@@ -153,6 +157,22 @@ def _assert_parts_answer_as_the_whole(runtime: Runtime, frame: pd.DataFrame) -> 
         np.testing.assert_allclose(
             in_parts.probabilities, whole.probabilities, rtol=1e-6, atol=1e-9
         )
+
+
+def _assert_the_tree_kernel_answers_as_onnx_runtime(
+    runtime: Runtime, frame: pd.DataFrame, trees: bool
+) -> None:
+    """Every tree ensemble of the matrix gets the kernel, and a large batch (missing values
+    among its rows) answers through it bit for bit as through ONNX Runtime alone."""
+    assert (runtime.trees is not None) == trees
+    if runtime.trees is None:
+        return
+    many = frame.sample(2 * runtime_module.TREE_ROWS, replace=True, random_state=1)
+    feeds, _ = codecs.to_feeds(frame_columns(many), runtime.columns, max_rows=len(many))
+    assert runtime._runner(len(many)) == runtime.trees.run
+    expected, got = runtime._run_session(feeds), runtime.trees.run(feeds)
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(want, have)
 
 
 @pytest.mark.slow  # a JVM per case: about two minutes for the matrix, so `make test` only

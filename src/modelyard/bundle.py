@@ -58,6 +58,9 @@ class VerifiedBundle:
     # An encrypted bundle's files, decrypted in memory by `verify`.
     opened: dict[str, bytes] = field(default_factory=dict, repr=False)
 
+    def holds(self, name: str) -> bool:
+        return name in self.opened or name in self.manifest.get("files", {})
+
     def read_bytes(self, name: str) -> bytes:
         return self.opened[name] if name in self.opened else (self.path / name).read_bytes()
 

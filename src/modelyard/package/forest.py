@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,11 +69,10 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
     x_type = _elem_type(inferred, x_name)
     if x_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
         raise Unsupported(f"the trees' input is of ONNX type {x_type}, not float or double")
-    arrays, finish = _flatten(attributes, node.op_type)
+    arrays, finish = _flatten(attributes, node.op_type, x_type == onnx.TensorProto.FLOAT)
     trees = serving.Trees(finish=finish, **arrays)
-    n_features = int(arrays["nodes"]["feature"].max(initial=0)) + 1
     alone = _operator_alone(model, node, inferred)
-    _prove(trees, alone, _probes(arrays["nodes"], n_features, x_type, seed))
+    _prove(trees, alone, _probes(arrays["nodes"], max(trees.n_features, 1), x_type, seed))
     outputs = [o.name for o in model.graph.output]
     known = {i.name for i in [*inferred.graph.value_info, *inferred.graph.output]}
     inferred.graph.value_info.extend(o for o in _declared_outputs(node) if o.name not in known)
@@ -91,11 +91,10 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
         "after": _bytes_array(after.SerializeToString() if after else b""),
         **arrays,
     }
-    buffer = io.BytesIO()
-    np.savez(buffer, **stored)
+    archive = _npz(stored)
     summary = (f"{len(arrays['roots'])} trees, {len(arrays['nodes'])} internal nodes, proven "
                f"on {PROBE_ROWS} probe rows against ONNX Runtime {ort.__version__}")  # fmt: skip
-    return buffer.getvalue(), summary
+    return archive, summary
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
@@ -126,7 +125,9 @@ def _either(attributes: dict[str, Any], name: str, default: Any = ()) -> np.ndar
     return np.asarray(value, dtype=np.float64).reshape(-1)
 
 
-def _flatten(attributes: dict[str, Any], operator: str) -> tuple[dict[str, np.ndarray], dict]:
+def _flatten(
+    attributes: dict[str, Any], operator: str, in_float32: bool
+) -> tuple[dict[str, np.ndarray], dict]:
     """The kernel's arrays (see serve.forest.Trees) and how the operator finishes its sums."""
     modes = np.asarray(attributes["nodes_modes"])
     unknown = set(modes.tolist()) - {*_SWAPPED, "LEAF"}
@@ -158,7 +159,7 @@ def _flatten(attributes: dict[str, Any], operator: str) -> tuple[dict[str, np.nd
     prefix = "class" if operator == "TreeEnsembleClassifier" else "target"
     weights = _leaf_weights(attributes, prefix, find, len(internal), len(leaves))
     arrays = {"nodes": nodes, "roots": roots, "min_depths": _min_depths(nodes, roots), **weights}
-    return arrays, _finish(attributes, operator, prefix, len(order))
+    return arrays, _finish(attributes, operator, prefix, len(order), in_float32)
 
 
 def _finder(tree_ids: np.ndarray, node_ids: np.ndarray, renumbered: np.ndarray) -> Any:
@@ -212,7 +213,9 @@ def _leaf_weights(
     }
 
 
-def _finish(attributes: dict[str, Any], operator: str, prefix: str, n_trees: int) -> dict:
+def _finish(
+    attributes: dict[str, Any], operator: str, prefix: str, n_trees: int, in_float32: bool
+) -> dict:
     post_transform = attributes.get("post_transform", "NONE")
     if post_transform not in _TRANSFORMS[operator]:
         raise Unsupported(f"post_transform {post_transform}")
@@ -221,8 +224,9 @@ def _finish(attributes: dict[str, Any], operator: str, prefix: str, n_trees: int
     finish: dict[str, Any] = {
         "operator": operator, "post_transform": post_transform, "base_values": base,
         "n_trees": n_trees,
-        # ONNX Runtime sums in double when the node values come as a double tensor.
-        "in_float32": "nodes_values_as_tensor" not in attributes,
+        # ONNX Runtime's operator computes in the input's precision (float thresholds and
+        # weights become doubles for a double input; a float input takes no double tensors).
+        "in_float32": in_float32,
     }  # fmt: skip
     if operator == "TreeEnsembleRegressor":
         finish["n_targets"] = int(attributes.get("n_targets", 1))
@@ -295,6 +299,17 @@ def _prove(trees: serving.Trees, alone: ort.InferenceSession, probes: np.ndarray
     got = trees.outputs(probes)
     if not serving.same_answers([np.asarray(e) for e in expected], got):
         raise Unsupported("the kernel's answers differ from ONNX Runtime's on the probe rows")
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """What np.savez writes, with no clock in it: the same model gives the same bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(entry, "w") as file:
+                np.lib.format.write_array(file, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _bytes_array(data: bytes) -> np.ndarray:

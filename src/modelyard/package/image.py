@@ -129,7 +129,8 @@ def _source_root() -> Path:
 
 def _source_digest(root: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted([root / "pyproject.toml", *(root / "src").rglob("*.py")]):
+    sources = [*(root / "src").rglob("*.py"), *(root / "src").rglob("*.c")]
+    for path in sorted([root / "pyproject.toml", root / "hatch_build.py", *sources]):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -82,9 +82,30 @@ class Trees:
     weight_value: np.ndarray  # float64
     finish: dict[str, Any]  # see `finish`
 
+    def __post_init__(self) -> None:
+        """The kernel trusts its arrays: any index out of range would read outside them."""
+        ends = len(self.nodes) + len(self.weight_start) - 1  # internal nodes, then leaves
+        starts = self.weight_start
+        if not (
+            ((self.nodes["next"] >= 0) & (self.nodes["next"] < ends)).all()
+            and ((self.roots >= 0) & (self.roots < ends)).all()
+            and (self.nodes["feature"] >= 0).all()
+            and len(self.min_depths) == len(self.roots)
+            and starts[0] == 0
+            and (np.diff(starts) >= 0).all()
+            and starts[-1] == len(self.weight_target) == len(self.weight_value)
+            and ((self.weight_target >= 0) & (self.weight_target < self.n_targets)).all()
+        ):
+            raise ForestMismatch("forest.npz's trees are inconsistent")
+
     @property
     def n_targets(self) -> int:
         return int(self.finish["n_targets"])
+
+    @property
+    def n_features(self) -> int:
+        """The columns an input needs: one past the highest feature a node reads."""
+        return int(self.nodes["feature"].max(initial=-1)) + 1
 
     def sums(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row and target: the sum of the leaf weights reached (in the operator's
@@ -92,6 +113,8 @@ class Trees:
         library = _library()
         x = np.ascontiguousarray(x, dtype=np.float64)
         rows, features = x.shape
+        if features < self.n_features:
+            raise ForestMismatch(f"{features} input columns; the trees read {self.n_features}")
         scores = np.zeros((rows, self.n_targets), dtype=np.float64)
         has = np.zeros((rows, self.n_targets), dtype=np.uint8)
         library.modelyard_forest_scores(
@@ -141,9 +164,9 @@ def _binary(score: Any, how: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]
     elif how["post_transform"] == "LOGISTIC":
         positive = score > 0
         columns = [_logistic(-score), _logistic(score)]
-    else:  # ONNX Runtime's order for a losing class: the score first
+    else:  # margins, winning or not
         positive = score > 0
-        columns = [np.where(positive, -score, score), np.where(positive, score, -score)]
+        columns = [-score, score]
     return positive, np.stack(columns, axis=1).astype(np.float32)
 
 

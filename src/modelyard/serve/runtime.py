@@ -78,9 +78,7 @@ class Runtime:
             bundle.read_bytes("model.onnx"), session_options(), providers=["CPUExecutionProvider"]
         )
         # A tree ensemble's large batches go through modelyard's tree kernel (serve.forest).
-        self.trees: forest.TreePath | None = None
-        if forest.BUNDLE_FILE in bundle.manifest["files"] and forest.kernel() is not None:
-            self.trees = forest.TreePath(bundle.read_bytes(forest.BUNDLE_FILE), session_options())
+        self.trees = _tree_path(bundle)
         graph_types = {i.name: i.type for i in self.session.get_inputs()}
         self.columns = [_column(entry, graph_types) for entry in self.schema["inputs"]]
         # A classifier's labels in the order of its probability columns.
@@ -167,6 +165,16 @@ def _parts_pool() -> ThreadPoolExecutor:
     """Threads for a large batch's other parts (the caller's thread runs the first), made at
     first use: in a serving worker, after the fork."""
     return ThreadPoolExecutor(max_workers=max(_CORES - 1, 1), thread_name_prefix="onnx-part")
+
+
+def _tree_path(bundle: VerifiedBundle) -> forest.TreePath | None:
+    if not bundle.holds(forest.BUNDLE_FILE) or forest.kernel() is None:
+        return None
+    try:
+        return forest.TreePath(bundle.read_bytes(forest.BUNDLE_FILE), session_options())
+    except forest.ForestMismatch as exc:
+        log.warning("%s: large batches run in ONNX Runtime", exc)
+        return None
 
 
 _NUMBER_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}
