@@ -88,6 +88,16 @@ def test_the_image_holds_only_what_serving_imports(settings: Settings, image):
     assert unused_distributions(printed.decode()) == []
 
 
+def test_the_image_carries_a_tree_kernel_it_can_load(settings: Settings, image):
+    """The wheel built on this host brings the compiled tree kernel (hatch_build.py), and the
+    image's Python loads it: tree ensembles' large batches are not left to ONNX Runtime."""
+    check = "from modelyard.serve import forest; print(forest.kernel() is not None)"
+    printed = docker_client(settings).containers.run(
+        image.ref, entrypoint=["python3", "-c", check], network_mode="none", remove=True
+    )
+    assert printed.decode().strip() == "True"
+
+
 def test_sbom_is_cyclonedx_with_hashes(image):
     sbom = image.sbom
     assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.5"
