@@ -73,18 +73,9 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
     trees = serving.Trees(finish=finish, **arrays)
     alone = _operator_alone(model, node, inferred)
     _prove(trees, alone, _probes(arrays["nodes"], max(trees.n_features, 1), x_type, seed))
-    outputs = [o.name for o in model.graph.output]
-    known = {i.name for i in [*inferred.graph.value_info, *inferred.graph.output]}
-    inferred.graph.value_info.extend(o for o in _declared_outputs(node) if o.name not in known)
-    extractor = Extractor(inferred)
-    before = extractor.extract_model([i.name for i in model.graph.input], [x_name])
-    tree_outputs = list(node.output)
-    rest = [name for name in outputs if name not in tree_outputs]
-    after = extractor.extract_model(tree_outputs, rest) if rest else None
-    if after is not None and not {i.name for i in after.graph.input} <= set(tree_outputs):
-        raise Unsupported("the graph after the trees reads more than the trees' outputs")
-    meta = {"tree_input": x_name, "tree_outputs": tree_outputs, "model_outputs": outputs,
-            "finish": finish}  # fmt: skip
+    before, after = _cut(model, node, inferred)
+    meta = {"tree_input": x_name, "tree_outputs": list(node.output),
+            "model_outputs": [o.name for o in model.graph.output], "finish": finish}  # fmt: skip
     stored: dict[str, Any] = {
         "meta": _bytes_array(json.dumps(meta).encode()),
         "before": _bytes_array(before.SerializeToString()),
@@ -95,6 +86,24 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
     summary = (f"{len(arrays['roots'])} trees, {len(arrays['nodes'])} internal nodes, proven "
                f"on {PROBE_ROWS} probe rows against ONNX Runtime {ort.__version__}")  # fmt: skip
     return archive, summary
+
+
+def _cut(
+    model: onnx.ModelProto, node: onnx.NodeProto, inferred: onnx.ModelProto
+) -> tuple[onnx.ModelProto, onnx.ModelProto | None]:
+    """The graph before the operator (its inputs to the trees' input) and after it (the trees'
+    outputs to the model's other outputs; None when the operator's outputs are the model's)."""
+    known = {i.name for i in [*inferred.graph.value_info, *inferred.graph.output]}
+    inferred.graph.value_info.extend(o for o in _declared_outputs(node) if o.name not in known)
+    extractor = Extractor(inferred)
+    before = extractor.extract_model([i.name for i in model.graph.input], [node.input[0]])
+    rest = [o.name for o in model.graph.output if o.name not in node.output]
+    if not rest:
+        return before, None
+    after = extractor.extract_model(list(node.output), rest)
+    if not {i.name for i in after.graph.input} <= set(node.output):
+        raise Unsupported("the graph after the trees reads more than the trees' outputs")
+    return before, after
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
