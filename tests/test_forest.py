@@ -33,7 +33,6 @@ pytestmark = pytest.mark.skipif(forest.kernel() is None, reason="the tree kernel
 
 GRID = np.array([-2.5, -1.0, 0.0, 0.5, 1.0, 3.0])  # thresholds: data lands on them too
 MODES = ("BRANCH_LEQ", "BRANCH_LT", "BRANCH_GTE", "BRANCH_GT")
-TREE_ARRAYS = ("nodes", "roots", "min_depths", "weight_start", "weight_target", "weight_value")
 
 
 @dataclass
@@ -257,14 +256,15 @@ def test_inconsistent_trees_are_refused_before_the_kernel_reads_them() -> None:
     assert exported.archive is not None
     arrays = _stored(exported.archive)
     finish = json.loads(arrays["meta"].tobytes())["finish"]
-    trees = forest.Trees(finish=finish, **{k: arrays[k] for k in TREE_ARRAYS})
+    trees = forest.Trees(finish=finish, **{k: arrays[k] for k in forest.ARRAYS})
     with pytest.raises(forest.ForestMismatch, match="1 input columns; the trees read 5"):
         trees.sums(np.zeros((3, 1)))
     arrays["nodes"]["next"][0, 0] = 10**6  # past every node and leaf
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
     with pytest.raises(forest.ForestMismatch, match="inconsistent"):
-        forest.TreePath(buffer.getvalue(), session_options())
+        forest.TreePath(packaging._npz(arrays), session_options())
+    older = {**arrays, "meta": packaging._bytes_array(json.dumps({"finish": finish}).encode())}
+    with pytest.raises(forest.ForestMismatch, match="another format"):
+        forest.TreePath(packaging._npz(older), session_options())
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +318,11 @@ def test_without_the_kernel_onnx_runtime_serves_everything(forest_bundle, monkey
     assert runtime.predict(_feeds(runtime, frame, 300)).values.shape == (300,)
     exported = packaging.export_forest(bundle.read_bytes("model.onnx"))
     assert exported.archive is None and "not built on this machine" in exported.note
+
+
+def test_a_forest_file_of_another_format_is_served_by_onnx_runtime(forest_bundle, monkeypatch):
+    bundle, frame = forest_bundle
+    monkeypatch.setattr(forest, "FORMAT", forest.FORMAT + 1)  # as a later modelyard would read it
+    runtime = Runtime(bundle)
+    assert runtime.trees is None
+    assert runtime.predict(_feeds(runtime, frame, 300)).values.shape == (300,)

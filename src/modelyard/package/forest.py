@@ -31,6 +31,7 @@ _STRICT = {"BRANCH_LT", "BRANCH_GTE"}  # `<`: compared as `<=` the next number d
 _TRANSFORMS = {"TreeEnsembleClassifier": {"NONE", "LOGISTIC", "SOFTMAX"},
                "TreeEnsembleRegressor": {"NONE"}}  # fmt: skip
 PROBE_ROWS = 4096
+_STEPS_PAST_SHALLOWEST = 2
 
 
 class Unsupported(Exception):
@@ -74,7 +75,7 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
     alone = _operator_alone(model, node, inferred)
     _prove(trees, alone, _probes(arrays["nodes"], max(trees.n_features, 1), x_type, seed))
     before, after = _cut(model, node, inferred)
-    meta = {"tree_input": x_name, "tree_outputs": list(node.output),
+    meta = {"format": serving.FORMAT, "tree_input": x_name, "tree_outputs": list(node.output),
             "model_outputs": [o.name for o in model.graph.output], "finish": finish}  # fmt: skip
     stored: dict[str, Any] = {
         "meta": _bytes_array(json.dumps(meta).encode()),
@@ -83,7 +84,7 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
         **arrays,
     }
     archive = _npz(stored)
-    summary = (f"{len(arrays['roots'])} trees, {len(arrays['nodes'])} internal nodes, proven "
+    summary = (f"{len(arrays['roots'])} trees, {trees.n_internal} internal nodes, proven "
                f"on {PROBE_ROWS} probe rows against ONNX Runtime {ort.__version__}")  # fmt: skip
     return archive, summary
 
@@ -157,17 +158,22 @@ def _flatten(
     false = find(tree_ids, np.asarray(attributes["nodes_falsenodeids"], dtype=np.int64))
     swapped = np.array([_SWAPPED.get(m, False) for m in modes.tolist()])
     strict = np.isin(modes, list(_STRICT))
-    nodes = np.zeros(len(internal), dtype=serving.NODE)
-    nodes["threshold"] = np.where(strict, np.nextafter(thresholds, -np.inf), thresholds)[internal]
-    nodes["feature"] = np.asarray(attributes["nodes_featureids"], dtype=np.int32)[internal]
-    nodes["next"][:, 0] = np.where(swapped, false, true)[internal]
-    nodes["next"][:, 1] = np.where(swapped, true, false)[internal]
-    nodes["next"][:, 2] = np.where(tracks, true, false)[internal]
+    nodes = np.zeros(count, dtype=serving.NODE)  # internal nodes, then leaves
+    inner = slice(0, len(internal))
+    nodes["threshold"][inner] = np.where(strict, np.nextafter(thresholds, -np.inf), thresholds)[
+        internal
+    ]
+    nodes["feature"][inner] = np.asarray(attributes["nodes_featureids"], dtype=np.int32)[internal]
+    nodes["next"][inner, 0] = np.where(swapped, false, true)[internal]
+    nodes["next"][inner, 1] = np.where(swapped, true, false)[internal]
+    nodes["next"][inner, 2] = np.where(tracks, true, false)[internal]
+    nodes["next"][len(internal) :] = np.arange(len(internal), count)[:, None]  # a leaf stays
     order = sorted(set(tree_ids.tolist()), key=tree_ids.tolist().index)  # as they first appear
     roots = find(np.asarray(order), np.zeros(len(order), dtype=np.int64)).astype(np.int32)
     prefix = "class" if operator == "TreeEnsembleClassifier" else "target"
     weights = _leaf_weights(attributes, prefix, find, len(internal), len(leaves))
-    arrays = {"nodes": nodes, "roots": roots, "min_depths": _min_depths(nodes, roots), **weights}
+    first_steps = _first_steps(nodes, len(internal), roots)
+    arrays = {"nodes": nodes, "roots": roots, "first_steps": first_steps, **weights}
     return arrays, _finish(attributes, operator, prefix, len(order), in_float32)
 
 
@@ -187,22 +193,24 @@ def _finder(tree_ids: np.ndarray, node_ids: np.ndarray, renumbered: np.ndarray) 
     return find
 
 
-def _min_depths(nodes: np.ndarray, roots: np.ndarray) -> np.ndarray:
-    """Each tree's shallowest leaf: the steps every row takes before it can reach a leaf."""
-    depths = np.zeros(len(roots), dtype=np.int32)
+def _first_steps(nodes: np.ndarray, n_internal: int, roots: np.ndarray) -> np.ndarray:
+    """How many steps the kernel takes for every row of a block before it checks which rows
+    reached a leaf (a row at a leaf stays there): the tree's shallowest leaf's depth plus
+    `_STEPS_PAST_SHALLOWEST`, at most its deepest. Checking costs more per step than the steps
+    a row at a leaf wastes: on the bench's 10,000 rows, one core, +2 took 10 % off the forest's
+    time and 7 % off LightGBM's against checking from the shallowest leaf on."""
+    shallowest = np.full(len(roots), -1, dtype=np.int32)
+    deepest = np.zeros(len(roots), dtype=np.int32)
     frontier, owner, depth = roots.astype(np.int64), np.arange(len(roots)), 0
-    done = np.zeros(len(roots), dtype=bool)
     while len(frontier):
-        at_leaf = frontier >= len(nodes)
-        first = np.unique(owner[at_leaf])
-        first = first[~done[first]]
-        depths[first], done[first] = depth, True
+        at_leaf = frontier >= n_internal
+        reached = np.unique(owner[at_leaf])
+        shallowest[reached[shallowest[reached] < 0]] = depth
+        deepest[np.unique(owner)] = depth
         inner, owners = frontier[~at_leaf], owner[~at_leaf]
-        keep = ~done[owners]
-        inner, owners = inner[keep], owners[keep]
-        frontier = nodes["next"][inner].reshape(-1).astype(np.int64)
-        owner, depth = np.repeat(owners, 3), depth + 1
-    return depths
+        frontier = nodes["next"][inner, :2].reshape(-1).astype(np.int64)
+        owner, depth = np.repeat(owners, 2), depth + 1
+    return np.minimum(shallowest + _STEPS_PAST_SHALLOWEST, deepest).astype(np.int32)
 
 
 def _leaf_weights(

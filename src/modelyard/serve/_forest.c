@@ -18,9 +18,10 @@
 
 #define BLOCK 512 /* rows walked together: their inputs stay in the L1 cache */
 
-/* An internal node. Every comparison is rewritten to `x <= threshold` (modelyard.serve.forest):
+/* A node. Every comparison is rewritten to `x <= threshold` (modelyard.package.forest):
  * next[0] is where a row with x <= threshold goes, next[1] where a larger x goes, next[2] where
- * a missing value (NaN) goes. A child at or past n_internal is a leaf: leaf = child - n_internal. */
+ * a missing value (NaN) goes. Nodes at or past n_internal are leaves (leaf = node - n_internal),
+ * whose next[] lead back to themselves. */
 typedef struct {
   double threshold;
   int32_t feature;
@@ -38,7 +39,7 @@ static inline int32_t step(const Node* node, const double* row) {
 
 void modelyard_forest_scores(const double* x, int64_t n_rows, int64_t n_features,
                              const Node* nodes, int32_t n_internal, const int32_t* roots,
-                             const int32_t* min_depths, int64_t n_trees,
+                             const int32_t* first_steps, int64_t n_trees,
                              const int64_t* weight_start, const int32_t* weight_target,
                              const double* weight_value, int64_t n_targets, int32_t in_float32,
                              double* scores, uint8_t* has_score) {
@@ -49,8 +50,8 @@ void modelyard_forest_scores(const double* x, int64_t n_rows, int64_t n_features
     const double* block = x + start * n_features;
     for (int64_t t = 0; t < n_trees; ++t) {
       for (int32_t r = 0; r < rows; ++r) at[r] = roots[t];
-      /* No leaf sits shallower than min_depths[t]: those steps need no check. */
-      for (int32_t d = 0; d < min_depths[t]; ++d)
+      /* The first steps go without checking for leaves: a row at one stays there. */
+      for (int32_t d = 0; d < first_steps[t]; ++d)
         for (int32_t r = 0; r < rows; ++r) at[r] = step(nodes + at[r], block + r * n_features);
       int32_t n_active = 0;
       for (int32_t r = 0; r < rows; ++r) {

@@ -32,6 +32,7 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 BUNDLE_FILE = "forest.npz"
+FORMAT = 1  # of forest.npz: a bundle with another is served by ONNX Runtime alone
 ABI = 1  # _forest.c's modelyard_forest_abi(): the layout of NODE below
 # One internal node as the kernel reads it: `x <= threshold` goes to next[0], a larger x to
 # next[1], a missing value to next[2]; a child at or past the number of internal nodes is a leaf.
@@ -40,6 +41,16 @@ _KERNEL_FILE = Path(__file__).with_name("_forest.so")
 _POINTER = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
+
+
+ARRAYS = (  # forest.npz's arrays besides meta, before and after
+    "nodes",
+    "roots",
+    "first_steps",
+    "weight_start",
+    "weight_target",
+    "weight_value",
+)
 
 
 class ForestMismatch(RuntimeError):
@@ -74,9 +85,9 @@ def kernel() -> ctypes.CDLL | None:
 class Trees:
     """The operator's trees as the kernel reads them, and how it finishes the sums."""
 
-    nodes: np.ndarray  # NODE, internal nodes only
-    roots: np.ndarray  # int32: each tree's first node (a leaf: n_internal + its index)
-    min_depths: np.ndarray  # int32: the shallowest leaf of each tree
+    nodes: np.ndarray  # NODE: the internal nodes, then the leaves (which lead to themselves)
+    roots: np.ndarray  # int32: each tree's first node
+    first_steps: np.ndarray  # int32: steps taken before the kernel checks for leaves
     weight_start: np.ndarray  # int64, one more than leaves: each leaf's slice of the two below
     weight_target: np.ndarray  # int32: the class or target a leaf weight adds to
     weight_value: np.ndarray  # float64
@@ -84,13 +95,14 @@ class Trees:
 
     def __post_init__(self) -> None:
         """The kernel trusts its arrays: any index out of range would read outside them."""
-        ends = len(self.nodes) + len(self.weight_start) - 1  # internal nodes, then leaves
+        ends = len(self.nodes)
         starts = self.weight_start
         if not (
-            ((self.nodes["next"] >= 0) & (self.nodes["next"] < ends)).all()
+            0 <= self.n_internal <= ends
+            and ((self.nodes["next"] >= 0) & (self.nodes["next"] < ends)).all()
             and ((self.roots >= 0) & (self.roots < ends)).all()
             and (self.nodes["feature"] >= 0).all()
-            and len(self.min_depths) == len(self.roots)
+            and len(self.first_steps) == len(self.roots)
             and starts[0] == 0
             and (np.diff(starts) >= 0).all()
             and starts[-1] == len(self.weight_target) == len(self.weight_value)
@@ -99,13 +111,17 @@ class Trees:
             raise ForestMismatch("forest.npz's trees are inconsistent")
 
     @property
+    def n_internal(self) -> int:
+        return len(self.nodes) - (len(self.weight_start) - 1)  # the rest are leaves
+
+    @property
     def n_targets(self) -> int:
         return int(self.finish["n_targets"])
 
     @property
     def n_features(self) -> int:
         """The columns an input needs: one past the highest feature a node reads."""
-        return int(self.nodes["feature"].max(initial=-1)) + 1
+        return int(self.nodes["feature"][: self.n_internal].max(initial=-1)) + 1
 
     def sums(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row and target: the sum of the leaf weights reached (in the operator's
@@ -118,8 +134,8 @@ class Trees:
         scores = np.zeros((rows, self.n_targets), dtype=np.float64)
         has = np.zeros((rows, self.n_targets), dtype=np.uint8)
         library.modelyard_forest_scores(
-            x.ctypes.data, rows, features, self.nodes.ctypes.data, len(self.nodes),
-            self.roots.ctypes.data, self.min_depths.ctypes.data, len(self.roots),
+            x.ctypes.data, rows, features, self.nodes.ctypes.data, self.n_internal,
+            self.roots.ctypes.data, self.first_steps.ctypes.data, len(self.roots),
             self.weight_start.ctypes.data, self.weight_target.ctypes.data,
             self.weight_value.ctypes.data, self.n_targets, int(self.finish["in_float32"]),
             scores.ctypes.data, has.ctypes.data,
@@ -201,6 +217,8 @@ class TreePath:
         with np.load(io.BytesIO(archive), allow_pickle=False) as stored:
             arrays = {name: stored[name] for name in stored.files}
         meta = json.loads(arrays.pop("meta").tobytes())
+        if meta.get("format") != FORMAT or set(arrays) != {*ARRAYS, "before", "after"}:
+            raise ForestMismatch(f"{BUNDLE_FILE} is of another format than {FORMAT}")
         self.tree_input: str = meta["tree_input"]
         self.tree_outputs: list[str] = meta["tree_outputs"]
         self.model_outputs: list[str] = meta["model_outputs"]
