@@ -34,23 +34,15 @@ log = logging.getLogger(__name__)
 BUNDLE_FILE = "forest.npz"
 FORMAT = 1  # of forest.npz: a bundle with another is served by ONNX Runtime alone
 ABI = 1  # _forest.c's modelyard_forest_abi(): the layout of NODE below
-# One internal node as the kernel reads it: `x <= threshold` goes to next[0], a larger x to
-# next[1], a missing value to next[2]; a child at or past the number of internal nodes is a leaf.
+# A node as the kernel reads it: `x <= threshold` goes to next[0], a larger x to next[1], a
+# missing value to next[2]; nodes past the internal ones are leaves, which lead to themselves.
 NODE = np.dtype([("threshold", "<f8"), ("feature", "<i4"), ("next", "<i4", (3,))])
+# forest.npz's arrays besides `meta`, `before` and `after` (see Trees).
+ARRAYS = ("nodes", "roots", "first_steps", "weight_start", "weight_target", "weight_value")
 _KERNEL_FILE = Path(__file__).with_name("_forest.so")
 _POINTER = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
-
-
-ARRAYS = (  # forest.npz's arrays besides meta, before and after
-    "nodes",
-    "roots",
-    "first_steps",
-    "weight_start",
-    "weight_target",
-    "weight_value",
-)
 
 
 class ForestMismatch(RuntimeError):
