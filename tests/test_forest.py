@@ -202,10 +202,14 @@ def test_a_generated_ensemble_answers_through_the_kernel_as_onnx_runtime_does(na
     assert packaging.export_forest(graph, seed=seed).archive == exported.archive  # no clock
     path = forest.TreePath(exported.archive, session_options())
     x = rows(3000, 5, case.x_type, seed)
-    expected, got = whole_graph(graph, x), path.run({"X_in": x})
-    for want, have in zip(expected, got, strict=True):
-        assert want.dtype == have.dtype or want.dtype.kind == have.dtype.kind == "O"
-        np.testing.assert_array_equal(want, have)
+    expected = whole_graph(graph, x)
+    # Trees of at most 64 leaves: both ways, walked and QuickScorer's (where AVX2 is).
+    assert path.trees.quickscorer == forest.quickscorer_here()
+    for quickscorer in (False, True)[: 1 + path.trees.quickscorer]:
+        got = path.run({"X_in": x}, quickscorer)
+        for want, have in zip(expected, got, strict=True):
+            assert want.dtype == have.dtype or want.dtype.kind == have.dtype.kind == "O"
+            np.testing.assert_array_equal(want, have)
 
 
 @pytest.mark.parametrize(
@@ -308,6 +312,16 @@ def test_a_kernel_that_answers_otherwise_at_load_is_not_used(forest_bundle, monk
     runtime.check_trees(feeds)
     assert runtime.trees is None
     assert runtime.predict(_feeds(runtime, frame, 300)).values.shape == (300,)
+
+
+def test_large_trees_are_walked_and_small_ones_too_without_avx2(forest_bundle, monkeypatch):
+    bundle, _ = forest_bundle
+    runtime = Runtime(bundle)
+    assert runtime.trees is not None and not runtime.trees.trees.quickscorer  # > 64 leaves
+    small = packaging.export_forest(ensemble(CASES["binary-logistic"], seed=1)).archive
+    assert small is not None
+    monkeypatch.setattr(forest, "_has_avx2", lambda library: False)
+    assert not forest.TreePath(small, session_options()).trees.quickscorer
 
 
 def test_without_the_kernel_onnx_runtime_serves_everything(forest_bundle, monkeypatch) -> None:

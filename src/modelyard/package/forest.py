@@ -32,6 +32,7 @@ _TRANSFORMS = {"TreeEnsembleClassifier": {"NONE", "LOGISTIC", "SOFTMAX"},
                "TreeEnsembleRegressor": {"NONE"}}  # fmt: skip
 PROBE_ROWS = 4096
 _STEPS_PAST_SHALLOWEST = 2
+_QS_LEAVES = 64  # a tree's leaves fit one bit mask
 
 
 class Unsupported(Exception):
@@ -72,6 +73,8 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
         raise Unsupported(f"the trees' input is of ONNX type {x_type}, not float or double")
     arrays, finish = _flatten(attributes, node.op_type, x_type == onnx.TensorProto.FLOAT)
     trees = serving.Trees(finish=finish, **arrays)
+    if not trees.quickscorer:  # unproven here, so left out: a host with AVX2 would take it
+        trees = serving.Trees(finish=finish, **{k: v for k, v in arrays.items() if k[:3] != "qs_"})
     alone = _operator_alone(model, node, inferred)
     _prove(trees, alone, _probes(arrays["nodes"], max(trees.n_features, 1), x_type, seed))
     before, after = _cut(model, node, inferred)
@@ -81,11 +84,13 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
         "meta": _bytes_array(json.dumps(meta).encode()),
         "before": _bytes_array(before.SerializeToString()),
         "after": _bytes_array(after.SerializeToString() if after else b""),
-        **arrays,
+        **{name: getattr(trees, name) for name in serving.ARRAYS},
     }
     archive = _npz(stored)
-    summary = (f"{len(arrays['roots'])} trees, {trees.n_internal} internal nodes, proven "
-               f"on {PROBE_ROWS} probe rows against ONNX Runtime {ort.__version__}")  # fmt: skip
+    ways = "walked and QuickScorer" if trees.quickscorer else "walked"
+    summary = (f"{len(arrays['roots'])} trees ({ways}), {trees.n_internal} internal nodes, "
+               f"proven on {PROBE_ROWS} probe rows against ONNX Runtime "
+               f"{ort.__version__}")  # fmt: skip
     return archive, summary
 
 
@@ -174,6 +179,8 @@ def _flatten(
     weights = _leaf_weights(attributes, prefix, find, len(internal), len(leaves))
     first_steps = _first_steps(nodes, len(internal), roots)
     arrays = {"nodes": nodes, "roots": roots, "first_steps": first_steps, **weights}
+    if np.bincount(np.unique(tree_ids[is_leaf], return_inverse=True)[1]).max() <= _QS_LEAVES:
+        arrays |= _quickscorer(nodes, len(internal), roots)
     return arrays, _finish(attributes, operator, prefix, len(order), in_float32)
 
 
@@ -211,6 +218,65 @@ def _first_steps(nodes: np.ndarray, n_internal: int, roots: np.ndarray) -> np.nd
         frontier = nodes["next"][inner, :2].reshape(-1).astype(np.int64)
         owner, depth = np.repeat(owners, 2), depth + 1
     return np.minimum(shallowest + _STEPS_PAST_SHALLOWEST, deepest).astype(np.int32)
+
+
+def _quickscorer(nodes: np.ndarray, n_internal: int, roots: np.ndarray) -> dict[str, Any]:
+    """The QuickScorer layout of trees of at most 64 leaves (serve.forest.Trees, _forest.c)."""
+    tree_of = np.zeros(n_internal, dtype=np.int32)
+    left_of = np.zeros(n_internal, dtype=np.uint64)
+    leaf_base, leaves = [0], []
+    for tree, root in enumerate(roots.tolist()):
+        order = _leaves_left_to_right(nodes, n_internal, root)
+        position = {leaf: bit for bit, leaf in enumerate(order)}
+        for node, under_left in _left_subtrees(nodes, n_internal, root):
+            tree_of[node] = tree
+            left_of[node] = sum(1 << position[leaf] for leaf in under_left)
+        leaves += [leaf - n_internal for leaf in order]
+        leaf_base.append(len(leaves))
+    inner = nodes[:n_internal]
+    n_features = int(inner["feature"].max(initial=-1)) + 1
+    nan_left = (inner["next"][:, 2] == inner["next"][:, 0]).astype(np.int64)  # else: right
+    ranked = np.lexsort((inner["threshold"], nan_left, inner["feature"]))
+    groups = 2 * inner["feature"].astype(np.int64) + nan_left
+    starts = np.searchsorted(groups[ranked], np.arange(2 * n_features + 1))
+    return {
+        "qs_start": starts.astype(np.int64),
+        "qs_threshold": inner["threshold"][ranked].astype(np.float64),
+        "qs_tree": tree_of[ranked],
+        "qs_left": left_of[ranked],
+        "qs_leaf_base": np.asarray(leaf_base, dtype=np.int64),
+        "qs_leaves": np.asarray(leaves, dtype=np.int32),
+    }
+
+
+def _leaves_left_to_right(nodes: np.ndarray, n_internal: int, root: int) -> list[int]:
+    """A tree's leaves in order, the `x <= threshold` side first."""
+    found, pending = [], [root]
+    while pending:
+        node = pending.pop()
+        if node >= n_internal:
+            found.append(node)
+        else:
+            pending += [int(nodes["next"][node, 1]), int(nodes["next"][node, 0])]
+    return found
+
+
+def _left_subtrees(nodes: np.ndarray, n_internal: int, root: int) -> list[tuple[int, list[int]]]:
+    """Each internal node of a tree with the leaves under its `x <= threshold` child."""
+    return [
+        (node, _leaves_left_to_right(nodes, n_internal, int(nodes["next"][node, 0])))
+        for node in _internal_nodes(nodes, n_internal, root)
+    ]
+
+
+def _internal_nodes(nodes: np.ndarray, n_internal: int, root: int) -> list[int]:
+    found, pending = [], [root]
+    while pending:
+        node = pending.pop()
+        if node < n_internal:
+            found.append(node)
+            pending += [int(nodes["next"][node, 0]), int(nodes["next"][node, 1])]
+    return found
 
 
 def _leaf_weights(
@@ -312,10 +378,11 @@ def _probes(nodes: np.ndarray, n_features: int, x_type: int, seed: int) -> np.nd
 
 
 def _prove(trees: serving.Trees, alone: ort.InferenceSession, probes: np.ndarray) -> None:
-    expected = alone.run(None, {alone.get_inputs()[0].name: probes})
-    got = trees.outputs(probes)
-    if not serving.same_answers([np.asarray(e) for e in expected], got):
-        raise Unsupported("the kernel's answers differ from ONNX Runtime's on the probe rows")
+    """Both ways of the kernel this machine can take (a serving host may take either)."""
+    expected = [np.asarray(e) for e in alone.run(None, {alone.get_inputs()[0].name: probes})]
+    for quickscorer in (False, True)[: 1 + trees.quickscorer]:
+        if not serving.same_answers(expected, trees.outputs(probes, quickscorer)):
+            raise Unsupported("the kernel's answers differ from ONNX Runtime's on the probe rows")
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:

@@ -22,7 +22,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,16 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 BUNDLE_FILE = "forest.npz"
-FORMAT = 1  # of forest.npz: a bundle with another is served by ONNX Runtime alone
-ABI = 1  # _forest.c's modelyard_forest_abi(): the layout of NODE below
+FORMAT = 2  # of forest.npz: a bundle with another is served by ONNX Runtime alone
+ABI = 2  # _forest.c's modelyard_forest_abi(): the layout of NODE below
 # A node as the kernel reads it: `x <= threshold` goes to next[0], a larger x to next[1], a
 # missing value to next[2]; nodes past the internal ones are leaves, which lead to themselves.
 NODE = np.dtype([("threshold", "<f8"), ("feature", "<i4"), ("next", "<i4", (3,))])
 # forest.npz's arrays besides `meta`, `before` and `after` (see Trees).
-ARRAYS = ("nodes", "roots", "first_steps", "weight_start", "weight_target", "weight_value")
+ARRAYS = (
+    *("nodes", "roots", "first_steps", "weight_start", "weight_target", "weight_value"),
+    *("qs_start", "qs_threshold", "qs_tree", "qs_left", "qs_leaf_base", "qs_leaves"),
+)
 _KERNEL_FILE = Path(__file__).with_name("_forest.so")
 _POINTER = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -66,6 +69,13 @@ def kernel() -> ctypes.CDLL | None:
         _POINTER, _I64, _I64, _POINTER, _I32, _POINTER, _POINTER, _I64, _POINTER, _POINTER,
         _POINTER, _I64, _I32, _POINTER, _POINTER,
     ]  # fmt: skip
+    library.modelyard_forest_has_avx2.restype = _I32
+    library.modelyard_forest_qs_scores.restype = None
+    library.modelyard_forest_qs_scores.argtypes = [
+        _POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER,
+        _I64, _POINTER, _POINTER, _POINTER, _I64, _I32, _POINTER, _POINTER, _POINTER, _POINTER,
+        _POINTER,
+    ]  # fmt: skip
     library.modelyard_forest_logistic.restype = None
     library.modelyard_forest_logistic.argtypes = [_POINTER, _I64]
     library.modelyard_forest_softmax.restype = None
@@ -84,6 +94,15 @@ class Trees:
     weight_target: np.ndarray  # int32: the class or target a leaf weight adds to
     weight_value: np.ndarray  # float64
     finish: dict[str, Any]  # see `finish`
+    # The QuickScorer layout (_forest.c), empty when a tree has more than 64 leaves: the nodes
+    # by feature, missing values' side and threshold (`qs_start` delimits them), each with its
+    # tree and the bit mask of its left subtree's leaves; each tree's leaves, left to right.
+    qs_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    qs_threshold: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    qs_tree: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    qs_left: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    qs_leaf_base: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    qs_leaves: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
     def __post_init__(self) -> None:
         """The kernel trusts its arrays: any index out of range would read outside them."""
@@ -99,8 +118,78 @@ class Trees:
             and (np.diff(starts) >= 0).all()
             and starts[-1] == len(self.weight_target) == len(self.weight_value)
             and ((self.weight_target >= 0) & (self.weight_target < self.n_targets)).all()
+            and self._quickscorer_consistent()
         ):
             raise ForestMismatch("forest.npz's trees are inconsistent")
+
+    def _quickscorer_consistent(self) -> bool:
+        if not self.qs_leaves.size:
+            return True
+        leaves = len(self.weight_start) - 1
+        return bool(
+            len(self.qs_start) == 2 * self.n_features + 1
+            and self.qs_start[0] == 0
+            and (np.diff(self.qs_start) >= 0).all()
+            and self.qs_start[-1] == len(self.qs_threshold) == len(self.qs_tree)
+            and len(self.qs_left) == len(self.qs_tree)
+            and ((self.qs_tree >= 0) & (self.qs_tree < len(self.roots))).all()
+            and len(self.qs_leaf_base) == len(self.roots) + 1
+            and (np.diff(self.qs_leaf_base) > 0).all()
+            and (np.diff(self.qs_leaf_base) <= 64).all()
+            and self.qs_leaf_base[-1] == len(self.qs_leaves)
+            and ((self.qs_leaves >= 0) & (self.qs_leaves < leaves)).all()
+        )
+
+    @functools.cached_property
+    def _targets_every_row(self) -> np.ndarray | None:
+        """With one weight per leaf and one target per tree (boosting), the targets every row
+        gets a weight for, whatever leaves it reaches; else None (the kernel marks them)."""
+        if not (np.diff(self.weight_start) == 1).all():
+            return None
+        targets = self.weight_target[self.weight_start[:-1]]  # each leaf's
+        per_tree = [set(targets[self._leaves_of(root)].tolist()) for root in self.roots.tolist()]
+        if any(len(found) != 1 for found in per_tree):
+            return None
+        every = np.zeros(self.n_targets, dtype=np.uint8)
+        every[[found.pop() for found in per_tree]] = 1
+        return every
+
+    def _leaves_of(self, root: int) -> list[int]:
+        found, pending = [], [root]
+        while pending:
+            node = pending.pop()
+            if node >= self.n_internal:
+                found.append(node - self.n_internal)
+            else:
+                pending += self.nodes["next"][node, :2].tolist()
+        return found
+
+    def _has(self, marked: np.ndarray) -> np.ndarray:
+        if self._targets_every_row is not None:
+            marked[:] = self._targets_every_row
+        return marked
+
+    @functools.cached_property
+    def _direct(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """For QuickScorer with one weight per leaf and one target per tree: each leaf
+        position's weight and each tree's target, looked up without the weights' index."""
+        if self._targets_every_row is None:
+            return None
+        leaf_weight = self.weight_value[self.weight_start[:-1]]
+        targets = [self._tree_target(root) for root in self.roots.tolist()]
+        return (
+            np.ascontiguousarray(leaf_weight[self.qs_leaves], dtype=np.float64),
+            np.asarray(targets, dtype=np.int32),
+        )
+
+    def _tree_target(self, root: int) -> int:
+        return int(self.weight_target[self.weight_start[self._leaves_of(root)[0]]])
+
+    @property
+    def quickscorer(self) -> bool:
+        """Whether `sums` takes the QuickScorer way: the trees are small enough and this CPU
+        has AVX2."""
+        return bool(self.qs_leaves.size) and quickscorer_here()
 
     @property
     def n_internal(self) -> int:
@@ -115,9 +204,10 @@ class Trees:
         """The columns an input needs: one past the highest feature a node reads."""
         return int(self.nodes["feature"][: self.n_internal].max(initial=-1)) + 1
 
-    def sums(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def sums(self, x: np.ndarray, quickscorer: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per row and target: the sum of the leaf weights reached (in the operator's
-        precision), and whether any leaf gave that target a weight."""
+        precision), and whether any leaf gave that target a weight. `quickscorer`: which way
+        (both answer the same bit for bit); by default the faster one this machine can take."""
         library = _library()
         x = np.ascontiguousarray(x, dtype=np.float64)
         rows, features = x.shape
@@ -125,6 +215,19 @@ class Trees:
             raise ForestMismatch(f"{features} input columns; the trees read {self.n_features}")
         scores = np.zeros((rows, self.n_targets), dtype=np.float64)
         has = np.zeros((rows, self.n_targets), dtype=np.uint8)
+        if self.quickscorer if quickscorer is None else quickscorer:
+            masks = np.empty(len(self.roots) * 8, dtype=np.uint64)
+            library.modelyard_forest_qs_scores(
+                x.ctypes.data, rows, features, self.n_features, self.qs_start.ctypes.data,
+                self.qs_threshold.ctypes.data, self.qs_tree.ctypes.data,
+                self.qs_left.ctypes.data, self.qs_leaf_base.ctypes.data,
+                self.qs_leaves.ctypes.data, len(self.roots), self.weight_start.ctypes.data,
+                self.weight_target.ctypes.data, self.weight_value.ctypes.data, self.n_targets,
+                int(self.finish["in_float32"]),
+                *((a.ctypes.data for a in self._direct) if self._direct else (None, None)),
+                scores.ctypes.data, has.ctypes.data, masks.ctypes.data,
+            )  # fmt: skip
+            return scores, self._has(has)
         library.modelyard_forest_scores(
             x.ctypes.data, rows, features, self.nodes.ctypes.data, self.n_internal,
             self.roots.ctypes.data, self.first_steps.ctypes.data, len(self.roots),
@@ -134,9 +237,9 @@ class Trees:
         )  # fmt: skip
         return scores, has
 
-    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
+    def outputs(self, x: np.ndarray, quickscorer: bool | None = None) -> list[np.ndarray]:
         """What the operator outputs for `x`: [labels, probabilities] or [values]."""
-        scores, has = self.sums(x)
+        scores, has = self.sums(x, quickscorer)
         return finish(scores, has, self.finish)
 
 
@@ -176,6 +279,17 @@ def _binary(score: Any, how: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]
         positive = score > 0
         columns = [-score, score]
     return positive, np.stack(columns, axis=1).astype(np.float32)
+
+
+@functools.cache
+def _has_avx2(library: ctypes.CDLL) -> bool:
+    return bool(library.modelyard_forest_has_avx2())
+
+
+def quickscorer_here() -> bool:
+    """Whether this machine can take the QuickScorer way (the kernel, and AVX2)."""
+    library = kernel()
+    return library is not None and _has_avx2(library)
 
 
 def _logistic(values: np.ndarray) -> np.ndarray:
@@ -219,9 +333,11 @@ class TreePath:
         self.after = _session(after, options) if after.size else None
         self.trees = Trees(finish=meta["finish"], **arrays)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], quickscorer: bool | None = None
+    ) -> list[np.ndarray]:
         (x,) = self.before.run([self.tree_input], dict(feeds))
-        produced = dict(zip(self.tree_outputs, self.trees.outputs(x), strict=True))
+        produced = dict(zip(self.tree_outputs, self.trees.outputs(x, quickscorer), strict=True))
         if self.after is not None:
             wanted = [i.name for i in self.after.get_inputs()]
             finals = self.after.run(None, {name: produced[name] for name in wanted})
