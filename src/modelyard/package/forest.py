@@ -226,7 +226,7 @@ def _quickscorer(nodes: np.ndarray, n_internal: int, roots: np.ndarray) -> dict[
     left_of = np.zeros(n_internal, dtype=np.uint64)
     leaf_base, leaves = [0], []
     for tree, root in enumerate(roots.tolist()):
-        order = _leaves_left_to_right(nodes, n_internal, root)
+        order = serving.leaves_under(nodes, n_internal, root)
         position = {leaf: bit for bit, leaf in enumerate(order)}
         for node, under_left in _left_subtrees(nodes, n_internal, root):
             tree_of[node] = tree
@@ -249,22 +249,10 @@ def _quickscorer(nodes: np.ndarray, n_internal: int, roots: np.ndarray) -> dict[
     }
 
 
-def _leaves_left_to_right(nodes: np.ndarray, n_internal: int, root: int) -> list[int]:
-    """A tree's leaves in order, the `x <= threshold` side first."""
-    found, pending = [], [root]
-    while pending:
-        node = pending.pop()
-        if node >= n_internal:
-            found.append(node)
-        else:
-            pending += [int(nodes["next"][node, 1]), int(nodes["next"][node, 0])]
-    return found
-
-
 def _left_subtrees(nodes: np.ndarray, n_internal: int, root: int) -> list[tuple[int, list[int]]]:
     """Each internal node of a tree with the leaves under its `x <= threshold` child."""
     return [
-        (node, _leaves_left_to_right(nodes, n_internal, int(nodes["next"][node, 0])))
+        (node, serving.leaves_under(nodes, n_internal, int(nodes["next"][node, 0])))
         for node in _internal_nodes(nodes, n_internal, root)
     ]
 

@@ -141,49 +141,39 @@ class Trees:
         )
 
     @functools.cached_property
-    def _targets_every_row(self) -> np.ndarray | None:
-        """With one weight per leaf and one target per tree (boosting), the targets every row
-        gets a weight for, whatever leaves it reaches; else None (the kernel marks them)."""
+    def _tree_targets(self) -> list[int] | None:
+        """With one weight per leaf and one target per tree (boosting), each tree's target;
+        else None."""
         if not (np.diff(self.weight_start) == 1).all():
             return None
         targets = self.weight_target[self.weight_start[:-1]]  # each leaf's
-        per_tree = [set(targets[self._leaves_of(root)].tolist()) for root in self.roots.tolist()]
+        per_tree = [set(targets[self._leaves(root)].tolist()) for root in self.roots.tolist()]
         if any(len(found) != 1 for found in per_tree):
             return None
-        every = np.zeros(self.n_targets, dtype=np.uint8)
-        every[[found.pop() for found in per_tree]] = 1
-        return every
+        return [found.pop() for found in per_tree]
 
-    def _leaves_of(self, root: int) -> list[int]:
-        found, pending = [], [root]
-        while pending:
-            node = pending.pop()
-            if node >= self.n_internal:
-                found.append(node - self.n_internal)
-            else:
-                pending += self.nodes["next"][node, :2].tolist()
-        return found
+    def _leaves(self, root: int) -> np.ndarray:
+        """A tree's leaves, as indexes of `weight_start`."""
+        return np.asarray(leaves_under(self.nodes, self.n_internal, root)) - self.n_internal
 
     def _has(self, marked: np.ndarray) -> np.ndarray:
-        if self._targets_every_row is not None:
-            marked[:] = self._targets_every_row
+        """Which targets got a weight: the kernel marks them, but where every tree has one
+        target every row has the same ones (QuickScorer's direct look-up marks none)."""
+        if self._tree_targets is not None:
+            marked[:, self._tree_targets] = 1
         return marked
 
     @functools.cached_property
     def _direct(self) -> tuple[np.ndarray, np.ndarray] | None:
         """For QuickScorer with one weight per leaf and one target per tree: each leaf
         position's weight and each tree's target, looked up without the weights' index."""
-        if self._targets_every_row is None:
+        if self._tree_targets is None:
             return None
         leaf_weight = self.weight_value[self.weight_start[:-1]]
-        targets = [self._tree_target(root) for root in self.roots.tolist()]
         return (
             np.ascontiguousarray(leaf_weight[self.qs_leaves], dtype=np.float64),
-            np.asarray(targets, dtype=np.int32),
+            np.asarray(self._tree_targets, dtype=np.int32),
         )
-
-    def _tree_target(self, root: int) -> int:
-        return int(self.weight_target[self.weight_start[self._leaves_of(root)[0]]])
 
     @property
     def quickscorer(self) -> bool:
@@ -241,6 +231,19 @@ class Trees:
         """What the operator outputs for `x`: [labels, probabilities] or [values]."""
         scores, has = self.sums(x, quickscorer)
         return finish(scores, has, self.finish)
+
+
+def leaves_under(nodes: np.ndarray, n_internal: int, node: int) -> list[int]:
+    """The leaves under `node` (itself, if a leaf), left to right: the `x <= threshold` side
+    first."""
+    found, pending = [], [node]
+    while pending:
+        at = pending.pop()
+        if at >= n_internal:
+            found.append(at)
+        else:
+            pending += [int(nodes["next"][at, 1]), int(nodes["next"][at, 0])]
+    return found
 
 
 def finish(scores: np.ndarray, has: np.ndarray, how: Mapping[str, Any]) -> list[np.ndarray]:
@@ -331,6 +334,11 @@ class TreePath:
         self.before = _session(arrays.pop("before"), options)
         after = arrays.pop("after")
         self.after = _session(after, options) if after.size else None
+        self._after_io = (
+            ([i.name for i in self.after.get_inputs()], [o.name for o in self.after.get_outputs()])
+            if self.after is not None
+            else ([], [])
+        )
         self.trees = Trees(finish=meta["finish"], **arrays)
 
     def run(
@@ -339,9 +347,9 @@ class TreePath:
         (x,) = self.before.run([self.tree_input], dict(feeds))
         produced = dict(zip(self.tree_outputs, self.trees.outputs(x, quickscorer), strict=True))
         if self.after is not None:
-            wanted = [i.name for i in self.after.get_inputs()]
+            wanted, gives = self._after_io
             finals = self.after.run(None, {name: produced[name] for name in wanted})
-            produced.update(zip([o.name for o in self.after.get_outputs()], finals, strict=True))
+            produced.update(zip(gives, finals, strict=True))
         return [produced[name] for name in self.model_outputs]
 
 

@@ -117,8 +117,7 @@ class Runtime:
         example) bit for bit as ONNX Runtime does; packaging proved it more widely."""
         if self.trees is None:
             return
-        tiled = {name: np.concatenate([feed] * TREE_ROWS)[:TREE_ROWS] for name, feed in
-                 feeds.items()}  # fmt: skip
+        tiled = _tiled(feeds, TREE_ROWS)
         expected = list(self.session.run(None, tiled))
         if not forest.same_answers(expected, self.trees.run(tiled)):
             log.warning("the tree kernel's answers differ from ONNX Runtime's: not used")
@@ -218,9 +217,7 @@ def row_cost(runtime: Runtime, feeds: dict[str, np.ndarray]) -> float:
     clock. ONNX Runtime computes on the calling thread (one intra-op thread), so time spent
     waiting for a core that other processes hold is not counted: two versions measured on a
     busy host compare as they would on an idle one, which their p99 does not."""
-    rows = len(next(iter(feeds.values())))
-    repeats = -(-COST_ROWS // rows)
-    tiled = {name: np.concatenate([feed] * repeats)[:COST_ROWS] for name, feed in feeds.items()}
+    tiled = _tiled(feeds, COST_ROWS)
     fastest, spent = float("inf"), 0.0
     for _ in range(COST_RUNS):
         started = time.thread_time()
@@ -230,3 +227,9 @@ def row_cost(runtime: Runtime, feeds: dict[str, np.ndarray]) -> float:
         if spent > COST_BUDGET_S:
             break
     return fastest / COST_ROWS
+
+
+def _tiled(feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """`feeds` repeated to `rows` rows."""
+    repeats = -(-rows // len(next(iter(feeds.values()))))
+    return {name: np.concatenate([feed] * repeats)[:rows] for name, feed in feeds.items()}
