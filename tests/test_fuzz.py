@@ -289,7 +289,8 @@ def test_the_one_pass_decoder_takes_only_what_the_general_path_takes_and_gives_t
     split: dict[str, Any] = {"data": rows} | ({} if columns is None else {"columns": columns})
     payload: dict[str, Any] = {"dataframe_split": split} | ({other: []} if other else {})
     body = json.dumps(payload).encode()
-    fast = codecs.SplitDecoder(WIDE).values(body, max_rows=60)
+    decoded = codecs.SplitDecoder(WIDE).rows(body, max_rows=60)
+    fast = None if decoded is None else (codecs.columns_of(decoded, WIDE), len(decoded))
     try:
         general = codecs.validate(codecs.mlflow_columns(body, "application/json", WIDE), WIDE,
                                   max_rows=60)  # fmt: skip

@@ -225,10 +225,12 @@ class ServingApp:
         content_type = _header(scope, b"content-type").split(";")[0].strip().lower()
         # A shadow compares copies as clients sent them: those take the general path.
         if self.comparer is None and codecs.is_json(content_type):
-            decoded = self.split_decoder.values(body, self.max_rows)
-            if decoded is not None:
+            rows = self.split_decoder.rows(body, self.max_rows)
+            if rows is not None:
                 self.batcher.submit(
-                    *decoded, lambda outcome: _encoded(outcome, codecs.mlflow_response, reply)
+                    rows,
+                    len(rows),
+                    lambda outcome: _encoded(outcome, codecs.mlflow_response, reply),
                 )
                 return None
         columns = codecs.mlflow_columns(body, content_type, self.runtime.columns)

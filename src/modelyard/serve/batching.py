@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from modelyard.serve.codecs import Values, to_arrays
+from modelyard.serve.codecs import Rows, Values, columns_of, to_arrays
 from modelyard.serve.runtime import Prediction, Runtime
 
 MAX_BATCH_ROWS = 4096
@@ -32,7 +32,7 @@ log = logging.getLogger("modelyard.serve")
 
 @dataclass
 class _Pending:
-    values: Values
+    values: Values | Rows  # validated columns, or rows from codecs.SplitDecoder
     rows: int
     done: Done
 
@@ -48,9 +48,10 @@ class Batcher:
         self._pending: list[_Pending] = []
         self._scheduled = False
 
-    def submit(self, values: Values, rows: int, done: Done) -> None:
-        """`values`: one request's validated columns (see codecs.validate); `done` is called
-        once, on the loop, with the request's prediction or the batch's error."""
+    def submit(self, values: Values | Rows, rows: int, done: Done) -> None:
+        """`values`: one request's validated columns (see codecs.validate) or decoded rows (see
+        codecs.SplitDecoder); `done` is called once, on the loop, with the request's prediction
+        or the batch's error."""
         self._pending.append(_Pending(values, rows, done))
         if not self._scheduled:
             self._scheduled = True
@@ -71,23 +72,11 @@ class Batcher:
 
     def _run(self, batch: list[_Pending]) -> None:
         try:
-            schema = self.runtime.columns
-            joined: Values
-            if len(batch) == 1:
-                joined = batch[0].values
-                prediction = self.runtime.predict(to_arrays(joined, schema))
-                results = [prediction]
-            else:
-                lists: dict[str, list[Any]] = {c.name: [] for c in schema}
-                for item in batch:
-                    for name, column in lists.items():
-                        part = item.values[name]
-                        # A long numeric column is a float64 array: joined as floats, not as
-                        # numpy scalars. Inline: this runs per request and column at c=32.
-                        column.extend(part.tolist() if type(part) is np.ndarray else part)
-                joined = lists
-                prediction = self.runtime.predict(to_arrays(joined, schema))
-                results = _split(prediction, [p.rows for p in batch])
+            joined = self._joined(batch)
+            prediction = self.runtime.predict(to_arrays(joined, self.runtime.columns))
+            results = (
+                [prediction] if len(batch) == 1 else _split(prediction, [p.rows for p in batch])
+            )
         except Exception as exc:  # handed to each request, which answers 500
             for item in batch:
                 _hand(item.done, exc)
@@ -99,6 +88,28 @@ class Batcher:
             # 10,000-row batch's drift bins take milliseconds), and a metrics bug never fails a
             # request.
             asyncio.get_running_loop().call_soon(self.observe, joined, prediction)
+
+    def _joined(self, batch: list[_Pending]) -> Values:
+        """The batch's columns; decoded rows become columns once for the whole batch."""
+        schema = self.runtime.columns
+        decoded = [p.values for p in batch if isinstance(p.values, list)]
+        if len(decoded) == len(batch):
+            rows = decoded[0] if len(decoded) == 1 else [row for rows in decoded for row in rows]
+            return columns_of(rows, schema)
+        parts = [
+            v if not isinstance(v, list) else columns_of(v, schema)
+            for v in (p.values for p in batch)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        lists: dict[str, list[Any]] = {c.name: [] for c in schema}
+        for part in parts:
+            for name, column in lists.items():
+                values = part[name]
+                # A long numeric column is a float64 array: joined as floats, not as numpy
+                # scalars. Inline: this runs per request and column.
+                column.extend(values.tolist() if type(values) is np.ndarray else values)
+        return lists
 
 
 def _hand(done: Done, outcome: Prediction | Exception) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import operator
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,8 @@ from modelyard.serve.runtime import Column, Prediction
 from modelyard.values import category_text
 
 Columns = dict[str, list[Any]]
+# Rows as `SplitDecoder` decodes them: one tuple per row, the schema's columns in order.
+Rows = list[tuple[Any, ...]]
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
@@ -157,9 +160,11 @@ class SplitDecoder:
     orjson's plain parse alone (rows become tuples, and category strings are the declared ones,
     not new objects), and the checks a column at a time after that parse are gone.
 
-    `values` gives what `validate` would, or None for anything else (another shape, another
-    column order, a value to refuse, integer codes for a category, too many rows): the general
-    path then answers, in its own words."""
+    `rows` gives the rows, which `columns_of` turns into what `validate` would give, or None
+    for anything else (another shape, another column order, a value to refuse, integer codes for
+    a category, too many rows): the general path then answers, in its own words. Rows, not
+    columns: the batcher turns a whole batch's rows into columns at once (`columns_of`), where
+    one-row requests' columns cost a join per column and request."""
 
     def __init__(self, schema: list[Column]) -> None:
         # Built at run time from the schema: tuple[...] and list[...] of values, not of names.
@@ -168,25 +173,40 @@ class SplitDecoder:
         others = [(key, msgspec.Raw | msgspec.UnsetType, msgspec.UNSET) for key in MLFLOW_KEYS[1:]]
         body = msgspec.defstruct("Body", [("dataframe_split", split), *others])
         self._decoder = msgspec.json.Decoder(body)
-        self._schema = schema
         self._names = [c.name for c in schema]
+        # The other shapes' fields, all of which a dataframe_split body leaves unset.
+        self._others = operator.attrgetter(*MLFLOW_KEYS[1:])
+        self._unset = (msgspec.UNSET,) * (len(MLFLOW_KEYS) - 1)
 
-    def values(self, body: bytes, max_rows: int) -> tuple[Values, int] | None:
+    def rows(self, body: bytes, max_rows: int) -> Rows | None:
         try:
             payload: Any = self._decoder.decode(body)
         except msgspec.MsgspecError:
             return None
-        if any(getattr(payload, key) is not msgspec.UNSET for key in MLFLOW_KEYS[1:]):
+        if self._others(payload) != self._unset:
             return None  # more than one shape: refused by the general path
         split = payload.dataframe_split
-        rows = split.data
+        rows: Rows = split.data
         if (split.columns and split.columns != self._names) or not 0 < len(rows) <= max_rows:
             return None
-        columns = zip(*rows, strict=True)
-        values = {
-            c.name: _decoded_column(c, list(v)) for c, v in zip(self._schema, columns, strict=True)
-        }
-        return values, len(rows)
+        return rows
+
+
+def columns_of(rows: Rows, schema: list[Column]) -> Values:
+    """`SplitDecoder`'s rows as `validate` gives columns: NaN or "" for missing; a long numeric
+    column as float64 (numpy reads None as NaN there). A column that may hold no null is used as
+    it comes out of the transpose."""
+    values: dict[str, list[Any] | np.ndarray] = dict(
+        zip([c.name for c in schema], map(list, zip(*rows, strict=True)), strict=True)
+    )
+    long = len(rows) >= VECTOR_FROM
+    for column in schema:
+        if long and column.kind == "numeric":
+            values[column.name] = np.asarray(values[column.name], dtype=np.float64)
+        elif column.nullable and None in values[column.name]:
+            missing = math.nan if column.kind == "numeric" else ""
+            values[column.name] = [missing if v is None else v for v in values[column.name]]
+    return values
 
 
 def _decoded_type(column: Column) -> Any:
@@ -200,16 +220,6 @@ def _decoded_type(column: Column) -> Any:
     else:
         kind = str
     return kind | None if column.nullable else kind
-
-
-def _decoded_column(column: Column, values: list[Any]) -> list[Any] | np.ndarray:
-    """A decoded column as `validate` gives it: NaN or "" for missing; a long numeric column as
-    float64 (numpy reads None as NaN there)."""
-    if column.kind == "numeric":
-        if len(values) >= VECTOR_FROM:
-            return np.asarray(values, dtype=np.float64)
-        return [math.nan if v is None else v for v in values] if column.nullable else values
-    return ["" if v is None else v for v in values] if column.nullable else values
 
 
 def csv_columns(body: bytes, schema: list[Column]) -> Columns:

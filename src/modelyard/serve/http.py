@@ -145,19 +145,18 @@ class Connection(asyncio.Protocol):
 
     # --- httptools' callbacks ------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._reset()
+    # No on_message_begin or on_headers_complete: each callback httptools finds costs a Python
+    # call per request. A request's fields are reset once it is queued (`_reset`).
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
+        name = name.lower()
+        self.headers.append((name, value))
         # Clients that ask wait for this before sending a body (curl, for bodies over 1 KiB).
-        expects = (v.lower() for n, v in self.headers if n == b"expect")
-        if b"100-continue" in expects and self.transport is not None:
+        # httptools calls on_header with a whole header once the next begins or the head ends.
+        if name == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
             self.transport.write(_CONTINUE)
 
     def on_body(self, chunk: bytes) -> None:
@@ -179,6 +178,7 @@ class Connection(asyncio.Protocol):
         }
         keep_alive = self.parser.should_keep_alive() and not self.closing
         self.queue.append(_Request(scope, b"".join(self.body), keep_alive))
+        self._reset()
         if len(self.queue) > MAX_QUEUED and self.transport is not None:
             self.transport.pause_reading()
             self.reading = False
@@ -208,7 +208,7 @@ class Connection(asyncio.Protocol):
             return
         if self.shared.stopping:
             self._close()
-        elif not self.transport_gone:
+        else:  # also when the client has left: connection_lost takes it out of the sweep
             self._wait_idle()
 
     @property
@@ -218,7 +218,8 @@ class Connection(asyncio.Protocol):
     def _respond(self, request: _Request, started: float, answer: Answer) -> None:
         self.busy = False
         route, status, content, headers = answer
-        if not self.transport_gone:  # else the client left while the app answered
+        transport = self.transport
+        if transport is not None and not transport.is_closing():  # else the client left
             self._write(request, status, content, headers)
             self.shared.app.answered(route, status, started)
             if len(request.body) >= TRIM_AFTER_BYTES and _MALLOC_TRIM is not None:

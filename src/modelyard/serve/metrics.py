@@ -14,6 +14,7 @@ import os
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +42,11 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 PROBABILITY_BUCKETS = tuple(round(i / 10, 1) for i in range(1, 11))
 FLUSH_SECONDS = 1.0
+# Batches' rows wait until this many have come (or the next flush) to be counted into the
+# prediction histogram and the drift bins a column at a time. One-row requests at 32
+# connections come in batches of 3-5 rows, and counting each batch value by value cost 12 µs,
+# half of what predicting it cost; 1,024 rows counted at once take about 0.3 ms.
+BIN_ROWS = 1024
 
 
 class _Tally:
@@ -165,6 +171,8 @@ class Metrics:
         self._latency: dict[str, _Tally] = {}
         self._predictions = _Tally(self.prediction_bounds)
         self._rows = 0
+        self._unbinned: list[tuple[Mapping[str, Sequence[Any] | np.ndarray], Any]] = []
+        self._unbinned_rows = 0
         self._flusher: asyncio.TimerHandle | None = None
 
     def observe(self, route: str, status: int, seconds: float) -> None:
@@ -173,14 +181,34 @@ class Metrics:
         if tally is None:
             tally = self._latency[route] = _Tally(LATENCY_BUCKETS)
         tally.add(seconds)
-        self._schedule_flush()
+        if self._flusher is None:  # checked here: this runs for every request
+            self._schedule_flush()
 
     def observe_batch(
         self, columns: Mapping[str, Sequence[Any] | np.ndarray], prediction: Any
     ) -> None:
-        """A batch's validated inputs and its Prediction: rows, distribution, drift bins."""
-        self.observe_predictions(prediction.scores, prediction.drift_values)
-        self.observe_inputs(columns)
+        """A batch's validated inputs and its Prediction: rows, distribution, drift bins;
+        counted with others once BIN_ROWS rows have come, or at the next flush."""
+        self._unbinned.append((columns, prediction))
+        self._unbinned_rows += len(prediction.values)
+        if self._unbinned_rows >= BIN_ROWS:
+            self._bin()
+        else:
+            self._schedule_flush()
+
+    def _bin(self) -> None:
+        """The waiting batches counted as one."""
+        batches, self._unbinned, self._unbinned_rows = self._unbinned, [], 0
+        if not batches:
+            return
+        predictions = [prediction for _, prediction in batches]
+        self.observe_predictions(
+            np.concatenate([p.scores for p in predictions]),
+            _joined([p.drift_values for p in predictions]),
+        )
+        self.observe_inputs(
+            {name: _joined([columns[name] for columns, _ in batches]) for name in self._inputs}
+        )
 
     def observe_predictions(
         self, scores: np.ndarray, drift_values: Sequence[Any] | np.ndarray
@@ -269,6 +297,7 @@ class Metrics:
 
     def flush(self) -> None:
         self._flusher = None
+        self._bin()
         for (route, status), count in self._requests.items():
             self.requests.labels(route, str(status)).inc(count)
         self._requests.clear()
@@ -294,6 +323,15 @@ class Metrics:
             MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _joined(parts: list[Sequence[Any] | np.ndarray]) -> Sequence[Any] | np.ndarray:
+    """Batches' values of one signal as one sequence (one batch's as they are)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(part, np.ndarray) for part in parts):
+        return np.concatenate(parts)
+    return list(chain.from_iterable(p.tolist() if isinstance(p, np.ndarray) else p for p in parts))
 
 
 def _start_bins(bins: Bins, counter: Any, reference: Any, *labels: str) -> None:
