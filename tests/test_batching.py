@@ -114,14 +114,14 @@ def test_a_batch_of_decoded_rows_and_validated_columns_answers_each_request_its_
         assert _plain(columns[column.name]) == _plain([missing if v is None else v for v in sent])
 
 
-def _metrics() -> Metrics:
+def _metrics(drift: bool) -> Metrics:
     ages = numeric_bins([float(a) for a in range(100)])
     devices = categorical_bins(["desktop", "mobile"], ["desktop", "mobile"])
     reference = {
         "features": {"age": ages.to_json(), "device": devices.to_json()},
         "prediction": numeric_bins([i / 100 for i in range(100)]).to_json(),
     }
-    return Metrics("ads", "1", "0" * 64, list(PROBABILITY_BUCKETS), reference)
+    return Metrics("ads", "1", "0" * 64, list(PROBABILITY_BUCKETS), reference if drift else None)
 
 
 def _counts(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -133,32 +133,41 @@ def _counts(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
-def test_batches_rows_are_counted_once_enough_have_come_as_each_batch_would_be_alone() -> None:
+@pytest.mark.parametrize("drift", [True, False], ids=["drift bins", "no reference"])
+def test_batches_rows_are_counted_once_enough_have_come_as_each_batch_would_be_alone(
+    drift: bool,
+) -> None:
     rng = np.random.default_rng(7)
     batches: list[tuple[codecs.Values, Prediction]] = []
-    for size in [3, 1, 4, 70, 2] * 12 + [2000]:  # lists, arrays, and a batch past BIN_ROWS
+    # Lists and arrays, past BIN_ROWS in all, with a batch past BIN_ROWS alone among them.
+    for size in [3, 1, 4, 70, 2] * 8 + [2000] + [3, 1, 4, 70, 2] * 8:
         ages = rng.uniform(-10, 130, size)
         ages[rng.random(size) < 0.1] = math.nan
         devices = rng.choice(["desktop", "mobile", "tablet", ""], size).tolist()
         columns = {"age": ages if size >= 64 else ages.tolist(), "device": devices}
         batches.append((columns, Prediction(rng.integers(0, 2, size), rng.random(size))))
-    small = sum(len(p.values) for _, p in batches[:-1])
-    assert small < BIN_ROWS < small + len(batches[-1][1].values)
 
     async def serving() -> tuple[Metrics, Metrics]:  # on a loop, as the server counts
-        together, each = _metrics(), _metrics()
+        together, each = _metrics(drift), _metrics(drift)
         for columns, prediction in batches:
+            before = together._waiting.rows
+            counted = sum(together._predictions.counts)
             together.observe_batch(columns, prediction)
             each.observe_predictions(prediction.scores, prediction.drift_values)
             each.observe_inputs(columns)
-            if prediction is batches[-2][1]:  # the small ones wait for a flush...
-                assert together._unbinned_rows == small
-                assert sum(together._inputs["age"].counts) == 0 < sum(each._inputs["age"].counts)
-        assert together._unbinned_rows == 0  # ...or for a batch that brings enough
+            rows, waiting = len(prediction.values), together._waiting.rows
+            if rows >= BIN_ROWS:  # counted at once, alone
+                assert (waiting, sum(together._predictions.counts)) == (before, counted + rows)
+            elif before + rows < BIN_ROWS:  # waits for more, or for the flush
+                assert (waiting, sum(together._predictions.counts)) == (before + rows, counted)
+            else:  # enough have come: counted together
+                assert (waiting, sum(together._predictions.counts)) == (0, counted + before + rows)
+        assert together._waiting.rows > 0
         together.flush()
         each.flush()
         return together, each
 
     together, each = asyncio.run(serving())
     assert _counts(together) == pytest.approx(_counts(each), rel=1e-12)
-    assert _counts(together)[("modelyard_predicted_rows_total", ())] == small + 2000
+    rows = sum(len(p.values) for _, p in batches)
+    assert _counts(together)[("modelyard_predicted_rows_total", ())] == rows

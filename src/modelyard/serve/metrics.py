@@ -13,7 +13,7 @@ import asyncio
 import os
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,31 @@ class _BinTally:
         self.counts = [0] * len(self.counts)
 
 
+class _Waiting:
+    """Batches' rows not counted yet: each input's values joined as batches come (a list per
+    input: joining hundreds of small batches' columns at once cost more than counting them),
+    and the scores and drift values of the predictions."""
+
+    __slots__ = ("drift", "inputs", "rows", "scores")
+
+    def __init__(self, inputs: Iterable[str]) -> None:
+        self.inputs: dict[str, list[Any]] = {name: [] for name in inputs}
+        self.scores: list[np.ndarray] = []
+        self.drift: list[Sequence[Any] | np.ndarray] = []
+        self.rows = 0
+
+    def add(
+        self, columns: Mapping[str, Sequence[Any] | np.ndarray], prediction: Any, with_drift: bool
+    ) -> None:
+        for name, waiting in self.inputs.items():
+            values = columns[name]
+            waiting.extend(values.tolist() if type(values) is np.ndarray else values)
+        self.scores.append(prediction.scores)
+        if with_drift:
+            self.drift.append(prediction.drift_values)
+        self.rows += len(prediction.values)
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -171,8 +196,7 @@ class Metrics:
         self._latency: dict[str, _Tally] = {}
         self._predictions = _Tally(self.prediction_bounds)
         self._rows = 0
-        self._unbinned: list[tuple[Mapping[str, Sequence[Any] | np.ndarray], Any]] = []
-        self._unbinned_rows = 0
+        self._waiting = _Waiting(self._inputs)
         self._flusher: asyncio.TimerHandle | None = None
 
     def observe(self, route: str, status: int, seconds: float) -> None:
@@ -189,26 +213,25 @@ class Metrics:
     ) -> None:
         """A batch's validated inputs and its Prediction: rows, distribution, drift bins;
         counted with others once BIN_ROWS rows have come, or at the next flush."""
-        self._unbinned.append((columns, prediction))
-        self._unbinned_rows += len(prediction.values)
-        if self._unbinned_rows >= BIN_ROWS:
+        if len(prediction.values) >= BIN_ROWS:  # counted as it is, its columns likely arrays
+            self.observe_predictions(prediction.scores, prediction.drift_values)
+            self.observe_inputs(columns)
+            return
+        waiting = self._waiting
+        waiting.add(columns, prediction, with_drift=self._prediction_bins is not None)
+        if waiting.rows >= BIN_ROWS:
             self._bin()
         else:
             self._schedule_flush()
 
     def _bin(self) -> None:
-        """The waiting batches counted as one."""
-        batches, self._unbinned, self._unbinned_rows = self._unbinned, [], 0
-        if not batches:
-            return
-        predictions = [prediction for _, prediction in batches]
-        self.observe_predictions(
-            np.concatenate([p.scores for p in predictions]),
-            _joined([p.drift_values for p in predictions]),
-        )
-        self.observe_inputs(
-            {name: _joined([columns[name] for columns, _ in batches]) for name in self._inputs}
-        )
+        """The waiting rows counted as one batch."""
+        waiting = self._waiting
+        if waiting.rows:
+            self._waiting = _Waiting(self._inputs)
+            drift = _joined(waiting.drift) if waiting.drift else []  # [] without drift bins
+            self.observe_predictions(np.concatenate(waiting.scores), drift)
+            self.observe_inputs(waiting.inputs)
 
     def observe_predictions(
         self, scores: np.ndarray, drift_values: Sequence[Any] | np.ndarray
