@@ -134,19 +134,26 @@ def large_split() -> dict:
     return split
 
 
-def timed_request(url: str, body: dict, auth: bool, repeats: int = 5) -> float:
-    """The median seconds a server takes to answer one request, after one untimed: the body
-    encoded once beforehand and the answer read but not decoded, so the client's JSON work is
-    not in any server's figure."""
-    ask(url, body, auth)
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=_headers(auth))
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=60) as response:
-            response.read()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+def timed_requests(asks: list[tuple[str, dict, bool]], rounds: int = 5) -> list[float]:
+    """The median seconds each server takes to answer one request (url, body, auth), after one
+    untimed each; the servers asked in turn, `rounds` times, so each one's figure comes from the
+    same minutes as the others' (this VM's speed moves from one minute to the next). Each body
+    is encoded once beforehand and each answer read but not decoded, so the client's JSON work
+    is in no server's figure."""
+    requests = []
+    for url, body, auth in asks:
+        ask(url, body, auth)
+        requests.append(
+            urllib.request.Request(url, data=json.dumps(body).encode(), headers=_headers(auth))
+        )
+    times: list[list[float]] = [[] for _ in requests]
+    for _ in range(rounds):
+        for request, taken in zip(requests, times, strict=True):
+            started = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+            taken.append(time.perf_counter() - started)
+    return [sorted(taken)[len(taken) // 2] for taken in times]
 
 
 def wait_idle(share: float = 0.9, timeout: float = 15) -> None:
@@ -175,7 +182,7 @@ def _headers(auth: bool) -> dict[str, str]:
 class LargeRequest:
     model: str
     server: str
-    ms: float  # the median of `timed_request`
+    ms: float  # the median of `timed_requests`
 
 
 @dataclass
@@ -416,8 +423,9 @@ def serve_all(
             results += measure_cells(label, peers, limit_port, c, seconds)
         split = large_split()
         wait_idle()  # a peer may still be answering what the last load left queued
-        large = [LargeRequest(label, peer.name, 1000 * timed_request(peer.url, peer.request(split), peer.auth))
-                 for peer in peers]  # fmt: skip
+        seconds_each = timed_requests([(p.url, p.request(split), p.auth) for p in peers])
+        large = [LargeRequest(label, peer.name, 1000 * taken)
+                 for peer, taken in zip(peers, seconds_each, strict=True)]  # fmt: skip
         # After the load: what each server holds once it has served.
         footprints = [Footprint(peer.name, peer.ready_s, *tree_memory(peer.process.pid))
                       for peer in peers]  # fmt: skip

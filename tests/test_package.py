@@ -11,6 +11,7 @@ import onnx.numpy_helper
 import pytest
 
 from modelyard import bundle as bundles
+from modelyard import manifest
 from modelyard.errors import SpecError
 from modelyard.package.build import assemble
 from modelyard.package.onnx import ExportError, export_onnx
@@ -71,6 +72,33 @@ def test_verify_refuses_any_change(house: Built, tmp_path, mutate, message):
     mutate(copy)
     with pytest.raises(bundles.BundleError, match=message.replace("[", r"\[").replace("]", r"\]")):
         bundles.verify(copy, bundles.parse_public_keys(house.public_key))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: (d / "model.onnx").write_bytes(b"\0" + (d / "model.onnx").read_bytes()), "altered: ['model.onnx']"),
+        (lambda d: (d / "schema.json").unlink(), "missing: ['schema.json']"),
+        (lambda d: (d / "extra.py").write_text("print('hi')"), "unexpected: ['extra.py']"),
+        (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text() + " "), "changed after the bundle was verified"),
+        (lambda d: bundles.seal(d, bundles.load_or_create_key(d.parent / "other.pem")), "changed after the bundle was verified"),
+        (lambda d: (d / "manifest.json").unlink(), "changed after the bundle was verified"),
+    ],
+    ids=["altered", "missing", "unexpected", "manifest-edited", "re-signed", "no-manifest"],
+)  # fmt: skip
+def test_a_worker_checks_the_bundle_its_supervisor_verified_against_that_manifest(
+    house: Built, tmp_path, mutate, message
+):
+    """A serving worker is handed the digest of the manifest its supervisor verified the
+    signature of, and checks the bundle against it with hashlib alone: the same bundle passes
+    as `verify` gives it; any change since, even one signed by a trusted key, is refused."""
+    copy = tmp_path / "b"
+    shutil.copytree(house.bundle.path, copy)
+    verified = bundles.verify(copy, bundles.parse_public_keys(house.public_key))
+    assert manifest.vouched(copy, verified.digest, verified.key_id) == verified
+    mutate(copy)
+    with pytest.raises(bundles.BundleError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        manifest.vouched(copy, verified.digest, verified.key_id)
 
 
 def test_key_rotation_window_then_the_old_key_is_refused(house: Built, tmp_path):

@@ -4,8 +4,9 @@ A folder holding `model.onnx` (optional: `model.pmml`, and `forest.npz`, a tree 
 for the serving runtime's kernel, see modelyard.serve.forest), `schema.json`, `metadata.json` and
 `manifest.json` (SHA-256 of every other file), plus `manifest.sig`, an Ed25519 signature of the
 manifest's exact bytes. Whoever loads a bundle verifies the signature against keys it trusts, then
-every file's hash, before reading anything else. This module is pure (hashlib, json,
-cryptography) because the serving image imports it.
+every file's hash, before reading anything else (the hash checks are modelyard.manifest's,
+which a serving worker uses alone once its supervisor has verified the signature). This module
+is pure (hashlib, json, cryptography) because the serving image imports it.
 
 An encrypted bundle (`encryption` in the manifest) holds the model and what it learned from the
 data (`ENCRYPTED`: the ONNX, PMML and forest files, the schema with its example rows and
@@ -37,35 +38,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelyard.atomic import create_private
 
-FORMAT = "modelyard-bundle/1"
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-_CHUNK = 1 << 20
+# The manifest's part, re-exported: modelyard.bundle is the bundle's API.
+from modelyard.manifest import FORMAT as FORMAT
+from modelyard.manifest import MANIFEST as MANIFEST
+from modelyard.manifest import SIGNATURE as SIGNATURE
+from modelyard.manifest import BundleError as BundleError
+from modelyard.manifest import VerifiedBundle as VerifiedBundle
+from modelyard.manifest import check_files, read_manifest
+from modelyard.manifest import sha256_file as sha256_file
+
 ENCRYPTED = ("model.onnx", "model.pmml", "forest.npz", "schema.json")
 _NONCE_BYTES = 12
-
-
-class BundleError(Exception):
-    """The bundle is incomplete, altered or signed by a key nobody trusts."""
-
-
-@dataclass(frozen=True)
-class VerifiedBundle:
-    path: Path
-    manifest: dict[str, Any]
-    digest: str  # sha256 of manifest.json: names the whole bundle
-    key_id: str
-    # An encrypted bundle's files, decrypted in memory by `verify`.
-    opened: dict[str, bytes] = field(default_factory=dict, repr=False)
-
-    def holds(self, name: str) -> bool:
-        return name in self.opened or name in self.manifest.get("files", {})
-
-    def read_bytes(self, name: str) -> bytes:
-        return self.opened[name] if name in self.opened else (self.path / name).read_bytes()
-
-    def read_json(self, name: str) -> dict[str, Any]:
-        return json.loads(self.read_bytes(name))
 
 
 @dataclass(frozen=True)
@@ -116,14 +99,6 @@ def parse_bundle_keys(text: str, setting: str = "MODELYARD_BUNDLE_KEY") -> list[
                               "one with: openssl rand -base64 32")  # fmt: skip
         keys.append(key)
     return keys
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -181,10 +156,8 @@ def verify(
     signer = next((k for k in trusted if signed_by(k, signature, body)), None)
     if signer is None:
         raise BundleError(f"{folder}: manifest signature does not verify with any trusted key")
-    manifest = json.loads(body)
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{folder}: unsupported bundle format {manifest.get('format')!r}")
-    _check_files(folder, manifest["files"])
+    manifest = read_manifest(folder, body)
+    check_files(folder, manifest["files"])
     opened = _open(folder, manifest.get("encryption"), keys or [])
     return VerifiedBundle(
         folder, manifest, hashlib.sha256(body).hexdigest(), key_id(signer), opened
@@ -231,24 +204,6 @@ def signed_by(key: Ed25519PublicKey, signature: bytes, body: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
-
-
-def _check_files(folder: Path, expected: dict[str, str]) -> None:
-    present = {
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
-    }
-    extra = sorted(present - set(expected))
-    missing = sorted(set(expected) - present)
-    altered = sorted(n for n in set(expected) & present if sha256_file(folder / n) != expected[n])
-    problems = [
-        f"{label}: {names}"
-        for label, names in (("altered", altered), ("missing", missing), ("unexpected", extra))
-        if names
-    ]
-    if problems:
-        raise BundleError(f"{folder}: bundle does not match its manifest ({'; '.join(problems)})")
 
 
 def to_tarball(folder: Path) -> bytes:

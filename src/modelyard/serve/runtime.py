@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from modelyard.bundle import VerifiedBundle
+from modelyard.manifest import VerifiedBundle
 from modelyard.serve import forest
 from modelyard.values import category_text
 

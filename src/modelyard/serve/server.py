@@ -17,6 +17,8 @@ The Unix socket stays plain: nginx ended TLS already, and the socket never leave
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 # worker it forks (RSS). The bundle check (cryptography) and TLS are the workers' imports, and
 # the supervisor's own check runs in a child of its own (`_refusal_apart`).
 if TYPE_CHECKING:  # the app's module loads ONNX Runtime: workers import it, the parent need not
-    from modelyard.bundle import VerifiedBundle
+    from modelyard.manifest import VerifiedBundle
     from modelyard.serve.app import ServingApp
 
 log = logging.getLogger("modelyard.serve")
@@ -60,6 +62,10 @@ class ServeConfig:
     tls_cert: bytes = field(default=b"", repr=False)
     tls_key: bytes = field(default=b"", repr=False)
     client_ca: bytes = field(default=b"", repr=False)
+    # (manifest digest, signing key id) of the bundle and the reference, once the supervisor's
+    # child has verified their signatures: the workers check the files against those digests
+    # (modelyard.manifest.vouched) and never load cryptography.
+    vouched: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, bundle: Path, **overrides: object) -> ServeConfig:
@@ -115,13 +121,27 @@ def build_app(config: ServeConfig) -> ServingApp:
 
 def _verified(config: ServeConfig) -> tuple[VerifiedBundle, VerifiedBundle | None]:
     """The bundle and the shadow's reference (if any), each checked against the trusted keys
-    and opened with the bundle keys; BundleError if either fails."""
+    and opened with the bundle keys, or against the digests the supervisor vouched for (an
+    encrypted bundle is opened, so checked, with the keys all the same); BundleError if either
+    fails."""
+    paths = [config.bundle, *([config.reference] if config.reference else [])]
+    if config.vouched:
+        from modelyard.manifest import vouched
+
+        checked = []
+        for path, (digest, key_id) in zip(paths, config.vouched, strict=True):
+            bundle = vouched(path, digest, key_id)
+            if bundle is None:
+                break
+            checked.append(bundle)
+        else:
+            return checked[0], checked[1] if len(checked) > 1 else None
     from modelyard.bundle import parse_bundle_keys, parse_public_keys, verify
 
     keys = parse_public_keys(config.trusted_keys)
     opening = parse_bundle_keys(config.bundle_keys)
-    bundle = verify(config.bundle, keys, opening)
-    return bundle, None if config.reference is None else verify(config.reference, keys, opening)
+    bundle, *reference = [verify(path, keys, opening) for path in paths]
+    return bundle, reference[0] if reference else None
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -176,17 +196,16 @@ def unix_socket(path: str) -> socket.socket:
 def _run_worker(config: ServeConfig, shared: list[socket.socket]) -> None:
     import uvloop
 
-    from modelyard.certs import server_context
     from modelyard.serve import http
 
     app = build_app(config)
     app.start()  # warmed up and ready before the first connection is accepted
+    context = None
+    if config.tls_cert:  # modelyard.certs loads cryptography: only for a TLS port
+        from modelyard.certs import server_context
+
+        context = server_context(config.tls_cert, config.tls_key, config.client_ca)
     _settle_garbage_collector()
-    context = (
-        server_context(config.tls_cert, config.tls_key, config.client_ca)
-        if config.tls_cert
-        else None
-    )
     # The front door's Unix socket stays plain: nginx ended TLS already.
     listeners = [(listening_socket(config.host, config.port), context)]
     listeners += [(sock, None) for sock in shared]
@@ -213,7 +232,11 @@ def _settle_garbage_collector() -> None:
 
 def serve(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code. Refuses an unverifiable bundle."""
-    refused = _refusal(config) if config.workers <= 1 else _refusal_apart(config)
+    if config.workers <= 1:
+        refused = _refusal(config)
+    else:
+        refused, vouched = _refusal_apart(config)
+        config = dataclasses.replace(config, vouched=vouched)
     refused = refused or _port_refusal(config)
     if refused:
         return refused
@@ -232,16 +255,18 @@ def serve(config: ServeConfig) -> int:
             Path(config.socket).unlink(missing_ok=True)
 
 
-def _refusal(config: ServeConfig) -> int:
+def _refusal(config: ServeConfig, verified: list[tuple[str, str]] | None = None) -> int:
     """3, said on stderr, if the bundle (or the shadow's reference) does not verify or the TLS
-    settings cannot be used; else 0."""
+    settings cannot be used; else 0, with the bundles' (digest, key id) added to `verified`."""
     import ssl
 
     from modelyard.bundle import BundleError
     from modelyard.certs import server_context
 
     try:
-        _verified(config)
+        bundles = _verified(config)
+        if verified is not None:
+            verified += [(b.digest, b.key_id) for b in bundles if b is not None]
     except BundleError as exc:
         print(f"refusing to serve: {exc}", file=sys.stderr)
         return 3
@@ -255,19 +280,28 @@ def _refusal(config: ServeConfig) -> int:
     return 0
 
 
-def _refusal_apart(config: ServeConfig) -> int:
+def _refusal_apart(config: ServeConfig) -> tuple[int, tuple[tuple[str, str], ...]]:
     """`_refusal` in a forked child, so that the supervisor never loads what it checks with
-    (33 MB of RSS with it, 14 MB without; 0.04 s more to ready)."""
+    (33 MB of RSS with it, 14 MB without; 0.04 s more to ready), and what the child verified,
+    for the workers to check the bundles against (`ServeConfig.vouched`)."""
+    reading, writing = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(reading)
+        verified: list[tuple[str, str]] = []
         try:
-            code = _refusal(config)
+            code = _refusal(config, verified)
         except BaseException:  # as the supervisor would have failed: a traceback, exit 1
             traceback.print_exc()
             code = 1
         sys.stderr.flush()
+        os.write(writing, json.dumps(verified).encode())
         os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    os.close(writing)
+    with os.fdopen(reading, "rb") as told:
+        said = told.read()
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return code, tuple((digest, key_id) for digest, key_id in json.loads(said or b"[]"))
 
 
 def _stop_with(supervisor: int) -> None:
