@@ -322,6 +322,11 @@ def test_large_trees_are_walked_and_small_ones_too_without_avx2(forest_bundle, m
     assert small is not None
     monkeypatch.setattr(forest, "_has_avx2", lambda library: False)
     assert not forest.TreePath(small, session_options()).trees.quickscorer
+    # Packed where AVX2 is missing, the QuickScorer layout is left out: nobody proved it.
+    unproven = packaging.export_forest(ensemble(CASES["binary-logistic"], seed=1)).archive
+    monkeypatch.undo()
+    assert unproven is not None
+    assert not forest.TreePath(unproven, session_options()).trees.quickscorer
 
 
 def test_without_the_kernel_onnx_runtime_serves_everything(forest_bundle, monkeypatch) -> None:

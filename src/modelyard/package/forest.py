@@ -72,9 +72,9 @@ def _prepare(model: onnx.ModelProto, node: onnx.NodeProto, seed: int) -> tuple[b
     if x_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
         raise Unsupported(f"the trees' input is of ONNX type {x_type}, not float or double")
     arrays, finish = _flatten(attributes, node.op_type, x_type == onnx.TensorProto.FLOAT)
+    if not serving.quickscorer_here():  # unproven here, so left out: a host with AVX2 would take it
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("qs_")}
     trees = serving.Trees(finish=finish, **arrays)
-    if not trees.quickscorer:  # unproven here, so left out: a host with AVX2 would take it
-        trees = serving.Trees(finish=finish, **{k: v for k, v in arrays.items() if k[:3] != "qs_"})
     alone = _operator_alone(model, node, inferred)
     _prove(trees, alone, _probes(arrays["nodes"], max(trees.n_features, 1), x_type, seed))
     before, after = _cut(model, node, inferred)
@@ -234,7 +234,7 @@ def _quickscorer(nodes: np.ndarray, n_internal: int, roots: np.ndarray) -> dict[
         leaves += [leaf - n_internal for leaf in order]
         leaf_base.append(len(leaves))
     inner = nodes[:n_internal]
-    n_features = int(inner["feature"].max(initial=-1)) + 1
+    n_features = serving.features_read(nodes, n_internal)
     nan_left = (inner["next"][:, 2] == inner["next"][:, 0]).astype(np.int64)  # else: right
     ranked = np.lexsort((inner["threshold"], nan_left, inner["feature"]))
     groups = 2 * inner["feature"].astype(np.int64) + nan_left

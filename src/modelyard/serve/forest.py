@@ -192,7 +192,7 @@ class Trees:
     @property
     def n_features(self) -> int:
         """The columns an input needs: one past the highest feature a node reads."""
-        return int(self.nodes["feature"][: self.n_internal].max(initial=-1)) + 1
+        return features_read(self.nodes, self.n_internal)
 
     def sums(self, x: np.ndarray, quickscorer: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per row and target: the sum of the leaf weights reached (in the operator's
@@ -287,6 +287,11 @@ def _binary(score: Any, how: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]
 @functools.cache
 def _has_avx2(library: ctypes.CDLL) -> bool:
     return bool(library.modelyard_forest_has_avx2())
+
+
+def features_read(nodes: np.ndarray, n_internal: int) -> int:
+    """One past the highest feature the internal nodes read (the leaves read none)."""
+    return int(nodes["feature"][:n_internal].max(initial=-1)) + 1
 
 
 def quickscorer_here() -> bool:
