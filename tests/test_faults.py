@@ -12,6 +12,7 @@ An SSH host lost mid-rollout is in test_deploy.py, beside the other rollouts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -74,12 +75,15 @@ def test_a_run_killed_between_register_and_alias_is_repaired_by_doctor(
     # waits for its key, before it tags a bundle and the `candidate` alias moves (no handler
     # runs on SIGKILL).
     deadline = time.monotonic() + 300
-    while not _registered_versions(servers["mlflow"], model):
-        assert run.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no version was registered"
-        time.sleep(0.02)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait(timeout=30)
+    try:
+        while not _registered_versions(servers["mlflow"], model):
+            assert run.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no version was registered"
+            time.sleep(0.02)
+    finally:  # killed also when the wait fails: the run would wait on the FIFO for ever
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
     monkeypatch.delenv("MODELYARD_SIGNING_KEY_FILE")  # later runs sign with the workspace's key
 
     client = MlflowClient(servers["mlflow"], servers["mlflow"])  # not a global registry URI
