@@ -314,9 +314,10 @@ def run(
     try:
         for label, (name, version, bundle) in trained.items():
             versions[label] = name, version
-            # The yardsticks do no model work: measured once, beside the first model.
+            # nginx beside every model, so each model's ratio to it comes from the same minutes;
+            # the no-op route does no model work: once, beside the first model.
             more, timed, used = serve_all(workspace, name, version, bundle, label, seconds,
-                                          limit_port if not results else None, mlserver)  # fmt: skip
+                                          limit_port, not results, mlserver)  # fmt: skip
             results += more
             large += timed
             footprints = footprints or used  # each server's, beside the first model
@@ -406,10 +407,10 @@ def stop_peers(peers: list[Peer]) -> None:
 
 def serve_all(
     workspace: Path, name: str, version: str, bundle: Path, label: str, seconds: int,
-    limit_port: int | None, mlserver: Path | None,
+    limit_port: int, noop: bool, mlserver: Path | None,
 ) -> tuple[list[Result], list[LargeRequest], list[Footprint]]:  # fmt: skip
-    """One version served by every peer, each measured at every concurrency; with
-    `limit_port`, nginx's `return 200` there and modelyard's no-op route too. Also each
+    """One version served by every peer, each measured at every concurrency, nginx's `return
+    200` on `limit_port` beside them (and, with `noop`, modelyard's no-op route). Also each
     server's start-to-ready time and memory, and one large request's time."""
     peers = start_peers(workspace, name, version, bundle, mlserver)
     results = []
@@ -420,7 +421,7 @@ def serve_all(
         if len({json.dumps([_number(v) for v in answer]) for answer in row.values()}) != 1:
             sys.exit(f"the servers disagree on the benchmark row ({label}): {row}")
         for c in CONCURRENCY:
-            results += measure_cells(label, peers, limit_port, c, seconds)
+            results += measure_cells(label, peers, limit_port, noop, c, seconds)
         split = large_split()
         wait_idle()  # a peer may still be answering what the last load left queued
         seconds_each = timed_requests([(p.url, p.request(split), p.auth) for p in peers])
@@ -435,22 +436,22 @@ def serve_all(
 
 
 def measure_cells(
-    label: str, peers: list[Peer], limit_port: int | None, c: int, seconds: int
+    label: str, peers: list[Peer], limit_port: int, noop: bool, c: int, seconds: int
 ) -> list[Result]:
-    """One concurrency's cells: the Python peers once; modelyard, nginx's `return 200` and the
-    no-op route (with `limit_port`) alternated for `ROUNDS` rounds at the targets'
-    concurrencies, each cell the round with the median requests/s. On this VM a 5-second cell
+    """One concurrency's cells: the Python peers once; modelyard, nginx's `return 200` and (with
+    `noop`) the no-op route alternated for `ROUNDS` rounds at the targets' concurrencies, each
+    cell the round with the median requests/s. On this VM a 5-second cell
     moves by several percent from one minute to the next: alternating, modelyard's ratio to
     nginx is taken from neighbouring minutes, and the median leaves out a disturbed one."""
     ours: list[tuple[str, str, str, str, dict | None, bool]] = [
         (label, peers[0].name, "/invocations", peers[0].url, peers[0].request(ROW), peers[0].auth)
     ]
-    if limit_port is not None:
+    ours.append((label, NGINX, "GET /", f"http://127.0.0.1:{limit_port}/", None, False))
+    if noop:
         my_port = urllib.parse.urlsplit(peers[0].url).port
-        ours += [("—", NGINX, "GET /", f"http://127.0.0.1:{limit_port}/", None, False),
-                 ("—", NOOP, "GET /health/live", f"http://127.0.0.1:{my_port}/health/live",
-                  None, False)]  # fmt: skip
-    rounds = ROUNDS if limit_port is not None and c in ROUNDS_AT else 1
+        ours.append(("—", NOOP, "GET /health/live", f"http://127.0.0.1:{my_port}/health/live",
+                     None, False))  # fmt: skip
+    rounds = ROUNDS if c in ROUNDS_AT else 1
     cells: dict[str, list[tuple[float, float, float, int]]] = {}
     for _ in range(rounds):
         for _model, server, _route, url, body, auth in ours:
@@ -519,9 +520,10 @@ def table(
                      + "; ".join(f"{peer} {ms:.0f} ms (**{ms / ours:.1f}×** modelyard's)"
                                  for peer, ms in timed.items()))  # fmt: skip
         for c in CONCURRENCY:
-            mine, limit = by[(model, MODELYARD, c)], by[("—", NGINX, c)]
+            mine, limit = by[(model, MODELYARD, c)], by[(model, NGINX, c)]
             over = [f"**{mine.rps / r.rps:,.0f}×** {r.server}'s" for r in results
-                    if (r.model, r.connections) == (model, c) and r.server != MODELYARD]  # fmt: skip
+                    if (r.model, r.connections) == (model, c)
+                    and r.server not in (MODELYARD, NGINX)]  # fmt: skip
             lines.append(f"- {model}, {c} connections: modelyard {mine.rps / limit.rps:.0%} of "
                          f"nginx; " + ", ".join(over))  # fmt: skip
     for f in footprints:
@@ -555,8 +557,9 @@ def write_doc(text: str, facts: dict[str, str], seconds: int) -> None:
     replace_section("serving", (
         f"{stamp()}; {facts['versions']}; {facts['workers']} worker processes per server, "
         f"wrk {seconds} s per cell, one-row requests with keep-alive, the servers "
-        "running side by side and measured in turn; at 8 and 32 connections modelyard, nginx "
-        f"and the no-op route alternated for {ROUNDS} rounds, each cell the median round. "
+        "running side by side and measured in turn; nginx beside each model, at 8 and 32 "
+        f"connections alternated with modelyard (and the no-op route) for {ROUNDS} rounds, each "
+        "cell the median round. "
         "Command: `make bench`.\n\n" + text
     ))  # fmt: skip
 
