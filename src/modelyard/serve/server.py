@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # The supervisor imports as little as it can: every page it holds is counted again in each
-# worker it forks (RSS). The bundle check (cryptography) and TLS are the workers' imports, and
-# the supervisor's own check runs in a child of its own (`_refusal_apart`).
+# worker it forks (RSS). Its signature check (cryptography) runs in a child of its own
+# (`_refusal_apart`); the workers check the files against what that child verified (hashlib),
+# and load cryptography only to open an encrypted bundle or serve TLS.
 if TYPE_CHECKING:  # the app's module loads ONNX Runtime: workers import it, the parent need not
     from modelyard.manifest import VerifiedBundle
     from modelyard.serve.app import ServingApp
